@@ -1,0 +1,221 @@
+"""Artifact identity: canonical JSON, fingerprints, references and the manifest record.
+
+An artifact lives at `{root}/{stage}/{label}-{fingerprint}`. Its fingerprint hashes exactly what
+determines its contents: the stage name, the stage's code_version, the identity part of its config
+and the fingerprints of its inputs. Runtime settings (batch size per device, number of processes,
+logging cadence) are recorded in the manifest but never hashed.
+
+The manifest (MANIFEST.json, written last) is the commit point: an artifact without one does not
+exist as far as every reader is concerned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_VERSION = 1
+FINGERPRINT_LEN = 16  # hex chars of sha256 kept in paths and refs (64 bits)
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # no '-' (it separates the fingerprint)
+_FP_RE = re.compile(r"^[0-9a-f]{%d}$" % FINGERPRINT_LEN)
+
+
+class CanonicalJSONError(TypeError):
+    """A value cannot be serialised deterministically (so it must not feed a fingerprint)."""
+
+
+def _canonicalize(value: Any, where: str) -> Any:
+    # Only types with one obvious JSON form are accepted: a set has no order, a float NaN has no
+    # JSON spelling, an arbitrary object's repr may hold a memory address.
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise CanonicalJSONError(f"{where}: non-finite float {value!r} has no canonical JSON form")
+        if value.is_integer() and abs(value) < 2**53:
+            # 1.0 and 1 must hash alike: configs come from YAML, CLI flags and Python defaults.
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise CanonicalJSONError(f"{where}: dict key {k!r} is not a string")
+            out[k] = _canonicalize(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_canonicalize(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _canonicalize({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, where)
+    raise CanonicalJSONError(
+        f"{where}: {type(value).__name__} value {value!r} cannot be serialised deterministically; "
+        "use str/int/float/bool/None, lists, tuples, dicts with string keys or dataclasses"
+    )
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, integral floats as ints; refuses the rest."""
+    return json.dumps(_canonicalize(value, "$"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def fingerprint(stage: str, code_version: str, identity: dict, input_fingerprints: dict[str, str]) -> str:
+    payload = {
+        "stage": stage,
+        "code_version": code_version,
+        "identity": identity,
+        "inputs": input_fingerprints,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LEN]
+
+
+@dataclass(frozen=True, order=True)
+class ArtifactRef:
+    """`stage/label-fingerprint`: where an artifact lives relative to a store root."""
+
+    stage: str
+    label: str
+    fingerprint: str
+
+    def __post_init__(self):
+        if not _NAME_RE.match(self.stage):
+            raise ValueError(f"bad stage name {self.stage!r}: lowercase letters, digits and _ only")
+        if not _LABEL_RE.match(self.label):
+            raise ValueError(f"bad label {self.label!r}: letters, digits, '_' and '.' only (no '-')")
+        if not _FP_RE.match(self.fingerprint):
+            raise ValueError(f"bad fingerprint {self.fingerprint!r}: expected {FINGERPRINT_LEN} hex chars")
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.fingerprint}"
+
+    @property
+    def key(self) -> str:
+        """Path of the artifact directory relative to the store root."""
+        return f"{self.stage}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.key
+
+    @classmethod
+    def parse(cls, text: str) -> "ArtifactRef":
+        """Parse the full form `stage/label-fingerprint` (prefixes and aliases: see the store)."""
+        stage, sep, name = text.strip().strip("/").partition("/")
+        label, dash, fp = name.rpartition("-")
+        if not sep or not dash:
+            raise ValueError(f"not an artifact ref: {text!r} (expected stage/label-fingerprint)")
+        return cls(stage, label, fp)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "label": self.label, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArtifactRef":
+        return cls(d["stage"], d["label"], d["fingerprint"])
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # POSIX path relative to the artifact directory
+    size: int
+    sha256: str
+
+    def __post_init__(self):
+        p = PurePosixPath(self.path)
+        if p.is_absolute() or ".." in p.parts or self.path in ("", "."):
+            raise ValueError(f"artifact file path must be relative and inside the artifact: {self.path!r}")
+
+
+@dataclass
+class Manifest:
+    stage: str
+    label: str
+    fingerprint: str
+    code_version: str
+    identity: dict
+    runtime: dict
+    inputs: dict[str, ArtifactRef]  # input name -> artifact it was built from
+    files: list[FileEntry]
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return ArtifactRef(self.stage, self.label, self.fingerprint)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(f"{self.ref}: no file {path!r} in the manifest")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "stage": self.stage,
+            "label": self.label,
+            "fingerprint": self.fingerprint,
+            "code_version": self.code_version,
+            "identity": self.identity,
+            "runtime": self.runtime,
+            "inputs": {k: v.to_dict() for k, v in sorted(self.inputs.items())},
+            "files": [dataclasses.asdict(f) for f in sorted(self.files, key=lambda f: f.path)],
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False, default=str) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        try:
+            if d.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"unsupported manifest version {d.get('version')!r}")
+            m = cls(
+                stage=d["stage"],
+                label=d["label"],
+                fingerprint=d["fingerprint"],
+                code_version=d["code_version"],
+                identity=d["identity"],
+                runtime=d["runtime"],
+                inputs={k: ArtifactRef.from_dict(v) for k, v in d["inputs"].items()},
+                files=[FileEntry(**f) for f in d["files"]],
+                metrics=d.get("metrics", {}),
+                provenance=d.get("provenance", {}),
+            )
+            m.ref  # validates stage/label/fingerprint
+            return m
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptManifestError(f"corrupt manifest: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptManifestError(f"corrupt manifest at {where}: not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise CorruptManifestError(f"corrupt manifest at {where}: expected a JSON object")
+        try:
+            return cls.from_dict(d)
+        except CorruptManifestError as e:
+            raise CorruptManifestError(f"{e} (at {where})") from e
+
+
+class CorruptManifestError(ValueError):
+    """A MANIFEST.json exists but cannot be read: the artifact is not trusted as committed."""

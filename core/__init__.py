@@ -1,0 +1,1 @@
+"""core: model, optimizer, tokenizer, data, training and inference. Plain PyTorch: never imports prefect."""

@@ -1,0 +1,1 @@
+"""flows: Prefect flows that compose stages (speedrun, single-stage rerun, nightly leaderboard)."""

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Install nanorun into a virtualenv: the CPU torch wheel first, then the locked rest, then the
+# project itself (editable). Used by the README, CI and developers alike.
+#
+#   bash scripts/install.sh            # .venv with the dev + demo extras (everything CI needs)
+#   NANORUN_VENV=/opt/nr bash scripts/install.sh
+#   NANORUN_TORCH=skip bash scripts/install.sh   # keep the torch already in the venv (GPU nodes)
+#   NANORUN_GPU=1 bash scripts/install.sh        # also build the `gpu` extra (flash-attn; CUDA only)
+#
+# Why torch first: a bare torch requirement resolved with nothing installed pulls a multi-GB CUDA
+# build. `pip install torch==2.13.0` takes the CPU wheel that pip's find-links point at (see
+# ../shared/notes/stack.md); the lock file leaves torch out so that it never overrides this choice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${NANORUN_VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_SPEC=${NANORUN_TORCH:-torch==2.13.0}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q "uv==0.13.9"
+
+if [ "$TORCH_SPEC" != "skip" ]; then
+  if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_SPEC#torch==}' else 1)" 2>/dev/null; then
+    echo "[install] $TORCH_SPEC (CPU wheel from pip's find-links when present)"
+    python -m pip install -q "$TORCH_SPEC"
+  fi
+fi
+
+# uv does not read pip's configuration: hand it the same find-links so it sees local wheels.
+FIND_LINKS=${PIP_FIND_LINKS:-$(python -m pip config get global.find-links 2>/dev/null || true)}
+if [ -n "$FIND_LINKS" ] && [ -d "$FIND_LINKS" ]; then export UV_FIND_LINKS="$FIND_LINKS"; fi
+echo "[install] locked dependencies (requirements.lock)"
+uv pip install -q -r requirements.lock
+uv pip install -q --no-deps -e .
+if [ "${NANORUN_GPU:-0}" = "1" ]; then
+  echo "[install] gpu extra (flash-attn: needs CUDA torch and nvcc)"
+  python -m pip install --no-build-isolation "flash-attn>=2.6"
+fi
+python -c "import torch, core, stages, artifacts, flows; print('[install] ok: torch', torch.__version__)"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up (scripts/install.sh, plus Debian's chromium for the browser tests) and run the whole test
+# suite, slow end-to-end tests included. The README's test command; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing Debian chromium for the browser tests"
+    (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; })
+  else
+    echo "[test] chromium missing and cannot install it (need root + apt): browser tests will fail" >&2
+  fi
+fi
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
+export WANDB_MODE=disabled
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

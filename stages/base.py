@@ -1,0 +1,153 @@
+"""The stage contract.
+
+A stage is a module with:
+
+    NAME = "tokenizer"                 # also the top-level folder in the store
+    code_version = "1"                 # bump by hand whenever outputs for the same config change
+    INPUTS = ("data",)                 # names of the upstream artifacts run() needs
+    @dataclass(frozen=True)
+    class Config(StageConfig):
+        vocab_size: int = identity(32768, help="...")      # hashed into the fingerprint
+        threads: int = runtime(2, help="...")              # recorded, never hashed
+        def __post_init__(self): ...                        # validate, raise ConfigError
+    def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:   # returns metrics
+        ...
+
+run() is a pure function of its config and its inputs: it reads only `inputs[name].path` (a local,
+read-only directory holding the committed files of that upstream artifact) and writes only into
+`out`. `out` is deterministic per artifact: after a failure, the rerun of the same artifact gets
+the same directory back with whatever the failed attempt left there, so long stages resume from
+their own checkpoints in it (and others should start by clearing what they do not trust).
+The returned metrics (JSON-serialisable) go into the manifest. Stages never import prefect: they
+log through `logging` (logger "nanorun.<stage>") and report progress through `progress()`; the
+Prefect wrapper in flows/ forwards both to the UI.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from contextvars import ContextVar
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from artifacts.manifest import ArtifactRef, Manifest, canonical_json
+
+
+class ConfigError(ValueError):
+    """A stage config value is wrong; the message says which field and what is allowed."""
+
+
+def _field(kind: str, default: Any, default_factory: Any, help: str):
+    kw = {"metadata": {"kind": kind, "help": help}}
+    if default_factory is not MISSING:
+        kw["default_factory"] = default_factory
+    elif default is not MISSING:
+        kw["default"] = default
+    return dataclasses.field(**kw)
+
+
+def identity(default: Any = MISSING, *, default_factory: Any = MISSING, help: str = ""):
+    """A config field that changes the artifact (hashed into the fingerprint)."""
+    return _field("identity", default, default_factory, help)
+
+
+def runtime(default: Any = MISSING, *, default_factory: Any = MISSING, help: str = ""):
+    """A config field that does not change the artifact (recorded in the manifest only)."""
+    return _field("runtime", default, default_factory, help)
+
+
+class StageConfig:
+    """Mixin for a stage's frozen Config dataclass: every field must be identity() or runtime()."""
+
+    def _split(self) -> tuple[dict, dict]:
+        ident, rt = {}, {}
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("kind")
+            if kind not in ("identity", "runtime"):
+                raise TypeError(
+                    f"{type(self).__qualname__}.{f.name} is neither identity() nor runtime(): "
+                    "every stage config field must say whether it changes the artifact"
+                )
+            (ident if kind == "identity" else rt)[f.name] = getattr(self, f.name)
+        return ident, rt
+
+    def identity_dict(self) -> dict:
+        ident = self._split()[0]
+        canonical_json(ident)  # refuse non-deterministic values early, with the field named
+        return ident
+
+    def runtime_dict(self) -> dict:
+        return self._split()[1]
+
+    def label(self) -> str:
+        """Human-readable part of the artifact name; must be a function of identity fields."""
+        return "default"
+
+    @classmethod
+    def field_help(cls) -> dict[str, tuple[str, str]]:
+        return {f.name: (f.metadata.get("kind", "?"), f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageConfig":
+        """Build from a (possibly partial) dict; unknown keys are an error naming the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__module__}.Config: unknown field(s) {unknown}; valid: {sorted(names)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"{cls.__module__}.Config: {e}") from e
+
+
+@dataclass(frozen=True)
+class Input:
+    """An upstream artifact as seen by run(): committed, verified and present on local disk."""
+
+    ref: ArtifactRef
+    path: Path
+    manifest: Manifest
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.metrics
+
+
+class StageModule(Protocol):
+    NAME: str
+    code_version: str
+    INPUTS: tuple[str, ...]
+    Config: type
+
+    def run(self, cfg: Any, inputs: dict[str, Input], out: Path) -> dict: ...
+
+
+# ---- progress reporting ------------------------------------------------------------------------
+# A stage calls progress(step, total, ...) from its main thread; whoever executes the stage (the CLI
+# progress bar, the Prefect progress artifact) installs a reporter with report_progress_to().
+ProgressFn = Callable[[int, int, dict], None]
+_reporter: ContextVar[ProgressFn | None] = ContextVar("nanorun_progress", default=None)
+
+
+def progress(step: int, total: int, **info: Any) -> None:
+    fn = _reporter.get()
+    if fn is not None:
+        try:
+            fn(step, total, info)
+        except Exception:  # a broken reporter must never kill a training run
+            logging.getLogger("nanorun").debug("progress reporter failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def report_progress_to(fn: ProgressFn):
+    token = _reporter.set(fn)
+    try:
+        yield
+    finally:
+        _reporter.reset(token)
+
+
+def stage_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"nanorun.{name}")

@@ -1,0 +1,85 @@
+"""Shared fixtures: isolated homes, the shared data folder, a real S3-compatible server on loopback.
+
+Nothing here touches the network: the S3 server is moto's, started on 127.0.0.1 for the session.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NANORUN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Isolate every tool that writes under $HOME, before anything imports it (stack.md).
+_session_tmp = Path(tempfile.mkdtemp(prefix="nanorun-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_session_tmp / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_DIR", str(_session_tmp / "wandb"))
+os.environ["NANORUN_HOME"] = str(_session_tmp / "home")
+# Fake credentials so boto3 never looks for real ones (and never reaches AWS).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (corpus/, eval_bundle/, chat/): real files, never copied into the repo."""
+    if not (SHARED_DATA / "corpus").is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}: clone the project next to ../shared "
+                    "or set NANORUN_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def corpus_files(shared_data) -> list[Path]:
+    files = sorted((shared_data / "corpus").glob("shard_*.parquet"))
+    assert len(files) == 8, files
+    return files
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the test S3 server; yields (endpoint_url, bucket_name)."""
+    import boto3
+
+    name = "nr-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{os.getpid() % 10000}-{free_port()}"[:63]
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    yield s3_server, name
+
+
+@pytest.fixture
+def nanorun_home(tmp_path, monkeypatch) -> Path:
+    """A fresh $NANORUN_HOME for one test."""
+    home = tmp_path / "nanorun-home"
+    monkeypatch.setenv("NANORUN_HOME", str(home))
+    return home
