@@ -1,0 +1,200 @@
+"""Run a training entry point under torchrun as a subprocess, supervised.
+
+Why a subprocess and not an in-process call: torchrun owns the worker processes (one per GPU or
+CPU slot), and a Prefect task's own timeout cannot interrupt a running subprocess (stack.md), so
+the launcher enforces the timeout itself by signalling the whole process group (TERM, then KILL).
+
+    result = launch(torchrun_cmd("core.train.pretrain", ["--config", "cfg.json"], nproc=2),
+                    log_path=out / "train.log", timeout=3600, name="pretrain")
+
+Every output line goes to the log file and to the `nanorun.launch` logger (the Prefect wrapper
+forwards that logger to the run log); when the child is silent for `heartbeat` seconds a
+"still running" line is logged; a non-zero exit raises LaunchError naming the last error lines.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("nanorun.launch")
+
+_ERROR_MARKERS = ("Error", "Exception", "Traceback", "error:", "FAILED", "Killed", "RuntimeError")
+
+
+class LaunchError(RuntimeError):
+    """The supervised process failed (non-zero exit, timeout or signal)."""
+
+    def __init__(self, message: str, returncode: int | None, tail: list[str]):
+        super().__init__(message)
+        self.returncode = returncode
+        self.tail = tail
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    seconds: float
+    lines: int
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Multi-node torchrun settings (all nodes run the same command with their own node_rank)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    endpoint: str = ""  # host:port of node 0's c10d store, e.g. "10.0.0.1:29500"
+    run_id: str = "nanorun"
+
+    def __post_init__(self):
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and ":" not in self.endpoint:
+            raise ValueError(f"multi-node training needs rendezvous endpoint host:port, got {self.endpoint!r}")
+
+
+def torchrun_cmd(module: str, args: list[str], *, nproc: int = 1, rdzv: Rendezvous | None = None,
+                 python: str | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... -m module args` for one node or a multi-node job."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    cmd = [python or sys.executable, "-m", "torch.distributed.run"]
+    if rdzv is None or rdzv.nnodes == 1:
+        cmd += ["--standalone", "--nnodes=1"]
+    else:
+        cmd += [f"--nnodes={rdzv.nnodes}", f"--node_rank={rdzv.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={rdzv.endpoint}", f"--rdzv_id={rdzv.run_id}"]
+    cmd += [f"--nproc_per_node={nproc}", "-m", module, *args]
+    return cmd
+
+
+def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the workers: unbuffered output, CPU threads split between processes."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # torchrun sets OMP_NUM_THREADS=1 for nproc > 1 unless told otherwise; on a CPU box that wastes
+    # cores, on a GPU box one thread per process is right. Split the cores we are allowed to use.
+    if "OMP_NUM_THREADS" not in (extra or {}):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nproc)))
+    # The repo root must be importable by the workers even when not installed (tests, dev trees).
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    """TERM the process group, wait `grace` seconds, then KILL whatever is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # the leader may be gone while torchrun's workers linger: always sweep the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None,
+           cwd: Path | None = None, timeout: float | None = None, heartbeat: float = 60.0,
+           kill_grace: float = 30.0, name: str = "process",
+           on_line: Callable[[str], None] | None = None) -> LaunchResult:
+    """Run `cmd` in its own process group, streaming its output; raise LaunchError on failure."""
+    log.info("[%s] launching: %s", name, " ".join(cmd))
+    t0 = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    state = {"last_output": t0, "lines": 0}
+    logf = open(log_path, "a", encoding="utf-8", errors="replace") if log_path else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            start_new_session=True)  # own process group: we can signal all of it
+
+    def pump():
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            # tqdm-style carriage-return updates: keep only the final state of the line
+            line = line.rsplit("\r", 1)[-1]
+            state["last_output"] = time.monotonic()
+            state["lines"] += 1
+            tail.append(line)
+            if logf:
+                logf.write(line + "\n")
+                logf.flush()
+            log.info("[%s] %s", name, line)
+            if on_line:
+                try:
+                    on_line(line)
+                except Exception:
+                    log.debug("on_line callback failed", exc_info=True)
+
+    reader = threading.Thread(target=pump, name=f"launch-{name}", daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        while True:
+            try:
+                proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if timeout is not None and now - t0 > timeout:
+                timed_out = True
+                log.error("[%s] timeout after %.0f s: sending SIGTERM to the process group", name, now - t0)
+                _kill_group(proc, kill_grace)
+                break
+            if now - state["last_output"] > heartbeat:
+                log.info("[%s] still running (pid %d, %.0f s elapsed, silent for %.0f s)",
+                         name, proc.pid, now - t0, now - state["last_output"])
+                state["last_output"] = now
+    except BaseException:
+        # The caller is going away (Ctrl-C, task cancelled): never leave orphaned trainers behind.
+        _kill_group(proc, kill_grace)
+        raise
+    finally:
+        reader.join(timeout=10)
+        if logf:
+            logf.close()
+
+    seconds = time.monotonic() - t0
+    rc = proc.returncode
+    if timed_out:
+        raise LaunchError(f"{name} timed out after {timeout:.0f} s and was killed; "
+                          f"last lines:\n{_summarise(tail)}", rc, list(tail))
+    if rc != 0:
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        raise LaunchError(f"{name} {how} after {seconds:.0f} s; last error lines:\n{_summarise(tail)}",
+                          rc, list(tail))
+    log.info("[%s] finished in %.1f s", name, seconds)
+    return LaunchResult(returncode=rc, seconds=seconds, lines=state["lines"])
+
+
+def _summarise(tail, n: int = 15) -> str:
+    """The lines worth reading: from the last traceback / error marker on, else the last n lines."""
+    lines = list(tail)
+    start = None
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last)" in line:
+            start = i  # the last traceback wins
+    if start is None:
+        hits = [i for i, line in enumerate(lines) if any(m in line for m in _ERROR_MARKERS)]
+        start = hits[0] if hits else max(0, len(lines) - n)
+    picked = lines[start:][-40:]
+    return "\n".join("  | " + line for line in picked) if picked else "  | (no output)"

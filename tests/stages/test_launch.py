@@ -1,0 +1,131 @@
+"""The supervised launcher: output streaming, failure messages, timeouts that kill the whole group."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+
+from stages.launch import LaunchError, Rendezvous, launch, torchrun_cmd, worker_env
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_streams_every_line_to_log_file_and_logger(tmp_path, caplog):
+    log_path = tmp_path / "run.log"
+    seen = []
+    with caplog.at_level(logging.INFO, logger="nanorun.launch"):
+        res = launch(_py("""
+            import sys
+            for i in range(5):
+                print(f"step {i}", flush=True)
+            print("progress 1\\rprogress 2", flush=True)
+            print("to stderr", file=sys.stderr, flush=True)
+        """), log_path=log_path, name="demo", on_line=seen.append)
+    assert res.returncode == 0 and res.lines == 7
+    text = log_path.read_text()
+    assert "step 4" in text and "to stderr" in text
+    assert "progress 2" in seen and "progress 1\rprogress 2" not in seen  # CR updates collapsed
+    assert any("[demo] step 3" in r.getMessage() for r in caplog.records)
+
+
+def test_failure_names_the_last_error_lines(tmp_path):
+    with pytest.raises(LaunchError) as ei:
+        launch(_py("""
+            print("loading", flush=True)
+            def f(): raise ValueError("tokenizer/model mismatch: vocab 100 vs 200")
+            f()
+        """), name="trainer")
+    msg = str(ei.value)
+    assert "trainer exited with code 1" in msg
+    assert "Traceback" in msg and "ValueError: tokenizer/model mismatch" in msg
+    assert ei.value.returncode == 1
+
+
+def test_timeout_terminates_the_whole_process_group(tmp_path):
+    # The child starts a grandchild (as torchrun starts workers); both must be gone after the timeout.
+    pidfile = tmp_path / "grandchild.pid"
+    code = f"""
+        import subprocess, sys, time
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pidfile)!r}, "w").write(str(p.pid))
+        print("started", flush=True)
+        time.sleep(600)
+    """
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match="timed out after 2 s"):
+        launch(_py(code), timeout=2, kill_grace=2, name="sleeper")
+    assert time.monotonic() - t0 < 15
+    gpid = int(pidfile.read_text())
+    for _ in range(50):  # reaped by init shortly after the kill
+        try:
+            os.kill(gpid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {gpid} survived the timeout")
+
+
+def test_term_is_tried_before_kill(tmp_path):
+    marker = tmp_path / "cleaned"
+    code = f"""
+        import signal, sys, time
+        def bye(*_):
+            open({str(marker)!r}, "w").write("ok"); sys.exit(143)
+        signal.signal(signal.SIGTERM, bye)
+        print("ready", flush=True)
+        time.sleep(600)
+    """
+    with pytest.raises(LaunchError):
+        launch(_py(code), timeout=1.5, kill_grace=5, name="polite")
+    assert marker.read_text() == "ok"
+
+
+def test_heartbeat_while_silent(caplog):
+    with caplog.at_level(logging.INFO, logger="nanorun.launch"):
+        launch(_py("import time; time.sleep(2.5)"), heartbeat=1.0, name="quiet")
+    assert any("still running" in r.getMessage() for r in caplog.records)
+
+
+def test_torchrun_command_shapes():
+    single = torchrun_cmd("core.train.pretrain", ["--depth", "4"], nproc=2)
+    assert single[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc_per_node=2" in single and single[-3:] == ["core.train.pretrain", "--depth", "4"]
+    multi = torchrun_cmd("m", [], nproc=8, rdzv=Rendezvous(nnodes=2, node_rank=1, endpoint="10.0.0.1:29500"))
+    assert "--nnodes=2" in multi and "--node_rank=1" in multi and "--rdzv_endpoint=10.0.0.1:29500" in multi
+    assert "--standalone" not in multi
+    with pytest.raises(ValueError, match="rendezvous endpoint"):
+        Rendezvous(nnodes=2)
+    with pytest.raises(ValueError, match="node_rank"):
+        Rendezvous(nnodes=2, node_rank=2, endpoint="h:1")
+
+
+def test_worker_env_splits_cores():
+    env = worker_env(2)
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert int(env["OMP_NUM_THREADS"]) >= 1
+    assert worker_env(1, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
+
+
+def test_torchrun_two_gloo_workers_really_run(tmp_path):
+    """The real torchrun on CPU: two processes, a gloo all_reduce, output from both ranks."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        t = torch.tensor([dist.get_rank() + 1.0])
+        dist.all_reduce(t)
+        print(f"rank {dist.get_rank()} sum {t.item():.0f}", flush=True)
+        dist.destroy_process_group()
+    """))
+    lines = []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           "--nproc_per_node=2", str(script)]
+    launch(cmd, env=worker_env(2), name="gloo", on_line=lines.append, timeout=120)
+    assert sorted(l for l in lines if l.startswith("rank")) == ["rank 0 sum 3", "rank 1 sum 3"]
