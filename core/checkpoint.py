@@ -1,0 +1,174 @@
+"""Training checkpoints that are valid only when complete.
+
+Layout under a checkpoint root (one per training run, inside the stage's work dir):
+
+    step_000500/            a complete checkpoint (the directory name appears only via rename)
+        model.pt            model state_dict (rank 0; fp32 master weights)
+        optim_rank{r}.pt    optimizer state of rank r (ZeRO-2 shards differ per rank)
+        rank{r}.pt          per-rank resume state: dataloader state, torch/python/numpy RNG
+        meta.json           model config, run config, step, loop state (rank 0)
+    step_000750.tmp-…       an interrupted save: ignored, removed by the next save
+
+Why this shape: every rank writes its own files into a shared temporary directory, a barrier
+proves they all finished, and rank 0 renames the directory into place — the rename is the commit,
+so a kill at any moment leaves either the previous checkpoint or the new one, never half of one
+(torchtitan uses the same rule). Keeping the last K bounds disk use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+META = "meta.json"
+MODEL = "model.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / META).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, *, rank: int, world_size: int,
+                    model_state: dict | None, optim_state: dict | None, rank_state: dict,
+                    meta: dict | None, keep_last: int = 2,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    model_state and meta are only needed on rank 0; optim_state and rank_state on every rank.
+    `barrier` must synchronise all ranks (dist.barrier under torchrun). The shared temporary name
+    is deterministic per step so that all ranks of one node agree on it without communicating.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f"{step_dir_name(step)}.tmp"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    # On a shared filesystem this is a no-op; multi-node resume needs the checkpoint root on shared
+    # storage (each node would otherwise hold only its own ranks' files).
+    tmp.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        assert model_state is not None and meta is not None, "rank 0 saves the model and meta"
+        _atomic_torch_save(model_state, tmp / MODEL)
+    if optim_state is not None:
+        _atomic_torch_save(optim_state, tmp / f"optim_rank{rank}.pt")
+    _atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        meta = dict(meta, step=step, world_size=world_size, saved_by=socket.gethostname())
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, keep_last)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(root)
+    for _, path in ckpts[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for p in root.glob("step_*.tmp"):  # leftovers of interrupted saves
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict
+
+    def model_state(self, device: str | torch.device = "cpu") -> dict:
+        return torch.load(self.path / MODEL, map_location=device, weights_only=True)
+
+    def optim_state(self, rank: int, device: str | torch.device = "cpu") -> dict:
+        p = self.path / f"optim_rank{rank}.pt"
+        if not p.exists():
+            raise FileNotFoundError(
+                f"checkpoint {self.path} has no optimizer state for rank {rank} (saved with "
+                f"world_size={self.meta.get('world_size')}); resume with the same number of processes"
+            )
+        return torch.load(p, map_location=device, weights_only=True)
+
+    def rank_state(self, rank: int) -> dict:
+        # python/numpy RNG states are tuples with numpy arrays: not loadable with weights_only
+        return torch.load(self.path / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    m = _STEP_RE.match(path.name)
+    if not m or not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint directory (step_NNNNNN with {META})")
+    meta = json.loads((path / META).read_text())
+    return Checkpoint(path=path, step=int(m.group(1)), meta=meta)
