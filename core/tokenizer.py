@@ -1,0 +1,316 @@
+"""Byte-level BPE tokenizer in the GPT-4 style (HF `tokenizers` under the hood), plus chat rendering.
+
+    tok = Tokenizer.train(texts, vocab_size=32768)      # texts: any iterable of str
+    tok.save("out/tokenizer")                           # tokenizer.json + token_bytes.npy
+    tok = Tokenizer.from_directory("out/tokenizer")
+    ids = tok.encode(["doc one", "doc two"], prepend="<|bos|>")
+    ids, mask = tok.render_conversation({"messages": [...]})
+
+Token id layout (the reference's, so ids are comparable with nanochat's rustbpe/tiktoken
+tokenizer): ids 0..255 are the raw bytes (id == byte value), then the merged tokens in the order
+they were learned, then the 9 special tokens, so vocab_size == 256 + merges + 9 exactly. The HF
+trainer numbers tokens differently (its alphabet sorted by character, specials first); train()
+renumbers after training — BPE applies merges by their rank in the merge list, not by id, so the
+renumbering does not change any tokenization.
+
+Special tokens are never parsed out of text: a document containing the characters "<|bos|>" is
+encoded as those characters (tiktoken's encode_ordinary behaviour); specials enter only through
+prepend/append/encode_special and render_conversation.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tokenizers import Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document (and every packed row)
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",  # a tool call written by the assistant (trained on)
+    "<|output_start|>", "<|output_end|>",  # the tool's output, injected at run time (not trained on)
+]
+
+# GPT-4's pre-split regex with numbers split into groups of 1-2 digits instead of 1-3 (the
+# reference's choice: fewer vocab slots spent on numbers at small vocab sizes).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKEN_BYTES_FILE = "token_bytes.npy"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what HF's ByteLevel pre-tokenizer uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _configure(hf: HFTokenizer) -> HFTokenizer:
+    # Split isolates the regex pieces; ByteLevel (without its own GPT-2 regex) maps each piece's
+    # UTF-8 bytes to printable characters so that BPE runs over bytes, never over Unicode chars.
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = None
+    return hf
+
+
+def _capped_batches(texts: Iterable[str], doc_cap: int | None, max_chars: int | None, stats: dict,
+                    batch: int = 256) -> Iterator[list[str]]:
+    """Crop each document to doc_cap chars; stop once more than max_chars were yielded (reference)."""
+    buf: list[str] = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.train expects an iterable of str, got an item of type {type(text).__name__}")
+        if doc_cap and len(text) > doc_cap:
+            text = text[:doc_cap]
+        stats["docs"] += 1
+        stats["chars"] += len(text)
+        buf.append(text)
+        if len(buf) == batch:
+            yield buf
+            buf = []
+        if max_chars is not None and stats["chars"] > max_chars:
+            break
+    if buf:
+        yield buf
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer: encode/decode, special tokens, chat rendering."""
+
+    def __init__(self, hf: HFTokenizer, token_bytes: np.ndarray | None = None):
+        self.hf = hf
+        # Never split specials out of ordinary text (not persisted in tokenizer.json: set on load).
+        self.hf.encode_special_tokens = True
+        self.vocab_size: int = hf.get_vocab_size()
+        self._special = {name: hf.token_to_id(name) for name in SPECIAL_TOKENS}
+        missing = [n for n, i in self._special.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}: it was not made by Tokenizer.train")
+        self.bos_token_id: int = self._special["<|bos|>"]
+        self._token_bytes = token_bytes if token_bytes is not None else self._compute_token_bytes()
+        if len(self._token_bytes) != self.vocab_size:
+            raise ValueError(f"token_bytes has {len(self._token_bytes)} entries but the vocab has {self.vocab_size}: "
+                             "the two files come from different tokenizers; re-run the tokenizer stage")
+        self.train_stats: dict = {}
+
+    # ---- training, saving, loading ---------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 32768, doc_cap: int = 10_000,
+              max_chars: int | None = None) -> "Tokenizer":
+        """Train on `texts` (each cropped to doc_cap chars; stop after max_chars chars in total)."""
+        n_regular = vocab_size - len(SPECIAL_TOKENS)
+        if n_regular < 256:
+            raise ValueError(f"vocab_size {vocab_size} is too small: need at least 256 byte tokens + "
+                             f"{len(SPECIAL_TOKENS)} specials = {256 + len(SPECIAL_TOKENS)}")
+        hf = _configure(HFTokenizer(BPE(unk_token=None, fuse_unk=False)))
+        trainer = BpeTrainer(vocab_size=n_regular, min_frequency=0, show_progress=False, special_tokens=[],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        stats = {"docs": 0, "chars": 0}
+        t0 = time.perf_counter()
+        hf.train_from_iterator(_capped_batches(texts, doc_cap, max_chars, stats), trainer)
+        seconds = time.perf_counter() - t0
+        model = json.loads(hf.to_str())["model"]
+        vocab: dict[str, int] = model["vocab"]
+        if len(vocab) < n_regular:
+            raise ValueError(
+                f"the training text ({stats['docs']:,} documents, {stats['chars']:,} chars) yields only "
+                f"{len(vocab) - 256} merges but vocab_size {vocab_size} needs {n_regular - 256}: "
+                "train on more text (raise max_chars / add shards) or lower vocab_size")
+        # Renumber: byte b -> id b, learned tokens in learning order after them (see module doc).
+        learned = sorted((i, tok) for tok, i in vocab.items() if tok not in _CHAR_TO_BYTE)
+        new_vocab = {_BYTE_TO_CHAR[b]: b for b in range(256)}
+        for k, (_, tok) in enumerate(learned):
+            new_vocab[tok] = 256 + k
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+        out = _configure(HFTokenizer(BPE(vocab=new_vocab, merges=merges, unk_token=None, fuse_unk=False)))
+        out.add_special_tokens(SPECIAL_TOKENS)
+        tok = cls(out)
+        assert tok.vocab_size == vocab_size and tok.bos_token_id == n_regular, (tok.vocab_size, tok.bos_token_id)
+        tok.train_stats = {**stats, "seconds": seconds, "chars_per_sec": stats["chars"] / max(seconds, 1e-9)}
+        return tok
+
+    def save(self, directory) -> None:
+        """Write tokenizer.json and token_bytes.npy (int32 UTF-8 byte length per id, 0 for specials)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(d / TOKENIZER_FILE))
+        np.save(d / TOKEN_BYTES_FILE, self._token_bytes.astype(np.int32))
+
+    @classmethod
+    def from_directory(cls, path) -> "Tokenizer":
+        d = Path(path)
+        f = d / TOKENIZER_FILE
+        if not f.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {d}: point at a tokenizer artifact (run the tokenizer stage)")
+        tb = d / TOKEN_BYTES_FILE
+        return cls(HFTokenizer.from_file(str(f)), np.load(tb) if tb.is_file() else None)
+
+    def _compute_token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, dtype=np.int32)
+        specials = set(self._special.values())
+        for i in range(self.vocab_size):
+            if i not in specials:
+                out[i] = len(self.hf.id_to_token(i))  # one byte-level char per byte
+        return out
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def encode_special(self, name: str) -> int:
+        try:
+            return self._special[name]
+        except KeyError:
+            raise KeyError(f"unknown special token {name!r}; known: {SPECIAL_TOKENS}") from None
+
+    def _special_id(self, tok: int | str | None) -> int | None:
+        if tok is None or isinstance(tok, int):
+            return tok
+        return self.encode_special(tok)
+
+    def encode(self, text: str | list[str], prepend: int | str | None = None, append: int | str | None = None,
+               num_threads: int | None = None) -> list[int] | list[list[int]]:
+        """Token ids of `text` (a str) or of each text in a list.
+
+        A list is encoded in parallel on the `tokenizers` thread pool (size: RAYON_NUM_THREADS, default
+        all cores; fixed per process); num_threads=1 encodes sequentially in the calling thread.
+        """
+        pre, post = self._special_id(prepend), self._special_id(append)
+        head = [pre] if pre is not None else []
+        tail = [post] if post is not None else []
+        if isinstance(text, str):
+            return head + self.hf.encode(text, add_special_tokens=False).ids + tail
+        if not isinstance(text, list):
+            raise TypeError(f"encode expects str or list[str], got {type(text).__name__}")
+        if num_threads == 1:
+            encs = [self.hf.encode(t, add_special_tokens=False) for t in text]
+        else:
+            encs = self.hf.encode_batch_fast(text, add_special_tokens=False)
+        return [head + e.ids + tail for e in encs]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str:
+        """The decoded text of one token (specials by name)."""
+        return self.decode([i])
+
+    def token_bytes(self):
+        """int32 tensor (vocab_size,): UTF-8 byte length of each token, 0 for specials (for bits/byte)."""
+        import torch  # lazy: loading a tokenizer must not pay for torch
+
+        return torch.from_numpy(self._token_bytes.astype(np.int32))
+
+    # ---- chat -------------------------------------------------------------------------------------
+    def render_conversation(self, conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Token ids and loss mask (1 = trained on) of a conversation, cut to max_tokens.
+
+        Mask: 1 on assistant content, on <|assistant_end|> and on python tool calls including their
+        <|python_start|>/<|python_end|>; 0 on BOS, user turns, <|assistant_start|> and tool output.
+        A leading system message is merged into the first user message.
+        """
+        messages = _messages(conversation)
+        if messages and messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            merged = dict(messages[1], content=_text(messages[0]) + "\n\n" + _text(messages[1]))
+            messages = [merged] + messages[2:]
+        if not messages:
+            raise ValueError("conversation has no messages")
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(tokens, m: int):
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self._special
+        add(self.bos_token_id, 0)
+        for i, msg in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if msg.get("role") != expected:
+                raise ValueError(f"message {i} has role {msg.get('role')!r} but must be {expected!r}: "
+                                 "turns alternate user/assistant, starting with user (after an optional system)")
+            content = msg.get("content")
+            if expected == "user":
+                add(sp["<|user_start|>"], 0)
+                add(self.encode(_text(msg)), 0)
+                add(sp["<|user_end|>"], 0)
+                continue
+            add(sp["<|assistant_start|>"], 0)
+            if isinstance(content, str):
+                add(self.encode(content), 1)
+            elif isinstance(content, list):
+                for part in content:
+                    kind, value = part.get("type"), self.encode(part.get("text", ""))
+                    if kind == "text":
+                        add(value, 1)
+                    elif kind == "python":
+                        add(sp["<|python_start|>"], 1)
+                        add(value, 1)
+                        add(sp["<|python_end|>"], 1)
+                    elif kind == "python_output":
+                        # Produced by the tool at inference time: the model must not learn to write it.
+                        add(sp["<|output_start|>"], 0)
+                        add(value, 0)
+                        add(sp["<|output_end|>"], 0)
+                    else:
+                        raise ValueError(f"message {i}: unknown part type {kind!r} (text, python, python_output)")
+            else:
+                raise ValueError(f"message {i}: content must be a str or a list of parts, got {type(content).__name__}")
+            add(sp["<|assistant_end|>"], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation) -> list[int]:
+        """The prompt for the last assistant turn: the conversation without it, then <|assistant_start|>."""
+        messages = _messages(conversation)
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("render_for_completion needs a conversation ending with an assistant message")
+        ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
+        return ids + [self._special["<|assistant_start|>"]]
+
+
+def _messages(conversation) -> list[dict]:
+    if isinstance(conversation, dict):
+        conversation = conversation.get("messages")
+    if not isinstance(conversation, list):
+        raise ValueError("a conversation is {'messages': [...]} or a list of {'role', 'content'} messages")
+    return copy.copy(conversation)
+
+
+def _text(msg: dict) -> str:
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(p.get("type") == "text" for p in content):
+        return "".join(p.get("text", "") for p in content)
+    raise ValueError(f"{msg.get('role')} content must be a string (only assistant messages carry tool parts)")
+
+
+def default_threads() -> int:
+    return int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)
