@@ -1,0 +1,170 @@
+"""File-level helpers shared by the store backends: hashing, verified copies, atomic small writes.
+
+Why the care: sha256 runs at ~1.2 GB/s per core here (SHA-NI), slower than a page-cache copy, so
+the hot paths overlap hashing with I/O (hashlib releases the GIL on large buffers) and hash files
+in parallel. Data is fsynced before a manifest may point at it: after a power cut a committed
+manifest must never describe files whose blocks never reached the disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from artifacts.errors import ChecksumError
+from artifacts.manifest import MANIFEST_NAME, FileEntry
+
+CHUNK = 8 << 20  # 8 MiB: large enough that hashlib releases the GIL and syscalls are amortised
+HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+PART_SUFFIX = ".nanorun-part"  # partial downloads / copies; never part of a committed artifact
+
+
+def sha256_file(path: Path, fsync: bool = False) -> tuple[int, str]:
+    """(size, sha256 hex) of a file, read in large chunks; optionally fsync it while it is open."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def list_tree(root: Path) -> list[str]:
+    """Relative POSIX paths of the regular files under root (sorted). Symlinks are refused: an
+    artifact must be self-contained, a link could point anywhere (or nowhere) on another machine."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() or not p.is_file():
+                raise ValueError(f"{p}: artifacts may hold regular files only (found a symlink or special file)")
+            if rel == MANIFEST_NAME:
+                raise ValueError(f"{p}: {MANIFEST_NAME} is reserved for the store's commit record; "
+                                 "the stage must not write a file with that name at the top level")
+            if name.endswith(PART_SUFFIX):
+                raise ValueError(f"{p}: names ending in {PART_SUFFIX} are reserved for partial transfers")
+            out.append(rel)
+    return sorted(out)
+
+
+def hash_tree(root: Path, fsync: bool = True, threads: int = HASH_THREADS) -> list[FileEntry]:
+    """FileEntry (size, sha256) for every file under root, hashed in parallel across files."""
+    paths = list_tree(root)
+
+    def one(rel: str) -> FileEntry:
+        size, digest = sha256_file(root / rel, fsync=fsync)
+        return FileEntry(rel, size, digest)
+
+    if len(paths) <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(one, paths))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside `path` durable (POSIX: the directory entry needs its own fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | str, durable: bool = True) -> None:
+    """Write a small file so that readers see either the old or the complete new content."""
+    if isinstance(data, str):
+        data = data.encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def copy_verified(src: Path, dst: Path, entry: FileEntry, pool: ThreadPoolExecutor) -> None:
+    """Copy src to dst and prove the bytes match `entry` (size + sha256), durably.
+
+    The copy goes through the kernel (sendfile/copy_file_range in shutil) while a second thread
+    hashes the source from the page cache, so the cost is max(copy, hash) rather than their sum.
+    The copy lands in a temp name and is renamed only once size and hash both match.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + PART_SUFFIX)
+    hashed = pool.submit(sha256_file, src)
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        size, digest = hashed.result()
+        copied = tmp.stat().st_size
+        if size != entry.size or digest != entry.sha256 or copied != entry.size:
+            raise ChecksumError(
+                f"{src}: expected {entry.size} bytes sha256 {entry.sha256[:16]}…, source has {size} bytes "
+                f"sha256 {digest[:16]}… (copied {copied}); the source artifact is damaged: run "
+                "`nanorun verify --deep` on it")
+        os.replace(tmp, dst)
+    except BaseException:
+        hashed.cancel()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += (Path(dirpath) / name).lstat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def newest_mtime(path: Path) -> float:
+    """Most recent mtime under path (a directory someone is still writing into is recent)."""
+    newest = path.lstat().st_mtime
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                newest = max(newest, (Path(dirpath) / name).lstat().st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+@contextlib.contextmanager
+def flocked(lock_path: Path):
+    """Exclusive advisory lock on lock_path (released by the kernel if the process dies)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -1,0 +1,267 @@
+"""Leases: at most one builder per artifact, on one machine or many.
+
+A lease is a small JSON record next to the store's artifacts (local: `{root}/.leases/{stage}/{name}.json`,
+S3: the same key in the bucket) naming its owner (user@host, pid, process start time, boot id), its
+last heartbeat and its expiry. The builder's background thread renews it every ttl/4. A waiter
+treats a lease as stale when it has expired (the owner stopped heartbeating: crash, kill -9, lost
+machine) or when the owner is on this very machine and its process is gone; a stale lease is taken
+over with a compare-and-swap (local: under a flock; S3: put_object IfMatch=<etag>), so of several
+waiters exactly one wins. Creation is atomic too (local O_CREAT|O_EXCL, S3 IfNoneMatch='*').
+
+A builder whose heartbeat was missed long enough to be taken over has *lost* its lease; it must
+not commit (Lease.check() raises), since someone else is now building the same artifact.
+
+    lease = Lease(store, ref)
+    if lease.try_acquire():
+        with lease:            # heartbeats while inside, releases on exit
+            ...build, lease.check(), commit...
+    else:
+        print("busy:", lease.holder.describe())
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from artifacts.errors import LeaseLostError
+from artifacts.manifest import ArtifactRef
+
+log = logging.getLogger("nanorun.lease")
+
+DEFAULT_TTL = float(os.environ.get("NANORUN_LEASE_TTL", "120"))
+UNREADABLE_GRACE = 30.0  # a lease file still empty after this long was left by a crashed creator
+
+
+@lru_cache(maxsize=1)
+def boot_id() -> str:
+    # Two containers can share a hostname; the kernel's boot id tells whether "same host" really
+    # means the same kernel (only then is a pid check meaningful).
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def pid_alive(pid: int, start_time: float | None) -> bool:
+    """Is process `pid` (started at start_time, guarding against pid reuse) still running here?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if start_time is not None:
+        now_start = process_start_time(pid)
+        if now_start is not None and abs(now_start - start_time) > 1.0:
+            return False  # the pid was reused by a different process
+    try:
+        import psutil
+
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except Exception:
+        pass
+    return True
+
+
+@dataclass
+class LeaseInfo:
+    owner: str
+    ref: str
+    host: str
+    boot_id: str
+    pid: int
+    pid_start: float | None
+    acquired: float
+    heartbeat: float
+    expires: float
+    inputs: list[str] = field(default_factory=list)  # refs the build reads (gc must keep them)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "LeaseInfo | None":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError):
+            return None
+
+    def same_machine(self) -> bool:
+        return self.host == socket.gethostname() and self.boot_id == boot_id()
+
+    def stale_reason(self, now: float | None = None) -> str | None:
+        """Why this lease no longer protects anything, or None while its owner is alive."""
+        now = time.time() if now is None else now
+        if now > self.expires:
+            return f"expired {now - self.expires:.0f}s ago (last heartbeat {now - self.heartbeat:.0f}s ago)"
+        if self.same_machine() and not pid_alive(self.pid, self.pid_start):
+            return f"owner process {self.pid} on this machine is gone"
+        return None
+
+    def describe(self) -> str:
+        return f"{self.owner.rsplit(':', 1)[0]} (pid {self.pid}, heartbeat {time.time() - self.heartbeat:.0f}s ago)"
+
+
+def read_lease(store, ref: ArtifactRef) -> tuple[LeaseInfo | None, object, float] | None:
+    """(info or None if unreadable, token, age in s) of the lease record at ref, or None."""
+    got = store._lease_read(ref)
+    if got is None:
+        return None
+    data, token, age = got
+    return LeaseInfo.from_bytes(data), token, age
+
+
+def live_holder(store, ref: ArtifactRef) -> LeaseInfo | None:
+    """The live owner of ref's lease, if any (cheap: one small read)."""
+    got = read_lease(store, ref)
+    if got is None:
+        return None
+    info, _, age = got
+    if info is None:
+        return None if age > UNREADABLE_GRACE else LeaseInfo("(being created)", str(ref), "?", "", 0, None, 0, 0, 0)
+    return None if info.stale_reason() else info
+
+
+class Lease:
+    """One attempt to own the build of `ref` in `store` (see the module docstring)."""
+
+    def __init__(self, store, ref: ArtifactRef, *, ttl: float | None = None, inputs: list[str] | tuple = ()):
+        self.store, self.ref = store, ref
+        self.ttl = float(ttl if ttl is not None else DEFAULT_TTL)
+        if self.ttl <= 0:
+            raise ValueError(f"lease ttl must be > 0 seconds, got {self.ttl}")
+        self.inputs = [str(r) for r in inputs]
+        self.owner = f"{_user()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder: LeaseInfo | None = None  # the other live owner when try_acquire() fails
+        self.took_over: LeaseInfo | None = None  # the stale lease we replaced, if any
+        self.lost = False
+        self._token = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None and not self.lost
+
+    def _info(self, acquired: float | None = None) -> LeaseInfo:
+        now = time.time()
+        pid = os.getpid()
+        return LeaseInfo(self.owner, str(self.ref), socket.gethostname(), boot_id(), pid, process_start_time(pid),
+                         acquired or now, now, now + self.ttl, self.inputs)
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free or stale; False (and self.holder set) if someone live has it."""
+        if self.held:
+            return True
+        for _ in range(20):  # each pass either decides or lost a race that changed the record
+            token = self.store._lease_create(self.ref, self._info().to_bytes())
+            if token is not None:
+                self._acquired(token)
+                return True
+            got = read_lease(self.store, self.ref)
+            if got is None:
+                continue  # released between our create and read: try again
+            info, token, age = got
+            if info is None:
+                if age <= UNREADABLE_GRACE:  # being written right now by its creator
+                    self.holder = LeaseInfo("(being created)", str(self.ref), "?", "", 0, None, 0, 0, 0)
+                    return False
+                reason = f"unreadable lease record {age:.0f}s old"
+            else:
+                reason = info.stale_reason()
+                if reason is None:
+                    self.holder = info
+                    return False
+            new_token = self.store._lease_replace(self.ref, self._info().to_bytes(), token)
+            if new_token is not None:
+                log.warning("%s: took over stale lease of %s: %s", self.ref,
+                            info.describe() if info else "an unknown owner", reason)
+                self.took_over = info
+                self._acquired(new_token)
+                return True
+        raise RuntimeError(f"{self.ref}: lease record keeps changing under us; is something rewriting it in a loop?")
+
+    def _acquired(self, token) -> None:
+        self._token, self.holder, self.lost = token, None, False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.ref.fingerprint}", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        interval = self.ttl / 4
+        acquired = time.time()
+        deadline = acquired + self.ttl
+        while not self._stop.wait(interval):
+            with self._lock:
+                if self._token is None:
+                    return
+                try:
+                    info = self._info(acquired)
+                    token = self.store._lease_replace(self.ref, info.to_bytes(), self._token)
+                except Exception as e:  # network blip: try again next tick, unless we have expired
+                    if time.time() > deadline:
+                        self.lost = True
+                        log.error("%s: could not renew the lease before it expired (%s); another builder "
+                                  "may take over, this build will not be committed", self.ref, e)
+                        return
+                    log.warning("%s: lease heartbeat failed (%s); retrying", self.ref, e)
+                    continue
+                if token is None:
+                    self.lost = True
+                    log.error("%s: lease was taken over by another builder (we were presumed dead); "
+                              "this build will not be committed", self.ref)
+                    return
+                self._token, deadline = token, info.expires
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless we still own the lease (call right before committing)."""
+        if not self.held:
+            raise LeaseLostError(f"{self.ref}: lost the build lease (another builder took over after our "
+                                 "heartbeat lapsed); not committing. Rerun to use or rebuild the artifact.")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.ttl)
+        with self._lock:
+            token, self._token = self._token, None
+        if token is not None and not self.lost:
+            try:
+                self.store._lease_delete(self.ref, token)
+            except Exception as e:  # it will expire on its own
+                log.warning("%s: could not delete the lease record (%s); it expires in %.0fs", self.ref, e, self.ttl)
+
+    def __enter__(self) -> "Lease":
+        if not self.held and not self.try_acquire():
+            raise RuntimeError(f"{self.ref}: lease is held by {self.holder.describe()}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return f"uid{os.getuid()}"

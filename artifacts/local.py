@@ -1,0 +1,278 @@
+"""The local-directory backend (see artifacts/store.py for the layout and the interface).
+
+Commit is a rename: the work dir lives under `{root}/.staging/{stage}/{label}-{fp}` on the same
+filesystem, so after hashing (and fsyncing) its files it is renamed to `{root}/{stage}/{label}-{fp}`
+and MANIFEST.json is written last (temp file + fsync + os.replace). A kill -9 at any point leaves
+either no manifest (not committed; the rerun finds its work dir again, even if the rename already
+happened) or a complete artifact. An artifact being replaced is first renamed into `.trash/`, which
+uncommits it atomically, and is removed after the new one is in place.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from artifacts.errors import ChecksumError, StoreError
+from artifacts.files import (copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime, sha256_file,
+                             write_atomic)
+from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
+from artifacts.store import LEASES, GcItem, Store
+
+log = logging.getLogger("nanorun.store")
+
+STAGING = ".staging"
+TRASH = ".trash"
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path, index: bool = True):
+        super().__init__(index)
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store root {self.root} exists and is not a directory")
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    # ---- primitives ---------------------------------------------------------------------------
+    def _read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _write(self, key: str, data: bytes) -> None:
+        write_atomic(self._path(key), data)
+
+    def _remove(self, key: str) -> None:
+        p = self._path(key)
+        try:
+            p.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        fsync_dir(p.parent)
+
+    def _children(self, prefix: str, dirs: bool) -> list[str]:
+        try:
+            entries = list(os.scandir(self._path(prefix)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and (e.is_dir(follow_symlinks=False) if dirs else e.is_file()))
+
+    def _dirs(self, prefix: str) -> list[str]:
+        return self._children(prefix, dirs=True)
+
+    def _files(self, prefix: str) -> list[str]:
+        return self._children(prefix, dirs=False)
+
+    def _file_sizes(self, ref: ArtifactRef) -> dict[str, int]:
+        root = self._path(ref.key)
+        out = {}
+        for dirpath, _, filenames in os.walk(root):
+            for name in filenames:
+                p = Path(dirpath) / name
+                rel = p.relative_to(root).as_posix()
+                if rel != MANIFEST_NAME:
+                    out[rel] = p.stat().st_size
+        return out
+
+    def _sha256(self, ref: ArtifactRef, path: str) -> str:
+        try:
+            return sha256_file(self._path(ref.key) / path)[1]
+        except FileNotFoundError:
+            return "(missing)"
+
+    # ---- leases: O_CREAT|O_EXCL to create; compare-and-swap under a flock to renew/take over ----
+    def _lease_paths(self, ref: ArtifactRef) -> tuple[Path, Path]:
+        base = self.root / LEASES / ref.stage
+        return base / f"{ref.name}.json", base / f"{ref.name}.lock"
+
+    def _lease_create(self, ref, data: bytes):
+        path, _ = self._lease_paths(ref)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return data  # the token is the exact content we wrote (it holds a unique owner id)
+
+    def _lease_read(self, ref):
+        path, _ = self._lease_paths(ref)
+        try:
+            data = path.read_bytes()
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return data, data, age
+
+    def _lease_replace(self, ref, data: bytes, token):
+        path, lock = self._lease_paths(ref)
+        with flocked(lock):
+            try:
+                if path.read_bytes() != token:
+                    return None
+            except FileNotFoundError:
+                return None
+            write_atomic(path, data)
+        return data
+
+    def _lease_delete(self, ref, token) -> bool:
+        path, lock = self._lease_paths(ref)
+        with flocked(lock):
+            try:
+                if path.read_bytes() != token:
+                    return False
+            except FileNotFoundError:
+                return False
+            path.unlink()
+        lock.unlink(missing_ok=True)  # harmless if another process re-creates it
+        return True
+
+    def _lease_refs(self) -> list[ArtifactRef]:
+        out = []
+        for p in sorted((self.root / LEASES).glob("*/*.json")):
+            try:
+                out.append(ArtifactRef.parse(f"{p.parent.name}/{p.stem}"))
+            except ValueError:
+                pass
+        return out
+
+    # ---- building and committing --------------------------------------------------------------
+    def _staging(self, ref: ArtifactRef) -> Path:
+        return self.root / STAGING / ref.stage / ref.name
+
+    def work_dir(self, ref: ArtifactRef, clear: bool = False) -> Path:
+        """`{root}/.staging/{stage}/{name}`: the same directory on every attempt, with whatever the
+        previous attempt left there (clear=True empties it). Call it while holding the lease."""
+        staging = self._staging(ref)
+        if clear and staging.exists():
+            shutil.rmtree(staging)
+        if not staging.exists():
+            final = self._path(ref.key)
+            if not clear and final.is_dir() and not (final / MANIFEST_NAME).exists():
+                # A crash between the rename and the manifest write: the files are the work dir.
+                staging.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(final, staging)
+                log.info("%s: recovered the work dir of an interrupted commit", ref)
+            staging.mkdir(parents=True, exist_ok=True)
+        return staging
+
+    def _to_trash(self, path: Path) -> None:
+        trash = self.root / TRASH
+        trash.mkdir(parents=True, exist_ok=True)
+        os.rename(path, trash / f"{path.name}-{uuid.uuid4().hex[:8]}")  # atomic: uncommits at once
+
+    def _empty_trash(self) -> None:
+        for p in (self.root / TRASH).glob("*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _install(self, src: Path, ref: ArtifactRef) -> Path:
+        final = self._path(ref.key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a replaced/damaged artifact or leftovers of a crashed commit
+            self._to_trash(final)
+        try:
+            os.rename(src, final)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # work dir on another filesystem: copy next to the store, then rename.
+            tmp = self.root / STAGING / ".incoming" / f"{ref.name}-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(src, tmp)
+            os.rename(tmp, final)
+            shutil.rmtree(src, ignore_errors=True)
+        fsync_dir(final.parent)
+        return final
+
+    def _commit(self, ref: ArtifactRef, work_dir: Path, manifest: Manifest) -> Manifest:
+        m = replace(manifest, files=hash_tree(work_dir, fsync=True))
+        final = self._install(work_dir, ref)
+        write_atomic(final / MANIFEST_NAME, m.to_json())  # the commit point
+        self._empty_trash()
+        return m
+
+    def _receive(self, src: Store, ref: ArtifactRef, manifest: Manifest) -> None:
+        tmp = self.root / STAGING / ".incoming" / f"{ref.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            src.pull(ref, tmp)  # verified copy, MANIFEST.json included: the rename commits it whole
+            self._install(tmp, ref)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._empty_trash()
+
+    # ---- reading ------------------------------------------------------------------------------
+    def materialize(self, ref: ArtifactRef) -> Path:
+        """The artifact directory itself, after a size check of every file (treat it as read-only)."""
+        v = self.verify(ref)
+        if v.manifest is None:
+            self.require(ref)
+        if not v.ok:
+            raise ChecksumError(f"{ref} in {self.url} is damaged: {'; '.join(v.problems)}. "
+                                "Rebuild it (execute with force) or delete it.")
+        return self._path(ref.key)
+
+    def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path:
+        """Copy the artifact into dest_dir (sha256-verified against the manifest; files already
+        there and matching are kept), MANIFEST.json last."""
+        m = self.require(ref)
+        src, dest = self._path(ref.key), Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(2) as pool:
+            for f in m.files:
+                d = dest / f.path
+                if d.is_file() and d.stat().st_size == f.size and sha256_file(d)[1] == f.sha256:
+                    continue
+                if not (src / f.path).is_file():
+                    raise ChecksumError(f"{ref} in {self.url} is damaged: missing file {f.path}")
+                copy_verified(src / f.path, d, f, pool)
+        write_atomic(dest / MANIFEST_NAME, m.to_json())
+        return dest
+
+    # ---- deleting -----------------------------------------------------------------------------
+    def _delete_files(self, ref: ArtifactRef) -> None:
+        final = self._path(ref.key)
+        if final.exists():
+            self._to_trash(final)
+            self._empty_trash()
+
+    def _artifact_age(self, ref: ArtifactRef) -> float:
+        try:
+            return time.time() - newest_mtime(self._path(ref.key))
+        except FileNotFoundError:
+            return float("inf")
+
+    def _gc_local(self, live: set[ArtifactRef], grace_s: float) -> list[GcItem]:
+        items = []
+        now = time.time()
+        for d in sorted((self.root / STAGING).glob("*/*")):
+            if not d.is_dir():
+                continue
+            if d.parent.name == ".incoming":
+                ref = None
+            else:
+                try:
+                    ref = ArtifactRef.parse(f"{d.parent.name}/{d.name}")
+                except ValueError:
+                    continue
+            if ref in live or now - newest_mtime(d) < grace_s:
+                continue
+            items.append(GcItem("staging", str(d), dir_size(d), "work dir of an unfinished build (no live lease)",
+                                lambda d=d: shutil.rmtree(d, ignore_errors=True)))
+        for d in sorted((self.root / TRASH).glob("*")):
+            items.append(GcItem("trash", str(d), dir_size(d), "left by an interrupted replace/delete",
+                                lambda d=d: shutil.rmtree(d, ignore_errors=True)))
+        return items
