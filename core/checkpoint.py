@@ -172,3 +172,45 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise FileNotFoundError(f"{path} is not a complete checkpoint directory (step_NNNNNN with {META})")
     meta = json.loads((path / META).read_text())
     return Checkpoint(path=path, step=int(m.group(1)), meta=meta)
+
+
+# ---- models for inference and fine-tuning ----------------------------------------------------------
+# The meta record of a checkpoint that holds a model carries at least:
+#   "model_config": GPTConfig.to_dict(),  "kind": "base" | "sft",
+#   "tokenizer": {"fingerprint": <tokenizer artifact fingerprint>, "vocab_size": int}
+# Consumers (CORE eval, SFT, chat, export) compare the tokenizer fingerprint with the tokenizer they
+# were given and refuse a mismatch (check_tokenizer).
+
+
+class TokenizerMismatchError(ValueError):
+    pass
+
+
+def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(GPT in eval mode, meta) from a complete checkpoint directory (step_NNNNNN)."""
+    from core.gpt import GPTConfig, build_model
+
+    ck = load_checkpoint(path)
+    if "model_config" not in ck.meta:
+        raise ValueError(f"checkpoint {path} has no model_config in its {META}: not a model checkpoint")
+    config = GPTConfig.from_dict(ck.meta["model_config"])
+    model = build_model(config, device=device, dtype=dtype, init=False)
+    try:
+        model.load_state_dict(ck.model_state(device), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not match its own model config: {e}") from e
+    model.eval()
+    return model, ck.meta
+
+
+def check_tokenizer(meta: dict, tokenizer_fingerprint: str | None, vocab_size: int, where: str) -> None:
+    """Refuse to pair a model with a tokenizer it was not trained with."""
+    tok = meta.get("tokenizer") or {}
+    if tok.get("vocab_size") is not None and tok["vocab_size"] != vocab_size:
+        raise TokenizerMismatchError(
+            f"{where}: tokenizer/model mismatch: the model was trained with a {tok['vocab_size']}-token "
+            f"vocabulary, the tokenizer given has {vocab_size}; pass the tokenizer artifact it was trained with")
+    if tokenizer_fingerprint and tok.get("fingerprint") and tok["fingerprint"] != tokenizer_fingerprint:
+        raise TokenizerMismatchError(
+            f"{where}: tokenizer/model mismatch: the model was trained with tokenizer {tok['fingerprint']}, "
+            f"got {tokenizer_fingerprint}; pass the tokenizer artifact it was trained with")

@@ -74,3 +74,23 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_load_model_round_trip_and_tokenizer_check(tmp_path):
+    from core.checkpoint import TokenizerMismatchError, check_tokenizer, load_model
+    from core.gpt import GPTConfig, build_model
+
+    cfg = GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_model(cfg, "cpu", torch.float32, seed=0)
+    meta = {"model_config": cfg.to_dict(), "kind": "base", "tokenizer": {"fingerprint": "ab" * 8, "vocab_size": 300}}
+    path = save_checkpoint(tmp_path, 7, rank=0, world_size=1, model_state=model.state_dict(), optim_state=None,
+                           rank_state={}, meta=meta)
+    loaded, meta2 = load_model(path)
+    idx = torch.randint(0, 300, (1, 16))
+    assert torch.equal(loaded(idx), model.eval()(idx))
+    assert meta2["step"] == 7 and not loaded.training
+    check_tokenizer(meta2, "ab" * 8, 300, "test")
+    with pytest.raises(TokenizerMismatchError, match="300-token vocabulary"):
+        check_tokenizer(meta2, None, 512, "test")
+    with pytest.raises(TokenizerMismatchError, match="trained with tokenizer abab"):
+        check_tokenizer(meta2, "cd" * 8, 300, "test")
