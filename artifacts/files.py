@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,21 +108,34 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def copy_verified(src: Path, dst: Path, entry: FileEntry, pool: ThreadPoolExecutor) -> None:
+def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
     """Copy src to dst and prove the bytes match `entry` (size + sha256), durably.
 
-    The copy goes through the kernel (sendfile/copy_file_range in shutil) while a second thread
-    hashes the source from the page cache, so the cost is max(copy, hash) rather than their sum.
-    The copy lands in a temp name and is renamed only once size and hash both match.
+    The copy goes through the kernel (sendfile/copy_file_range in shutil) and is fsynced in one
+    thread while this one hashes the source from the page cache, so the cost is max(copy, hash)
+    rather than their sum. The copy lands in a temp name, renamed only once size and hash match.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + PART_SUFFIX)
-    hashed = pool.submit(sha256_file, src)
+    failed: list[BaseException] = []
+
+    def copy():
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException as e:
+            failed.append(e)
+
+    copier = threading.Thread(target=copy, name="copy-verified")
+    copier.start()
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        size, digest = hashed.result()
+        size, digest = sha256_file(src)
+    finally:
+        copier.join()
+    try:
+        if failed:
+            raise failed[0]
         copied = tmp.stat().st_size
         if size != entry.size or digest != entry.sha256 or copied != entry.size:
             raise ChecksumError(
@@ -130,7 +144,6 @@ def copy_verified(src: Path, dst: Path, entry: FileEntry, pool: ThreadPoolExecut
                 "`nanorun verify --deep` on it")
         os.replace(tmp, dst)
     except BaseException:
-        hashed.cancel()
         tmp.unlink(missing_ok=True)
         raise
 

@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from artifacts.errors import ChecksumError, StoreError
-from artifacts.files import (copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime, sha256_file,
-                             write_atomic)
+from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
+                             sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
 from artifacts.store import LEASES, GcItem, Store
 
@@ -231,14 +231,17 @@ class LocalStore(Store):
         m = self.require(ref)
         src, dest = self._path(ref.key), Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(2) as pool:
-            for f in m.files:
-                d = dest / f.path
-                if d.is_file() and d.stat().st_size == f.size and sha256_file(d)[1] == f.sha256:
-                    continue
-                if not (src / f.path).is_file():
-                    raise ChecksumError(f"{ref} in {self.url} is damaged: missing file {f.path}")
-                copy_verified(src / f.path, d, f, pool)
+
+        def copy(f):
+            d = dest / f.path
+            if d.is_file() and d.stat().st_size == f.size and sha256_file(d)[1] == f.sha256:
+                return
+            if not (src / f.path).is_file():
+                raise ChecksumError(f"{ref} in {self.url} is damaged: missing file {f.path}")
+            copy_verified(src / f.path, d, f)
+
+        with ThreadPoolExecutor(min(HASH_THREADS, max(1, len(m.files)))) as pool:  # big files first
+            list(pool.map(copy, sorted(m.files, key=lambda f: -f.size)))
         write_atomic(dest / MANIFEST_NAME, m.to_json())
         return dest
 

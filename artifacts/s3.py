@@ -43,7 +43,7 @@ _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"
 
 
 def _code(e) -> str:
-    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    return str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
 
 
 class S3Store(Store):
@@ -321,49 +321,82 @@ class S3Store(Store):
                     (dest / p).unlink()
         write_atomic(marker, m.to_json(), durable=False)
 
-    def _download_file(self, key: str, dest: Path, entry: FileEntry, retry: bool = True) -> None:
+    def _download_file(self, key: str, dest: Path, entry: FileEntry) -> None:
+        """Download one object to dest, resuming a previous partial download, and rename it into
+        place only if its sha256 matches. One fresh retry if the object changed or the hash fails."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + PART_SUFFIX)
         state_path = dest.with_name(dest.name + PART_SUFFIX + ".json")
+        digest = None
+        for attempt in (1, 2):
+            try:
+                digest = self._fetch(key, part, state_path, entry)
+            except _ObjectChanged:
+                digest = "(object changed during the download)"
+            if digest == entry.sha256:
+                os.replace(part, dest)
+                state_path.unlink(missing_ok=True)
+                return
+            part.unlink(missing_ok=True)
+            state_path.unlink(missing_ok=True)
+            if attempt == 1:
+                log.warning("s3://%s/%s: %s; downloading it again", self.bucket, key,
+                            digest if digest.startswith("(") else "sha256 mismatch")
+        raise ChecksumError(f"s3://{self.bucket}/{key}: downloaded {entry.size:,} bytes with sha256 {digest[:16]}…, "
+                            f"manifest says {entry.sha256[:16]}…; the stored object is damaged "
+                            "(`nanorun verify --deep`): rebuild or re-push it")
+
+    def _fetch(self, key: str, part: Path, state_path: Path, entry: FileEntry) -> str:
+        """Fill `part` with the object's bytes using a few ranged GET streams, continuing from the
+        progress recorded in state_path; returns the sha256 of the complete file. Stream 0 hashes
+        its bytes as they arrive; the rest is hashed from the page cache as soon as it is
+        contiguous, so hashing overlaps the transfer."""
         size = entry.size
         nseg = max(1, min(self.download_streams, size // SEGMENT_MIN))
-        bounds = [(i * size // nseg, (i + 1) * size // nseg) for i in range(nseg)]
+        bounds = [[i * size // nseg, (i + 1) * size // nseg] for i in range(nseg)]
         state = None
         if state_path.is_file() and part.is_file():
             try:
                 state = json.loads(state_path.read_text())
             except ValueError:
-                state = None
-        if not state or (state.get("sha256"), state.get("size"), state.get("bounds")) != (
-                entry.sha256, size, [list(b) for b in bounds]):
+                pass
+        if not state or (state.get("sha256"), state.get("size"), state.get("bounds")) != (entry.sha256, size, bounds):
             state = {"sha256": entry.sha256, "size": size, "bounds": bounds, "etag": None,
                      "progress": [b[0] for b in bounds]}
             part.unlink(missing_ok=True)
         progress = state["progress"]
         cond = threading.Condition()
         errors: list[BaseException] = []
+        h = hashlib.sha256()
+        segment0_hashed = [False]  # stream 0 owns `h` until then
         saved = [sum(p - b[0] for p, b in zip(progress, bounds))]
 
-        def save():  # caller holds cond
+        def save():  # the caller holds cond; the state never claims bytes not yet written
             write_atomic(state_path, json.dumps(state), durable=False)
 
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            def stream(i: int) -> None:
-                start, end = bounds[i]
-                off = progress[i]
-                if off >= end:
-                    return
-                try:
+        def hash_range(fd: int, pos: int, end: int) -> None:
+            while pos < end:
+                buf = os.pread(fd, min(CHUNK, end - pos), pos)
+                h.update(buf)
+                pos += len(buf)
+
+        def stream(fd: int, i: int) -> None:
+            start, end = bounds[i]
+            off = progress[i]
+            try:
+                if i == 0:
+                    hash_range(fd, 0, off)  # bytes a previous attempt already fetched
+                if off < end:
                     with self._errors():
                         kw = {"IfMatch": state["etag"]} if state["etag"] else {}
                         r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={off}-{end - 1}", **kw)
                         with cond:
-                            if state["etag"] is None:
-                                state["etag"] = r["ETag"]
-                            elif state["etag"] != r["ETag"]:
-                                raise ChecksumError(f"s3://{self.bucket}/{key} changed during the download")
+                            state["etag"] = state["etag"] or r["ETag"]
+                            if state["etag"] != r["ETag"]:
+                                raise _ObjectChanged()
                         for chunk in r["Body"].iter_chunks(1 << 20):
+                            if i == 0:
+                                h.update(chunk)
                             os.pwrite(fd, chunk, off)
                             off += len(chunk)
                             with self._stats_lock:
@@ -376,65 +409,48 @@ class S3Store(Store):
                                     save()
                                 cond.notify_all()
                     if off != end:
-                        raise StoreError(f"s3://{self.bucket}/{key}: stream ended at byte {off}, expected {end}")
-                except BaseException as e:
-                    with cond:
-                        errors.append(e)
-                        cond.notify_all()
+                        raise StoreError(f"s3://{self.bucket}/{key}: stream ended at byte {off}, expected {end}; rerun to resume")
+            except BaseException as e:
+                if _code(e) in _PRECONDITION_CODES:  # If-Match failed: the object was replaced
+                    e = _ObjectChanged()
+                with cond:
+                    errors.append(e)
+            finally:
+                with cond:
+                    if i == 0:
+                        segment0_hashed[0] = True
+                    cond.notify_all()
 
-            def contiguous() -> int:
-                for p, (_, end) in zip(progress, bounds):
-                    if p < end:
-                        return p
-                return size
+        def contiguous() -> int:
+            for p, (_, end) in zip(progress, bounds):
+                if p < end:
+                    return p
+            return size
 
-            h = hashlib.sha256()
-            pos = 0
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
             with ThreadPoolExecutor(nseg) as pool:
                 for i in range(nseg):
-                    pool.submit(stream, i)
-                while pos < size:  # hash the contiguous downloaded prefix as it grows
+                    pool.submit(stream, fd, i)
+                pos = bounds[0][1]
+                with cond:
+                    while not segment0_hashed[0]:
+                        cond.wait(1.0)
+                while pos < size and not errors:  # follow the contiguous prefix past segment 0
                     with cond:
                         while contiguous() <= pos and not errors:
                             cond.wait(1.0)
                         avail = contiguous()
-                    if avail <= pos:
-                        break
-                    while pos < avail:
-                        buf = os.pread(fd, min(CHUNK, avail - pos), pos)
-                        h.update(buf)
-                        pos += len(buf)
+                    hash_range(fd, pos, avail)
+                    pos = avail
             if errors:
                 with cond:
                     save()
-                err = errors[0]
-                if isinstance(err, StoreError) or _code(err) not in _PRECONDITION_CODES:
-                    raise err
-                state_path.unlink(missing_ok=True)  # If-Match failed: the object was replaced; start over
-                raise ChecksumError(f"s3://{self.bucket}/{key} changed during the download")
+                raise errors[0]
             os.fsync(fd)
-        except ChecksumError:
-            if not retry:
-                raise
-            os.close(fd)
-            fd = -1
-            part.unlink(missing_ok=True)
-            state_path.unlink(missing_ok=True)
-            return self._download_file(key, dest, entry, retry=False)
         finally:
-            if fd >= 0:
-                os.close(fd)
-        if h.hexdigest() != entry.sha256:
-            part.unlink(missing_ok=True)
-            state_path.unlink(missing_ok=True)
-            if retry:
-                log.warning("s3://%s/%s: sha256 mismatch after download; downloading again", self.bucket, key)
-                return self._download_file(key, dest, entry, retry=False)
-            raise ChecksumError(f"s3://{self.bucket}/{key}: downloaded {size:,} bytes with sha256 {h.hexdigest()[:16]}…, "
-                                f"manifest says {entry.sha256[:16]}…; the stored object is damaged "
-                                "(`nanorun verify --deep`), rebuild or re-push it")
-        os.replace(part, dest)
-        state_path.unlink(missing_ok=True)
+            os.close(fd)
+        return h.hexdigest()
 
     # ---- deleting and gc ----------------------------------------------------------------------
     def _delete_files(self, ref: ArtifactRef) -> None:
@@ -482,6 +498,10 @@ class S3Store(Store):
                                         lambda u=u: self.client.abort_multipart_upload(
                                             Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])))
         return items
+
+
+class _ObjectChanged(Exception):
+    """The object's ETag changed between ranged requests (it was replaced): start over."""
 
 
 def list_tree_loose(root: Path) -> list[str]:

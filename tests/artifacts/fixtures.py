@@ -28,6 +28,13 @@ def store(request, tmp_path, nanorun_home, monkeypatch):
     return open_store(f"s3://{bucket}/pre", index=False)
 
 
+@pytest.fixture
+def s3_store(s3_bucket, nanorun_home, monkeypatch):
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("NANORUN_S3_ENDPOINT_URL", endpoint)
+    return open_store(f"s3://{bucket}/pre", index=False)
+
+
 def make_ref(label: str = "a", seed: int = 0, stage: str = "toy") -> ArtifactRef:
     return ArtifactRef(stage, label, fingerprint(stage, "1", {"seed": seed, "label": label}, {}))
 

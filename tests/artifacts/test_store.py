@@ -14,7 +14,7 @@ from artifacts import (AmbiguousRefError, ArtifactRef, ChecksumError, CorruptMan
                        NotCommittedError, StoreError, UnknownRefError, open_store)
 from artifacts.lease import Lease
 from artifacts.manifest import MANIFEST_NAME
-from tests.artifacts.fixtures import make_ref, put, run_python, store, tamper  # noqa: F401 (fixture)
+from tests.artifacts.fixtures import make_ref, put, run_python, s3_store, store, tamper  # noqa: F401 (fixtures)
 
 FILES = {"a.txt": b"hello\n", "sub/b.bin": os.urandom(70_000), "empty": b""}
 
@@ -269,13 +269,8 @@ def test_sigkill_mid_commit_leaves_nothing_committed(store, tmp_path, point):
 
 
 # ---- S3 downloads: resumable with Range GETs, checksum-verified ---------------------------------
-def _s3_only(store):
-    if not store.url.startswith("s3://"):
-        pytest.skip("S3 download path")
-
-
-def test_interrupted_download_resumes_with_range(store, monkeypatch):
-    _s3_only(store)
+def test_interrupted_download_resumes_with_range(s3_store, monkeypatch):
+    store = s3_store
     import artifacts.s3 as s3mod
 
     monkeypatch.setattr(s3mod, "SEGMENT_MIN", 256 << 10)  # 4 ranged streams for a 1 MiB file
@@ -316,8 +311,8 @@ def test_interrupted_download_resumes_with_range(store, monkeypatch):
     assert not list(path.glob("*.nanorun-part*"))
 
 
-def test_download_detects_corruption(store, monkeypatch):
-    _s3_only(store)
+def test_download_detects_corruption(s3_store, monkeypatch):
+    store = s3_store
     ref = make_ref("rot")
     put(store, ref, {"x.bin": b"a" * 5000})
     shutil.rmtree(store._cache_dir(ref))
@@ -327,8 +322,8 @@ def test_download_detects_corruption(store, monkeypatch):
     assert not store._cache_dir(ref).joinpath("x.bin").exists()
 
 
-def test_materialize_cache_follows_replacement(store):
-    _s3_only(store)
+def test_materialize_cache_follows_replacement(s3_store):
+    store = s3_store
     ref = make_ref("cache")
     put(store, ref, {"x": b"one"})
     first = store.materialize(ref)

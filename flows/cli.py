@@ -1,0 +1,351 @@
+"""The `nanorun` command line.
+
+    nanorun ls [STAGE]                    committed artifacts (from the run index), newest first
+    nanorun show REF [--json]             manifest summary: config, inputs, files, metrics, provenance
+    nanorun verify REF [--deep]           sizes (and sha256 with --deep) of every file; exit 1 if damaged
+    nanorun pull REF --to DIR             verified copy of an artifact into DIR
+    nanorun push REF --to URL             copy an artifact into another store (verified, manifest last)
+    nanorun alias [STAGE@NAME [REF]]      list aliases, show one, or point one at REF (--delete removes)
+    nanorun gc [--dry-run]                delete uncommitted leftovers and artifacts no alias reaches
+    nanorun index [--rebuild]             (re)build the run index from the store's manifests
+    nanorun plan FILE                     dry run of a pipeline file: cached / will run / locked
+Global: --store URL (default $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
+REF = stage/label-fingerprint, a unique fingerprint prefix (>= 4 hex chars), or stage@alias.
+
+Adding a subcommand: append (name, "module[:object]", help) to COMMANDS (or call register()); the
+object (a module or class) provides add_arguments(parser) and run(args) -> int. Only the chosen
+command's module is imported, so keep heavy imports (torch, prefect) inside run(). Errors a user can
+fix (unknown ref, unreachable S3 endpoint, bad config...) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from artifacts.errors import USER_ERRORS
+
+COMMANDS: list[tuple[str, str, str]] = [
+    ("ls", "flows.cli:Ls", "list committed artifacts"),
+    ("show", "flows.cli:Show", "show an artifact's manifest"),
+    ("verify", "flows.cli:Verify", "check an artifact's files against its manifest"),
+    ("pull", "flows.cli:Pull", "copy an artifact into a local directory (verified)"),
+    ("push", "flows.cli:Push", "copy an artifact into another store (verified)"),
+    ("alias", "flows.cli:Alias", "list, show or set named pointers (stage@name)"),
+    ("gc", "flows.cli:Gc", "delete uncommitted leftovers and unreferenced artifacts"),
+    ("index", "flows.cli:Index", "show or rebuild the run index"),
+    ("plan", "flows.cli:Plan", "dry-run plan of a pipeline file (JSON/YAML)"),
+]
+
+
+def register(name: str, target: str, help: str) -> None:
+    """Add a subcommand (target = "module[:object]" with add_arguments(parser) and run(args))."""
+    if any(n == name for n, _, _ in COMMANDS):
+        raise ValueError(f"nanorun subcommand {name!r} is already registered")
+    COMMANDS.append((name, target, help))
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    return getattr(obj, attr) if attr else obj
+
+
+def open_store_from(args):
+    from artifacts import open_store
+
+    return open_store(args.store)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def _table(rows: list[tuple], head: tuple) -> str:
+    rows = [tuple(str(c) for c in r) for r in [head, *rows]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _short_metrics(metrics: dict, n: int = 4) -> str:
+    parts = []
+    for k, v in list(metrics.items())[:n]:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (dict, list)):
+            continue
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+class Ls:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("stage", nargs="?", help="only this stage")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts.index import RunIndex
+
+        store = open_store_from(args)
+        idx = RunIndex()
+        if idx.ensure(store):
+            logging.getLogger("nanorun.index").info("indexed %s", store.url)
+        rows = idx.artifacts(store=store.url, stage=args.stage)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r, default=str))
+            return 0
+        aliases: dict[str, list[str]] = {}
+        for name, ref in store.aliases(args.stage).items():
+            aliases.setdefault(str(ref), []).append("@" + name.partition("@")[2])
+        table = [(r["ref"], _size(r["total_bytes"]), str(r["committed_at"] or "-")[:16],
+                  ",".join(sorted(aliases.get(r["ref"], []))), _short_metrics(r["metrics"])) for r in rows]
+        if table:
+            print(_table(table, ("ARTIFACT", "SIZE", "COMMITTED", "ALIASES", "METRICS")))
+        print(f"{len(rows)} artifact(s) in {store.url}", file=sys.stderr)
+        return 0
+
+
+class Show:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("ref")
+        p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    @staticmethod
+    def run(args) -> int:
+        store = open_store_from(args)
+        ref = store.resolve(args.ref)
+        m = store.require(ref)
+        if args.json:
+            print(m.to_json(), end="")
+            return 0
+        aliases = [k.partition("@")[2] for k, r in store.aliases(ref.stage).items() if r == ref]
+        prov = dict(m.provenance)
+        print(f"artifact   {ref}")
+        print(f"store      {store.url}")
+        print(f"stage      {m.stage} (code_version {m.code_version})")
+        print(f"committed  {prov.pop('committed_at', '-')}")
+        print(f"aliases    {', '.join(sorted(aliases)) or '-'}")
+        for title, d in (("identity config", m.identity), ("runtime config", m.runtime)):
+            print(f"{title}:" + ("" if d else " none"))
+            for k, v in d.items():
+                print(f"  {k} = {json.dumps(v)}")
+        print("inputs:" + ("" if m.inputs else " none"))
+        for k, r in sorted(m.inputs.items()):
+            print(f"  {k} <- {r}")
+        print(f"files ({len(m.files)}, {m.total_bytes:,} bytes):")
+        for f in m.files:
+            print(f"  {f.path}  {f.size:,}  sha256:{f.sha256[:12]}")
+        print("metrics:" + ("" if m.metrics else " none"))
+        for k, v in m.metrics.items():
+            print(f"  {k} = {json.dumps(v)}")
+        print("provenance:")
+        for k, v in prov.items():
+            print(f"  {k} = {v if isinstance(v, str) else json.dumps(v)}")
+        return 0
+
+
+class Verify:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("ref")
+        p.add_argument("--deep", action="store_true", help="also check every file's sha256 (reads all data)")
+
+    @staticmethod
+    def run(args) -> int:
+        store = open_store_from(args)
+        result = store.verify(store.resolve(args.ref), deep=args.deep)
+        print(result)
+        return 0 if result.ok else 1
+
+
+class Pull:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("ref")
+        p.add_argument("--to", required=True, metavar="DIR", help="destination directory")
+
+    @staticmethod
+    def run(args) -> int:
+        store = open_store_from(args)
+        ref = store.resolve(args.ref)
+        dest = store.pull(ref, args.to)
+        m = store.require(ref)
+        print(f"pulled {ref} ({len(m.files)} files, {m.total_bytes:,} bytes, sha256 verified) -> {dest}")
+        return 0
+
+
+class Push:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("ref")
+        p.add_argument("--to", required=True, metavar="URL", help="destination store (path or s3://bucket/prefix)")
+        p.add_argument("--with-inputs", action="store_true", help="also push the artifacts it was built from")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts import open_store
+
+        store = open_store_from(args)
+        other = open_store(args.to)
+        ref = store.resolve(args.ref)
+        m = store.push(ref, other, with_inputs=args.with_inputs)
+        print(f"pushed {ref} ({len(m.files)} files, {m.total_bytes:,} bytes) -> {other.url}")
+        return 0
+
+
+class Alias:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("name", nargs="?", metavar="STAGE@NAME")
+        p.add_argument("ref", nargs="?", metavar="REF", help="point the alias at this artifact")
+        p.add_argument("--delete", action="store_true", help="remove the alias")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts.errors import StoreError
+
+        store = open_store_from(args)
+        if not args.name:
+            rows = sorted(store.aliases().items())
+            if rows:
+                print(_table([(k, str(r)) for k, r in rows], ("ALIAS", "ARTIFACT")))
+            return 0
+        stage, at, name = args.name.partition("@")
+        if not at or not stage or not name:
+            raise StoreError(f"expected STAGE@NAME, got {args.name!r} (e.g. pretrain@leaderboard-2026-11-23)")
+        if args.delete:
+            store.delete_alias(stage, name)
+            print(f"deleted alias {args.name}")
+        elif args.ref:
+            ref = store.resolve(args.ref)
+            store.set_alias(stage, name, ref)
+            print(f"{args.name} -> {ref}")
+        else:
+            print(store.resolve(args.name))
+        return 0
+
+
+class Gc:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+        p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                       help="leave uncommitted things touched more recently than this alone (default 3600)")
+
+    @staticmethod
+    def run(args) -> int:
+        store = open_store_from(args)
+        print(store.gc(dry_run=args.dry_run, grace_s=args.grace).format())
+        return 0
+
+
+class Index:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--rebuild", action="store_true", help="re-read every manifest of the store")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts.index import RunIndex
+
+        store = open_store_from(args)
+        idx = RunIndex()
+        if args.rebuild:
+            n = idx.rebuild(store)
+            print(f"rebuilt the run index for {store.url}: {n} artifact(s) -> {idx.path}")
+        else:
+            idx.ensure(store)
+            n = len(idx.artifacts(store=store.url))
+            print(f"run index {idx.path}: {n} artifact(s) from {store.url}")
+        return 0
+
+
+class Plan:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("file", help="pipeline file (JSON or YAML): {steps: [{name, stage, config, inputs}]}")
+
+    @staticmethod
+    def run(args) -> int:
+        from stages.execute import format_plan, load_steps, plan
+
+        store = open_store_from(args)
+        print(format_plan(plan(load_steps(args.file, store), store)))
+        return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+def _selected(argv: list[str]) -> str | None:
+    """The subcommand named in argv, found without importing any command module."""
+    names = {n for n, _, _ in COMMANDS}
+    skip = False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == "--store":
+            skip = True
+        elif not tok.startswith("-"):
+            return tok if tok in names else None
+    return None
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanorun", description="nanorun: the nanochat speedrun as cached, "
+                                     "versioned pipeline stages", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default=os.environ.get("NANORUN_STORE"), metavar="URL",
+                        help="artifact store: a directory or s3://bucket/prefix (env NANORUN_STORE; "
+                             "default: the local root $NANORUN_HOME)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _selected(argv)
+    for name, target, help in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help)
+        if name == chosen:
+            obj = _load(target)
+            obj.add_arguments(p)
+            p.set_defaults(_run=obj.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("nanorun").setLevel(level)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from stages.base import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except (*USER_ERRORS, ConfigError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the exception text holds
+        print(f"nanorun {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nanorun: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `nanorun ls | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

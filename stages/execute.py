@@ -1,0 +1,323 @@
+"""Run a stage as a cached, leased, committed artifact: lookup -> lease -> run in staging -> commit.
+
+    from stages.execute import execute, plan, format_plan, run_pipeline, Step
+    m = execute("tokenizer", cfg, {"data": shards_ref}, store)       # Manifest (cache hit or built)
+    steps = [Step("shards", "data_shards", shards_cfg),
+             Step("tok", "tokenizer", tok_cfg, {"data": "shards"})]   # a str input names an earlier step
+    print(format_plan(plan(steps, store)))                              # cached / will run / locked
+    results = run_pipeline(steps, store)                                # {step name: Manifest}
+
+No Prefect here (flows/ wraps the same calls): the store is the only source of truth. A cache hit
+is a committed manifest whose files pass the size check; anything else is (re)built. The work dir
+is the same on every attempt, so a stage that failed half-way resumes from what it left there.
+Plan files for `nanorun plan FILE` (JSON or YAML):
+    steps:
+      - {name: shards, stage: data_shards, config: {num_shards: 2}}
+      - {name: tok, stage: tokenizer, config: {vocab_size: 4096}, inputs: {data: shards}}
+An input is an earlier step's name or any ref the store resolves (`stage@alias`, a fingerprint
+prefix). `stage` is a registered stage name or a dotted module path.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from artifacts.errors import StoreError
+from artifacts.lease import DEFAULT_TTL, Lease, live_holder
+from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
+from artifacts.provenance import collect as collect_provenance
+from stages import STAGE_MODULES, get_stage
+from stages.base import ConfigError, Input
+
+log = logging.getLogger("nanorun.execute")
+
+POLL_SECONDS = 2.0  # how often a waiter re-checks another builder's lease / commit
+EventFn = Callable[[str, dict], None]  # on_event(kind, info): cached | waiting | running | committed | failed
+
+
+class PlanError(StoreError):
+    """A pipeline description is inconsistent (unknown step, bad input, duplicate name)."""
+
+
+def load_stage(stage: str | ModuleType) -> ModuleType:
+    """A stage module from a module, a registered name (stages/__init__.py) or a dotted module path."""
+    if isinstance(stage, ModuleType):
+        mod = stage
+    elif stage in STAGE_MODULES:
+        mod = get_stage(stage)
+    elif "." in stage:
+        try:
+            mod = importlib.import_module(stage)
+        except ImportError as e:
+            raise PlanError(f"cannot import stage module {stage!r}: {e}") from None
+    else:
+        raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} (or a dotted module path)")
+    missing = [a for a in ("NAME", "code_version", "INPUTS", "Config", "run") if not hasattr(mod, a)]
+    if missing:
+        raise PlanError(f"{mod.__name__} is not a stage module: it lacks {', '.join(missing)} (see stages/base.py)")
+    return mod
+
+
+def artifact_ref(stage: str | ModuleType, cfg, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+    """Where the artifact for (stage, cfg, inputs) lives; computed without touching any store."""
+    mod = load_stage(stage)
+    _check_call(mod, cfg, inputs)
+    fp = fingerprint(mod.NAME, mod.code_version, cfg.identity_dict(),
+                     {name: ref.fingerprint for name, ref in sorted(inputs.items())})
+    return ArtifactRef(mod.NAME, cfg.label(), fp)
+
+
+def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
+    if not isinstance(cfg, mod.Config):
+        raise ConfigError(f"{mod.NAME}: config must be a {mod.__name__}.Config, got {type(cfg).__name__}")
+    expected, given = set(mod.INPUTS), set(inputs)
+    if expected != given:
+        parts = []
+        if expected - given:
+            parts.append(f"missing {sorted(expected - given)}")
+        if given - expected:
+            parts.append(f"unexpected {sorted(given - expected)}")
+        raise ConfigError(f"{mod.NAME}: inputs {', '.join(parts)}; the stage takes {sorted(expected) or 'none'}")
+    for name, ref in inputs.items():
+        if not isinstance(ref, ArtifactRef):
+            raise ConfigError(f"{mod.NAME}: input {name!r} must be an ArtifactRef, got {type(ref).__name__}")
+
+
+def _cached(store, ref: ArtifactRef) -> Manifest | None:
+    """The committed manifest at ref if its files pass the size check, else None (with a warning
+    when something is there but damaged: it will be rebuilt and replaced)."""
+    try:
+        v = store.verify(ref)
+    except CorruptManifestError as e:
+        log.warning("%s: %s; rebuilding", ref, e)
+        return None
+    if v.ok:
+        return v.manifest
+    if v.manifest is not None:
+        log.warning("%s: committed but damaged (%s); rebuilding", ref, "; ".join(v.problems))
+    elif any("corrupt" in p for p in v.problems):
+        log.warning("%s: %s; rebuilding", ref, v.problems[0])
+    return None
+
+
+def status(stage, cfg, inputs: dict[str, ArtifactRef], store) -> tuple[str, ArtifactRef]:
+    """("cached" | "run" | "locked", ref) without running anything."""
+    ref = artifact_ref(stage, cfg, inputs)
+    return _status(store, ref)[0], ref
+
+
+def _status(store, ref: ArtifactRef):
+    if _cached(store, ref) is not None:
+        return "cached", None
+    holder = live_holder(store, ref)
+    return ("locked", holder) if holder else ("run", None)
+
+
+def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = False,
+            on_event: EventFn | None = None, lease_ttl: float | None = None) -> Manifest:
+    """Return the committed artifact for (stage, cfg, inputs), building it if needed.
+
+    force=True rebuilds from an empty work dir and replaces the committed artifact. If another
+    process is building the same artifact, waits for it and returns its result (or builds it if
+    that builder fails)."""
+    mod = load_stage(stage)
+    ref = artifact_ref(mod, cfg, inputs)
+
+    def emit(kind: str, **info):
+        if on_event is not None:
+            on_event(kind, {"ref": ref, **info})
+
+    if not force and (m := _cached(store, ref)) is not None:
+        log.info("cache hit %s (%s, %d files)", ref, _size(m.total_bytes), len(m.files))
+        emit("cached", manifest=m)
+        return m
+    lease = Lease(store, ref, ttl=lease_ttl, inputs=list(inputs.values()))
+    waited_since = None
+    while not lease.try_acquire():
+        if waited_since is None:
+            waited_since = time.time()
+            log.info("waiting for %s: being built by %s", ref, lease.holder.describe())
+            emit("waiting", owner=lease.holder.describe())
+        time.sleep(min(POLL_SECONDS, (lease_ttl or DEFAULT_TTL) / 4))
+        if not force and (m := _cached(store, ref)) is not None:
+            log.info("cache hit %s after waiting %.0fs (built by the other run)", ref, time.time() - waited_since)
+            emit("cached", manifest=m, waited_s=time.time() - waited_since)
+            return m
+    with lease:
+        if not force and (m := _cached(store, ref)) is not None:  # committed while we took the lease
+            emit("cached", manifest=m)
+            return m
+        work = store.work_dir(ref, clear=force)
+        leftovers = any(work.iterdir())
+        upstream = {name: Input(r, store.materialize(r), store.require(r)) for name, r in sorted(inputs.items())}
+        log.info("running %s in %s%s", ref, work, " (resuming: the work dir holds a previous attempt)" if leftovers else "")
+        emit("running", work_dir=work, resumed=leftovers)
+        start = time.time()
+        try:
+            metrics = mod.run(cfg, upstream, work)
+            metrics = {} if metrics is None else metrics
+            if not isinstance(metrics, dict):
+                raise TypeError(f"{mod.NAME}.run() must return a dict of metrics, got {type(metrics).__name__}")
+            try:
+                json.dumps(metrics, default=None)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{mod.NAME}.run() returned metrics that are not JSON-serialisable: {e}") from None
+            end = time.time()
+            manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
+                                code_version=mod.code_version, identity=cfg.identity_dict(),
+                                runtime=cfg.runtime_dict(), inputs=dict(inputs), files=[], metrics=metrics,
+                                provenance=collect_provenance(start, end, {"resumed": leftovers}))
+            lease.check()
+            m = store.commit(ref, work, manifest)
+        except BaseException as e:
+            log.error("failed %s after %.1fs: %s: %s (work dir kept for the rerun: %s)", ref,
+                      time.time() - start, type(e).__name__, e, work)
+            emit("failed", error=e, seconds=time.time() - start, work_dir=work)
+            raise
+    secs = time.time() - start
+    log.info("committed %s: %d files, %s in %.1fs -> %s", ref, len(m.files), _size(m.total_bytes), secs, store.url)
+    emit("committed", manifest=m, seconds=secs)
+    return m
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ---- pipelines: steps as data, a dry-run plan, sequential execution ------------------------------
+@dataclass
+class Step:
+    name: str
+    stage: str | ModuleType
+    cfg: Any
+    inputs: dict[str, str | ArtifactRef] = field(default_factory=dict)
+
+
+@dataclass
+class PlanRow:
+    step: str
+    stage: str
+    ref: ArtifactRef
+    status: str  # cached | run | locked
+    owner: str | None = None  # who holds the lease, when locked
+
+    @property
+    def action(self) -> str:
+        return {"cached": "cached", "run": "will run", "locked": f"locked by {self.owner}"}[self.status]
+
+
+def _resolve_inputs(step: Step, refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    out = {}
+    for k, v in step.inputs.items():
+        if isinstance(v, ArtifactRef):
+            out[k] = v
+        elif v in refs:
+            out[k] = refs[v]
+        else:
+            raise PlanError(f"step {step.name!r}: input {k!r} names {v!r}, which is not an earlier step "
+                            f"(earlier: {', '.join(refs) or 'none'})")
+    return out
+
+
+def _walk(steps: list[Step]):
+    """Yield (step, module, input refs, ref) in order, checking names and wiring."""
+    refs: dict[str, ArtifactRef] = {}
+    for step in steps:
+        if step.name in refs:
+            raise PlanError(f"duplicate step name {step.name!r}")
+        mod = load_stage(step.stage)
+        inputs = _resolve_inputs(step, refs)
+        ref = artifact_ref(mod, step.cfg, inputs)
+        refs[step.name] = ref
+        yield step, mod, inputs, ref
+
+
+def plan(steps: list[Step], store) -> list[PlanRow]:
+    """Fingerprint every step (no stage runs) and say whether it is cached, will run, or is being
+    built by someone else. Fingerprints depend only on configs and upstream fingerprints, so steps
+    below a step that will run are still named exactly."""
+    rows = []
+    for step, mod, _, ref in _walk(steps):
+        state, holder = _status(store, ref)
+        rows.append(PlanRow(step.name, mod.NAME, ref, state, holder.describe() if holder else None))
+    return rows
+
+
+def format_plan(rows: list[PlanRow]) -> str:
+    head = ("STEP", "STAGE", "ARTIFACT", "STATUS")
+    table = [head] + [(r.step, r.stage, str(r.ref), r.action) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in table]
+    n_run = sum(r.status == "run" for r in rows)
+    lines.append(f"{len(rows)} steps: {sum(r.status == 'cached' for r in rows)} cached, {n_run} to run, "
+                 f"{sum(r.status == 'locked' for r in rows)} locked")
+    return "\n".join(lines)
+
+
+def run_pipeline(steps: list[Step], store, *, force: tuple[str, ...] | list[str] = (),
+                 on_event: EventFn | None = None) -> dict[str, Manifest]:
+    """Execute the steps in order (each a cache hit or a build). force names steps to rebuild."""
+    unknown = set(force) - {s.name for s in steps}
+    if unknown:
+        raise PlanError(f"force names unknown step(s) {sorted(unknown)}")
+    list(_walk(steps))  # validate the whole pipeline before running any of it
+    results: dict[str, Manifest] = {}
+    for step in steps:
+        inputs = {k: (v if isinstance(v, ArtifactRef) else results[v].ref) for k, v in step.inputs.items()}
+        results[step.name] = execute(step.stage, step.cfg, inputs, store, force=step.name in force, on_event=on_event)
+    return results
+
+
+def steps_from_dict(data: Any, store=None) -> list[Step]:
+    """Steps from a parsed plan file ({"steps": [...]} or a list); non-step inputs resolved by store."""
+    items = data.get("steps") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise PlanError("a plan file holds a non-empty list of steps, or {steps: [...]}")
+    steps: list[Step] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "name" not in item or "stage" not in item:
+            raise PlanError(f"step #{i + 1}: expected a mapping with name, stage, config, inputs; got {item!r}")
+        unknown = set(item) - {"name", "stage", "config", "inputs"}
+        if unknown:
+            raise PlanError(f"step {item['name']!r}: unknown key(s) {sorted(unknown)} (name, stage, config, inputs)")
+        mod = load_stage(item["stage"])
+        cfg = mod.Config.from_dict(item.get("config") or {})
+        earlier = {s.name for s in steps}
+        inputs: dict[str, str | ArtifactRef] = {}
+        for k, v in (item.get("inputs") or {}).items():
+            if v in earlier:
+                inputs[k] = v
+            elif store is None:
+                raise PlanError(f"step {item['name']!r}: input {k!r} = {v!r} is not an earlier step")
+            else:
+                inputs[k] = store.resolve(str(v))
+        steps.append(Step(item["name"], mod, cfg, inputs))
+    return steps
+
+
+def load_steps(path: Path | str, store=None) -> list[Step]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PlanError(f"cannot read plan file {path}: {e.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise PlanError(f"plan file {path} does not parse: {e}") from None
+    return steps_from_dict(data, store)
