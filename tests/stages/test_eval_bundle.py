@@ -1,0 +1,212 @@
+"""eval_bundle stage: the real bundle from a local directory, from a local zip, and zipped and served
+over HTTP on loopback (fresh, resumed, with a bad checksum); identity follows content, not paths."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from stages import eval_bundle as stage
+from stages.base import ConfigError
+
+MISSING = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(shared_data) -> Path:
+    return shared_data / "eval_bundle"
+
+
+@pytest.fixture(scope="module")
+def bundle_zip(bundle_dir, tmp_path_factory) -> Path:
+    """The shared bundle zipped like the reference download: everything under eval_bundle/."""
+    path = tmp_path_factory.mktemp("zip") / "eval_bundle.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for rel in stage.bundle_files(bundle_dir):
+            zf.write(bundle_dir / rel, f"eval_bundle/{rel}")
+    return path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET/HEAD with single-range support ("bytes=N-"), the way S3 and CDNs answer resumed downloads."""
+
+    def _serve(self, body: bool):
+        data = self.server.files.get(self.path)
+        rng = self.headers.get("Range")
+        self.server.requests.append((self.command, self.path, rng))
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and rng.startswith("bytes=") and rng[6:].split("-")[0]:
+            start = int(rng[6:].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if body:
+            self.wfile.write(data[start:])
+
+    def do_GET(self):
+        self._serve(True)
+
+    def do_HEAD(self):
+        self._serve(False)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(bundle_zip):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.files = {"/eval_bundle.zip": bundle_zip.read_bytes()}
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _check_output(out: Path, metrics: dict, bundle_dir: Path):
+    assert stage.bundle_files(out) == stage.bundle_files(bundle_dir)
+    assert metrics["missing"] == MISSING and metrics["n_present"] == 18 and metrics["n_tasks"] == 22
+    assert "arc_easy" in metrics["present"] and "hellaswag" not in metrics["present"]
+    assert metrics["content_digest"] == stage.content_digest(bundle_dir)
+    assert not (out / ".download").exists() and not (out / ".extract").exists()
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_local_identity_is_the_content_not_the_path(bundle_dir, tmp_path):
+    cfg = stage.Config(local_path=str(bundle_dir))
+    assert cfg.url == "" and cfg.content_digest.startswith("dir:") and cfg.label() == "local"
+    assert "local_path" not in cfg.identity_dict() and "local_path" in cfg.runtime_dict()
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    (copy / ".DS_Store").write_bytes(b"junk")                       # hidden files are not content
+    same = stage.Config(local_path=str(copy))
+    assert same.identity_dict() == cfg.identity_dict()
+    with open(copy / "eval_data/commonsense_reasoning/copa.jsonl", "a") as f:
+        f.write("\n")
+    with pytest.raises(ConfigError, match="the files changed"):
+        stage.Config.from_dict({"local_path": str(copy), "content_digest": cfg.content_digest})
+    assert stage.Config(local_path=str(copy)).content_digest != cfg.content_digest
+
+
+def test_config_errors_say_what_to_do(tmp_path, bundle_dir):
+    with pytest.raises(ConfigError, match="does not exist"):
+        stage.Config(local_path=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no core.yaml"):
+        stage.Config(local_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="set local_path instead"):
+        stage.Config(url=str(bundle_dir))
+    with pytest.raises(ConfigError, match="64 lowercase hex"):
+        stage.Config(sha256="abc")
+    with pytest.raises(ConfigError, match="sha256 applies to a zip"):
+        stage.Config(local_path=str(bundle_dir), sha256="0" * 64)
+    default = stage.Config()
+    assert default.url == stage.DEFAULT_URL and default.label() == "download" and default.content_digest == ""
+
+
+# ---------------------------------------------------------------------------------------------- local
+
+
+def test_run_from_a_local_directory(bundle_dir, tmp_path):
+    cfg = stage.Config(local_path=str(bundle_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("left by a failed attempt")
+    metrics = stage.run(cfg, {}, out)
+    _check_output(out, metrics, bundle_dir)
+    assert metrics["content_digest"] == cfg.content_digest
+
+
+def test_run_from_a_local_zip(bundle_dir, bundle_zip, tmp_path):
+    sha = hashlib.sha256(bundle_zip.read_bytes()).hexdigest()
+    cfg = stage.Config(local_path=str(bundle_zip), sha256=sha)
+    assert cfg.content_digest == "zip:" + sha
+    _check_output(tmp_path, stage.run(cfg, {}, tmp_path), bundle_dir)
+    with pytest.raises(ConfigError, match="expected"):
+        stage.Config(local_path=str(bundle_zip), sha256="f" * 64)
+
+
+def test_unsafe_zip_is_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+        zf.writestr("../escaped.txt", "gotcha")
+    with pytest.raises(RuntimeError, match="unsafe member"):
+        stage.run(stage.Config(local_path=str(evil)), {}, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_changed_after_config_is_refused(bundle_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    cfg = stage.Config(local_path=str(copy))
+    (copy / "core.yaml").write_text((copy / "core.yaml").read_text() + "\n")
+    with pytest.raises(RuntimeError, match="changed since the config was built"):
+        stage.run(cfg, {}, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------- download
+
+
+def test_download_over_http(bundle_dir, bundle_zip, http_server, tmp_path):
+    server, base = http_server
+    sha = hashlib.sha256(bundle_zip.read_bytes()).hexdigest()
+    cfg = stage.Config(url=f"{base}/eval_bundle.zip", sha256=sha)
+    _check_output(tmp_path, stage.run(cfg, {}, tmp_path), bundle_dir)
+
+
+def test_download_resumes_a_partial_file(bundle_dir, bundle_zip, http_server, tmp_path):
+    server, base = http_server
+    data = bundle_zip.read_bytes()
+    part = tmp_path / ".download" / "eval_bundle.zip.partial"
+    part.parent.mkdir()
+    part.write_bytes(data[: len(data) // 2])          # what an interrupted attempt leaves behind
+    cfg = stage.Config(url=f"{base}/eval_bundle.zip", sha256=hashlib.sha256(data).hexdigest())
+    _check_output(tmp_path, stage.run(cfg, {}, tmp_path), bundle_dir)
+    ranges = [r for method, _, r in server.requests if method == "GET"]
+    assert ranges == [f"bytes={len(data) // 2}-"]
+
+
+def test_bad_checksum_and_missing_url_fail_loudly(http_server, tmp_path):
+    from stages.fetch import FetchError
+    server, base = http_server
+    with pytest.raises(FetchError, match="eval_bundle.zip"):
+        stage.run(stage.Config(url=f"{base}/eval_bundle.zip", sha256="0" * 64, retries=1), {}, tmp_path / "a")
+    assert not (tmp_path / "a" / "core.yaml").exists()
+    with pytest.raises(FetchError, match="404"):
+        stage.run(stage.Config(url=f"{base}/nope.zip", retries=1), {}, tmp_path / "b")
+
+
+def test_committed_through_the_store_and_copies_hit_the_cache(bundle_dir, tmp_path):
+    from artifacts import open_store
+    from core.eval.core import load_bundle
+    from stages.execute import execute
+
+    store = open_store(str(tmp_path / "store"), index=False)
+    m = execute("eval_bundle", stage.Config(local_path=str(bundle_dir)), {}, store)
+    assert m.ref.label == "local" and m.metrics["missing"] == MISSING
+    assert sorted(f.path for f in m.files) == stage.bundle_files(bundle_dir)
+    assert [t.label for t in load_bundle(store.materialize(m.ref)).present] == m.metrics["present"]
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(bundle_dir, copy)
+    events = []
+    again = execute("eval_bundle", stage.Config(local_path=str(copy)), {}, store,
+                    on_event=lambda kind, info: events.append(kind))
+    assert again.ref == m.ref and events == ["cached"]
