@@ -5,6 +5,7 @@ A stage is a module with:
     NAME = "tokenizer"                 # also the top-level folder in the store
     code_version = "1"                 # bump by hand whenever outputs for the same config change
     INPUTS = ("data",)                 # names of the upstream artifacts run() needs
+    OPTIONAL_INPUTS = ("eval_bundle",) # (optional) inputs run() uses when given; absent = not hashed
     @dataclass(frozen=True)
     class Config(StageConfig):
         vocab_size: int = identity(32768, help="...")      # hashed into the fingerprint
@@ -119,7 +120,7 @@ class StageModule(Protocol):
     NAME: str
     code_version: str
     INPUTS: tuple[str, ...]
-    Config: type
+    Config: type  # OPTIONAL_INPUTS: tuple[str, ...] may also be defined
 
     def run(self, cfg: Any, inputs: dict[str, Input], out: Path) -> dict: ...
 

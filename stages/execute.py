@@ -76,14 +76,17 @@ def artifact_ref(stage: str | ModuleType, cfg, inputs: dict[str, ArtifactRef]) -
 def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
     if not isinstance(cfg, mod.Config):
         raise ConfigError(f"{mod.NAME}: config must be a {mod.__name__}.Config, got {type(cfg).__name__}")
-    expected, given = set(mod.INPUTS), set(inputs)
-    if expected != given:
+    required, given = set(mod.INPUTS), set(inputs)
+    optional = set(getattr(mod, "OPTIONAL_INPUTS", ()))
+    if not required <= given <= required | optional:
         parts = []
-        if expected - given:
-            parts.append(f"missing {sorted(expected - given)}")
-        if given - expected:
-            parts.append(f"unexpected {sorted(given - expected)}")
-        raise ConfigError(f"{mod.NAME}: inputs {', '.join(parts)}; the stage takes {sorted(expected) or 'none'}")
+        if required - given:
+            parts.append(f"missing {sorted(required - given)}")
+        if given - required - optional:
+            parts.append(f"unexpected {sorted(given - required - optional)}")
+        takes = sorted(required) or "none"
+        raise ConfigError(f"{mod.NAME}: inputs {', '.join(parts)}; the stage takes {takes}"
+                          + (f" (optional: {sorted(optional)})" if optional else ""))
     for name, ref in inputs.items():
         if not isinstance(ref, ArtifactRef):
             raise ConfigError(f"{mod.NAME}: input {name!r} must be an ArtifactRef, got {type(ref).__name__}")

@@ -184,3 +184,29 @@ def test_killed_builder_is_taken_over_and_resumed(store, tmp_path):
     m = execute(toy_stage, cfg, {}, store)
     assert time.time() - t < 5 and m.metrics["resumed"] == 1 and calls(tmp_path) == 2
     assert store.verify(m.ref, deep=True).ok
+
+
+def test_optional_inputs_are_accepted_and_hashed_only_when_given():
+    import types
+    from dataclasses import dataclass
+
+    from artifacts.manifest import ArtifactRef
+    from stages.base import StageConfig, identity
+    from stages.execute import artifact_ref
+
+    @dataclass(frozen=True)
+    class _OptCfg(StageConfig):
+        n: int = identity(1)
+
+    mod = types.ModuleType("opt_stage")
+    mod.NAME, mod.code_version, mod.INPUTS, mod.OPTIONAL_INPUTS = "opt_stage", "1", ("a",), ("b",)
+    mod.Config, mod.run = _OptCfg, lambda cfg, inputs, out: {"inputs": sorted(inputs)}
+    a = ArtifactRef("x", "a", "0" * 16)
+    b = ArtifactRef("y", "b", "1" * 16)
+    without = artifact_ref(mod, _OptCfg(), {"a": a})
+    with_b = artifact_ref(mod, _OptCfg(), {"a": a, "b": b})
+    assert without != with_b
+    with pytest.raises(ConfigError, match=r"missing \['a'\].*optional: \['b'\]"):
+        artifact_ref(mod, _OptCfg(), {"b": b})
+    with pytest.raises(ConfigError, match=r"unexpected \['c'\]"):
+        artifact_ref(mod, _OptCfg(), {"a": a, "c": b})
