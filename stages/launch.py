@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -125,35 +126,51 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                             start_new_session=True)  # own process group: we can signal all of it
 
-    def pump():
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump():  # reader thread: only reads; everything else happens on the caller's thread, so
+        # that loggers and progress reporters bound to the caller (a Prefect task run) see the lines
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             # tqdm-style carriage-return updates: keep only the final state of the line
-            line = line.rsplit("\r", 1)[-1]
-            state["last_output"] = time.monotonic()
-            state["lines"] += 1
-            tail.append(line)
-            if logf:
-                logf.write(line + "\n")
-                logf.flush()
-            log.info("[%s] %s", name, line)
-            if on_line:
-                try:
-                    on_line(line)
-                except Exception:
-                    log.debug("on_line callback failed", exc_info=True)
+            lines.put(raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1])
+        lines.put(None)
+
+    def handle(line: str) -> None:
+        state["last_output"] = time.monotonic()
+        state["lines"] += 1
+        tail.append(line)
+        if logf:
+            logf.write(line + "\n")
+            logf.flush()
+        log.info("[%s] %s", name, line)
+        if on_line:
+            try:
+                on_line(line)
+            except Exception:
+                log.debug("on_line callback failed", exc_info=True)
 
     reader = threading.Thread(target=pump, name=f"launch-{name}", daemon=True)
     reader.start()
     timed_out = False
+    eof = False
     try:
         while True:
             try:
-                proc.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
+                line = lines.get(timeout=0.5)
+                if line is None:
+                    eof = True
+                else:
+                    handle(line)
+                    continue
+            except queue.Empty:
                 pass
+            if proc.poll() is not None:
+                # a grandchild that inherited our stdout can keep the pipe open after the leader
+                # exits: stop reading a few seconds after the exit instead of waiting for EOF
+                exited_at = state.setdefault("exited_at", time.monotonic())
+                if eof or time.monotonic() - exited_at > 3.0:
+                    break
             now = time.monotonic()
             if timeout is not None and now - t0 > timeout:
                 timed_out = True
@@ -170,6 +187,13 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
         raise
     finally:
         reader.join(timeout=10)
+        while True:  # whatever arrived after the loop stopped (a timeout's last words)
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                handle(line)
         if logf:
             logf.close()
 

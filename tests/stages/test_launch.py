@@ -129,3 +129,14 @@ def test_torchrun_two_gloo_workers_really_run(tmp_path):
            "--nproc_per_node=2", str(script)]
     launch(cmd, env=worker_env(2), name="gloo", on_line=lines.append, timeout=120)
     assert sorted(l for l in lines if l.startswith("rank")) == ["rank 0 sum 3", "rank 1 sum 3"]
+
+
+def test_returns_when_a_grandchild_keeps_stdout_open():
+    code = """
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # inherits stdout
+        print("leader done", flush=True)
+    """
+    t0 = time.monotonic()
+    res = launch(_py(code), name="leaky")
+    assert res.returncode == 0 and time.monotonic() - t0 < 15
