@@ -6,12 +6,14 @@
     ids = tok.encode(["doc one", "doc two"], prepend="<|bos|>")
     ids, mask = tok.render_conversation({"messages": [...]})
 
-Token id layout (the reference's, so ids are comparable with nanochat's rustbpe/tiktoken
-tokenizer): ids 0..255 are the raw bytes (id == byte value), then the merged tokens in the order
-they were learned, then the 9 special tokens, so vocab_size == 256 + merges + 9 exactly. The HF
-trainer numbers tokens differently (its alphabet sorted by character, specials first); train()
-renumbers after training — BPE applies merges by their rank in the merge list, not by id, so the
-renumbering does not change any tokenization.
+Training uses rustbpe, the reference's own BPE trainer (Rust, parallel; ~3x less CPU per
+character than the HF trainer here), so the merges are the reference's for the same text; the
+result is stored as a plain HF `tokenizers` BPE (tokenizer.json) used for all encoding. Token id
+layout (the reference's): ids 0..255 are the raw bytes (id == byte value), then the merged tokens
+in the order they were learned, then the 9 special tokens, so vocab_size == 256 + merges + 9
+exactly. rustbpe reports each token's bytes but not the pair it was merged from; the pair is
+recovered by running BPE on the token's bytes with the earlier merges (it always splits into
+exactly the two parts it was built from; a tokenizer test checks HF and rustbpe encode alike).
 
 Special tokens are never parsed out of text: a document containing the characters "<|bos|>" is
 encoded as those characters (tiktoken's encode_ordinary behaviour); specials enter only through
@@ -20,8 +22,6 @@ prepend/append/encode_special and render_conversation.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,7 +30,6 @@ import numpy as np
 from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document (and every packed row)
@@ -79,10 +78,8 @@ def _configure(hf: HFTokenizer) -> HFTokenizer:
     return hf
 
 
-def _capped_batches(texts: Iterable[str], doc_cap: int | None, max_chars: int | None, stats: dict,
-                    batch: int = 256) -> Iterator[list[str]]:
+def _capped(texts: Iterable[str], doc_cap: int | None, max_chars: int | None, stats: dict) -> Iterator[str]:
     """Crop each document to doc_cap chars; stop once more than max_chars were yielded (reference)."""
-    buf: list[str] = []
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.train expects an iterable of str, got an item of type {type(text).__name__}")
@@ -90,14 +87,64 @@ def _capped_batches(texts: Iterable[str], doc_cap: int | None, max_chars: int | 
             text = text[:doc_cap]
         stats["docs"] += 1
         stats["chars"] += len(text)
-        buf.append(text)
-        if len(buf) == batch:
-            yield buf
-            buf = []
+        yield text
         if max_chars is not None and stats["chars"] > max_chars:
+            return
+
+
+_NO_MERGE = 1 << 62
+
+
+def _bpe(data: bytes, merges: dict[int, int]) -> list[int]:
+    """Token ids of `data` under `merges` ((left << 20 | right) -> (rank << 20 | result id)): the
+    lowest-ranked adjacent pair is merged first (leftmost among equals), as in training."""
+    parts = list(data)  # single bytes: id == byte value
+    get = merges.get
+    ranks = [get(parts[i] << 20 | parts[i + 1], _NO_MERGE) for i in range(len(parts) - 1)]
+    while ranks:
+        best = min(ranks)
+        if best == _NO_MERGE:
             break
-    if buf:
-        yield buf
+        i = ranks.index(best)
+        parts[i] = best & 0xFFFFF
+        del parts[i + 1], ranks[i]
+        if i > 0:
+            ranks[i - 1] = get(parts[i - 1] << 20 | parts[i], _NO_MERGE)
+        if i < len(ranks):
+            ranks[i] = get(parts[i] << 20 | parts[i + 1], _NO_MERGE)
+    return parts
+
+
+def _merges_from_ranks(ranks: list[tuple[bytes, int]], n_tokens: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """(token bytes by id, merges as (left id, right id) in rank order) from rustbpe's (bytes, id) list.
+
+    rustbpe may learn a second merge that yields bytes it already has (a+bc after ab+c): HF keeps one
+    id per string, so such a merge is kept as a merge into the existing token, and rustbpe is asked
+    for a few spare merges so that n_tokens distinct tokens remain."""
+    tokens = [bytes([b]) for b in range(256)]
+    id_of = {t: i for i, t in enumerate(tokens)}
+    merges: dict[int, int] = {}  # packed as in _bpe (ids < 2**20)
+    order: list[tuple[int, int]] = []
+    for data, rid in sorted(ranks, key=lambda r: r[1]):
+        if rid < 256:
+            continue
+        if len(tokens) >= n_tokens:
+            break
+        # Fast path: if one split point has two known halves, BPE (which ends in exactly two known
+        # tokens) must end there; otherwise run BPE with the merges so far.
+        splits = [k for k in range(1, len(data)) if data[:k] in id_of and data[k:] in id_of]
+        parts = [id_of[data[:splits[0]]], id_of[data[splits[0]:]]] if len(splits) == 1 else _bpe(data, merges)
+        if len(parts) == 1:
+            continue  # already reachable through earlier merges
+        if len(parts) != 2:
+            raise RuntimeError(f"cannot recover the merge behind token {rid} ({data!r}): BPE with the earlier "
+                               f"merges splits it into {len(parts)} parts; please report this")
+        if data not in id_of:
+            id_of[data] = len(tokens)
+            tokens.append(data)
+        merges[parts[0] << 20 | parts[1]] = len(order) << 20 | id_of[data]
+        order.append((parts[0], parts[1]))
+    return tokens, order
 
 
 class Tokenizer:
@@ -118,6 +165,7 @@ class Tokenizer:
             raise ValueError(f"token_bytes has {len(self._token_bytes)} entries but the vocab has {self.vocab_size}: "
                              "the two files come from different tokenizers; re-run the tokenizer stage")
         self.train_stats: dict = {}
+        self._id_bytes: list[bytes] | None = None
 
     # ---- training, saving, loading ---------------------------------------------------------------
     @classmethod
@@ -128,31 +176,33 @@ class Tokenizer:
         if n_regular < 256:
             raise ValueError(f"vocab_size {vocab_size} is too small: need at least 256 byte tokens + "
                              f"{len(SPECIAL_TOKENS)} specials = {256 + len(SPECIAL_TOKENS)}")
-        hf = _configure(HFTokenizer(BPE(unk_token=None, fuse_unk=False)))
-        trainer = BpeTrainer(vocab_size=n_regular, min_frequency=0, show_progress=False, special_tokens=[],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        try:
+            import rustbpe
+        except ImportError:
+            raise ImportError("Tokenizer.train needs rustbpe (the reference's BPE trainer): pip install rustbpe "
+                              "(it is in the project's dependencies: reinstall with scripts/install.sh)") from None
         stats = {"docs": 0, "chars": 0}
         t0 = time.perf_counter()
-        hf.train_from_iterator(_capped_batches(texts, doc_cap, max_chars, stats), trainer)
-        seconds = time.perf_counter() - t0
-        model = json.loads(hf.to_str())["model"]
-        vocab: dict[str, int] = model["vocab"]
-        if len(vocab) < n_regular:
+        trainer = rustbpe.Tokenizer()
+        spare = 32 + n_regular // 256  # for merges that rebuild an existing token (see _merges_from_ranks)
+        trainer.train_from_iterator(_capped(texts, doc_cap, max_chars, stats), n_regular + spare,
+                                    pattern=SPLIT_PATTERN)
+        tokens, merges = _merges_from_ranks(trainer.get_mergeable_ranks(), n_regular)
+        if len(tokens) < n_regular:
             raise ValueError(
                 f"the training text ({stats['docs']:,} documents, {stats['chars']:,} chars) yields only "
-                f"{len(vocab) - 256} merges but vocab_size {vocab_size} needs {n_regular - 256}: "
+                f"{len(tokens) - 256} merges but vocab_size {vocab_size} needs {n_regular - 256}: "
                 "train on more text (raise max_chars / add shards) or lower vocab_size")
-        # Renumber: byte b -> id b, learned tokens in learning order after them (see module doc).
-        learned = sorted((i, tok) for tok, i in vocab.items() if tok not in _CHAR_TO_BYTE)
-        new_vocab = {_BYTE_TO_CHAR[b]: b for b in range(256)}
-        for k, (_, tok) in enumerate(learned):
-            new_vocab[tok] = 256 + k
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
-        out = _configure(HFTokenizer(BPE(vocab=new_vocab, merges=merges, unk_token=None, fuse_unk=False)))
-        out.add_special_tokens(SPECIAL_TOKENS)
-        tok = cls(out)
+        as_str = ["".join(_BYTE_TO_CHAR[b] for b in t) for t in tokens]
+        bpe = BPE(vocab={s: i for i, s in enumerate(as_str)}, merges=[(as_str[a], as_str[b]) for a, b in merges],
+                  unk_token=None, fuse_unk=False)
+        hf = _configure(HFTokenizer(bpe))
+        hf.add_special_tokens(SPECIAL_TOKENS)
+        tok = cls(hf)
+        seconds = time.perf_counter() - t0
         assert tok.vocab_size == vocab_size and tok.bos_token_id == n_regular, (tok.vocab_size, tok.bos_token_id)
-        tok.train_stats = {**stats, "seconds": seconds, "chars_per_sec": stats["chars"] / max(seconds, 1e-9)}
+        tok.train_stats = {**stats, "seconds": seconds, "chars_per_sec": stats["chars"] / max(seconds, 1e-9),
+                           "merges": len(merges)}
         return tok
 
     def save(self, directory) -> None:
@@ -213,6 +263,14 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The raw bytes of the tokens (a token may end inside a UTF-8 character; specials by name)."""
+        if self._id_bytes is None:
+            names = {i: n.encode() for n, i in self._special.items()}
+            self._id_bytes = [names.get(i) or bytes(_CHAR_TO_BYTE[c] for c in self.hf.id_to_token(i))
+                              for i in range(self.vocab_size)]
+        return b"".join(self._id_bytes[i] for i in ids)
 
     def id_to_token(self, i: int) -> str:
         """The decoded text of one token (specials by name)."""
@@ -310,7 +368,3 @@ def _text(msg: dict) -> str:
     if isinstance(content, list) and all(p.get("type") == "text" for p in content):
         return "".join(p.get("text", "") for p in content)
     raise ValueError(f"{msg.get('role')} content must be a string (only assistant messages carry tool parts)")
-
-
-def default_threads() -> int:
-    return int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count() or 1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import regex
 
-from core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, bytes_to_unicode
+from core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, _merges_from_ranks, bytes_to_unicode
 from tests._tok import corpus_texts, small_tokenizer, val_texts
 
 SAMPLES = [
@@ -104,6 +104,32 @@ def test_train_caps_and_errors(shared_data):
         Tokenizer.train(texts, vocab_size=260)
     with pytest.raises(ValueError, match="train on more text"):
         Tokenizer.train(["ab ab ab"], vocab_size=400)
+
+
+def test_encodes_exactly_like_the_reference_trainer(tok, shared_data):
+    # rustbpe (the reference's trainer + encoder) with the same number of merges must produce the
+    # same tokens as our HF tokenizer built from the recovered merges.
+    import rustbpe
+
+    ref = rustbpe.Tokenizer()
+    ref.train_from_iterator(iter(t[:10_000] for t in corpus_texts(shared_data / "corpus")), 1024 - 9,
+                            pattern=SPLIT_PATTERN)
+    ref_bytes = {i: b for b, i in ref.get_mergeable_ranks()}
+    ours_bytes = {i: tok.decode_bytes([i]) for i in range(tok.vocab_size - 9)}
+    assert sorted(ref_bytes.values()) == sorted(ours_bytes.values())
+    for text in SAMPLES + val_texts(shared_data / "corpus")[:40]:
+        assert [ours_bytes[i] for i in tok.encode(text)] == [ref_bytes[i] for i in ref.encode(text)]
+
+
+def test_merge_recovery_handles_a_token_learned_twice():
+    # rustbpe can learn b"abc" twice (ab+c, later a+bc): one HF token, and spare merges fill the vocab
+    ranks = [(bytes([b]), b) for b in range(256)] + [
+        (b"ab", 256), (b"bc", 257), (b"abc", 258), (b"abc", 259), (b"abcd", 260), (b"xy", 261), (b"zz", 262)]
+    tokens, merges = _merges_from_ranks(ranks, 256 + 5)
+    assert tokens[256:] == [b"ab", b"bc", b"abc", b"abcd", b"xy"]
+    assert merges == [(97, 98), (98, 99), (256, 99), (258, 100), (120, 121)]
+    with pytest.raises(RuntimeError, match="cannot recover the merge"):
+        _merges_from_ranks([(bytes([b]), b) for b in range(256)] + [(b"abc", 256)], 257)
 
 
 def test_same_text_same_tokenizer(shared_data):
