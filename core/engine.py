@@ -48,30 +48,44 @@ def _kv_cache_class():
 # Sampling
 
 
+NUCLEUS_HEAD = 256  # top-p looks at the 256 most likely tokens first (full sort only if needed)
+
+
+def _draw(probs: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    """One categorical draw per row of unnormalised probs (B, K) -> (B, 1), by inverting the CDF
+    with a single uniform number per row. torch.multinomial draws an exponential per entry: on
+    CPU that is ~0.6 ms for 32k entries, more than the rest of the sampling step together."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.size(0), 1), generator=rng, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    # right=True: the first entry whose cdf exceeds u, so a zero-probability entry is never drawn
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(probs.size(-1) - 1)
+
+
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator | None, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Sample one token per row from logits (B, V); returns (B,) int64.
 
-    top-k keeps the k most likely tokens; top-p keeps the smallest set of most likely tokens whose
-    probability reaches p (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751). Both apply
-    after the temperature; the most likely token always survives.
+    top-k keeps the k most likely tokens; top-p then keeps the smallest set of most likely tokens
+    whose probability reaches p (nucleus sampling, Holtzman et al. 2019, arXiv:1904.09751), over
+    the top-k distribution when both are given. The most likely token always survives.
     """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     vocab = logits.size(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
     index = None
     if top_k is not None and 0 < top_k < vocab:
-        logits, index = torch.topk(logits, top_k, dim=-1)       # sorted, descending
+        # dividing by a positive temperature keeps the order: select first, scale k values only
+        logits, index = torch.topk(logits, top_k, dim=-1)        # sorted, descending
+    probs = F.softmax(logits / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
         if index is None:
-            logits, index = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(logits, dim=-1)
+            probs, index = torch.topk(probs, min(NUCLEUS_HEAD, vocab), dim=-1)
+            if not bool((probs.sum(dim=-1) >= top_p).all()):   # a flat distribution: sort it all
+                probs, index = torch.sort(F.softmax(logits / temperature, dim=-1), dim=-1, descending=True)
         # drop a token when the tokens before it already reach top_p
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1, generator=rng)   # (B, 1)
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p, 0.0)
+    choice = _draw(probs, rng)                                    # (B, 1)
     if index is not None:
         choice = index.gather(-1, choice)
     return choice.squeeze(-1)

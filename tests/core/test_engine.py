@@ -165,6 +165,18 @@ def test_sample_next_token_top_k_top_p_support():
     draws = {int(sample_next_token(logits, rng, 1.0, top_k=3, top_p=0.9)) for _ in range(300)}
     assert draws == {0, 1, 2}
     assert int(sample_next_token(logits, rng, 0.0)) == 0
+    # the inverse-CDF draw follows the distribution (temperature 1: the probabilities above)
+    draws = sample_next_token(logits.expand(4000, -1), rng, 1.0)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03, rtol=0)
+    # temperature 0.5 squares and renormalises the probabilities
+    freq = torch.bincount(sample_next_token(logits.expand(4000, -1), rng, 0.5), minlength=4).float() / 4000
+    p2 = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    torch.testing.assert_close(freq, p2 / p2.sum(), atol=0.03, rtol=0)
+    # a flat distribution over a big vocab: the nucleus needs the full sort (beyond the 256 head)
+    flat = torch.zeros(1, 1000)
+    draws = {int(sample_next_token(flat, rng, 1.0, top_p=0.9)) for _ in range(400)}
+    assert len(draws) > 250 and max(draws) < 1000
     assert sample_next_token(logits.expand(5, -1), rng, 1.0).shape == (5,)
 
 
