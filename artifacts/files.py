@@ -60,18 +60,26 @@ def list_tree(root: Path) -> list[str]:
     return sorted(out)
 
 
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def hash_tree(root: Path, fsync: bool = True, threads: int = HASH_THREADS) -> list[FileEntry]:
-    """FileEntry (size, sha256) for every file under root, hashed in parallel across files."""
+    """FileEntry (size, sha256) for every file under root, hashed in parallel across files; with
+    fsync, the files are flushed to disk by other threads at the same time (cost: max, not sum)."""
     paths = list_tree(root)
 
     def one(rel: str) -> FileEntry:
-        size, digest = sha256_file(root / rel, fsync=fsync)
+        size, digest = sha256_file(root / rel)
         return FileEntry(rel, size, digest)
 
-    if len(paths) <= 1:
-        return [one(p) for p in paths]
-    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-        return list(pool.map(one, paths))
+    with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as hashers, ThreadPoolExecutor(2) as syncers:
+        syncs = [syncers.submit(fsync_file, root / p) for p in paths] if fsync else []
+        entries = list(hashers.map(one, paths))
+        for s in syncs:
+            s.result()
+    return entries
 
 
 def fsync_dir(path: Path) -> None:
@@ -122,8 +130,7 @@ def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
     def copy():
         try:
             shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         except BaseException as e:
             failed.append(e)
 

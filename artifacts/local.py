@@ -139,7 +139,8 @@ class LocalStore(Store):
             except FileNotFoundError:
                 return False
             path.unlink()
-        lock.unlink(missing_ok=True)  # harmless if another process re-creates it
+        # The .lock file stays: unlinking it while another process waits on its flock would let a
+        # third process lock a fresh inode, and two "exclusive" sections would overlap.
         return True
 
     def _lease_refs(self) -> list[ArtifactRef]:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -60,7 +61,9 @@ class S3Store(Store):
         self.store_id = f"{bucket}-{ident}"
         self.local = nanorun_home() / ".s3" / self.store_id  # staging + download cache (machine-local)
         self.upload_concurrency = 8
-        self.download_streams = 4  # ranged GET streams per large file
+        # Ranged GET streams per large file: several streams beat one TCP connection on real S3;
+        # moto answers each ranged GET by reading the whole object, so 1 is faster there.
+        self.download_streams = int(os.environ.get("NANORUN_S3_DOWNLOAD_STREAMS", "4"))
         self.file_concurrency = 4  # files downloaded at once
         self.bytes_downloaded = 0  # counter (tests check that a resumed download fetches only the rest)
         self._client = None
@@ -348,9 +351,9 @@ class S3Store(Store):
 
     def _fetch(self, key: str, part: Path, state_path: Path, entry: FileEntry) -> str:
         """Fill `part` with the object's bytes using a few ranged GET streams, continuing from the
-        progress recorded in state_path; returns the sha256 of the complete file. Stream 0 hashes
-        its bytes as they arrive; the rest is hashed from the page cache as soon as it is
-        contiguous, so hashing overlaps the transfer."""
+        progress recorded in state_path; returns the sha256 of the complete file. This thread hashes
+        stream 0's chunks as they arrive (from memory), then the rest from the page cache as soon
+        as it is contiguous, so hashing overlaps the transfer."""
         size = entry.size
         nseg = max(1, min(self.download_streams, size // SEGMENT_MIN))
         bounds = [[i * size // nseg, (i + 1) * size // nseg] for i in range(nseg)]
@@ -368,11 +371,22 @@ class S3Store(Store):
         cond = threading.Condition()
         errors: list[BaseException] = []
         h = hashlib.sha256()
-        segment0_hashed = [False]  # stream 0 owns `h` until then
+        chunks0: queue.Queue = queue.Queue(maxsize=32)  # stream 0's bytes, hashed while the others download
+        first0 = progress[0]
+        hasher_gone = threading.Event()
         saved = [sum(p - b[0] for p, b in zip(progress, bounds))]
 
         def save():  # the caller holds cond; the state never claims bytes not yet written
             write_atomic(state_path, json.dumps(state), durable=False)
+
+        def feed(item) -> bool:  # False once the hashing thread has given up
+            while not hasher_gone.is_set():
+                try:
+                    chunks0.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
         def hash_range(fd: int, pos: int, end: int) -> None:
             while pos < end:
@@ -384,8 +398,6 @@ class S3Store(Store):
             start, end = bounds[i]
             off = progress[i]
             try:
-                if i == 0:
-                    hash_range(fd, 0, off)  # bytes a previous attempt already fetched
                 if off < end:
                     with self._errors():
                         kw = {"IfMatch": state["etag"]} if state["etag"] else {}
@@ -395,9 +407,11 @@ class S3Store(Store):
                             if state["etag"] != r["ETag"]:
                                 raise _ObjectChanged()
                         for chunk in r["Body"].iter_chunks(1 << 20):
-                            if i == 0:
-                                h.update(chunk)
-                            os.pwrite(fd, chunk, off)
+                            written = 0
+                            while written < len(chunk):
+                                written += os.pwrite(fd, memoryview(chunk)[written:], off + written)
+                            if i == 0 and not feed(chunk):  # hashed by the caller's thread, from memory
+                                raise RuntimeError("hashing thread failed")
                             off += len(chunk)
                             with self._stats_lock:
                                 self.bytes_downloaded += len(chunk)
@@ -416,9 +430,9 @@ class S3Store(Store):
                 with cond:
                     errors.append(e)
             finally:
+                if i == 0:
+                    feed(None)
                 with cond:
-                    if i == 0:
-                        segment0_hashed[0] = True
                     cond.notify_all()
 
         def contiguous() -> int:
@@ -432,17 +446,21 @@ class S3Store(Store):
             with ThreadPoolExecutor(nseg) as pool:
                 for i in range(nseg):
                     pool.submit(stream, fd, i)
-                pos = bounds[0][1]
-                with cond:
-                    while not segment0_hashed[0]:
-                        cond.wait(1.0)
-                while pos < size and not errors:  # follow the contiguous prefix past segment 0
-                    with cond:
-                        while contiguous() <= pos and not errors:
-                            cond.wait(1.0)
-                        avail = contiguous()
-                    hash_range(fd, pos, avail)
-                    pos = avail
+                try:
+                    hash_range(fd, 0, first0)  # what a previous attempt already fetched
+                    while (chunk := chunks0.get()) is not None:
+                        h.update(chunk)
+                    pos = bounds[0][1]
+                    while pos < size and not errors:  # follow the contiguous prefix past segment 0
+                        with cond:
+                            while contiguous() <= pos and not errors:
+                                cond.wait(1.0)
+                            avail = contiguous()
+                        hash_range(fd, pos, avail)
+                        pos = avail
+                except BaseException:
+                    hasher_gone.set()  # unblock stream 0 so the pool can shut down
+                    raise
             if errors:
                 with cond:
                     save()
