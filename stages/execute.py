@@ -163,14 +163,7 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
         try:
-            metrics = mod.run(cfg, upstream, work)
-            metrics = {} if metrics is None else metrics
-            if not isinstance(metrics, dict):
-                raise TypeError(f"{mod.NAME}.run() must return a dict of metrics, got {type(metrics).__name__}")
-            try:
-                json.dumps(metrics, default=None)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"{mod.NAME}.run() returned metrics that are not JSON-serialisable: {e}") from None
+            metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
                                 code_version=mod.code_version, identity=cfg.identity_dict(),
@@ -187,6 +180,34 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
     log.info("committed %s: %d files, %s in %.1fs -> %s", ref, len(m.files), _size(m.total_bytes), secs, store.url)
     emit("committed", manifest=m, seconds=secs)
     return m
+
+
+def _plain(v: Any) -> Any:
+    # Stages naturally return numpy/torch scalars (loss.item() forgotten); failing on them after
+    # hours of training would be absurd, so convert what has an obvious plain value.
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 and not isinstance(v, (str, bytes)):
+        return v.item()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def _plain_metrics(stage: str, metrics: Any) -> dict:
+    metrics = {} if metrics is None else metrics
+    if not isinstance(metrics, dict):
+        raise TypeError(f"{stage}.run() must return a dict of metrics, got {type(metrics).__name__}")
+    metrics = _plain(metrics)
+    try:
+        json.dumps(metrics)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{stage}.run() returned metrics that are not JSON-serialisable: {e}") from None
+    return metrics
 
 
 def _size(n: int) -> str:

@@ -210,3 +210,15 @@ def test_optional_inputs_are_accepted_and_hashed_only_when_given():
         artifact_ref(mod, _OptCfg(), {"b": b})
     with pytest.raises(ConfigError, match=r"unexpected \['c'\]"):
         artifact_ref(mod, _OptCfg(), {"a": a, "c": b})
+
+
+def test_metrics_are_made_plain_or_refused():
+    import numpy as np
+
+    assert ex._plain_metrics("s", {"loss": np.float32(1.5), "hist": np.arange(3), "n": [np.int64(4)]}) == {
+        "loss": 1.5, "hist": [0, 1, 2], "n": [4]}
+    assert ex._plain_metrics("s", None) == {}
+    with pytest.raises(TypeError, match="must return a dict"):
+        ex._plain_metrics("s", 3.0)
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        ex._plain_metrics("s", {"x": object()})
