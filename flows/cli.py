@@ -38,6 +38,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("gc", "flows.cli:Gc", "delete uncommitted leftovers and unreferenced artifacts"),
     ("index", "flows.cli:Index", "show or rebuild the run index"),
     ("plan", "flows.cli:Plan", "dry-run plan of a pipeline file (JSON/YAML)"),
+    ("speedrun", "flows.commands:Speedrun", "run the speedrun flow for a preset (or --plan it)"),
+    ("stage", "flows.commands:Stage", "run or rerun one stage with explicit inputs"),
 ]
 
 

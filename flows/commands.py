@@ -1,0 +1,110 @@
+"""CLI subcommands that run the Prefect flows locally (registered in flows/cli.py).
+
+    nanorun speedrun --preset cpu-demo [--depth N] [--set STEP.FIELD=VALUE ...] [--plan] [--force STEP]
+    nanorun stage NAME [--input NAME=REF ...] [--set FIELD=VALUE ...] [--force] [--plan]
+
+Without PREFECT_API_URL the flow runs against a temporary local Prefect server (started for the
+run); with it, the run appears on that server's UI like a deployment run. `--plan` prints what
+would be cached / run / waited for and runs nothing (no Prefect either).
+"""
+from __future__ import annotations
+
+import os
+
+
+def _prefect_env() -> None:
+    """Defaults that keep a local run quiet and self-contained (stack.md)."""
+    from artifacts.store import nanorun_home
+
+    os.environ.setdefault("PREFECT_HOME", str(nanorun_home() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("NANORUN_PROGRESS_BAR", "1")
+
+
+class Speedrun:
+    @staticmethod
+    def add_arguments(p):
+        from flows.recipes import PRESETS
+
+        p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS), help="recipe (default cpu-demo)")
+        p.add_argument("--depth", type=int, help="model depth (overrides the preset's)")
+        p.add_argument("--data-source", help="data source for data_shards (e.g. chitchat, climbmix, a directory)")
+        p.add_argument("--nproc", type=int, help="training processes per node")
+        p.add_argument("--eval-bundle", help="CORE bundle: a local directory/zip or a URL")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.FIELD=VALUE",
+                       help="override one config field of one step (repeatable), e.g. base.num_iterations=50")
+        p.add_argument("--force", action="append", default=[], metavar="STEP", help="rebuild this step (repeatable)")
+        p.add_argument("--plan", action="store_true", help="print the plan (cached / will run / locked) and exit")
+
+    @staticmethod
+    def run(args) -> int:
+        from flows.recipes import parse_set, speedrun_steps
+
+        overrides = parse_set(args.sets)
+        kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle)
+        if args.plan:
+            from artifacts import open_store
+            from stages.execute import format_plan, plan
+
+            store = open_store(args.store)
+            print(format_plan(plan(speedrun_steps(args.preset, overrides, **kwargs), store)))
+            return 0
+        speedrun_steps(args.preset, overrides, **kwargs)  # validate here: one clear line, exit 2
+        _prefect_env()
+        from flows.speedrun import speedrun
+
+        refs = speedrun(preset=args.preset, store=args.store, overrides=overrides, force=args.force, **kwargs)
+        width = max(map(len, refs))
+        for name, ref in refs.items():
+            print(f"{name.ljust(width)}  {ref}")
+        return 0
+
+
+class Stage:
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("name", help="stage name (data_shards, tokenizer, pretrain, ...)")
+        p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=REF",
+                       help="an upstream artifact: stage/label-fp, a fingerprint prefix or stage@alias")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                       help="a config field (repeatable); values parse as JSON when they can")
+        p.add_argument("--preset", help="the stage's own preset (e.g. pretrain: tiny, cpu-demo, d20)")
+        p.add_argument("--force", action="store_true", help="rebuild even if committed")
+        p.add_argument("--plan", action="store_true", help="say cached / will run / locked and exit")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts import open_store
+        from flows.recipes import parse_set
+        from stages.base import ConfigError
+        from stages.execute import load_stage
+
+        mod = load_stage(args.name)
+        fields = parse_set([f"x.{s}" for s in args.sets]).get("x", {})
+        if args.preset:
+            presets = getattr(mod, "PRESETS", {})
+            if args.preset not in presets:
+                raise ConfigError(f"stage {mod.NAME} has no preset {args.preset!r} (presets: {', '.join(presets) or 'none'})")
+            fields = {**presets[args.preset], **fields}
+        inputs = {}
+        for item in args.inputs:
+            name, eq, ref = item.partition("=")
+            if not eq or not name or not ref:
+                raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
+            inputs[name] = ref
+        store = open_store(args.store)
+        cfg = mod.Config.from_dict(fields)
+        refs = {k: store.resolve(v) for k, v in inputs.items()}
+        if args.plan:
+            from stages.execute import status
+
+            state, ref = status(mod, cfg, refs, store)
+            print(f"{ref}  {state}")
+            return 0
+        _prefect_env()
+        from flows.speedrun import stage
+
+        print(stage(name=mod.NAME, config=fields, inputs={k: str(v) for k, v in refs.items()},
+                    store=args.store, force=args.force))
+        return 0

@@ -1,0 +1,123 @@
+"""Speedrun recipes as data: the stage graph, the presets, and overrides -> pipeline Steps.
+
+No Prefect here: `nanorun plan --preset cpu-demo` and the Prefect flows build the same Steps.
+
+    steps = speedrun_steps("cpu-demo", {"base": {"num_iterations": 50}}, eval_bundle="../shared/data/eval_bundle")
+    print(format_plan(plan(steps, store)))
+
+A preset maps each step of the graph to config overrides for that step's stage. Overrides given by
+the user are layered on top, as {step: {field: value}} (the CLI spells them `--set base.depth=6`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.base import ConfigError
+from stages.execute import Step, load_stage
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str     # the step name (also the key of its overrides)
+    stage: str    # the stage module name
+    inputs: dict[str, str] = field(default_factory=dict)  # stage input -> upstream step name
+
+
+# The speedrun: data -> tokenizer -> pretrain -> CORE (base) -> SFT -> chat eval -> export -> report.
+# The CORE bundle has no upstream, so the flow fetches it while the tokenizer and pretraining run.
+SPEEDRUN_GRAPH: list[Node] = [
+    Node("data", "data_shards"),
+    Node("tokenizer", "tokenizer", {"data": "data"}),
+    Node("eval_bundle", "eval_bundle"),
+    Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer"}),
+]
+
+_CPU = {"nproc": 1}
+PRESETS: dict[str, dict[str, dict]] = {
+    # The offline demo: PyPI's chitchat corpus, a small vocabulary, a d4 model, minutes on 2 cores.
+    "cpu-demo": {
+        "data": {"source": "chitchat"},
+        "tokenizer": {"vocab_size": 8192},
+        "base": {"preset": "cpu-demo"},
+    },
+    # Seconds on a CPU: what the end-to-end tests run.
+    "tiny": {
+        "data": {"source": "chitchat", "val_docs": 256},
+        "tokenizer": {"vocab_size": 1024, "max_chars": 2_000_000},
+        "base": {"preset": "tiny"},
+    },
+    # The reference GPU recipes (8 GPUs; stage presets carry batch sizes and cadences).
+    "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"}},
+    "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"}},
+    "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"}},
+    "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"}},
+}
+
+
+def parse_set(items: list[str]) -> dict[str, dict]:
+    """`step.field=value` strings -> {step: {field: value}}; values parse as JSON when they can."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        step, dot, name = key.partition(".")
+        if not eq or not dot or not step or not name:
+            raise ConfigError(f"--set {item!r}: expected STEP.FIELD=VALUE, e.g. base.num_iterations=50")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        out.setdefault(step, {})[name] = value
+    return out
+
+
+def merge(*layers: dict[str, dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for layer in layers:
+        for step, fields in (layer or {}).items():
+            out.setdefault(step, {}).update(fields)
+    return out
+
+
+def _config(node: Node, fields: dict):
+    mod = load_stage(node.stage)
+    fields = dict(fields)
+    stage_preset = fields.pop("preset", None)
+    if stage_preset is not None:
+        presets = getattr(mod, "PRESETS", {})
+        if stage_preset not in presets:
+            raise ConfigError(f"step {node.name!r}: stage {node.stage} has no preset {stage_preset!r} "
+                              f"(presets: {', '.join(presets) or 'none'})")
+        fields = {**presets[stage_preset], **fields}
+    try:
+        return mod.Config.from_dict(fields)
+    except ConfigError as e:
+        raise ConfigError(f"step {node.name!r}: {e}") from None
+
+
+def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, *,
+                   depth: int | None = None, data_source: str | None = None, nproc: int | None = None,
+                   eval_bundle: str | None = None, graph: list[Node] | None = None) -> list[Step]:
+    """The speedrun pipeline for a preset plus overrides, validated (ConfigError names the step)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown speedrun preset {preset!r}; presets: {', '.join(PRESETS)}")
+    graph = graph or SPEEDRUN_GRAPH
+    names = [n.name for n in graph]
+    shortcuts: dict[str, dict] = {}
+    if depth is not None:
+        shortcuts.setdefault("base", {})["depth"] = int(depth)
+    if data_source:
+        shortcuts.setdefault("data", {})["source"] = data_source
+    if nproc is not None:
+        for n in graph:
+            if n.stage in ("pretrain", "sft"):
+                shortcuts.setdefault(n.name, {})["nproc"] = int(nproc)
+    if eval_bundle:
+        key = "url" if eval_bundle.startswith(("http://", "https://", "s3://")) else "local_path"
+        shortcuts.setdefault("eval_bundle", {})[key] = str(Path(eval_bundle).expanduser()) if key == "local_path" else eval_bundle
+    layers = merge(PRESETS[preset], shortcuts, overrides or {})
+    unknown = sorted(set(layers) - set(names))
+    if unknown:
+        raise ConfigError(f"overrides name unknown step(s) {unknown}; the speedrun's steps are {', '.join(names)}")
+    return [Step(n.name, n.stage, _config(n, layers.get(n.name, {})), dict(n.inputs)) for n in graph]

@@ -1,0 +1,66 @@
+"""Prefect flows: the speedrun and the single-stage (re)run. They only compose stages.
+
+    nanorun speedrun --preset cpu-demo [--depth 6] [--set base.num_iterations=50] [--plan]
+    nanorun stage tokenizer --input data=data_shards@latest --set vocab_size=4096 [--force]
+
+Rerunning a flow with the same parameters (the UI's Retry, `prefect flow-run retry`, or the same
+command again) skips every committed stage — each shows as Cached — and the stage that failed
+resumes from what its work dir holds (pretraining: its last checkpoint). Stages with no path
+between them run concurrently (the CORE bundle is fetched while the tokenizer trains).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from prefect import flow, get_run_logger
+
+from artifacts import open_store
+from flows.recipes import speedrun_steps
+from flows.tasks import run_stage
+from stages.execute import load_stage
+
+
+def _config_dict(cfg) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+@flow(name="speedrun", log_prints=True, validate_parameters=True)
+def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | None = None,
+             data_source: str | None = None, nproc: int | None = None, eval_bundle: str | None = None,
+             overrides: dict[str, dict] | None = None, force: list[str] | None = None) -> dict[str, str]:
+    """The whole speedrun for a preset; returns {step: artifact ref}.
+
+    preset: cpu-demo | tiny | d12 | d20 | d24-speedrun | d26. store: a directory or s3://bucket/prefix
+    (default $NANORUN_STORE or $NANORUN_HOME). overrides: {step: {field: value}}, e.g.
+    {"base": {"num_iterations": 50}}. force: step names to rebuild even if committed.
+    """
+    logger = get_run_logger()
+    steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
+                           eval_bundle=eval_bundle)
+    force = list(force or [])
+    unknown = sorted(set(force) - {s.name for s in steps})
+    if unknown:
+        raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
+    store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
+    logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
+    futures = {}
+    for step in steps:
+        inputs = {name: futures[upstream] for name, upstream in step.inputs.items()}
+        futures[step.name] = run_stage.with_options(task_run_name=step.name).submit(
+            load_stage(step.stage).NAME, _config_dict(step.cfg), inputs, store_url, step.name in force)
+    refs = {name: fut.result() for name, fut in futures.items()}
+    for name, ref in refs.items():
+        logger.info("%-12s %s", name, ref)
+    return refs
+
+
+@flow(name="stage", log_prints=True, validate_parameters=True)
+def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None = None,
+          store: str | None = None, force: bool = False) -> str:
+    """Run or rerun one stage with explicit inputs (refs `stage/label-fp`, fingerprint prefixes or
+    `stage@alias`); force rebuilds it even if committed. Returns the artifact ref."""
+    st = open_store(store)
+    mod = load_stage(name)
+    cfg = mod.Config.from_dict(dict(config or {}))  # validate before any task starts
+    refs = {k: str(st.resolve(v)) for k, v in (inputs or {}).items()}
+    return run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, _config_dict(cfg), refs, st.url, force)

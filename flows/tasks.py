@@ -1,0 +1,172 @@
+"""The one Prefect task every flow uses: run a stage through stages.execute.
+
+    ref = run_stage.submit("tokenizer", {"vocab_size": 8192}, {"data": shards_future}, store_url)
+
+Caching: Prefect's result cache alone is not trusted (stack.md: a Cached state survives the
+artifact being deleted). The cache key is the artifact's fingerprint and is offered only when the
+store holds that artifact committed and verified; otherwise the policy returns no key and the task
+runs, and execute() does the lookup/lease/build/commit. So a cached rerun shows every stage as
+Cached in the UI, and a deleted or damaged artifact is rebuilt.
+
+Logs: the `nanorun` loggers of the stage (and of the launcher streaming torchrun's output) are
+forwarded to the task run's logger for the duration of the task. Progress: stages call
+stages.base.progress(); here that updates a Prefect progress artifact (throttled).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+
+from artifacts import open_store
+from artifacts.errors import StoreUnreachableError
+from artifacts.manifest import ArtifactRef
+from stages.base import ConfigError, report_progress_to
+from stages.execute import execute, load_stage, status
+
+PROGRESS_EVERY_S = 2.0
+
+
+def build_call(stage: str, config: dict, inputs: dict[str, str]):
+    """(stage module, Config, {name: ArtifactRef}) from the task's JSON-friendly parameters."""
+    mod = load_stage(stage)
+    cfg = mod.Config.from_dict(dict(config))
+    refs = {name: r if isinstance(r, ArtifactRef) else ArtifactRef.parse(r) for name, r in inputs.items()}
+    return mod, cfg, refs
+
+
+class StoreVerifiedCache(CachePolicy):
+    """Cache key = the artifact's fingerprint, offered only if the store holds it committed and verified."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        if inputs.get("force"):
+            return None
+        try:
+            mod, cfg, refs = build_call(inputs["stage"], inputs["config"], inputs.get("inputs") or {})
+            store = open_store(inputs.get("store_url"))
+            state, ref = status(mod, cfg, refs, store)
+        except Exception:  # let the task itself run and report the problem with a clear message
+            return None
+        if state != "cached":
+            return None
+        # the same artifact in two stores is two cache entries (a cached rerun must verify the store it uses)
+        store_id = hashlib.sha256(store.url.encode()).hexdigest()[:8]
+        return f"nanorun-{store_id}-{ref.stage}-{ref.name}"
+
+
+def _is_transient(task, task_run, state) -> bool:
+    """Retry storage/network hiccups; never retry bad configs or training crashes."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return False
+    if isinstance(exc, ConfigError):
+        return False
+    transient = (StoreUnreachableError, ConnectionError, TimeoutError)
+    try:
+        from stages.fetch import FetchError
+
+        transient += (FetchError,)
+    except ImportError:
+        pass
+    return isinstance(exc, transient)
+
+
+class _ForwardToRunLogger(logging.Handler):
+    """Forward `nanorun.*` records emitted on the task's own thread to the Prefect run logger."""
+
+    def __init__(self, run_logger):
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+        self.thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return  # another task running concurrently in this process owns that record
+        try:
+            self.run_logger.log(record.levelno, "%s", record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+class _ProgressArtifact:
+    """stages.base.progress() -> a Prefect progress artifact, updated at most every few seconds."""
+
+    def __init__(self, key: str, description: str):
+        self.key, self.description = key, description
+        self.artifact_id = None
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        now = time.monotonic()
+        done = step >= total
+        if self.artifact_id is not None and not done and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        pct = 100.0 * step / max(1, total)
+        extra = " · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        desc = f"{self.description}: step {step}/{total}" + (f" · {extra}" if extra else "")
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress=pct, key=self.key, description=desc)
+        else:
+            update_progress_artifact(self.artifact_id, progress=pct, description=desc)
+
+
+class _TerminalBar:
+    """stages.base.progress() -> a tqdm bar on stderr (the CLI's view of a long stage)."""
+
+    def __init__(self, name: str):
+        self.name, self.bar = name, None
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.name, unit="step", dynamic_ncols=True, leave=True)
+        self.bar.total = total
+        self.bar.n = step
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in info.items()}, refresh=False)
+        self.bar.refresh()
+        if step >= total:
+            self.bar.close()
+
+
+class _Both:
+    def __init__(self, *fns):
+        self.fns = fns
+
+    def __call__(self, step, total, info):
+        for fn in self.fns:
+            fn(step, total, info)
+
+
+@task(name="stage", cache_policy=StoreVerifiedCache(), persist_result=True, result_serializer="json",
+      retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_is_transient)
+def run_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str | None = None,
+              force: bool = False) -> str:
+    """Build (or find) one stage's artifact; returns its ref `stage/label-fingerprint`."""
+    logger = get_run_logger()
+    mod, cfg, refs = build_call(stage, config, inputs)
+    store = open_store(store_url)
+    handler = _ForwardToRunLogger(logger)
+    nanorun_logger = logging.getLogger("nanorun")
+    nanorun_logger.addHandler(handler)
+    if nanorun_logger.level == logging.NOTSET or nanorun_logger.level > logging.INFO:
+        nanorun_logger.setLevel(logging.INFO)
+    reporter = _ProgressArtifact(f"{mod.NAME.replace('_', '-')}-progress", mod.NAME)
+    if os.environ.get("NANORUN_PROGRESS_BAR") == "1":  # set by the CLI: also draw a terminal bar
+        reporter = _Both(reporter, _TerminalBar(mod.NAME))
+    try:
+        with report_progress_to(reporter):
+            manifest = execute(mod, cfg, refs, store, force=force)
+    finally:
+        nanorun_logger.removeHandler(handler)
+    return str(manifest.ref)

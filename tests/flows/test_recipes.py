@@ -1,0 +1,62 @@
+"""Speedrun recipes: presets build valid pipelines; overrides and shortcuts land where they say."""
+from __future__ import annotations
+
+import pytest
+
+from flows.recipes import PRESETS, SPEEDRUN_GRAPH, merge, parse_set, speedrun_steps
+from stages.base import ConfigError
+from stages.execute import artifact_ref
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_a_valid_pipeline(preset, shared_data):
+    steps = speedrun_steps(preset, eval_bundle=str(shared_data / "eval_bundle"))
+    assert [s.name for s in steps] == [n.name for n in SPEEDRUN_GRAPH]
+    refs = {}
+    for s in steps:  # every step fingerprints with its upstream refs
+        refs[s.name] = artifact_ref(s.stage, s.cfg, {k: refs[v] for k, v in s.inputs.items()})
+    assert len({r.fingerprint for r in refs.values()}) == len(steps)
+
+
+def test_overrides_and_shortcuts(tmp_path, corpus_files):
+    (tmp_path / "shard_00000.parquet").write_bytes(corpus_files[0].read_bytes())
+    steps = {s.name: s for s in speedrun_steps("tiny", {"base": {"num_iterations": 7}}, depth=3, nproc=2,
+                                               data_source=str(tmp_path), eval_bundle="https://example.org/b.zip")}
+    assert steps["base"].cfg.num_iterations == 7 and steps["base"].cfg.depth == 3 and steps["base"].cfg.nproc == 2
+    assert steps["eval_bundle"].cfg.url == "https://example.org/b.zip"
+    assert steps["data"].cfg.source == "local" and steps["data"].cfg.local_path == str(tmp_path)
+
+
+def test_runtime_overrides_keep_the_fingerprint_identity_overrides_change_it():
+    def base_ref(overrides):
+        steps = speedrun_steps("tiny", overrides)
+        refs = {}
+        for s in steps:
+            refs[s.name] = artifact_ref(s.stage, s.cfg, {k: refs[v] for k, v in s.inputs.items()})
+        return refs["base"]
+
+    plain = base_ref({})
+    assert base_ref({"base": {"device_batch_size": 1, "eval_every": 3}}) == plain
+    assert base_ref({"base": {"num_iterations": 25}}) != plain
+    assert base_ref({"tokenizer": {"vocab_size": 1088}}).fingerprint != plain.fingerprint  # upstream change
+
+
+def test_bad_overrides_name_the_step_and_field():
+    with pytest.raises(ConfigError, match=r"unknown step\(s\) \['bse'\]"):
+        speedrun_steps("tiny", {"bse": {"depth": 2}})
+    with pytest.raises(ConfigError, match=r"step 'base'.*depth"):
+        speedrun_steps("tiny", {"base": {"depth": 0}})
+    with pytest.raises(ConfigError, match=r"step 'tokenizer'.*unknown field"):
+        speedrun_steps("tiny", {"tokenizer": {"vocab": 10}})
+    with pytest.raises(ConfigError, match="unknown speedrun preset 'nope'"):
+        speedrun_steps("nope")
+    with pytest.raises(ConfigError, match="no preset 'huge'"):
+        speedrun_steps("tiny", {"base": {"preset": "huge"}})
+
+
+def test_parse_set():
+    assert parse_set(["base.depth=6", "base.dtype=bfloat16", "data.shard_indices=[1,2]", "base.fp8=true"]) == {
+        "base": {"depth": 6, "dtype": "bfloat16", "fp8": True}, "data": {"shard_indices": [1, 2]}}
+    with pytest.raises(ConfigError, match="STEP.FIELD=VALUE"):
+        parse_set(["depth=6"])
+    assert merge({"a": {"x": 1}}, {"a": {"y": 2}}, {"a": {"x": 3}}) == {"a": {"x": 3, "y": 2}}
