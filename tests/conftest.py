@@ -4,6 +4,7 @@ Nothing here touches the network: the S3 server is moto's, started on 127.0.0.1 
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -27,6 +28,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# moto's server logs every request through werkzeug: keep failing tests' output readable
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def free_port() -> int:
