@@ -26,8 +26,9 @@ We do the same, so the numbers stay comparable.
 
 Speed (the reference runs one forward per example): sequences of all examples are sorted by length
 and packed into padded batches; for a core.gpt.GPT, an example whose choices share a long token
-prefix (10-shot multiple choice) prefills that prefix once into a KV cache, copies it to one row per
-choice and runs only the differing tails; losses are computed only at the scored positions.
+prefix (few-shot prompts) prefills that prefix once into a KV cache without computing its logits,
+copies the cache to one row per choice and runs only the differing tails; losses are computed only
+at the scored positions.
 """
 from __future__ import annotations
 
@@ -301,13 +302,17 @@ def _gpt_class():
 
 
 @dataclass
-class _Scorer:
+class Scorer:
+    """Runs the model over examples: score(examples) -> per sequence (mean CE over its scored
+    tokens, whether greedy argmax reproduces all of them). Padded batches of at most batch_size rows
+    and max_batch_tokens (rows x longest); with use_kv (a core.gpt.GPT), examples whose sequences
+    share an unscored prefix of >= share_prefix_min tokens go through the KV-cache prefill instead."""
     model: Any
     device: torch.device
     pad_id: int
     batch_size: int
     max_batch_tokens: int
-    share_prefix_min: int        # tokens saved below which an example is not worth a KV prefill
+    share_prefix_min: int        # shortest shared unscored prefix worth a KV prefill (else padded batches)
     use_kv: bool
 
     def score(self, examples: list[Example]) -> tuple[list[list[float]], list[list[bool]]]:
@@ -316,7 +321,7 @@ class _Scorer:
         rows = []  # (example, seq) scored by padded batches
         for i, ex in enumerate(examples):
             shared = min(common_length(ex.seqs, "left"), min(ex.starts)) - 1
-            if self.use_kv and len(ex.seqs) > 1 and shared * (len(ex.seqs) - 1) >= self.share_prefix_min:
+            if self.use_kv and shared >= self.share_prefix_min:
                 losses[i], exact[i] = self._score_shared_prefix(ex, shared)
             else:
                 rows.extend((i, j) for j in range(len(ex.seqs)))
@@ -338,13 +343,16 @@ class _Scorer:
         return losses, exact
 
     def _score_shared_prefix(self, ex: Example, shared: int):
-        """Prefill the common prefix once (batch 1), copy the cache to one row per sequence and
-        run only the tails: (k-1)*shared fewer tokens than k full sequences."""
+        """Prefill the unscored prefix the sequences share once (batch 1, no logits), copy the cache
+        to one row per sequence and run only the tails: k sequences cost the transformer
+        (k-1)*shared fewer tokens, and the lm_head (which dominates small models: 256 x 32768 at
+        d4) runs on the tails alone -- this pays off for a single long sequence too."""
         _, KVCache = _gpt_class()
         cache = KVCache.for_model(self.model, batch_size=1, max_seq_len=max(ex.ends))
         prefix = torch.tensor([ex.seqs[0][:shared]], dtype=torch.long, device=self.device)
         self.model(prefix, kv_cache=cache, last_only=True)
-        cache = cache.expand(len(ex.seqs))
+        if len(ex.seqs) > 1:
+            cache = cache.expand(len(ex.seqs))
         inputs = _pad([s[shared:e] for s, e in zip(ex.seqs, ex.ends)], self.pad_id, self.device)
         logits = self.model(inputs, kv_cache=cache)
         spans = [(s - 1 - shared, e - 1 - shared) for s, e in zip(ex.starts, ex.ends)]
@@ -413,6 +421,21 @@ class CoreResult:
                           "seconds": round(t.seconds, 3)} for k, t in self.tasks.items()},
         }
 
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """core.json (to_dict) plus the table as core.csv and core.md next to GPT-2: what the
+        core_eval stage and the run report keep."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = {"json": d / "core.json", "csv": d / "core.csv", "md": d / "core.md"}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        paths["csv"].write_text(format_table(self, fmt="csv"), encoding="utf-8")
+        paths["md"].write_text(format_table(self, fmt="md"), encoding="utf-8")
+        return paths
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CoreResult":
+        return cls.from_dict(json.loads((Path(directory) / "core.json").read_text(encoding="utf-8")))
+
     @classmethod
     def from_dict(cls, d: dict) -> "CoreResult":
         return cls(tasks={k: TaskResult(**v) for k, v in d["tasks"].items()}, missing=list(d.get("missing", [])),
@@ -429,7 +452,7 @@ def _supports_kv(model) -> bool:
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, data: list[dict], task: TaskSpec, *, device, batch_size: int = 32,
-                  max_batch_tokens: int = 8192, share_prefix: bool | None = None, share_prefix_min: int = 256,
+                  max_batch_tokens: int = 4096, share_prefix: bool | None = None, share_prefix_min: int = 32,
                   rank: int = 0, world_size: int = 1, max_seq_len: int | None = None) -> float:
     """Accuracy on one task's (already shuffled and cut) rows, summed over ranks."""
     device = torch.device(device)
@@ -438,7 +461,7 @@ def evaluate_task(model, tokenizer, data: list[dict], task: TaskSpec, *, device,
     use_kv = _supports_kv(model) if share_prefix is None else share_prefix
     if use_kv and not _supports_kv(model):
         raise ValueError("share_prefix=True needs a core.gpt.GPT (KV cache); pass share_prefix=None or False")
-    scorer = _Scorer(model, device, tokenizer.bos_token_id, batch_size, max_batch_tokens, share_prefix_min, use_kv)
+    scorer = Scorer(model, device, tokenizer.bos_token_id, batch_size, max_batch_tokens, share_prefix_min, use_kv)
     losses, exact = scorer.score(examples)
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx, ex, lo, xa in zip(mine, examples, losses, exact):
@@ -449,15 +472,16 @@ def evaluate_task(model, tokenizer, data: list[dict], task: TaskSpec, *, device,
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str | Path, *, device, max_per_task: int = -1,
-                  batch_size: int = 32, max_batch_tokens: int = 8192, rank: int = 0, world_size: int = 1,
-                  tasks: list[str] | None = None, share_prefix: bool | None = None,
+                  batch_size: int = 32, max_batch_tokens: int = 4096, rank: int = 0, world_size: int = 1,
+                  tasks: list[str] | None = None, share_prefix: bool | None = None, share_prefix_min: int = 32,
                   max_seq_len: int | None = None,
                   on_progress: Callable[[int, int, dict], None] | None = None) -> CoreResult:
     """Score `model` on the bundle's tasks (all present ones, or the labels in `tasks`).
 
     model(idx) -> logits (B, T, vocab); tokenizer: encode(list, prepend=id) and bos_token_id.
     batch_size / max_batch_tokens bound one padded forward (rows, rows x longest). share_prefix:
-    None = KV-cache prefix sharing when the model is a core.gpt.GPT. max_seq_len: crop sequences
+    None = KV-cache prefill of shared unscored prefixes (>= share_prefix_min tokens) when the model
+    is a core.gpt.GPT; on a d4 on CPU it makes few-shot tasks 4-10x faster. max_seq_len: crop sequences
     from the left to this length (models with a hard context limit). on_progress(done, total, info)
     after each task. With world_size > 1 the default process group must be initialised.
     """
@@ -483,7 +507,8 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, *, device, max_per_t
             t0 = time.perf_counter()
             data = load_task_data(bundle, task, max_per_task)
             acc = evaluate_task(model, tokenizer, data, task, device=device, batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens, share_prefix=share_prefix, rank=rank,
+                                max_batch_tokens=max_batch_tokens, share_prefix=share_prefix,
+                                share_prefix_min=share_prefix_min, rank=rank,
                                 world_size=world_size, max_seq_len=max_seq_len)
             res = TaskResult(task.label, task.task_type, task.num_fewshot, len(data), acc, task.random_baseline,
                              centered(acc, task.random_baseline), time.perf_counter() - t0)

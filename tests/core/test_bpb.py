@@ -111,6 +111,36 @@ def test_matches_log_probabilities_of_a_real_model():
     assert evaluate_bpb(model, batches, TOKEN_BYTES) == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
 
 
+def test_real_gpt_and_tokenizer(corpus_files):
+    """bpb of a real GPT on BOS-prefixed documents: the BOS targets (specials) count neither nats nor
+    bytes, the bytes are exactly the UTF-8 length of the text, the nats those of the logits."""
+    import pyarrow.parquet as pq
+    from core.gpt import GPT, GPTConfig
+    from core.tokenizer import Tokenizer
+
+    texts = pq.read_table(corpus_files[-1]).column("text").to_pylist()[:100]
+    tok = Tokenizer.train(texts, vocab_size=512)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)).init_weights(0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    docs = [t[:60] for t in texts[:8]]
+    stream = [i for ids in tok.encode(docs, prepend="<|bos|>") for i in ids]
+    rows = torch.tensor(stream[: (len(stream) - 1) // 33 * 33 + 1])
+    x = rows[:-1].view(-1, 33)[:, :32]
+    y = rows[1:].view(-1, 33)[:, :32].clone()
+    y[0, :3] = -1                                                   # ignored targets
+    tb = tok.token_bytes()
+    valid = (y >= 0) & (tb[y.clamp(min=0)] > 0)
+    assert ((y == tok.bos_token_id) & ~valid).any()                # BOS targets present and excluded
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x), dim=-1)
+    nats = -logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)[valid].double().sum().item()
+    nbytes = sum(len(tok.decode([int(t)]).encode("utf-8")) for t in y[valid])
+    assert nbytes == int(tb[y[valid]].sum())
+    got = evaluate_bpb(model, [(x[:2], y[:2]), (x[2:], y[2:])], tb)
+    assert got == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+
+
 def _rank_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

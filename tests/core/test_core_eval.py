@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from core.eval.core import (GPT2_REFERENCE, BundleError, CoreResult, Example, TaskResult, build_examples,
+from core.eval.core import (GPT2_REFERENCE, BundleError, CoreResult, Example, Scorer, TaskResult, build_examples,
                             centered, common_length, evaluate_core, evaluate_task, fewshot_indices, format_table,
                             judge, load_bundle, load_task_data, read_reference_csv, render_prompts, spans_for)
 
@@ -22,42 +22,21 @@ def bundle(shared_data):
     return load_bundle(shared_data / "eval_bundle")
 
 
-class BPETokenizer:
-    """A small byte-level BPE (HF tokenizers, nanochat's split regex) behind the project's Tokenizer
-    interface: real merges across spaces and punctuation, so the token-level prefix/suffix rules are
-    exercised as with the speedrun tokenizer."""
+def train_tokenizer(texts):
+    """The project's byte-level BPE (reference split regex) at a small vocab: real merges across
+    spaces and punctuation, so the token-level prefix/suffix rules are exercised as in a speedrun."""
+    from core.tokenizer import Tokenizer
+    return Tokenizer.train(texts, vocab_size=768)
 
-    SPLIT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-    def __init__(self, texts, vocab_size=768):
-        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(self.SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(texts, trainer)
-        self._tok = tok
-        self.vocab_size = tok.get_vocab_size()
-        self.bos_token_id = tok.token_to_id("<|bos|>")
-
-    def encode(self, text, prepend=None):
-        if isinstance(text, str):
-            return self.encode([text], prepend)[0]
-        head = [] if prepend is None else [prepend]
-        return [head + e.ids for e in self._tok.encode_batch(text, add_special_tokens=False)]
-
-    def decode(self, ids):
-        return self._tok.decode(ids, skip_special_tokens=False)
+def corpus_texts(corpus_files, n=200):
+    import pyarrow.parquet as pq
+    return pq.read_table(corpus_files[0]).column("text").to_pylist()[:n]
 
 
 @pytest.fixture(scope="module")
 def tok(corpus_files):
-    import pyarrow.parquet as pq
-    texts = pq.read_table(corpus_files[0]).column("text").to_pylist()[:200]
-    return BPETokenizer(texts)
+    return train_tokenizer(corpus_texts(corpus_files))
 
 
 # ---------------------------------------------------------------------------------------------- bundle
@@ -304,6 +283,16 @@ def test_table_and_labels(bundle):
     assert again.core == pytest.approx(partial.core, abs=1e-6) and again.label == partial.label
 
 
+def test_save_and_load(bundle, tmp_path):
+    res = _result({"copa": 0.7, "arc_easy": 0.5}, bundle, missing=sorted(MISSING))
+    paths = res.save(tmp_path / "core")
+    assert sorted(p.name for p in (tmp_path / "core").iterdir()) == ["core.csv", "core.json", "core.md"]
+    assert paths["csv"].read_text() == format_table(res) and paths["md"].read_text() == format_table(res, fmt="md")
+    back = CoreResult.load(tmp_path / "core")
+    assert back.label == "CORE over 2/22 tasks" and back.core == pytest.approx(res.core, abs=1e-6)
+    assert back.tasks["copa"].centered == pytest.approx(0.4) and back.missing == sorted(MISSING)
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 
@@ -421,12 +410,56 @@ def test_unknown_or_missing_tasks_are_named(shared_data, tok):
         evaluate_core(UniformModel(tok.vocab_size), tok, shared_data / "eval_bundle", device="cpu", tasks=["squad"])
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt(tok):
+    """A real 2-layer GPT (GQA, sliding windows of 256 at seq 1024). The reference init makes every
+    choice look alike (zero output projections, lm_head ~0): perturb it so that they differ."""
+    from core.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(sequence_len=1024, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1,
+                          n_embd=64)).init_weights(seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        model.lm_head.weight.normal_(0.0, 0.5, generator=g)
+    return model.eval()
+
+
+def test_kv_prefix_sharing_matches_the_padded_forward(bundle, tok, tiny_gpt):
+    cpu = torch.device("cpu")
+    for label, n in (("arc_easy", 4), ("winograd", 8), ("lambada_openai", 8), ("jeopardy", 4)):
+        task = bundle.task(label)
+        data = load_task_data(bundle, task, 11)
+        examples = build_examples(data, task, tok, list(range(n)))
+        padded = Scorer(tiny_gpt, cpu, tok.bos_token_id, 8, 4096, share_prefix_min=1, use_kv=False).score(examples)
+        shared = Scorer(tiny_gpt, cpu, tok.bos_token_id, 8, 4096, share_prefix_min=1, use_kv=True).score(examples)
+        for lp, ls in zip(padded[0], shared[0]):
+            assert lp == pytest.approx(ls, abs=1e-4), label
+        assert padded[1] == shared[1], label
+        assert len({tuple(lo) for lo in padded[0]}) > 1, "the perturbed model must tell the examples apart"
+
+
+@pytest.mark.slow
+def test_evaluate_core_with_a_real_gpt(shared_data, tok, tiny_gpt):
+    kw = dict(device="cpu", max_per_task=11, tasks=["copa", "arc_easy", "bigbench_operators"])
+    auto = evaluate_core(tiny_gpt, tok, shared_data / "eval_bundle", **kw)
+    plain = evaluate_core(tiny_gpt, tok, shared_data / "eval_bundle", share_prefix=False, **kw)
+    assert auto.to_dict()["tasks"].keys() == plain.to_dict()["tasks"].keys()
+    for label in auto.tasks:
+        assert auto.tasks[label].accuracy == plain.tasks[label].accuracy
+        assert 0.0 <= auto.tasks[label].accuracy <= 1.0
+    assert not tiny_gpt.training
+    with pytest.raises(ValueError, match="needs a core.gpt.GPT"):
+        evaluate_core(UniformModel(tok.vocab_size), tok, shared_data / "eval_bundle", share_prefix=True, **kw)
+
+
 def _rank_worker(rank, world, init_file, bundle_dir, out_dir, vocab_texts):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        tok = BPETokenizer(vocab_texts)
+        tok = train_tokenizer(vocab_texts)
         res = evaluate_core(BigramModel(tok.vocab_size), tok, bundle_dir, device="cpu", max_per_task=25,
                             tasks=["copa", "winograd", "bigbench_operators"], rank=rank, world_size=world)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -437,12 +470,11 @@ def _rank_worker(rank, world, init_file, bundle_dir, out_dir, vocab_texts):
 
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_result(tmp_path, shared_data, corpus_files):
-    import pyarrow.parquet as pq
     import torch.multiprocessing as mp
-    texts = pq.read_table(corpus_files[0]).column("text").to_pylist()[:200]
+    texts = corpus_texts(corpus_files)
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(shared_data / "eval_bundle"), str(tmp_path), texts),
              nprocs=2, join=True)
-    tok = BPETokenizer(texts)
+    tok = train_tokenizer(texts)
     single = evaluate_core(BigramModel(tok.vocab_size), tok, shared_data / "eval_bundle", device="cpu",
                            max_per_task=25, tasks=["copa", "winograd", "bigbench_operators"]).to_dict()
     for rank in (0, 1):
