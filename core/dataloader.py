@@ -25,6 +25,10 @@ epoch, unit, document index and token count); restoring re-reads and re-tokenize
 documents, so the restored loader yields the identical next batch. The token counts double as a
 check that the files and the tokenizer are the ones the state was saved with.
 
+Validation: infinite=False makes one pass over the files (the last partial batch is dropped);
+max_batches caps the number of batches (counted from the start of the run, resumes included).
+Ranks can get different numbers of batches from a finite pass: the caller agrees on a count.
+
 Tokenizing and packing run in a background thread a few batches ahead, so the trainer never waits.
 """
 from __future__ import annotations

@@ -37,6 +37,7 @@ def test_run_trains_saves_and_evaluates(store_with_data, tmp_path):
     assert m["token_bytes"]["min"] == 1 and m["token_bytes"]["max"] == int(tb.max())
 
 
+@pytest.mark.slow
 def test_through_the_store_runtime_fields_do_not_change_the_artifact(store_with_data):
     store, data = store_with_data
     events = []
