@@ -1,7 +1,7 @@
 """Stage eval_bundle: the CORE evaluation bundle as an artifact (core.yaml, eval_meta_data.csv, eval_data/).
 
-    nanorun run eval_bundle                                            # download the reference zip
-    nanorun run eval_bundle --set local_path=../shared/data/eval_bundle   # a local directory (offline)
+    nanorun stage eval_bundle                                               # download the reference zip
+    nanorun stage eval_bundle --set local_path=../shared/data/eval_bundle   # a local directory (offline)
 
 Sources:
 - `url` (default: the reference bundle, a zip): downloaded with stages.fetch into the artifact's
@@ -107,8 +107,10 @@ class Config(StageConfig):
         if self.content_digest and self.content_digest != digest:
             raise ConfigError(f"eval_bundle: {self.local_path} has content digest {digest}, but the config says "
                               f"{self.content_digest}: the files changed; drop content_digest to take them as they are")
-        # The url plays no part for a local source: clear it so identical copies hash alike.
+        # The url plays no part for a local source: clear it so identical copies hash alike. The
+        # path is made absolute: the stage may run in another working directory (a Prefect worker).
         object.__setattr__(self, "url", "")
+        object.__setattr__(self, "local_path", str(path.resolve()))
         object.__setattr__(self, "content_digest", digest)
 
     def label(self) -> str:

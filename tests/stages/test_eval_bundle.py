@@ -93,7 +93,7 @@ def _check_output(out: Path, metrics: dict, bundle_dir: Path):
 def test_local_identity_is_the_content_not_the_path(bundle_dir, tmp_path):
     cfg = stage.Config(local_path=str(bundle_dir))
     assert cfg.url == "" and cfg.content_digest.startswith("dir:") and cfg.label() == "local"
-    assert "local_path" not in cfg.identity_dict() and "local_path" in cfg.runtime_dict()
+    assert "local_path" not in cfg.identity_dict() and cfg.runtime_dict()["local_path"] == str(bundle_dir.resolve())
     copy = tmp_path / "copy"
     shutil.copytree(bundle_dir, copy)
     (copy / ".DS_Store").write_bytes(b"junk")                       # hidden files are not content
