@@ -143,12 +143,9 @@ class PackingLoader:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        rows, self._state = item
-        x = torch.from_numpy(rows[:, :-1].copy())
-        y = torch.from_numpy(rows[:, 1:].copy())
+        (x, y), self._state = item
         if self.device is not None and self.device.type == "cuda":
-            # Pinned host memory makes the copy asynchronous (overlaps the previous step's compute).
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.device is not None and self.device.type != "cpu":
             return x.to(self.device), y.to(self.device)
         return x, y
@@ -184,9 +181,14 @@ class PackingLoader:
         return False
 
     def _produce(self):
+        pin = self.device is not None and self.device.type == "cuda"
         try:
-            for item in _Packer(self, self._state).batches():
-                if not self._put(item):
+            for rows, state in _Packer(self, self._state).batches():
+                x = torch.from_numpy(rows[:, :-1].copy())
+                y = torch.from_numpy(rows[:, 1:].copy())
+                if pin:  # pinned host memory: the copy to the GPU is asynchronous (overlaps compute)
+                    x, y = x.pin_memory(), y.pin_memory()
+                if not self._put(((x, y), state)):
                     return
             self._put(None)
         except BaseException as e:  # surfaces in the consumer's next()
