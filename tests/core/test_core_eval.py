@@ -3,7 +3,6 @@ the centered formula, the GPT-2 reference numbers, batching invariance and distr
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 
