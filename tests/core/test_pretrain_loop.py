@@ -1,0 +1,210 @@
+"""The pretraining loop (core/train/pretrain.py) run for real as a subprocess on the shared corpus:
+bit-exact resume after SIGKILL, the same total batch on 1 and 2 gloo processes, refused resumes;
+plus the helpers of core/train/common.py."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from core.train.common import (MetricsLog, ResumeError, StepClock, check_resume, format_step_line,
+                               measure_matmul_flops, parse_step_line, read_metrics)
+from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig, main, parse_config, train
+from tests.train_helpers import (REPO, assert_states_equal, final_state, make_data_dir, make_tokenizer_dir,
+                                 run_trainer, trainer_cmd, trainer_env)
+
+STEPS = 24  # the tiny preset: checkpoints at 8, 16, 24
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("pretrain-inputs")
+    return (make_data_dir(root / "data", shared_data / "corpus"),
+            make_tokenizer_dir(root / "tok", shared_data / "corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-a") / "out"
+    r = run_trainer(trainer_cmd(*inputs, out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def _rows(out, kind):
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(inputs, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    cmd = trainer_cmd(*inputs, out)
+    first = out / "checkpoints" / "step_000008" / "meta.json"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not first.exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # killed mid-run: the end was not reached (else this test would not test a resume)
+    assert not (out / "checkpoints" / f"step_{STEPS:06d}").exists()
+
+    r = run_trainer(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+
+    model_a, optim_a = final_state(uninterrupted, STEPS)
+    model_b, optim_b = final_state(out, STEPS)
+    assert_states_equal(model_a, model_b, "model")
+    assert_states_equal(optim_a, optim_b, "optimizer")
+    # the metrics read as one run: every step once, the same losses and val bpb as the uninterrupted run
+    for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
+        a, b = _rows(uninterrupted, kind), _rows(out, kind)
+        assert [r["step"] for r in b] == [r["step"] for r in a]
+        assert [r[key] for r in b] == [r[key] for r in a]
+    assert [r["step"] for r in _rows(out, "val")] == [0, 8, 16, 24]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_000016", "step_000024"]  # keep-checkpoints 2
+    meta = json.loads((out / "checkpoints" / "step_000024" / "meta.json").read_text())
+    assert meta["kind"] == "base" and meta["model_config"]["n_layer"] == 2 and meta["world_size"] == 1
+    assert meta["tokenizer"]["vocab_size"] == 1024 and meta["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert meta["loop_state"]["min_val_bpb"] <= meta["val_bpb"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_reach_the_same_total_batch_and_train(inputs, uninterrupted, tmp_path):
+    out = tmp_path / "two"
+    r = run_trainer(trainer_cmd(*inputs, out, nproc=2))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = _rows(uninterrupted, "start")[0]["derived"], _rows(out, "start")[0]["derived"]
+    assert (one["world_size"], one["grad_accum_steps"]) == (1, 2)
+    assert (two["world_size"], two["grad_accum_steps"]) == (2, 1)
+    assert one["total_batch_size"] == two["total_batch_size"] == 256
+    assert _rows(out, "train")[-1]["tokens"] == _rows(uninterrupted, "train")[-1]["tokens"] == STEPS * 256
+    losses = [r["loss"] for r in _rows(out, "train")]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.2, losses
+    final = out / "checkpoints" / f"step_{STEPS:06d}"
+    assert (final / "optim_rank0.pt").is_file() and (final / "optim_rank1.pt").is_file()  # ZeRO-2 shards
+    # one process cannot continue what two started: refused, saying why (in-process: a fresh
+    # interpreter per refusal would cost seconds of imports)
+    code, err = _main_exit(trainer_cmd(*inputs, out)[3:])
+    assert code == 2 and "saved by 2 process(es), this run has 1" in err, err
+
+
+def _main_exit(argv: list[str]) -> tuple[int, str]:
+    """Run the trainer's main() in this process; (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, err.getvalue()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "7"], "identity config differs (saved -> now: seed: 42 -> 7)"),
+    (["--tokenizer-fingerprint", "abc123"], "this run has abc123 (vocab 1024)"),
+])
+def test_resume_with_another_recipe_or_tokenizer_is_refused(inputs, uninterrupted, flags, message):
+    before = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    code, err = _main_exit(trainer_cmd(*inputs, uninterrupted, *flags)[3:])
+    assert code == 2 and message in err and "refusing to resume" in err and "Traceback" not in err, err
+    assert err.startswith("error: ResumeError: ")
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == before
+
+
+def test_a_total_batch_that_does_not_divide_is_refused(inputs, tmp_path):
+    data, tok = inputs
+    cfg = PretrainConfig(data_dir=str(data), tokenizer_dir=str(tok), out=str(tmp_path / "o"), depth=2, head_dim=64,
+                         max_seq_len=64, device_batch_size=3, total_batch_size=256, num_iterations=2,
+                         wandb="disabled", device_type="cpu")
+    with pytest.raises(ValueError, match=r"not a multiple of device_batch_size 3 x seq 64 x 1 ranks"):
+        train(cfg)
+
+
+# ---- core/train/common.py and the config ---------------------------------------------------------
+
+
+def test_step_line_round_trips():
+    line = format_step_line(12, 300, 5.4321, 0.75, 0.1234, 8300.4, 1.23, 95.0, 3600.0)
+    assert line.startswith("step 00012/00300 (4.0%) | loss 5.432100 | lrm 0.750 | dt 123.4ms | tok/s 8,300")
+    p = parse_step_line(line)
+    assert p == {"step": 12, "total": 300, "loss": 5.4321, "lrm": 0.75, "dt": 0.1234, "tok_per_s": 8300.0,
+                 "mfu": 1.23}
+    assert parse_step_line("step 00012/00300 | val bpb 1.2") is None
+    nan = parse_step_line(format_step_line(1, 2, float("nan"), 1.0, 0.1, 1.0, 0.0, 0.0, None))
+    assert math.isnan(nan["loss"]) and "eta ?" in format_step_line(1, 2, 1.0, 1.0, 0.1, 1.0, 0.0, 0.0, None)
+
+
+def test_step_clock_skips_warmup_steps_and_estimates_eta():
+    clock = StepClock(100, skip_first=2)
+    for step in range(1, 5):
+        clock.tick(1.0 if step > 2 else 50.0, step)
+    assert clock.timed_steps == 2 and clock.training_time == 2.0 and clock.eta(4) == 96.0
+
+
+def test_check_resume_rules(tmp_path):
+    ident = {"depth": 2, "seed": 42}
+    tok = {"fingerprint": "abc", "vocab_size": 1024}
+    meta = {"identity": ident, "tokenizer": tok, "world_size": 2, "device_batch_size": 4}
+    assert check_resume(meta, where=tmp_path, identity=ident, tokenizer=tok, world_size=2, device_batch_size=4) == []
+    notes = check_resume(meta, where=tmp_path, identity=ident, tokenizer=tok, world_size=2, device_batch_size=2)
+    assert len(notes) == 1 and "device batch size 4 -> 2" in notes[0] and "same tokens" in notes[0]
+    with pytest.raises(ResumeError, match=r"depth: 2 -> 3"):
+        check_resume(meta, where=tmp_path, identity={"depth": 3, "seed": 42}, tokenizer=tok, world_size=2)
+    with pytest.raises(ResumeError, match=r"fp8: '<absent>' -> True"):
+        check_resume(meta, where=tmp_path, identity={**ident, "fp8": True}, tokenizer=tok, world_size=2)
+    with pytest.raises(ResumeError, match="vocab 1024.*vocab 2048"):
+        check_resume(meta, where=tmp_path, identity=ident, tokenizer={**tok, "vocab_size": 2048}, world_size=2)
+    with pytest.raises(ResumeError, match="saved by 2 process"):
+        check_resume(meta, where=tmp_path, identity=ident, tokenizer=tok, world_size=8)
+    with pytest.raises(ResumeError, match="no identity record"):
+        check_resume({}, where=tmp_path, identity=ident, tokenizer=tok, world_size=2)
+
+
+def test_metrics_log_truncates_an_interrupted_attempt(tmp_path):
+    m = MetricsLog(tmp_path / "metrics.jsonl")
+    m.append("start", step=0)
+    for step in range(1, 6):
+        m.append("train", step=step, loss=1.0 / step)
+    m.append("val", step=4, val_bpb=1.5)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # torn line of a killed writer
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 7
+    assert m.truncate_after(3) == 3
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("start", 0), ("train", 1), ("train", 2), ("train", 3)]
+    assert not MetricsLog(tmp_path / "x.jsonl", enabled=False).truncate_after(0)
+
+
+def test_config_file_and_flags(tmp_path, capsys):
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"data_dir": "D", "tokenizer_dir": "T", "out": "O", "depth": 6, "seed": 3}))
+    cfg = parse_config(["--config", str(cfg_file), "--depth", "8", "--no-compile", "--wandb", "disabled"])
+    assert (cfg.depth, cfg.seed, cfg.compile, cfg.wandb, cfg.data_dir) == (8, 3, False, "disabled", "D")
+    assert cfg.identity()["depth"] == 8 and "device_batch_size" not in cfg.identity()
+    assert {"depth", "seed", "fp8", "total_batch_size", "matrix_lr", "dtype"} <= set(IDENTITY_FIELDS)
+    cfg_file.write_text(json.dumps({"dept": 6}))
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(cfg_file)])
+    assert "unknown key(s) ['dept']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--data-dir", "D", "--tokenizer-dir", "T", "--out", "O", "--wandb", "cloud"])
+    assert "use one of disabled, offline, online" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--data-dir", "D", "--tokenizer-dir", "T"])
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_cpu_peak_flops_is_measured():
+    flops = measure_matmul_flops("cpu", torch.float32, n=128, repeats=2)
+    assert 1e6 < flops < 1e14
