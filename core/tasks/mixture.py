@@ -1,0 +1,196 @@
+"""A training mixture as data: task specs -> tasks -> one deterministically shuffled list.
+
+    specs = [TaskSpec.from_dict({"task": "gsm8k", "source": "gsm8k_train.jsonl", "epochs": 4}),
+             TaskSpec.from_dict({"task": "spelling_bee", "source": "english-words", "size": 80_000})]
+    mix = build_mixture(specs, paths={"gsm8k_train.jsonl": Path("/data/chat/gsm8k_train.jsonl")})
+    len(mix), mix[0], mix.counts            # {"gsm8k": 29892, "spelling_bee": 80000}
+
+A spec names a task kind (TASKS), its source and how much of it to use: `epochs` repeats a task
+in the mixture (the reference's "pass it in several times" oversampling), `start`/`stop` take a
+slice (e.g. hold the tail of a file out for validation), `size`/`split` size the synthetic tasks.
+`source` is what identifies the data in a config: a file name (resolved by the caller, relative to
+a data directory), an URL (downloaded by the sft stage, never by core), or a package name
+(chitchat-dataset, english-words); `paths` maps a source to the local file to read.
+The order of examples is a random.Random(seed) shuffle of every (task, example) pair, so tasks are
+interleaved all through training, and the same specs give the same order on every machine.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from core.tasks.common import Task
+from core.tasks.customjson import Conversations
+from core.tasks.gsm8k import GSM8K
+from core.tasks.multiple_choice import LAYOUTS, MultipleChoice
+from core.tasks.smoltalk import Chitchat, SmolTalk
+from core.tasks.spelling import SimpleSpelling, SpellingBee, load_words
+
+TASKS = ("conversations", "gsm8k", "smoltalk", "chitchat", "simple_spelling", "spelling_bee", "multiple_choice")
+SYNTHETIC = ("simple_spelling", "spelling_bee")
+PACKAGE_SOURCES = {"chitchat": "chitchat-dataset", "simple_spelling": "english-words", "spelling_bee": "english-words"}
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://", "s3://"))
+
+
+def is_package(source: str) -> bool:
+    return source in ("chitchat-dataset", "english-words")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    source: str = ""           # file name / URL / package; "" = the task's package (chitchat, spelling)
+    epochs: int = 1            # times the task appears in a training mixture
+    start: int = 0             # slice of the task's examples [start, stop)
+    stop: int = -1             # -1 = to the end
+    size: int = 0              # synthetic tasks: number of examples (required there)
+    split: str = "train"       # synthetic tasks: train | test seeds
+    layout: str = "auto"       # multiple_choice: auto | mmlu | arc | core
+    name: str = ""             # display name in counts and reports (default: the task kind)
+    sha256: str = ""           # URL sources: expected sha256 of the download (optional)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
+        if self.task not in TASKS:
+            raise ValueError(f"task spec: unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if not self.source:
+            if self.task not in PACKAGE_SOURCES:
+                raise ValueError(f"task spec {self.task}: needs a source (a file name, an URL or a package)")
+            set_("source", PACKAGE_SOURCES[self.task])
+        if is_package(self.source) and PACKAGE_SOURCES.get(self.task) != self.source:
+            raise ValueError(f"task spec {self.task}: source {self.source!r} is a package for another task")
+        if self.epochs < 1 or self.start < 0 or (self.stop != -1 and self.stop < self.start):
+            raise ValueError(f"task spec {self.task}: need epochs >= 1 and 0 <= start <= stop (stop -1 = end), got "
+                             f"epochs={self.epochs} start={self.start} stop={self.stop}")
+        if self.task in SYNTHETIC:
+            if self.size < 1:
+                raise ValueError(f"task spec {self.task}: synthetic tasks need size >= 1 (examples to generate)")
+            if self.split not in ("train", "test"):
+                raise ValueError(f"task spec {self.task}: split must be train or test, got {self.split!r}")
+        elif self.size:
+            raise ValueError(f"task spec {self.task}: size applies to synthetic tasks only; use start/stop to cut a file")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"task spec {self.task}: layout {self.layout!r}, use one of {LAYOUTS}")
+        if not self.name:
+            set_("name", self.task if self.task not in ("conversations", "multiple_choice")
+                 else Path(self.source.split("?")[0]).name.split(".")[0] or self.task)
+
+    @classmethod
+    def from_dict(cls, d: dict | "TaskSpec") -> "TaskSpec":
+        if isinstance(d, TaskSpec):
+            return d
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"task spec {d!r}: unknown key(s) {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        """Only the fields that differ from the defaults (short, stable identity records)."""
+        base = {"task": self.task, "source": self.source, **({"size": self.size} if self.size else {})}
+        defaults = TaskSpec(**base)
+        return {**base, **{k: v for k, v in asdict(self).items() if k not in base and v != getattr(defaults, k)}}
+
+
+def build_task(spec: TaskSpec, path: Path | str | None = None, cache: dict | None = None) -> Task:
+    """The Task of a spec; `path` is the local file of a file/URL source (None for packages).
+    `cache` shares loaded files between specs of the same source (e.g. spelling word lists)."""
+    cache = {} if cache is None else cache
+    kw = {"start": spec.start, "stop": None if spec.stop == -1 else spec.stop}
+    if not is_package(spec.source) and path is None:
+        raise ValueError(f"task {spec.name}: source {spec.source!r} needs a local file (resolve or download it first)")
+
+    def once(key, make):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    t = spec.task
+    if t == "conversations":
+        task = Conversations(path, name=spec.name, **kw)
+    elif t == "gsm8k":
+        task = GSM8K(path, **kw)
+    elif t == "smoltalk":
+        task = SmolTalk(path, **kw)
+    elif t == "chitchat":
+        task = once(("chitchat", str(path)), lambda: Chitchat(path))
+        task = _Sliced(task, **kw)
+    elif t == "multiple_choice":
+        task = MultipleChoice(path, layout=spec.layout, name=spec.name, **kw)
+    else:
+        words = once(("words", str(path or spec.source)), lambda: load_words(path or spec.source))
+        cls = SimpleSpelling if t == "simple_spelling" else SpellingBee
+        task = cls(words, size=spec.size, split=spec.split, **kw)
+    task.name = spec.name
+    return task
+
+
+class _Sliced(Task):
+    """A [start, stop) view of a shared, already loaded task."""
+
+    def __init__(self, base: Task, **kwargs):
+        super().__init__(**kwargs)
+        self.base, self.name, self.eval_type = base, base.name, base.eval_type
+
+    def num_examples(self) -> int:
+        return len(self.base)
+
+    def get_example(self, index: int) -> dict:
+        return self.base[index]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return self.base.evaluate(conversation, completion)
+
+
+class TaskMixture(Task):
+    """Tasks interleaved by a deterministic shuffle; a task listed with epochs=k appears k times."""
+
+    name = "mixture"
+
+    def __init__(self, tasks: list[Task], epochs: list[int] | None = None, seed: int = 42):
+        super().__init__()
+        epochs = epochs or [1] * len(tasks)
+        self.tasks = tasks
+        self.counts: dict[str, int] = {}
+        index: list[int] = []
+        for ti, (task, k) in enumerate(zip(tasks, epochs)):
+            n = len(task)
+            self.counts[task.name] = self.counts.get(task.name, 0) + n * k
+            for _ in range(k):
+                index.extend(ti << 32 | i for i in range(n))
+        random.Random(seed).shuffle(index)
+        self.index = index
+
+    def num_examples(self) -> int:
+        return len(self.index)
+
+    def get_example(self, index: int) -> dict:
+        code = self.index[index]
+        return self.tasks[code >> 32][code & 0xFFFFFFFF]
+
+    def task_of(self, index: int) -> str:
+        return self.tasks[self.index[index] >> 32].name
+
+
+def build_mixture(specs: list[TaskSpec | dict], paths: dict[str, Path | str] | None = None,
+                  seed: int = 42) -> TaskMixture:
+    """A TaskMixture from specs; paths maps each file/URL source to its local file."""
+    paths = paths or {}
+    specs = [TaskSpec.from_dict(s) for s in specs]
+    if not specs:
+        raise ValueError("a mixture needs at least one task spec")
+    cache: dict = {}
+    tasks = []
+    for s in specs:
+        path = paths.get(s.source)
+        if path is None and not is_package(s.source):
+            raise ValueError(f"task {s.name}: no local file for source {s.source!r} (known: {sorted(paths)})")
+        tasks.append(build_task(s, path, cache))
+    empty = [t.name for t in tasks if len(t) == 0]
+    if empty:
+        raise ValueError(f"mixture: task(s) {empty} have no examples (check the slices and files)")
+    return TaskMixture(tasks, [s.epochs for s in specs], seed=seed)
