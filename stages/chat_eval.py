@@ -1,0 +1,175 @@
+"""Stage chat_eval: chat accuracy of a model artifact (sft, or pretrain for a baseline).
+
+    nanorun run chat_eval --preset cpu-demo --set data_dir=../shared/data/chat --input model=sft@latest
+    nanorun run chat_eval --preset reference --input model=sft@latest      # GSM8K, MMLU, ARC, SpellingBee
+
+    m = execute("chat_eval", preset("tiny", data_dir=d), {"model": sft_ref, "tokenizer": tok_ref}, store)
+    m.metrics["chatcore"], m.metrics["tasks"]["gsm8k"]["accuracy"]
+
+Tasks (identity `tasks`: core.tasks TaskSpec dicts of evaluable kinds; sources as in stages/sft.py:
+file names in data_dir with content digests, URLs fetched into the work dir, packages):
+- gsm8k: generate with the Engine (greedy, the calculator tool live), grade the '#### N' answer;
+- spelling_bee (split "test"): the same, on synthetic letter-count questions;
+- multiple_choice (MMLU / ARC / CORE-bundle layouts): argmax over the choice letters' logits.
+With the optional `eval_bundle` input, `bundle_tasks` (e.g. arc_easy, arc_challenge) are read
+from the bundle's eval_data/ as chat multiple choice: ARC offline. `max_problems` caps each task
+(the first N of a seed-42 shuffle, as the reference). The run is in-process on one device; the
+metrics hold accuracy per task, ChatCORE and a few sample completions; results.json and the
+printed table are in the artifact.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+from stages.sft import SOURCES_DIR, check_digests, compute_digests, normalise_specs, resolve_sources
+
+NAME = "chat_eval"
+code_version = "1"
+INPUTS = ("model", "tokenizer")
+OPTIONAL_INPUTS = ("eval_bundle",)
+
+log = stage_logger(NAME)
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    tasks: tuple = identity((), help="TaskSpec dicts of evaluable tasks (gsm8k, spelling_bee, multiple_choice)")
+    bundle_tasks: tuple = identity((), help="multiple-choice task files of the eval_bundle input (e.g. arc_easy)")
+    source_digests: dict = identity(None, help="sha256 per local/package source (computed; a given value must match)")
+    max_problems: int = identity(-1, help="problems per task (-1 = all)")
+    task_max_problems: dict = identity(None, help="per-task overrides of max_problems {name: n}")
+    max_new_tokens: int = identity(512, help="generation budget per reply")
+    temperature: float = identity(0.0, help="sampling temperature (0 = greedy)")
+    top_k: int = identity(50, help="top-k sampling (0 = off)")
+    num_samples: int = identity(1, help="replies per generative problem (pass@k)")
+    seed: int = identity(42, help="sampling seed")
+    dtype: str = identity("auto", help="compute dtype: auto | bfloat16 | float32")
+    data_dir: str = runtime("", help="directory of the file sources (e.g. ../shared/data/chat)")
+    device_type: str = runtime("", help="cuda | cpu | mps (empty = autodetect)")
+    batch_size: int = runtime(8, help="prompts per forward pass for multiple choice")
+    threads: int = runtime(0, help="CPU threads (0 = all)")
+    fetch_retries: int = runtime(5, help="attempts per URL source download")
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("tasks", normalise_specs(self.tasks, "chat_eval.tasks"))
+        set_("bundle_tasks", tuple(str(t) for t in self.bundle_tasks))
+        set_("task_max_problems", dict(self.task_max_problems or {}))
+        if not self.tasks and not self.bundle_tasks:
+            raise ConfigError("chat_eval: no tasks; list some in `tasks` and/or `bundle_tasks`")
+        bad = [s["task"] for s in self.tasks if s["task"] not in ("gsm8k", "spelling_bee", "multiple_choice")]
+        if bad:
+            raise ConfigError(f"chat_eval.tasks: {bad} cannot be graded; use gsm8k, spelling_bee or multiple_choice")
+        if self.data_dir:
+            set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
+        set_("source_digests", check_digests(self.source_digests, compute_digests(list(self.tasks), self.data_dir,
+                                                                                  "chat_eval"), "chat_eval"))
+        names = [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"chat_eval: task names {names} repeat; give the specs distinct 'name's")
+        unknown = sorted(set(self.task_max_problems) - set(names))
+        if unknown:
+            raise ConfigError(f"chat_eval.task_max_problems: unknown task(s) {unknown}; tasks: {names}")
+        if self.max_new_tokens < 1 or self.num_samples < 1 or self.batch_size < 1 or self.temperature < 0:
+            raise ConfigError("chat_eval: max_new_tokens, num_samples, batch_size >= 1 and temperature >= 0")
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ConfigError(f"chat_eval.dtype={self.dtype!r}: use auto, bfloat16, float32 or float16")
+
+    def names(self) -> list[str]:
+        return [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)
+
+    def label(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_]", "_", ".".join(self.names()))[:48]
+
+
+OFFLINE_TASKS = ({"task": "gsm8k", "source": "gsm8k_test.jsonl"},   # from data_dir (the shared chat data)
+                 {"task": "spelling_bee", "size": 256, "split": "test"})  # english-words, offline
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(max_problems=4, max_new_tokens=48, batch_size=4, device_type="cpu"),
+    "cpu-demo": dict(max_problems=100, max_new_tokens=256, bundle_tasks=("arc_easy", "arc_challenge"),
+                     device_type="cpu"),
+    "reference": dict(tasks=({"task": "gsm8k", "source": "gsm8k_test.jsonl"},
+                             {"task": "spelling_bee", "size": 256, "split": "test"},
+                             {"task": "multiple_choice", "layout": "mmlu", "name": "mmlu",
+                              "source": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/"
+                                        "test-00000-of-00001.parquet"}),
+                      bundle_tasks=("arc_easy", "arc_challenge"), max_problems=-1,
+                      task_max_problems={"gsm8k": -1}),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown chat_eval preset {name!r}; presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    if name in ("tiny", "cpu-demo"):
+        values.setdefault("tasks", OFFLINE_TASKS)
+    return Config.from_dict({**values, **overrides})
+
+
+def bundle_file(bundle: Path, name: str) -> Path:
+    hits = sorted(Path(bundle).glob(f"eval_data/**/{name}.jsonl"))
+    if not hits:
+        raise FileNotFoundError(f"eval bundle {bundle} has no eval_data/**/{name}.jsonl; bundle_tasks must name its "
+                                "multiple-choice files (e.g. arc_easy, arc_challenge)")
+    return hits[0]
+
+
+def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    import torch
+
+    from core.checkpoint import check_tokenizer, load_model
+    from core.common import parse_dtype
+    from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
+    from core.tasks.multiple_choice import MultipleChoice
+    from core.tokenizer import Tokenizer
+    from stages.pretrain import model_checkpoint, tokenizer_dir
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.bundle_tasks and "eval_bundle" not in inputs:
+        raise ConfigError(f"chat_eval.bundle_tasks {list(cfg.bundle_tasks)} need the eval_bundle input")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = resolve_sources(list(cfg.tasks), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
+    tok = Tokenizer.from_directory(tokenizer_dir(inputs["tokenizer"].path))
+    ckpt = model_checkpoint(inputs["model"].path)
+    model, meta = load_model(ckpt, device, None if cfg.dtype == "auto" else parse_dtype(cfg.dtype))
+    check_tokenizer(meta, inputs["tokenizer"].ref.fingerprint, tok.vocab_size, f"model {inputs['model'].ref}")
+    tasks = build_eval_tasks(list(cfg.tasks), paths)
+    for name in cfg.bundle_tasks:
+        tasks[name] = MultipleChoice(bundle_file(inputs["eval_bundle"].path, name), layout="core", name=name)
+    limits = {name: cfg.task_max_problems.get(name, cfg.max_problems) for name in tasks}
+    log.info("chat eval of %s (kind %s, step %s): %s", inputs["model"].ref, meta.get("kind"), meta.get("step"),
+             ", ".join(f"{n} ({min(len(t), limits[n]) if limits[n] >= 0 else len(t)})" for n, t in tasks.items()))
+    t0 = time.perf_counter()
+    done = []
+
+    def report(line: str) -> None:
+        log.info(line)
+        done.append(line)
+        progress(len(done), len(tasks), task=line.split("|")[-1].strip())
+
+    progress(0, len(tasks))
+    result = evaluate_chat(model, tok, tasks, max_problems=limits, batch_size=cfg.batch_size, log=report,
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                           num_samples=cfg.num_samples, seed=cfg.seed)
+    table = format_table(result)
+    for line in table.splitlines():
+        log.info(line)
+    metrics = {**result.to_dict(), "model_kind": meta.get("kind"), "model_step": meta.get("step"),
+               "table": table, "seconds": round(time.perf_counter() - t0, 3),
+               "samples": {n: t.samples for n, t in result.tasks.items() if t.samples}}
+    (out / "results.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "table.txt").write_text(table + "\n")
+    shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)  # downloaded task files are inputs, not results
+    return metrics

@@ -1,0 +1,447 @@
+"""Stage sft: a chat model fine-tuned from a base model by core/train/sft.py under torchrun.
+
+    nanorun run sft --preset cpu-demo --set data_dir=../shared/data/chat     # minutes on 2 CPU cores
+    nanorun run sft --preset d24 --input base=pretrain@latest               # the reference mixture, 8 GPUs
+
+    from stages.sft import preset
+    cfg = preset("tiny", data_dir="../shared/data/chat")
+    m = execute("sft", cfg, {"base": pretrain_ref, "tokenizer": tok_ref}, store)
+    model, meta = core.checkpoint.load_model(stages.pretrain.model_checkpoint(store.materialize(m.ref)))
+
+The mixture is data (identity): `train_mixture` / `val_mixture` are core.tasks TaskSpec dicts,
+e.g. {"task": "gsm8k", "source": "gsm8k_train.jsonl", "epochs": 4}. A source is
+- a file name, read from `data_dir` (runtime: where the chat data lives on this machine). What
+  identifies it is its content: `source_digests` maps every local and package source to a sha256
+  computed when the config is built (like data_shards' local sources), so a changed file is a new
+  artifact and two copies of the same files are one;
+- an URL (http(s):// or s3://), downloaded through stages/fetch.py into the work dir (resumable,
+  verified against the spec's sha256 when given) and deleted once the artifact is committed;
+- a package: chitchat-dataset, english-words (offline, from PyPI).
+Identity also holds the recipe (LRs, schedule, seq len, batch, iterations, seed); runtime how it
+runs (processes, device batch size, eval/save cadence, timeout). The base model and the tokenizer
+are inputs (INPUTS = base, tokenizer): the base may be a pretrain or an sft artifact.
+
+The artifact has the pretrain layout: checkpoint.json -> checkpoints/step_N (kind "sft", the
+base's tokenizer record), run.json, mixture.json, metrics.jsonl, train.log, attempts.jsonl,
+loss_curve.png. A crashed run resumes exactly from its newest checkpoint in the work dir.
+"""
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+
+NAME = "sft"
+code_version = "1"
+INPUTS = ("base", "tokenizer")
+
+log = stage_logger(NAME)
+
+CHECKPOINT_POINTER = "checkpoint.json"
+CURVE_POINTS = 200
+SOURCES_DIR = "sources"  # downloads of URL sources inside the work dir (removed after success)
+
+
+# ---- sources: file names in data_dir, URLs, packages ------------------------------------------------------
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file (cached per path, size and mtime: configs are built often, files rarely change)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def package_file(name: str) -> Path:
+    """The data file inside an installed package source (what its digest is computed from)."""
+    if name == "chitchat-dataset":
+        from core.tasks.smoltalk import chitchat_file
+        return chitchat_file()
+    try:
+        import english_words
+    except ImportError:
+        raise ConfigError("source 'english-words' needs the PyPI package english-words (pip install 'nanorun[demo]')")
+    return Path(english_words.__file__).parent / "data" / "web2_alpha_lower.pickle"
+
+
+def normalise_specs(specs, field: str) -> tuple:
+    """TaskSpec dicts in their canonical short form (so equal mixtures hash equally)."""
+    from core.tasks.mixture import TaskSpec
+
+    try:
+        return tuple(TaskSpec.from_dict(s).to_dict() for s in specs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
+def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, str]:
+    """{source: sha256} for every local-file and package source (URLs are identified by themselves)."""
+    from core.tasks.mixture import is_package, is_url
+
+    out = {}
+    for s in specs:
+        src = s["source"]
+        if src in out or is_url(src):
+            continue
+        if is_package(src):
+            try:
+                out[src] = file_digest(package_file(src))
+            except ImportError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            continue
+        if Path(src).is_absolute() or ".." in Path(src).parts:
+            raise ConfigError(f"{where}: source {src!r} must be a file name inside data_dir (paths are runtime, "
+                              "not part of the recipe), an URL or a package")
+        if not data_dir:
+            raise ConfigError(f"{where}: source {src!r} is a local file: set data_dir to the directory holding it "
+                              "(e.g. ../shared/data/chat)")
+        path = Path(data_dir) / src
+        if not path.is_file():
+            raise ConfigError(f"{where}: {path} does not exist (source {src!r} in data_dir {data_dir})")
+        out[src] = file_digest(path)
+    return out
+
+
+def check_digests(given: dict, computed: dict, where: str) -> dict:
+    if given and dict(given) != computed:
+        changed = sorted(k for k in set(given) | set(computed) if given.get(k) != computed.get(k))
+        raise ConfigError(f"{where}: the content of source(s) {changed} differs from source_digests (the files "
+                          "changed); drop source_digests to take them as they are")
+    return computed
+
+
+def resolve_sources(specs: list[dict], data_dir: str, digests: dict, work: Path, retries: int = 5) -> dict[str, str]:
+    """{source: local file} for every file / URL source: data_dir files (re-checked against their
+    digest: they must not change between config and run) and URLs downloaded into work/sources."""
+    from core.tasks.mixture import is_package, is_url
+    from stages.fetch import fetch
+
+    paths: dict[str, str] = {}
+    for s in specs:
+        src = s["source"]
+        if src in paths or is_package(src):
+            continue
+        if is_url(src):
+            name = hashlib.sha256(src.encode()).hexdigest()[:12] + "-" + Path(src.split("?")[0]).name
+            r = fetch(src, work / SOURCES_DIR / name, sha256=s.get("sha256") or None, retries=retries)
+            log.info("source %s: %s (%s bytes%s)", src, r.path, f"{r.size:,}", ", cached" if r.skipped else "")
+            paths[src] = str(r.path)
+            continue
+        path = Path(data_dir) / src
+        if not path.is_file() or file_digest(path) != digests.get(src):
+            raise RuntimeError(f"source {src!r} in {data_dir} is missing or changed since the config was built; "
+                               "rebuild the config to take the new file")
+        paths[src] = str(path.resolve())
+    return paths
+
+
+# ---- config -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config(StageConfig):
+    # ---- identity: the mixture and the recipe (-1 = inherit from the base run, as the reference)
+    train_mixture: tuple = identity((), help="TaskSpec dicts (core.tasks.mixture): task, source, epochs, start, "
+                                             "stop, size, split, layout, name, sha256")
+    val_mixture: tuple = identity((), help="TaskSpec dicts for the validation loss (held-out data)")
+    mixture_seed: int = identity(42, help="seed of the mixture's shuffle")
+    source_digests: dict = identity(None, help="sha256 per local/package source (computed; a value given must match)")
+    max_seq_len: int = identity(-1, help="row length (-1 = the base model's context)")
+    total_batch_size: int = identity(-1, help="tokens per optimizer step (-1 = the base run's)")
+    num_iterations: int = identity(-1, help="optimizer steps (-1 = one pass over the mixture)")
+    embedding_lr: float = identity(-1.0, help="raw AdamW lr of wte (-1 = the base run's)")
+    unembedding_lr: float = identity(-1.0, help="raw AdamW lr of lm_head (-1 = the base run's)")
+    matrix_lr: float = identity(-1.0, help="raw Muon lr (-1 = the base run's)")
+    scalar_lr: float = identity(-1.0, help="raw AdamW lr of the per-layer scalars (-1 = the base run's)")
+    init_lr_frac: float = identity(0.8, help="LRs start at this fraction")
+    warmup_ratio: float = identity(0.0, help="fraction of steps with a linear warmup")
+    warmdown_ratio: float = identity(0.5, help="fraction of steps at the end with a linear decay")
+    final_lr_frac: float = identity(0.0, help="LR at the end, as a fraction of the initial LR")
+    weight_decay: float = identity(0.0, help="Muon weight decay")
+    load_optimizer: bool = identity(True, help="warm-start the optimizer from the base checkpoint")
+    buffer_size: int = identity(100, help="conversations kept for best-fit packing")
+    seed: int = identity(42, help="RNG seed")
+    dtype: str = identity("auto", help="compute dtype: auto | bfloat16 | float32 | float16")
+    # ---- runtime
+    data_dir: str = runtime("", help="directory of the file sources (e.g. ../shared/data/chat)")
+    nproc: int = runtime(1, help="processes (GPUs, or CPU processes with gloo)")
+    device_type: str = runtime("", help="cuda | cpu | mps (empty = autodetect)")
+    device_batch_size: int = runtime(-1, help="rows per micro-batch per process (-1 = the base run's)")
+    eval_every: int = runtime(200, help="val loss every N steps (-1 = only at the end)")
+    eval_tokens: int = runtime(40 * 524288, help="validation tokens per evaluation")
+    save_every: int = runtime(200, help="checkpoint every N steps (-1 = only at the end)")
+    keep_checkpoints: int = runtime(2, help="checkpoints kept while training")
+    compile: bool | None = runtime(None, help="torch.compile (None = on CUDA only)")
+    wandb: str = runtime("offline", help="disabled | offline | online")
+    omp_threads: int = runtime(0, help="CPU threads per process (0 = cores / nproc)")
+    timeout: float = runtime(0.0, help="kill the run after this many seconds (0 = never)")
+    heartbeat: float = runtime(60.0, help="log a 'still running' line after this many silent seconds")
+    fetch_retries: int = runtime(5, help="attempts per URL source download")
+    extra_args: tuple = runtime((), help="extra flags for core.train.sft (experiments)")
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
+        set_("extra_args", tuple(str(a) for a in self.extra_args))
+        set_("train_mixture", normalise_specs(self.train_mixture, "sft.train_mixture"))
+        set_("val_mixture", normalise_specs(self.val_mixture, "sft.val_mixture"))
+        if not self.train_mixture:
+            raise ConfigError("sft.train_mixture is empty: list the tasks to train on (see the presets)")
+        if self.data_dir:
+            set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
+        digests = compute_digests([*self.train_mixture, *self.val_mixture], self.data_dir, "sft")
+        set_("source_digests", check_digests(self.source_digests, digests, "sft"))
+        for name in ("nproc", "buffer_size", "keep_checkpoints", "fetch_retries"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 1")
+        if self.wandb not in ("disabled", "offline", "online"):
+            raise ConfigError(f"sft.wandb={self.wandb!r}: use disabled, offline or online")
+        if self.timeout < 0 or self.heartbeat <= 0 or self.omp_threads < 0:
+            raise ConfigError("sft: timeout and omp_threads must be >= 0, heartbeat > 0")
+        try:
+            self.trainer_config(base_checkpoint="-", tokenizer_dir="-", mixture="-", out="-", tokenizer_fingerprint="")
+        except (TypeError, ValueError) as e:  # the trainer's own validation, before any launch
+            raise ConfigError(f"sft: {e}") from None
+        if self.total_batch_size > 0 and self.max_seq_len > 0 and self.device_batch_size > 0:
+            per_step = self.device_batch_size * self.max_seq_len * self.nproc
+            if self.total_batch_size % per_step:
+                raise ConfigError(f"sft: the total batch of {self.total_batch_size:,} tokens is not a multiple of "
+                                  f"device_batch_size {self.device_batch_size} x max_seq_len {self.max_seq_len} x "
+                                  f"{self.nproc} process(es) = {per_step:,}; change device_batch_size or nproc")
+
+    def trainer_config(self, **paths) -> dict:
+        from core.train.sft import SFTConfig
+
+        known = {f.name for f in fields(SFTConfig)}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in known}
+        values.update(paths, run_name=f"sft-{self.label()}")
+        SFTConfig(**values)
+        return values
+
+    def label(self) -> str:
+        names = []
+        for s in self.train_mixture:
+            n = s.get("name") or s["task"]
+            if n not in names:
+                names.append(n)
+        return re.sub(r"[^A-Za-z0-9_]", "_", ".".join(names))[:48] or "sft"
+
+
+# ---- presets --------------------------------------------------------------------------------------------------
+_TINY_LRS = dict(embedding_lr=0.1, unembedding_lr=0.004, matrix_lr=0.005, scalar_lr=0.01)
+HF = "https://huggingface.co/datasets"
+REFERENCE_SOURCES = {  # the reference mixture's files (fetched on a machine with internet access)
+    "smoltalk_train": f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet",
+    "smoltalk_test": f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/test-00000-of-00001.parquet",
+    "mmlu_aux": f"{HF}/cais/mmlu/resolve/main/auxiliary_train/train-00000-of-00001.parquet",
+    "mmlu_test": f"{HF}/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
+    "gsm8k_train": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
+    "gsm8k_test": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+    "identity": "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+    "words": "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+}
+_R = REFERENCE_SOURCES
+REFERENCE_MIXTURE = (  # nanochat scripts/chat_sft.py
+    {"task": "smoltalk", "source": _R["smoltalk_train"]},
+    {"task": "conversations", "source": _R["identity"], "epochs": 2, "name": "identity"},
+    {"task": "multiple_choice", "source": _R["mmlu_aux"], "layout": "mmlu", "epochs": 3, "name": "mmlu"},
+    {"task": "gsm8k", "source": _R["gsm8k_train"], "epochs": 4},
+    {"task": "simple_spelling", "source": _R["words"], "size": 200_000},
+    {"task": "spelling_bee", "source": _R["words"], "size": 80_000},
+)
+REFERENCE_VAL = (
+    {"task": "smoltalk", "source": _R["smoltalk_test"]},
+    {"task": "multiple_choice", "source": _R["mmlu_test"], "layout": "mmlu", "stop": 5200, "name": "mmlu"},
+    {"task": "gsm8k", "source": _R["gsm8k_test"], "stop": 420},
+)
+_GPU = dict(train_mixture=REFERENCE_MIXTURE, val_mixture=REFERENCE_VAL, nproc=8, eval_every=200,
+            eval_tokens=40 * 524288, save_every=200)
+
+
+def _chat_files(data_dir: str, *names: str) -> bool:
+    return bool(data_dir) and all((Path(data_dir) / n).is_file() for n in names)
+
+
+def _cpu_demo_mixture(data_dir: str) -> dict:
+    """Offline sources only: chitchat and spelling always; identity and GSM8K from data_dir if there."""
+    train = [{"task": "chitchat", "stop": 3800},
+             {"task": "simple_spelling", "size": 1000}, {"task": "spelling_bee", "size": 500}]
+    val = [{"task": "chitchat", "start": 3800}]
+    if _chat_files(data_dir, "identity_conversations.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl"):
+        train += [{"task": "conversations", "source": "identity_conversations.jsonl", "stop": 900, "epochs": 2,
+                   "name": "identity"}, {"task": "gsm8k", "source": "gsm8k_train.jsonl", "stop": 2000}]
+        val += [{"task": "conversations", "source": "identity_conversations.jsonl", "start": 900, "name": "identity"},
+                {"task": "gsm8k", "source": "gsm8k_test.jsonl", "stop": 100}]
+    return {"train_mixture": tuple(train), "val_mixture": tuple(val)}
+
+
+def _tiny_mixture(data_dir: str) -> dict:
+    """Seconds of training: a few dozen conversations of each kind (tool calls included)."""
+    if not _chat_files(data_dir, "identity_conversations.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl"):
+        raise ConfigError("sft preset 'tiny' reads identity_conversations.jsonl and gsm8k_*.jsonl from data_dir: "
+                          "pass data_dir=../shared/data/chat")
+    return {"train_mixture": ({"task": "conversations", "source": "identity_conversations.jsonl", "stop": 24,
+                               "name": "identity"},
+                              {"task": "gsm8k", "source": "gsm8k_train.jsonl", "stop": 24},
+                              {"task": "spelling_bee", "size": 8}),
+            "val_mixture": ({"task": "gsm8k", "source": "gsm8k_test.jsonl", "stop": 8},)}
+
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU, for the tests (base: the pretrain 'tiny' preset, context 64)
+    "tiny": dict(max_seq_len=256, total_batch_size=1024, device_batch_size=2, warmdown_ratio=0.5, **_TINY_LRS,
+                 eval_every=4, eval_tokens=2048, save_every=4, keep_checkpoints=2, wandb="disabled",
+                 device_type="cpu", compile=False),
+    # a couple of minutes on 2 CPU cores (base: the pretrain 'cpu-demo' preset)
+    "cpu-demo": dict(max_seq_len=512, total_batch_size=8192, device_batch_size=8, embedding_lr=0.3,
+                     unembedding_lr=0.01, matrix_lr=0.01, scalar_lr=0.05, eval_every=50, eval_tokens=65536,
+                     save_every=50, device_type="cpu", compile=False),
+    "d12": dict(**_GPU, device_batch_size=32),
+    "d20": dict(**_GPU, device_batch_size=32),
+    "d24": dict(**_GPU, device_batch_size=16),
+    "d26": dict(**_GPU, device_batch_size=16),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    """A Config from a preset plus overrides (Config fields). 'tiny' and 'cpu-demo' build their
+    mixtures from the files found in data_dir."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown sft preset {name!r}; presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[name])
+    data_dir = overrides.get("data_dir", values.get("data_dir", ""))
+    if name == "tiny":
+        values.update(_tiny_mixture(data_dir))
+    elif name == "cpu-demo":
+        values.update(_cpu_demo_mixture(data_dir))
+    return Config.from_dict({**values, **overrides})
+
+
+# ---- run ------------------------------------------------------------------------------------------------------
+def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    from core.checkpoint import list_checkpoints
+    from core.train.common import parse_step_line
+    from stages.launch import launch, torchrun_cmd, worker_env
+    from stages.pretrain import model_checkpoint, tokenizer_dir
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_ckpt = model_checkpoint(inputs["base"].path)
+    tok_dir = tokenizer_dir(inputs["tokenizer"].path)
+    specs = [*cfg.train_mixture, *cfg.val_mixture]
+    paths = resolve_sources(specs, cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
+    mixture = {"train": list(cfg.train_mixture), "val": list(cfg.val_mixture), "seed": cfg.mixture_seed,
+               "paths": paths}
+    (out / "mixture.json").write_text(json.dumps(mixture, indent=1) + "\n")
+    run_json = out / "run.json"
+    run_json.write_text(json.dumps(cfg.trainer_config(
+        base_checkpoint=str(base_ckpt), tokenizer_dir=str(tok_dir), mixture=str(out / "mixture.json"), out=str(out),
+        tokenizer_fingerprint=inputs["tokenizer"].ref.fingerprint), indent=1) + "\n")
+    ckpts = list_checkpoints(out / "checkpoints")
+    start = ckpts[-1][0] if ckpts else 0
+    log.info("sft from %s on %d process(es)%s", inputs["base"].ref, cfg.nproc,
+             f"; resuming from the checkpoint at step {start} in the work dir" if ckpts else "")
+
+    ctx, last_report = contextvars.copy_context(), [0.0]
+
+    def on_line(line: str) -> None:  # runs on launch()'s thread: report in our context (see pretrain)
+        p = parse_step_line(line)
+        if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
+            return
+        last_report[0] = time.monotonic()
+        ctx.run(progress, p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
+
+    cmd = torchrun_cmd("core.train.sft", ["--config", str(run_json), *cfg.extra_args], nproc=cfg.nproc)
+    env = worker_env(cfg.nproc, {"OMP_NUM_THREADS": str(cfg.omp_threads)} if cfg.omp_threads else None)
+    t0, rc = time.time(), None
+    try:
+        rc = launch(cmd, log_path=out / "train.log", env=env, timeout=cfg.timeout or None, heartbeat=cfg.heartbeat,
+                    name="sft", on_line=on_line).returncode
+    except Exception as e:
+        rc = getattr(e, "returncode", None)
+        raise
+    finally:
+        with open(out / "attempts.jsonl", "a") as f:
+            f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
+                                "nproc": cfg.nproc, "resumed_from": start}) + "\n")
+    return finish(cfg, out)
+
+
+def finish(cfg: Config, out: Path) -> dict:
+    """Keep the final checkpoint only, drop downloads, draw the curves, compute the metrics."""
+    from core.checkpoint import list_checkpoints
+    from core.train.common import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    start = [r for r in rows if r["kind"] == "start"][-1]
+    derived = start["derived"]
+    total = derived["num_iterations"]
+    ckpts = list_checkpoints(out / "checkpoints")
+    if not ckpts or ckpts[-1][0] != total:
+        raise RuntimeError(f"the trainer exited cleanly but {out / 'checkpoints'} holds no checkpoint at step {total} "
+                           f"(found {[s for s, _ in ckpts]}); see {out / 'train.log'}")
+    final_step, final_dir = ckpts[-1]
+    for _, path in ckpts[:-1]:
+        shutil.rmtree(path)
+    for tmp in (out / "checkpoints").glob("step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)
+    rel = final_dir.relative_to(out).as_posix()
+    (out / CHECKPOINT_POINTER).write_text(json.dumps({"checkpoint": rel, "step": final_step}) + "\n")
+
+    train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(), key=lambda r: r["step"])
+    val = sorted({r["step"]: r for r in rows if r["kind"] == "val"}.values(), key=lambda r: r["step"])
+    done = next((r for r in reversed(rows) if r["kind"] == "done"), {})
+    attempts = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines() if x.strip()]
+    steady = [r for r in train if r["step"] > 10] or train
+    plot_curves(out / "loss_curve.png", train, val, f"sft {cfg.label()}")
+    every = max(1, -(-len(train) // CURVE_POINTS))
+    curve = [[r["step"], round(r["loss"], 5)] for r in train[::every]]
+    if train and curve[-1][0] != train[-1]["step"]:
+        curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
+    data = derived["data"]
+    return {
+        "checkpoint": rel, "iterations": final_step, "total_batch_size": derived["total_batch_size"],
+        "max_seq_len": derived["max_seq_len"], "grad_accum_steps": derived["grad_accum_steps"],
+        "world_size": derived["world_size"], "device": derived["device"], "dtype": derived["dtype"],
+        "conversations": data["conversations"], "tokens": data["tokens"], "trained_tokens": data["trained_tokens"],
+        "truncated": data["truncated"], "skipped": data["skipped"], "counts_per_task": data["mixture_counts"],
+        "rendered_per_task": data["per_task"], "lrs": derived["lrs"],
+        "final_val_loss": val[-1]["val_loss"] if val else None, "final_val_bpb": val[-1]["val_bpb"] if val else None,
+        "min_val_loss": min(r["val_loss"] for r in val) if val else None,
+        "val_loss_curve": [[r["step"], round(r["val_loss"], 6)] for r in val],
+        "final_train_loss": train[-1]["loss"] if train else None, "loss_curve": curve,
+        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady) if steady else None,
+        "mfu_percent": statistics.median(r["mfu"] for r in steady) if steady else None,
+        "training_time_s": done.get("training_time"),
+        "wall_time_s": round(sum(a["seconds"] for a in attempts), 3), "attempts": len(attempts),
+    }
+
+
+def plot_curves(path: Path, train: list[dict], val: list[dict], title: str) -> None:
+    """Train loss (smoothed) and val loss against steps (PNG, Agg backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train (smoothed)")
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label="val")
+    ax.set(xlabel="step", ylabel="loss (nats per trained token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
