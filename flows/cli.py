@@ -40,6 +40,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("plan", "flows.cli:Plan", "dry-run plan of a pipeline file (JSON/YAML)"),
     ("speedrun", "flows.commands:Speedrun", "run the speedrun flow for a preset (or --plan it)"),
     ("stage", "flows.commands:Stage", "run or rerun one stage with explicit inputs"),
+    ("leaderboard", "flows.board:Leaderboard", "completed speedruns, fastest to GPT-2 first"),
 ]
 
 

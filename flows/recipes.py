@@ -32,27 +32,32 @@ SPEEDRUN_GRAPH: list[Node] = [
     Node("tokenizer", "tokenizer", {"data": "data"}),
     Node("eval_bundle", "eval_bundle"),
     Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer"}),
+    Node("base_eval", "core_eval", {"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
+    Node("report", "report", {"base": "base", "data": "data", "tokenizer": "tokenizer",
+                              "eval_bundle": "eval_bundle", "base_eval": "base_eval"}),
 ]
 
-_CPU = {"nproc": 1}
+_GPU = {"base_eval": {"preset": "gpu"}}
 PRESETS: dict[str, dict[str, dict]] = {
     # The offline demo: PyPI's chitchat corpus, a small vocabulary, a d4 model, minutes on 2 cores.
     "cpu-demo": {
         "data": {"source": "chitchat"},
         "tokenizer": {"vocab_size": 8192},
         "base": {"preset": "cpu-demo"},
+        "base_eval": {"preset": "cpu-demo"},
     },
     # Seconds on a CPU: what the end-to-end tests run.
     "tiny": {
         "data": {"source": "chitchat", "val_docs": 256},
         "tokenizer": {"vocab_size": 1024, "max_chars": 2_000_000},
         "base": {"preset": "tiny"},
+        "base_eval": {"preset": "tiny"},
     },
     # The reference GPU recipes (8 GPUs; stage presets carry batch sizes and cadences).
-    "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"}},
-    "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"}},
-    "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"}},
-    "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"}},
+    "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"}, **_GPU},
+    "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"}, **_GPU},
+    "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"}, **_GPU},
+    "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"}, **_GPU},
 }
 
 
@@ -116,6 +121,9 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
     if eval_bundle:
         key = "url" if eval_bundle.startswith(("http://", "https://", "s3://")) else "local_path"
         shortcuts.setdefault("eval_bundle", {})[key] = str(Path(eval_bundle).expanduser()) if key == "local_path" else eval_bundle
+    for n in graph:  # the report names the recipe it reports on
+        if n.stage == "report":
+            shortcuts.setdefault(n.name, {})["recipe"] = preset
     layers = merge(PRESETS[preset], shortcuts, overrides or {})
     unknown = sorted(set(layers) - set(names))
     if unknown:

@@ -51,7 +51,25 @@ def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | No
     refs = {name: fut.result() for name, fut in futures.items()}
     for name, ref in refs.items():
         logger.info("%-12s %s", name, ref)
+    publish_report(refs, store_url, preset)
     return refs
+
+
+def publish_report(refs: dict[str, str], store_url: str, preset: str) -> None:
+    """The run report, as a Markdown artifact on the flow run's page in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact
+
+    report = [ref for ref in refs.values() if ref.startswith("report/")]
+    if not report:
+        return
+    st = open_store(store_url)
+    ref = st.resolve(report[0])
+    markdown = (st.materialize(ref) / "report.md").read_text()
+    # images are files of the report artifact: point at them instead of leaving broken links
+    markdown = markdown.replace("](", f"]({store_url}/{ref.key}/") if "://" in store_url else \
+        markdown.replace("](", f"](file://{st.materialize(ref)}/")
+    key = "speedrun-report-" + "".join(c if c.isalnum() else "-" for c in preset.lower())
+    create_markdown_artifact(markdown=markdown, key=key, description=f"speedrun {preset}: {ref}")
 
 
 @flow(name="stage", log_prints=True, validate_parameters=True)

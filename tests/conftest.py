@@ -86,3 +86,46 @@ def nanorun_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "nanorun-home"
     monkeypatch.setenv("NANORUN_HOME", str(home))
     return home
+
+
+CHROMIUM = "/usr/bin/chromium"
+# stack.md: without the background-networking flags Chromium keeps dialling Google on this closed network
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Debian Chromium driven by Playwright (PyPI); Playwright's own browser download fails here."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (scripts/test.sh does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file; fails if it is not one."""
+    import struct
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, shared_data):
+    """The `tiny` speedrun built once per session through stages.execute (no Prefect):
+    (store, {step name: Manifest}). Tests that only read these artifacts share it."""
+    from artifacts import open_store
+    from flows.recipes import speedrun_steps
+    from stages.execute import run_pipeline
+
+    store = open_store(str(tmp_path_factory.mktemp("tiny-store")))
+    steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"))
+    return store, run_pipeline(steps, store)

@@ -1,0 +1,12 @@
+# Shared environment for the deploy scripts (sourced). Override any of these before calling them.
+NANORUN_REPO=${NANORUN_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export NANORUN_REPO
+export NANORUN_VENV=${NANORUN_VENV:-$NANORUN_REPO/.venv}
+export NANORUN_HOME=${NANORUN_HOME:-$HOME/.cache/nanorun}
+export PREFECT_HOME=${PREFECT_HOME:-$NANORUN_HOME/prefect}
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_HOST=${PREFECT_HOST:-127.0.0.1}        # loopback unless told otherwise
+export PREFECT_PORT=${PREFECT_PORT:-4200}
+export PREFECT_API_URL=${PREFECT_API_URL:-http://$PREFECT_HOST:$PREFECT_PORT/api}
+export NANORUN_POOL=${NANORUN_POOL:-nanorun-local}
+export PATH="$NANORUN_VENV/bin:$PATH"

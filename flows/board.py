@@ -1,0 +1,125 @@
+"""The leaderboard: one row per completed speedrun, from the run index (DuckDB). No Prefect here.
+
+    nanorun leaderboard [--format md|csv|json] [--preset cpu-demo] [--store URL] [--limit N]
+
+A completed speedrun is a committed `report` artifact: its metrics are the row (stages/report.py,
+summarize). Sorted like the public leaderboard: time to GPT-2 (CORE >= 0.256525 on the full
+metric) first, fastest first; then CORE, best first; then newest.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+STAGE_COLUMNS = ("data", "tokenizer", "base", "base_eval", "sft", "chat_eval", "export")
+
+SQL = """
+SELECT store, ref, committed_at,
+       metrics->>'$.preset'                              AS preset,
+       TRY_CAST(metrics->>'$.depth' AS INTEGER)          AS depth,
+       metrics->>'$.date'                                AS date,
+       metrics->>'$.commit'                              AS git_commit,
+       metrics->>'$.hardware'                            AS hardware,
+       TRY_CAST(metrics->>'$.total_seconds' AS DOUBLE)   AS total_seconds,
+       TRY_CAST(metrics->>'$.time_to_gpt2_s' AS DOUBLE)  AS time_to_gpt2_s,
+       TRY_CAST(metrics->>'$.cost' AS DOUBLE)            AS cost,
+       TRY_CAST(metrics->>'$.val_bpb' AS DOUBLE)         AS val_bpb,
+       TRY_CAST(metrics->>'$.core' AS DOUBLE)            AS core,
+       TRY_CAST(metrics->>'$.core_n_tasks' AS INTEGER)   AS core_n_tasks,
+       metrics->>'$.core_label'                          AS core_label,
+       metrics->'$.stage_seconds'                        AS stage_seconds
+FROM artifacts
+WHERE stage = 'report' {where}
+-- a report copied into another store (the nightly flow does) is the same run: count it once
+QUALIFY row_number() OVER (PARTITION BY ref ORDER BY committed_at) = 1
+ORDER BY time_to_gpt2_s ASC NULLS LAST, core DESC NULLS LAST, committed_at DESC
+{limit}
+"""
+
+
+def rows(index=None, *, store: str | None = None, preset: str | None = None, limit: int | None = None) -> list[dict]:
+    """Leaderboard rows (dicts), best first."""
+    from artifacts.index import RunIndex
+
+    index = index or RunIndex()
+    where, params = [], []
+    if store:
+        where.append("AND store = ?")
+        params.append(store)
+    if preset:
+        where.append("AND metrics->>'$.preset' = ?")
+        params.append(preset)
+    sql = SQL.format(where=" ".join(where), limit=f"LIMIT {int(limit)}" if limit else "")
+    out = []
+    for r in index.query(sql, params):
+        r = dict(r)
+        secs = r.pop("stage_seconds")
+        secs = json.loads(secs) if isinstance(secs, str) else (secs or {})
+        for stage in STAGE_COLUMNS:
+            r[f"{stage}_s"] = secs.get(stage)
+        r["committed_at"] = str(r["committed_at"])
+        out.append(r)
+    return out
+
+
+def _hms(s) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _num(v, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def format_rows(rows: list[dict], fmt: str = "md") -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        return buf.getvalue()
+    if fmt != "md":
+        raise ValueError(f"unknown format {fmt!r}: md, csv or json")
+    head = ["#", "date", "commit", "preset", "depth", "hardware", "to GPT-2", "total",
+            *[s for s in STAGE_COLUMNS], "cost", "val bpb", "CORE", "tasks"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for i, r in enumerate(rows, 1):
+        cells = [str(i), (r["date"] or r["committed_at"])[:16], (r["git_commit"] or "?")[:8], r["preset"] or "?",
+                 str(r["depth"]), r["hardware"] or "?", _hms(r["time_to_gpt2_s"]), _hms(r["total_seconds"]),
+                 *[_hms(r[f"{s}_s"]) for s in STAGE_COLUMNS],
+                 "–" if r["cost"] is None else f"${r['cost']:.2f}", _num(r["val_bpb"], 4), _num(r["core"], 4),
+                 f"{r['core_n_tasks']}/22" if r["core_n_tasks"] is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append("(no completed speedrun in the run index yet: run `nanorun speedrun`)")
+    return "\n".join(lines) + "\n"
+
+
+class Leaderboard:
+    """`nanorun leaderboard`"""
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+        p.add_argument("--preset", help="only this recipe")
+        p.add_argument("--limit", type=int, help="at most N rows")
+        p.add_argument("--this-store", action="store_true", help="only runs of --store (default: every store "
+                                                                 "this machine's run index knows)")
+
+    @staticmethod
+    def run(args) -> int:
+        from artifacts import open_store
+        from artifacts.index import RunIndex
+
+        index = RunIndex()
+        store = open_store(args.store)
+        index.ensure(store)  # a fresh machine: rebuild the index from the store's manifests
+        print(format_rows(rows(index, store=store.url if args.this_store else None, preset=args.preset,
+                               limit=args.limit), args.format), end="")
+        return 0

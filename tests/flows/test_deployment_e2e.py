@@ -1,0 +1,71 @@
+"""The operational path end to end: a Prefect server on loopback, the process work pool, the
+deployments of prefect.yaml, a worker, a speedrun triggered through the API, its rerun served
+entirely from the store, and a screenshot of the finished run in the Prefect UI.
+
+Slow (a few minutes on 2 cores): the speedrun runs the `tiny` preset for real.
+"""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from artifacts import open_store
+from flows.recipes import SPEEDRUN_GRAPH
+from stages.execute import load_stage
+from tests.conftest import png_size
+from tests.flows.prefect_server import BIN, background, prefect_server, run, task_runs, wait_flow_run
+
+pytestmark = pytest.mark.slow
+
+
+def _trigger(api: str, params: dict) -> str:
+    dep = httpx.get(f"{api}/deployments/name/speedrun/speedrun", timeout=10)
+    assert dep.status_code == 200, dep.text
+    fr = httpx.post(f"{api}/deployments/{dep.json()['id']}/create_flow_run", json={"parameters": params}, timeout=10)
+    assert fr.status_code in (200, 201), fr.text
+    return fr.json()["id"]
+
+
+def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
+    store_dir = tmp_path / "store"
+    params = {"preset": "tiny", "store": str(store_dir), "eval_bundle": str(shared_data / "eval_bundle")}
+    with prefect_server(tmp_path) as (api, env):
+        run([str(BIN / "prefect"), "work-pool", "create", "nanorun-local", "--type", "process"], env)
+        out = run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+        deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+        assert {"speedrun", "stage", "nightly-leaderboard"} <= set(deployments), out
+        nightly = deployments["nightly-leaderboard"]
+        assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+        assert nightly["schedules"][0]["schedule"]["timezone"] == "UTC"
+        # keep the 03:00 run out of this test's worker (the schedule itself is checked above)
+        httpx.patch(f"{api}/deployments/{nightly['id']}", json={"paused": True}, timeout=10).raise_for_status()
+
+        with background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local", "--name", "e2e"],
+                        env, tmp_path / "worker.log"):
+            first = wait_flow_run(api, _trigger(api, params), timeout=900)
+            assert first["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-5000:]
+            tasks = task_runs(api, first["id"])
+            assert sorted(t["name"] for t in tasks) == sorted(n.name for n in SPEEDRUN_GRAPH)
+            assert all(t["state"]["type"] == "COMPLETED" and t["state"]["name"] != "Cached" for t in tasks)
+
+            store = open_store(str(store_dir))
+            for node in SPEEDRUN_GRAPH:  # every stage's artifact is committed and verifies deeply
+                stage = load_stage(node.stage).NAME
+                (manifest,) = store.list(stage)
+                assert store.verify(manifest.ref, deep=True).ok
+
+            second = wait_flow_run(api, _trigger(api, params), timeout=300)
+            assert second["state"]["type"] == "COMPLETED"
+            again = task_runs(api, second["id"])
+            assert sorted(t["state"]["name"] for t in again) == ["Cached"] * len(SPEEDRUN_GRAPH), again
+
+        page = chromium.new_page(viewport={"width": 1400, "height": 900})
+        ui = api.removesuffix("/api")
+        page.goto(f"{ui}/runs/flow-run/{first['id']}", wait_until="networkidle", timeout=60_000)
+        page.get_by_text(first["name"]).first.wait_for(timeout=30_000)
+        page.get_by_text("Completed").first.wait_for(timeout=30_000)
+        shot = tmp_path / "speedrun-run-page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        page.close()
+        width, height = png_size(shot)
+        assert width >= 1000 and height >= 600 and shot.stat().st_size > 30_000

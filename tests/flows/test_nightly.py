@@ -1,0 +1,65 @@
+"""The nightly leaderboard flow: per-night stores, the report aliased in the main store, the
+comparison with the previous night, regressions failing the run, the pinned commit enforced.
+
+Each night's store is seeded with a copy of the session's tiny run, so only the report (tagged with
+the night) is built: the flow logic is what is under test here, not training."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from artifacts import open_store
+from flows.board import rows
+from flows.leaderboard import compare, nightly_leaderboard
+
+pytestmark = pytest.mark.slow
+
+
+def _seed(tiny_run, main_root, preset, night):
+    src = tiny_run[0].root
+    shutil.copytree(src, main_root / "@nightly" / preset / night, ignore=shutil.ignore_patterns(".staging", ".leases"))
+
+
+def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
+    main_root = tmp_path / "main"
+    main = open_store(str(main_root))
+    common = dict(preset="tiny", store=str(main_root), eval_bundle=str(shared_data / "eval_bundle"))
+
+    _seed(tiny_run, main_root, "tiny", "2026-11-21")
+    first = nightly_leaderboard(date="2026-11-21", **common)
+    assert first["previous"] is None and first["regressions"] == []
+    assert main.get_alias("report", "nightly-tiny-2026-11-21") is not None
+    assert first["store"].endswith("@nightly/tiny/2026-11-21")
+    assert "nightly" not in main.stages()  # the per-night roots are not mistaken for a stage
+
+    # the previous night looked much better on CORE: tonight is a regression
+    prev_ref = main.get_alias("report", "nightly-tiny-2026-11-21")
+    path = main_root / prev_ref.key / "MANIFEST.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["core"] += 0.5
+    path.write_text(json.dumps(data))
+    _seed(tiny_run, main_root, "tiny", "2026-11-22")
+    state = nightly_leaderboard(date="2026-11-22", return_state=True, **common)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=r"tiny 2026-11-22 regressed: CORE"):
+        state.result()
+    tonight = main.get_alias("report", "nightly-tiny-2026-11-22")
+    assert tonight is not None and tonight != prev_ref  # the tag keeps the nights apart
+    listed = [r["ref"] for r in rows(preset="tiny")]
+    assert str(prev_ref) in listed and str(tonight) in listed and len(listed) == len(set(listed))
+
+
+def test_pinned_commit_is_enforced(tmp_path):
+    state = nightly_leaderboard(preset="tiny", store=str(tmp_path), commit="0000000deadbeef", return_state=True)
+    with pytest.raises(ValueError, match="pinned to commit 0000000deadbeef"):
+        state.result()
+
+
+def test_compare():
+    prev = {"core": 0.20, "val_bpb": 1.00, "total_seconds": 100}
+    assert compare({"core": 0.19, "val_bpb": 1.01, "total_seconds": 110}, prev, core_noise=0.02, bpb_noise=0.02, slowdown=0.25) == []
+    regs = compare({"core": 0.10, "val_bpb": 1.10, "total_seconds": 200}, prev, core_noise=0.02, bpb_noise=0.02, slowdown=0.25)
+    assert [r.split()[0] for r in regs] == ["CORE", "val", "wall"]
+    assert compare({"core": None, "val_bpb": 2.0, "total_seconds": 1}, None, core_noise=0, bpb_noise=0, slowdown=0) == []

@@ -1,0 +1,57 @@
+"""The speedrun flow over a store that already holds the run: nothing is launched, every task is
+Cached, and an artifact deleted from the store is rebuilt even though Prefect remembers it."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from flows.recipes import SPEEDRUN_GRAPH
+
+pytestmark = pytest.mark.slow
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {t.name: t.state.name for t in runs}
+
+
+def test_cached_rerun_launches_no_subprocess_and_verifies_the_store(tiny_run, shared_data, monkeypatch):
+    from flows.speedrun import speedrun
+
+    store, run = tiny_run
+    params = dict(preset="tiny", store=store.url, eval_bundle=str(shared_data / "eval_bundle"))
+    launched = []
+    real_popen = subprocess.Popen
+
+    def spy(*a, **kw):  # every subprocess; Prefect's own temporary server is allowed, training is not
+        cmd = kw.get("args", a[0] if a else None)
+        launched.append(" ".join(map(str, cmd)) if isinstance(cmd, (list, tuple)) else str(cmd))
+        return real_popen(*a, **kw)
+
+    def stage_processes():
+        return [c for c in launched if any(m in c for m in ("torch.distributed.run", "core.train", "stages."))]
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    first = speedrun(**params, return_state=True)
+    refs = first.result()
+    assert refs == {name: str(m.ref) for name, m in run.items()}
+    assert stage_processes() == []
+    assert set(_task_states(first)) == {n.name for n in SPEEDRUN_GRAPH}
+
+    second = speedrun(**params, return_state=True)
+    assert set(_task_states(second).values()) == {"Cached"}
+
+    # Prefect still has a cached record for the report; the store no longer has the artifact.
+    shutil.rmtree(store.root / run["report"].ref.key)
+    third = speedrun(**params, return_state=True)
+    states = _task_states(third)
+    assert states.pop("report") == "Completed" and set(states.values()) == {"Cached"}
+    assert store.verify(run["report"].ref, deep=True).ok
+    assert stage_processes() == []
