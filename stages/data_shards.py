@@ -1,9 +1,9 @@
 """Stage data_shards: pretraining text as parquet shards (column `text`) in train/ and val/.
 
-    nanorun run data_shards --set train_shards=170                    # ClimbMix, the speedrun's data
-    nanorun run data_shards --set source=fineweb-edu --set train_shards=8
-    nanorun run data_shards --set source=../shared/data/corpus        # a local folder (offline)
-    nanorun run data_shards --set source=chitchat                     # PyPI chitchat-dataset (offline demo)
+    nanorun stage data_shards --set train_shards=170                    # ClimbMix, the speedrun's data
+    nanorun stage data_shards --set source=fineweb-edu --set train_shards=8
+    nanorun stage data_shards --set source=../shared/data/corpus        # a local folder (offline)
+    nanorun stage data_shards --set source=chitchat                     # PyPI chitchat-dataset (offline demo)
 
 Sources (`source`):
 - `climbmix` / `fineweb-edu`: karpathy's shuffled shards on Hugging Face, shard_{i:05d}.parquet;

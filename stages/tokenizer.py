@@ -1,7 +1,7 @@
 """Stage tokenizer: train the byte-level BPE tokenizer on the train shards and measure its compression.
 
-    nanorun run tokenizer                          # vocab 32,768 on up to 2B chars (the reference)
-    nanorun run tokenizer --set vocab_size=8192    # e.g. for a small CPU run
+    nanorun stage tokenizer --input data=data_shards@latest                          # vocab 32,768 on up to 2B chars (the reference)
+    nanorun stage tokenizer --input data=data_shards@latest --set vocab_size=8192    # e.g. for a small CPU run
 
 Input `data`: a data_shards artifact. Training reads the train shards in order, each document cut to
 doc_cap characters, and stops after max_chars characters (the reference: 2B chars, docs capped at
