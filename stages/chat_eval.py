@@ -58,7 +58,9 @@ class Config(StageConfig):
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        set_("tasks", normalise_specs(self.tasks, "chat_eval.tasks"))
+        if self.data_dir:
+            set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
+        set_("tasks", normalise_specs(self.tasks, "chat_eval.tasks", self.data_dir))
         set_("bundle_tasks", tuple(str(t) for t in self.bundle_tasks))
         set_("task_max_problems", dict(self.task_max_problems or {}))
         if not self.tasks and not self.bundle_tasks:
@@ -66,8 +68,6 @@ class Config(StageConfig):
         bad = [s["task"] for s in self.tasks if s["task"] not in ("gsm8k", "spelling_bee", "multiple_choice")]
         if bad:
             raise ConfigError(f"chat_eval.tasks: {bad} cannot be graded; use gsm8k, spelling_bee or multiple_choice")
-        if self.data_dir:
-            set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
         set_("source_digests", check_digests(self.source_digests, compute_digests(list(self.tasks), self.data_dir,
                                                                                   "chat_eval"), "chat_eval"))
         names = [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)
@@ -88,14 +88,14 @@ class Config(StageConfig):
         return re.sub(r"[^A-Za-z0-9_]", "_", ".".join(self.names()))[:48]
 
 
-OFFLINE_TASKS = ({"task": "gsm8k", "source": "gsm8k_test.jsonl"},   # from data_dir (the shared chat data)
-                 {"task": "spelling_bee", "size": 256, "split": "test"})  # english-words, offline
+OFFLINE_TASKS = ({"task": "gsm8k", "source": "gsm8k_test.jsonl", "optional": True},  # if data_dir has it
+                 {"task": "spelling_bee", "size": 256, "split": "test"})                # english-words, offline
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(max_problems=4, max_new_tokens=48, batch_size=4, device_type="cpu"),
-    "cpu-demo": dict(max_problems=100, max_new_tokens=256, bundle_tasks=("arc_easy", "arc_challenge"),
-                     device_type="cpu"),
+    "tiny": dict(tasks=OFFLINE_TASKS, max_problems=4, max_new_tokens=48, batch_size=4, device_type="cpu"),
+    "cpu-demo": dict(tasks=OFFLINE_TASKS, max_problems=100, max_new_tokens=256,
+                     bundle_tasks=("arc_easy", "arc_challenge"), device_type="cpu"),
     "reference": dict(tasks=({"task": "gsm8k", "source": "gsm8k_test.jsonl"},
                              {"task": "spelling_bee", "size": 256, "split": "test"},
                              {"task": "multiple_choice", "layout": "mmlu", "name": "mmlu",
@@ -109,10 +109,7 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown chat_eval preset {name!r}; presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[name])
-    if name in ("tiny", "cpu-demo"):
-        values.setdefault("tasks", OFFLINE_TASKS)
-    return Config.from_dict({**values, **overrides})
+    return Config.from_dict({**PRESETS[name], **overrides})
 
 
 def bundle_file(bundle: Path, name: str) -> Path:

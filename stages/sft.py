@@ -4,7 +4,7 @@
     nanorun run sft --preset d24 --input base=pretrain@latest               # the reference mixture, 8 GPUs
 
     from stages.sft import preset
-    cfg = preset("tiny", data_dir="../shared/data/chat")
+    cfg = preset("tiny", data_dir="../shared/data/chat")        # identity + GSM8K only if data_dir has them
     m = execute("sft", cfg, {"base": pretrain_ref, "tokenizer": tok_ref}, store)
     model, meta = core.checkpoint.load_model(stages.pretrain.model_checkpoint(store.materialize(m.ref)))
 
@@ -79,14 +79,25 @@ def package_file(name: str) -> Path:
     return Path(english_words.__file__).parent / "data" / "web2_alpha_lower.pickle"
 
 
-def normalise_specs(specs, field: str) -> tuple:
-    """TaskSpec dicts in their canonical short form (so equal mixtures hash equally)."""
-    from core.tasks.mixture import TaskSpec
+def normalise_specs(specs, field: str, data_dir: str = "") -> tuple:
+    """TaskSpec dicts in their canonical short form (so equal mixtures hash equally). A spec marked
+    optional is dropped when its local file is not in data_dir (the offline presets use the shared
+    chat data when it is there), and loses the mark when kept."""
+    from core.tasks.mixture import TaskSpec, is_package, is_url
 
-    try:
-        return tuple(TaskSpec.from_dict(s).to_dict() for s in specs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{field}: {e}") from None
+    out = []
+    for s in specs:
+        try:
+            spec = TaskSpec.from_dict(s)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{field}: {e}") from None
+        if spec.optional:
+            local = not (is_url(spec.source) or is_package(spec.source))
+            if local and not (data_dir and (Path(data_dir) / spec.source).is_file()):
+                continue
+            spec = TaskSpec.from_dict({**spec.to_dict(), "optional": False})
+        out.append(spec.to_dict())
+    return tuple(out)
 
 
 def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, str]:
@@ -195,12 +206,12 @@ class Config(StageConfig):
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)
         set_("extra_args", tuple(str(a) for a in self.extra_args))
-        set_("train_mixture", normalise_specs(self.train_mixture, "sft.train_mixture"))
-        set_("val_mixture", normalise_specs(self.val_mixture, "sft.val_mixture"))
-        if not self.train_mixture:
-            raise ConfigError("sft.train_mixture is empty: list the tasks to train on (see the presets)")
         if self.data_dir:
             set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
+        set_("train_mixture", normalise_specs(self.train_mixture, "sft.train_mixture", self.data_dir))
+        set_("val_mixture", normalise_specs(self.val_mixture, "sft.val_mixture", self.data_dir))
+        if not self.train_mixture:
+            raise ConfigError("sft.train_mixture is empty: list the tasks to train on (see the presets)")
         digests = compute_digests([*self.train_mixture, *self.val_mixture], self.data_dir, "sft")
         set_("source_digests", check_digests(self.source_digests, digests, "sft"))
         for name in ("nproc", "buffer_size", "keep_checkpoints", "fetch_retries"):
@@ -270,44 +281,28 @@ _GPU = dict(train_mixture=REFERENCE_MIXTURE, val_mixture=REFERENCE_VAL, nproc=8,
             eval_tokens=40 * 524288, save_every=200)
 
 
-def _chat_files(data_dir: str, *names: str) -> bool:
-    return bool(data_dir) and all((Path(data_dir) / n).is_file() for n in names)
-
-
-def _cpu_demo_mixture(data_dir: str) -> dict:
-    """Offline sources only: chitchat and spelling always; identity and GSM8K from data_dir if there."""
-    train = [{"task": "chitchat", "stop": 3800},
-             {"task": "simple_spelling", "size": 1000}, {"task": "spelling_bee", "size": 500}]
-    val = [{"task": "chitchat", "start": 3800}]
-    if _chat_files(data_dir, "identity_conversations.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl"):
-        train += [{"task": "conversations", "source": "identity_conversations.jsonl", "stop": 900, "epochs": 2,
-                   "name": "identity"}, {"task": "gsm8k", "source": "gsm8k_train.jsonl", "stop": 2000}]
-        val += [{"task": "conversations", "source": "identity_conversations.jsonl", "start": 900, "name": "identity"},
-                {"task": "gsm8k", "source": "gsm8k_test.jsonl", "stop": 100}]
-    return {"train_mixture": tuple(train), "val_mixture": tuple(val)}
-
-
-def _tiny_mixture(data_dir: str) -> dict:
-    """Seconds of training: a few dozen conversations of each kind (tool calls included)."""
-    if not _chat_files(data_dir, "identity_conversations.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl"):
-        raise ConfigError("sft preset 'tiny' reads identity_conversations.jsonl and gsm8k_*.jsonl from data_dir: "
-                          "pass data_dir=../shared/data/chat")
-    return {"train_mixture": ({"task": "conversations", "source": "identity_conversations.jsonl", "stop": 24,
-                               "name": "identity"},
-                              {"task": "gsm8k", "source": "gsm8k_train.jsonl", "stop": 24},
-                              {"task": "spelling_bee", "size": 8}),
-            "val_mixture": ({"task": "gsm8k", "source": "gsm8k_test.jsonl", "stop": 8},)}
-
+# Offline mixtures: packages always; the shared chat data (identity, GSM8K) when data_dir holds it.
+_IDENTITY = {"task": "conversations", "source": "identity_conversations.jsonl", "name": "identity", "optional": True}
+_GSM8K = {"task": "gsm8k", "source": "gsm8k_train.jsonl", "optional": True}
+_GSM8K_TEST = {"task": "gsm8k", "source": "gsm8k_test.jsonl", "optional": True}
+CPU_DEMO_MIXTURE = ({"task": "chitchat", "stop": 3800}, {"task": "simple_spelling", "size": 1000},
+                    {"task": "spelling_bee", "size": 500}, {**_IDENTITY, "stop": 900, "epochs": 2},
+                    {**_GSM8K, "stop": 2000})
+CPU_DEMO_VAL = ({"task": "chitchat", "start": 3800}, {**_IDENTITY, "start": 900}, {**_GSM8K_TEST, "stop": 100})
+TINY_MIXTURE = ({**_IDENTITY, "stop": 24}, {**_GSM8K, "stop": 24}, {"task": "spelling_bee", "size": 8},
+                {"task": "simple_spelling", "size": 16})
+TINY_VAL = ({**_GSM8K_TEST, "stop": 8}, {"task": "spelling_bee", "size": 8, "split": "test"})
 
 PRESETS: dict[str, dict] = {
     # seconds on a CPU, for the tests (base: the pretrain 'tiny' preset, context 64)
-    "tiny": dict(max_seq_len=256, total_batch_size=1024, device_batch_size=2, warmdown_ratio=0.5, **_TINY_LRS,
-                 eval_every=4, eval_tokens=2048, save_every=4, keep_checkpoints=2, wandb="disabled",
-                 device_type="cpu", compile=False),
+    "tiny": dict(train_mixture=TINY_MIXTURE, val_mixture=TINY_VAL, max_seq_len=256, total_batch_size=1024,
+                 device_batch_size=2, **_TINY_LRS, eval_every=4, eval_tokens=2048, save_every=4, keep_checkpoints=2,
+                 wandb="disabled", device_type="cpu", compile=False),
     # a couple of minutes on 2 CPU cores (base: the pretrain 'cpu-demo' preset)
-    "cpu-demo": dict(max_seq_len=512, total_batch_size=8192, device_batch_size=8, embedding_lr=0.3,
-                     unembedding_lr=0.01, matrix_lr=0.01, scalar_lr=0.05, eval_every=50, eval_tokens=65536,
-                     save_every=50, device_type="cpu", compile=False),
+    "cpu-demo": dict(train_mixture=CPU_DEMO_MIXTURE, val_mixture=CPU_DEMO_VAL, max_seq_len=512,
+                     total_batch_size=8192, device_batch_size=8, embedding_lr=0.3, unembedding_lr=0.01,
+                     matrix_lr=0.01, scalar_lr=0.05, eval_every=50, eval_tokens=65536, save_every=50,
+                     device_type="cpu", compile=False),
     "d12": dict(**_GPU, device_batch_size=32),
     "d20": dict(**_GPU, device_batch_size=32),
     "d24": dict(**_GPU, device_batch_size=16),
@@ -316,17 +311,10 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> Config:
-    """A Config from a preset plus overrides (Config fields). 'tiny' and 'cpu-demo' build their
-    mixtures from the files found in data_dir."""
+    """A Config from a preset plus overrides (Config fields)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown sft preset {name!r}; presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[name])
-    data_dir = overrides.get("data_dir", values.get("data_dir", ""))
-    if name == "tiny":
-        values.update(_tiny_mixture(data_dir))
-    elif name == "cpu-demo":
-        values.update(_cpu_demo_mixture(data_dir))
-    return Config.from_dict({**values, **overrides})
+    return Config.from_dict({**PRESETS[name], **overrides})
 
 
 # ---- run ------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class TaskSpec:
     layout: str = "auto"       # multiple_choice: auto | mmlu | arc | core
     name: str = ""             # display name in counts and reports (default: the task kind)
     sha256: str = ""           # URL sources: expected sha256 of the download (optional)
+    optional: bool = False     # a local file source that stages drop when the file is absent
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise in place)

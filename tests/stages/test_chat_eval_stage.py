@@ -29,6 +29,7 @@ def test_config(shared_data):
                     (dict(tasks=({"task": "spelling_bee", "size": 4},), num_samples=0), "num_samples")]:
         with pytest.raises(ConfigError, match=msg):
             chat_eval.Config(**kw)
+    assert chat_eval.preset("tiny").names() == ["spelling_bee"]  # without the chat data: GSM8K is left out
     ref = chat_eval.preset("reference", data_dir=chat)
     assert ref.names() == ["gsm8k", "spelling_bee", "mmlu", "arc_easy", "arc_challenge"]
 

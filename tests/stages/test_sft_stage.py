@@ -65,7 +65,7 @@ def test_identity_is_the_mixture_and_the_file_contents_not_their_paths(chat, tmp
         sft.Config.from_dict({**changed.identity_dict(), **changed.runtime_dict(),
                               "source_digests": ident["source_digests"]})
     assert sft.preset("tiny", data_dir=str(chat), matrix_lr=0.01).identity_dict() != ident
-    assert sft.preset("tiny", data_dir=str(chat)).label() == "identity_gsm8k_spelling_bee"
+    assert sft.preset("tiny", data_dir=str(chat)).label() == "identity_gsm8k_spelling_bee_simple_spelling"
 
 
 def test_config_errors_say_what_to_do(chat):
@@ -83,8 +83,9 @@ def test_config_errors_say_what_to_do(chat):
                     (dict(train_mixture=one, data_dir=str(chat), nproc=0), "nproc=0")]:
         with pytest.raises(ConfigError, match=msg):
             sft.Config(**kw)
-    with pytest.raises(ConfigError, match="pass data_dir"):
-        sft.preset("tiny")
+    offline = sft.preset("tiny")  # no chat data: the optional file sources are left out, packages stay
+    assert [s["task"] for s in offline.train_mixture] == ["spelling_bee", "simple_spelling"]
+    assert set(offline.source_digests) == {"english-words"}
     with pytest.raises(ConfigError, match="unknown sft preset"):
         sft.preset("d99")
 
@@ -133,8 +134,8 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
     mt = m.metrics
     total = mt["iterations"]
     assert events[-1][:2] == (total, total) and events[-1][2]["loss"] > 0
-    assert mt["counts_per_task"] == {"identity": 24, "gsm8k": 24, "spelling_bee": 8, "web": 6}
-    assert mt["conversations"] + mt["skipped"] == 62 and mt["trained_tokens"] > 0
+    assert mt["counts_per_task"] == {"identity": 24, "gsm8k": 24, "spelling_bee": 8, "simple_spelling": 16, "web": 6}
+    assert mt["conversations"] + mt["skipped"] == 78 and mt["trained_tokens"] > 0
     assert (mt["max_seq_len"], mt["total_batch_size"], mt["grad_accum_steps"], mt["world_size"]) == (256, 1024, 2, 1)
     assert [s for s, _ in mt["val_loss_curve"]] == sorted({*range(0, total, 4), total})
     assert mt["final_val_loss"] < mt["val_loss_curve"][0][1]
