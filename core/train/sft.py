@@ -61,6 +61,7 @@ from core.common import cleanup_distributed, compute_dtype, dtype_name, init_dis
     set_num_threads
 from core.optim import SMALL_PARAM, build_optimizer
 from core.scaling import reference_lrs
+from core.tasks.mixture import build_mixture
 from core.tokenizer import Tokenizer
 from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line, peak_flops,
                                seed_everything, setup_wandb, tokenizer_record)
@@ -455,8 +456,6 @@ def train(cfg: SFTConfig) -> dict:
         warm = "fresh optimizer state (--no-load-optimizer)"
 
     # ---- data: render this rank's share, count the pass, cache the val batches
-    from core.tasks.mixture import build_mixture
-
     t_data = time.perf_counter()
     cap = seq + 1
     train_mix = build_mixture(mixture["train"], mixture.get("paths"), seed=mixture.get("seed", 42))
