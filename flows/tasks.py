@@ -14,6 +14,7 @@ stages.base.progress(); here that updates a Prefect progress artifact (throttled
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -42,7 +43,12 @@ def build_call(stage: str, config: dict, inputs: dict[str, str]):
 
 
 class StoreVerifiedCache(CachePolicy):
-    """Cache key = the artifact's fingerprint, offered only if the store holds it committed and verified."""
+    """Cache key = the artifact's fingerprint; a Prefect record only counts while the store holds
+    the artifact committed and verified.
+
+    When the store lacks the artifact, any record Prefect still has under that key is expired
+    before the key is returned: the task then runs (execute() rebuilds the artifact) and writes a
+    fresh record, so the very next run is Cached again."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         if inputs.get("force"):
@@ -53,11 +59,26 @@ class StoreVerifiedCache(CachePolicy):
             state, ref = status(mod, cfg, refs, store)
         except Exception:  # let the task itself run and report the problem with a clear message
             return None
-        if state != "cached":
-            return None
-        # the same artifact in two stores is two cache entries (a cached rerun must verify the store it uses)
+        # the same artifact in two stores is two cache entries (a rerun must verify the store it uses)
         store_id = hashlib.sha256(store.url.encode()).hexdigest()[:8]
-        return f"nanorun-{store_id}-{ref.stage}-{ref.name}"
+        key = f"nanorun-{store_id}-{ref.stage}-{ref.name}"
+        if state != "cached":
+            _expire_record(getattr(task_ctx, "result_store", None), key)
+        return key
+
+
+def _expire_record(result_store, key: str) -> None:
+    """Make a stale Prefect result record a cache miss (Prefect has no delete; expired = miss)."""
+    if result_store is None:
+        return
+    try:
+        if result_store.exists(key):
+            from prefect.types._datetime import now
+
+            result_store.write(obj=None, key=key, expiration=now("UTC") - datetime.timedelta(days=1))
+            logging.getLogger("nanorun.flows").info("%s: Prefect remembers it but the store does not: rebuilding", key)
+    except Exception:
+        logging.getLogger("nanorun.flows").warning("could not expire Prefect's stale record %s", key, exc_info=True)
 
 
 def _is_transient(task, task_run, state) -> bool:

@@ -1,4 +1,4 @@
-"""The speedrun flow over a store that already holds the run: nothing is launched, every task is
+"""The speedrun flow over a store that already holds the run: nothing is launched, the rerun is
 Cached, and an artifact deleted from the store is rebuilt even though Prefect remembers it."""
 from __future__ import annotations
 
@@ -55,3 +55,5 @@ def test_cached_rerun_launches_no_subprocess_and_verifies_the_store(tiny_run, sh
     assert states.pop("report") == "Completed" and set(states.values()) == {"Cached"}
     assert store.verify(run["report"].ref, deep=True).ok
     assert stage_processes() == []
+    # the rebuild left a fresh record: the next run is entirely Cached again
+    assert set(_task_states(speedrun(**params, return_state=True)).values()) == {"Cached"}
