@@ -20,7 +20,7 @@ import uvicorn
 from core.engine import Engine, TextStreamer, render_chat
 from core.web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app
 from tests._tok import small_tokenizer
-from tests.core.test_engine import tiny_gpt
+from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
 
 MODEL_NAME = "tiny <d2> & co"
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from core.engine import Engine
 from core.web import create_app
 from tests._tok import small_tokenizer
-from tests.core.test_engine import tiny_gpt
+from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
 from tests.core.test_web import running, wait_for
 
 pytestmark = pytest.mark.slow
