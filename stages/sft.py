@@ -285,8 +285,8 @@ _GPU = dict(train_mixture=REFERENCE_MIXTURE, val_mixture=REFERENCE_VAL, nproc=8,
 _IDENTITY = {"task": "conversations", "source": "identity_conversations.jsonl", "name": "identity", "optional": True}
 _GSM8K = {"task": "gsm8k", "source": "gsm8k_train.jsonl", "optional": True}
 _GSM8K_TEST = {"task": "gsm8k", "source": "gsm8k_test.jsonl", "optional": True}
-CPU_DEMO_MIXTURE = ({"task": "chitchat", "stop": 3800}, {"task": "simple_spelling", "size": 1000},
-                    {"task": "spelling_bee", "size": 500}, {**_IDENTITY, "stop": 900, "epochs": 2},
+CPU_DEMO_MIXTURE = ({"task": "chitchat", "stop": 1500}, {"task": "simple_spelling", "size": 1000},
+                    {"task": "spelling_bee", "size": 500}, {**_IDENTITY, "stop": 500, "epochs": 2},
                     {**_GSM8K, "stop": 2000})
 CPU_DEMO_VAL = ({"task": "chitchat", "start": 3800}, {**_IDENTITY, "start": 900}, {**_GSM8K_TEST, "stop": 100})
 TINY_MIXTURE = ({**_IDENTITY, "stop": 24}, {**_GSM8K, "stop": 24}, {"task": "spelling_bee", "size": 8},
