@@ -1,7 +1,8 @@
 """Stage chat_eval: chat accuracy of a model artifact (sft, or pretrain for a baseline).
 
-    nanorun run chat_eval --preset cpu-demo --set data_dir=../shared/data/chat --input model=sft@latest
-    nanorun run chat_eval --preset reference --input model=sft@latest      # GSM8K, MMLU, ARC, SpellingBee
+    nanorun stage chat_eval --preset cpu-demo --set data_dir=../shared/data/chat --input model=sft@latest \
+        --input tokenizer=tokenizer@latest --input eval_bundle=eval_bundle@latest
+    nanorun stage chat_eval --preset reference ...                            # GSM8K, MMLU, ARC, SpellingBee
 
     m = execute("chat_eval", preset("tiny", data_dir=d), {"model": sft_ref, "tokenizer": tok_ref}, store)
     m.metrics["chatcore"], m.metrics["tasks"]["gsm8k"]["accuracy"]

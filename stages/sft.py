@@ -1,7 +1,8 @@
 """Stage sft: a chat model fine-tuned from a base model by core/train/sft.py under torchrun.
 
-    nanorun run sft --preset cpu-demo --set data_dir=../shared/data/chat     # minutes on 2 CPU cores
-    nanorun run sft --preset d24 --input base=pretrain@latest               # the reference mixture, 8 GPUs
+    nanorun stage sft --preset cpu-demo --set data_dir=../shared/data/chat \
+        --input base=pretrain@latest --input tokenizer=tokenizer@latest      # minutes on 2 CPU cores
+    nanorun stage sft --preset d24 --input base=pretrain@latest --input tokenizer=tokenizer@latest  # 8 GPUs
 
     from stages.sft import preset
     cfg = preset("tiny", data_dir="../shared/data/chat")        # identity + GSM8K only if data_dir has them
