@@ -1,6 +1,6 @@
 """Stage chat_eval: chat accuracy of a model artifact (sft, or pretrain for a baseline).
 
-    nanorun stage chat_eval --preset cpu-demo --set data_dir=../shared/data/chat --input model=sft@latest \
+    nanorun stage chat_eval --preset cpu-demo --set data_dir=../shared/data/chat --input model=sft@latest \\
         --input tokenizer=tokenizer@latest --input eval_bundle=eval_bundle@latest
     nanorun stage chat_eval --preset reference ...                            # GSM8K, MMLU, ARC, SpellingBee
 

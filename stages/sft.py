@@ -1,6 +1,6 @@
 """Stage sft: a chat model fine-tuned from a base model by core/train/sft.py under torchrun.
 
-    nanorun stage sft --preset cpu-demo --set data_dir=../shared/data/chat \
+    nanorun stage sft --preset cpu-demo --set data_dir=../shared/data/chat \\
         --input base=pretrain@latest --input tokenizer=tokenizer@latest      # minutes on 2 CPU cores
     nanorun stage sft --preset d24 --input base=pretrain@latest --input tokenizer=tokenizer@latest  # 8 GPUs
 
