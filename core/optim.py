@@ -56,6 +56,36 @@ def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s
         p.copy_(p32)
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def adamw_group_update(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
+                       fused: bool = True) -> None:
+    """AdamW on a list of (param, grad, state); one multi-tensor fused kernel when possible (torch's
+    _fused_adamw_ does the same arithmetic as adamw_update in a single pass over memory)."""
+    if not params:
+        return
+    for p, st in zip(params, states):
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1)
+    beta1, beta2 = group["betas"]
+    same = all(p.dtype == g.dtype == torch.float32 for p, g in zip(params, grads))
+    if fused and same and params[0].device.type in _FUSED_DEVICES and hasattr(torch, "_fused_adamw_"):
+        if params[0].device.type != "cpu":
+            steps = [s.to(params[0].device) for s in steps]
+        torch._fused_adamw_(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                            [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                            eps=group["eps"], amsgrad=False, maximize=False)
+        return
+    for p, g, st in zip(params, grads, states):
+        adamw_update(p, g, st["exp_avg"], st["exp_avg_sq"], int(st["step"].item()), group["lr"], beta1, beta2,
+                     group["eps"], group["weight_decay"])
+
+
 def orthogonalize(g: Tensor, ns_steps: int = 5) -> Tensor:
     """Row-equilibrate, normalise and run Polar Express on stacked matrices (..., m, n)."""
     x = g
@@ -130,25 +160,18 @@ class MuonAdamW(_Schedulable, torch.optim.Optimizer):
     weight_decay) or kind='muon' (lr, momentum, ns_steps, beta2, weight_decay, ns_dtype; all params
     of one shape)."""
 
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], fused_adamw: bool = True):
         super().__init__(param_groups, defaults={})
+        self.fused_adamw = fused_adamw
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
             if group["kind"] == "muon" and len({tuple(p.shape) for p in group["params"]}) > 1:
                 raise ValueError("a Muon group must hold matrices of one shape (they are stacked)")
 
     def _step_adamw(self, group: dict) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
-            adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                         group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"])
+        params = [p for p in group["params"] if p.grad is not None]
+        adamw_group_update(group, params, [p.grad for p in params], [self.state[p] for p in params],
+                           self.fused_adamw)
 
     def _step_muon(self, group: dict) -> None:
         params = group["params"]
@@ -176,8 +199,9 @@ class MuonAdamW(_Schedulable, torch.optim.Optimizer):
 class DistMuonAdamW(_Schedulable, torch.optim.Optimizer):
     """ZeRO-2 MuonAdamW for multi-process training; gradient sync included (do not wrap in DDP)."""
 
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], fused_adamw: bool = True):
         super().__init__(param_groups, defaults={})
+        self.fused_adamw = fused_adamw
         if not dist.is_initialized():
             raise RuntimeError("DistMuonAdamW needs an initialised process group (core.common.init_distributed)")
         for group in self.param_groups:
@@ -207,19 +231,15 @@ class DistMuonAdamW(_Schedulable, torch.optim.Optimizer):
 
     # phase 2: wait, update the owned shard, launch the gathers
     def _update_adamw(self, group, infos, rank, world, gathers):
+        slices, grads = [], []
         for p, work, grad, small in infos:
             work.wait()
             grad.mul_(1.0 / world)
             rows = p.shape[0] // world
-            p_slice = p if small else p[rank * rows:(rank + 1) * rows]
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p_slice, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p_slice, dtype=torch.float32)
-            state["step"] += 1
-            adamw_update(p_slice, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                         group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"])
+            slices.append(p if small else p[rank * rows:(rank + 1) * rows])
+            grads.append(grad)
+        adamw_group_update(group, slices, grads, [self.state[p] for p, *_ in infos], self.fused_adamw)
+        for (p, _, _, small), p_slice in zip(infos, slices):
             if not small:
                 gathers.append((_all_gather(p, p_slice.clone(), async_op=True), None, None))
 
@@ -303,7 +323,7 @@ def param_groups(model, *, lm_head_lr: float, wte_lr: float, value_embeds_lr: fl
     return groups
 
 
-def build_optimizer(model, plan=None, distributed: bool | None = None, **lrs):
+def build_optimizer(model, plan=None, distributed: bool | None = None, fused_adamw: bool = True, **lrs):
     """MuonAdamW (or DistMuonAdamW when distributed; default: a process group of > 1 ranks is up).
     LRs come from `plan` (core.scaling.TrainingPlan), else the reference values at batch 2^19;
     keyword arguments override single entries (see param_groups)."""
@@ -319,7 +339,7 @@ def build_optimizer(model, plan=None, distributed: bool | None = None, **lrs):
     groups = param_groups(model, **values)
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return DistMuonAdamW(groups) if distributed else MuonAdamW(groups)
+    return (DistMuonAdamW if distributed else MuonAdamW)(groups, fused_adamw=fused_adamw)
 
 
 def apply_schedule(optimizer, plan, step: int) -> float:
