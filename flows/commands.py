@@ -32,6 +32,7 @@ class Speedrun:
         p.add_argument("--data-source", help="data source for data_shards (e.g. chitchat, climbmix, a directory)")
         p.add_argument("--nproc", type=int, help="training processes per node")
         p.add_argument("--eval-bundle", help="CORE bundle: a local directory/zip or a URL")
+        p.add_argument("--chat-data", help="directory of SFT / chat-eval files (identity conversations, GSM8K)")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.FIELD=VALUE",
                        help="override one config field of one step (repeatable), e.g. base.num_iterations=50")
         p.add_argument("--force", action="append", default=[], metavar="STEP", help="rebuild this step (repeatable)")
@@ -42,7 +43,8 @@ class Speedrun:
         from flows.recipes import parse_set, speedrun_steps
 
         overrides = parse_set(args.sets)
-        kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle)
+        kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle,
+                      chat_data=args.chat_data)
         if args.plan:
             from artifacts import open_store
             from stages.execute import format_plan, plan

@@ -58,7 +58,8 @@ def previous_night(store, preset: str, night: str) -> tuple[str, dict] | None:
 
 @flow(name="nightly-leaderboard", log_prints=True, validate_parameters=True)
 def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, store: str | None = None,
-                        commit: str | None = None, eval_bundle: str | None = None, nproc: int | None = None,
+                        commit: str | None = None, eval_bundle: str | None = None, chat_data: str | None = None,
+                        nproc: int | None = None,
                         date: str | None = None, core_noise: float = 0.02, bpb_noise: float = 0.02,
                         slowdown: float = 0.25, fail_on_regression: bool = True) -> dict:
     """Reproduce the pinned recipe, append it to the leaderboard, flag regressions vs last night.
@@ -84,7 +85,8 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     # Fingerprints are a pure function of the recipe, so every night's artifacts would hash alike:
     # the report carries the night as a tag, the rest is kept apart by the per-night store.
     overrides = {**(overrides or {}), "report": {**(overrides or {}).get("report", {}), "tag": night.replace("-", "")}}
-    refs = speedrun(preset=preset, store=night_store, overrides=overrides, eval_bundle=eval_bundle, nproc=nproc)
+    refs = speedrun(preset=preset, store=night_store, overrides=overrides, eval_bundle=eval_bundle,
+                    chat_data=chat_data, nproc=nproc)
     report_ref = ArtifactRef.parse(next(r for r in refs.values() if r.startswith("report/")))
     summary = (main.manifest(report_ref) or open_store(night_store).push(report_ref, main)).metrics
     main.set_alias("report", f"nightly-{preset}-{night}", report_ref)

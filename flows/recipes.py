@@ -2,7 +2,8 @@
 
 No Prefect here: `nanorun plan --preset cpu-demo` and the Prefect flows build the same Steps.
 
-    steps = speedrun_steps("cpu-demo", {"base": {"num_iterations": 50}}, eval_bundle="../shared/data/eval_bundle")
+    steps = speedrun_steps("cpu-demo", {"base": {"num_iterations": 50}}, eval_bundle="../shared/data/eval_bundle",
+                           chat_data="../shared/data/chat")
     print(format_plan(plan(steps, store)))
 
 A preset maps each step of the graph to config overrides for that step's stage. Overrides given by
@@ -33,11 +34,13 @@ SPEEDRUN_GRAPH: list[Node] = [
     Node("eval_bundle", "eval_bundle"),
     Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer"}),
     Node("base_eval", "core_eval", {"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
-    Node("report", "report", {"base": "base", "data": "data", "tokenizer": "tokenizer",
-                              "eval_bundle": "eval_bundle", "base_eval": "base_eval"}),
+    Node("sft", "sft", {"base": "base", "tokenizer": "tokenizer"}),
+    Node("chat_eval", "chat_eval", {"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
+    Node("report", "report", {"base": "base", "data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle",
+                              "base_eval": "base_eval", "sft": "sft", "chat_eval": "chat_eval"}),
 ]
 
-_GPU = {"base_eval": {"preset": "gpu"}}
+_GPU = {"base_eval": {"preset": "gpu"}, "chat_eval": {"preset": "reference"}}
 PRESETS: dict[str, dict[str, dict]] = {
     # The offline demo: PyPI's chitchat corpus, a small vocabulary, a d4 model, minutes on 2 cores.
     "cpu-demo": {
@@ -45,6 +48,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tokenizer": {"vocab_size": 8192},
         "base": {"preset": "cpu-demo"},
         "base_eval": {"preset": "cpu-demo"},
+        "sft": {"preset": "cpu-demo"},
+        "chat_eval": {"preset": "cpu-demo"},
     },
     # Seconds on a CPU: what the end-to-end tests run.
     "tiny": {
@@ -52,12 +57,18 @@ PRESETS: dict[str, dict[str, dict]] = {
         "tokenizer": {"vocab_size": 1024, "max_chars": 2_000_000},
         "base": {"preset": "tiny"},
         "base_eval": {"preset": "tiny"},
+        "sft": {"preset": "tiny"},
+        "chat_eval": {"preset": "tiny"},
     },
     # The reference GPU recipes (8 GPUs; stage presets carry batch sizes and cadences).
-    "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"}, **_GPU},
-    "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"}, **_GPU},
-    "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"}, **_GPU},
-    "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"}, **_GPU},
+    "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"},
+            "sft": {"preset": "d12"}, **_GPU},
+    "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"},
+            "sft": {"preset": "d20"}, **_GPU},
+    "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"},
+                     "sft": {"preset": "d24"}, **_GPU},
+    "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"},
+            "sft": {"preset": "d26"}, **_GPU},
 }
 
 
@@ -103,7 +114,8 @@ def _config(node: Node, fields: dict):
 
 def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, *,
                    depth: int | None = None, data_source: str | None = None, nproc: int | None = None,
-                   eval_bundle: str | None = None, graph: list[Node] | None = None) -> list[Step]:
+                   eval_bundle: str | None = None, chat_data: str | None = None,
+                   graph: list[Node] | None = None) -> list[Step]:
     """The speedrun pipeline for a preset plus overrides, validated (ConfigError names the step)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown speedrun preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -121,6 +133,10 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
     if eval_bundle:
         key = "url" if eval_bundle.startswith(("http://", "https://", "s3://")) else "local_path"
         shortcuts.setdefault("eval_bundle", {})[key] = str(Path(eval_bundle).expanduser()) if key == "local_path" else eval_bundle
+    if chat_data:  # the directory of SFT / chat-eval files (identity conversations, GSM8K, ...)
+        for n in graph:
+            if n.stage in ("sft", "chat_eval"):
+                shortcuts.setdefault(n.name, {})["data_dir"] = str(Path(chat_data).expanduser())
     for n in graph:  # the report names the recipe it reports on
         if n.stage == "report":
             shortcuts.setdefault(n.name, {})["recipe"] = preset

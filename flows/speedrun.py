@@ -27,16 +27,19 @@ def _config_dict(cfg) -> dict:
 @flow(name="speedrun", log_prints=True, validate_parameters=True)
 def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | None = None,
              data_source: str | None = None, nproc: int | None = None, eval_bundle: str | None = None,
-             overrides: dict[str, dict] | None = None, force: list[str] | None = None) -> dict[str, str]:
+             chat_data: str | None = None, overrides: dict[str, dict] | None = None,
+             force: list[str] | None = None) -> dict[str, str]:
     """The whole speedrun for a preset; returns {step: artifact ref}.
 
     preset: cpu-demo | tiny | d12 | d20 | d24-speedrun | d26. store: a directory or s3://bucket/prefix
-    (default $NANORUN_STORE or $NANORUN_HOME). overrides: {step: {field: value}}, e.g.
+    (default $NANORUN_STORE or $NANORUN_HOME). eval_bundle: the CORE bundle (local dir/zip or URL;
+    default its public URL). chat_data: a directory with SFT/chat-eval files (identity
+    conversations, GSM8K jsonl); offline presets use what it holds. overrides: {step: {field: value}}, e.g.
     {"base": {"num_iterations": 50}}. force: step names to rebuild even if committed.
     """
     logger = get_run_logger()
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
-                           eval_bundle=eval_bundle)
+                           eval_bundle=eval_bundle, chat_data=chat_data)
     force = list(force or [])
     unknown = sorted(set(force) - {s.name for s in steps})
     if unknown:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.sft import SOURCES_DIR, check_digests, compute_digests, normalise_specs, resolve_sources
+from stages.sft import (REFERENCE_SOURCES, SOURCES_DIR, check_digests, compute_digests, normalise_specs,
+                        resolve_sources)
 
 NAME = "chat_eval"
 code_version = "1"
@@ -97,7 +98,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(tasks=OFFLINE_TASKS, max_problems=4, max_new_tokens=48, batch_size=4, device_type="cpu"),
     "cpu-demo": dict(tasks=OFFLINE_TASKS, max_problems=100, max_new_tokens=256,
                      bundle_tasks=("arc_easy", "arc_challenge"), device_type="cpu"),
-    "reference": dict(tasks=({"task": "gsm8k", "source": "gsm8k_test.jsonl"},
+    "reference": dict(tasks=({"task": "gsm8k", "source": REFERENCE_SOURCES["gsm8k_test"]},
                              {"task": "spelling_bee", "size": 256, "split": "test"},
                              {"task": "multiple_choice", "layout": "mmlu", "name": "mmlu",
                               "source": "https://huggingface.co/datasets/cais/mmlu/resolve/main/all/"

@@ -127,5 +127,5 @@ def tiny_run(tmp_path_factory, shared_data):
     from stages.execute import run_pipeline
 
     store = open_store(str(tmp_path_factory.mktemp("tiny-store")))
-    steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"))
+    steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"), chat_data=str(shared_data / "chat"))
     return store, run_pipeline(steps, store)

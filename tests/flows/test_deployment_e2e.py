@@ -28,7 +28,8 @@ def _trigger(api: str, params: dict) -> str:
 
 def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
     store_dir = tmp_path / "store"
-    params = {"preset": "tiny", "store": str(store_dir), "eval_bundle": str(shared_data / "eval_bundle")}
+    params = {"preset": "tiny", "store": str(store_dir), "eval_bundle": str(shared_data / "eval_bundle"),
+              "chat_data": str(shared_data / "chat")}
     with prefect_server(tmp_path) as (api, env):
         run([str(BIN / "prefect"), "work-pool", "create", "nanorun-local", "--type", "process"], env)
         out = run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)

@@ -25,7 +25,8 @@ def _seed(tiny_run, main_root, preset, night):
 def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     main_root = tmp_path / "main"
     main = open_store(str(main_root))
-    common = dict(preset="tiny", store=str(main_root), eval_bundle=str(shared_data / "eval_bundle"))
+    common = dict(preset="tiny", store=str(main_root), eval_bundle=str(shared_data / "eval_bundle"),
+                  chat_data=str(shared_data / "chat"))
 
     _seed(tiny_run, main_root, "tiny", "2026-11-21")
     first = nightly_leaderboard(date="2026-11-21", **common)

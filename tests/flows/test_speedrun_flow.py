@@ -26,7 +26,8 @@ def test_cached_rerun_launches_no_subprocess_and_verifies_the_store(tiny_run, sh
     from flows.speedrun import speedrun
 
     store, run = tiny_run
-    params = dict(preset="tiny", store=store.url, eval_bundle=str(shared_data / "eval_bundle"))
+    params = dict(preset="tiny", store=store.url, eval_bundle=str(shared_data / "eval_bundle"),
+                  chat_data=str(shared_data / "chat"))
     launched = []
     real_popen = subprocess.Popen
 
