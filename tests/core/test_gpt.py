@@ -254,3 +254,46 @@ def test_meta_build_then_load_state_dict():
     with torch.no_grad():
         torch.testing.assert_close(dst(idx), src(idx), atol=0, rtol=0)
     assert "cos" not in src.state_dict() and len(src.state_dict()) == len(list(src.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ fp8
+
+
+def test_fp8_linear_math_on_cpu():
+    """The FP8 GEMMs (torch._scaled_mm exists on CPU too) stay within FP8 rounding of bf16."""
+    from core.fp8 import fp8_linear
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(256, 128, generator=g) * 0.05).requires_grad_(True)
+    grad_out = torch.randn(64, 256, generator=g)
+    ref = torch.nn.functional.linear(x.float(), w)
+    gx, gw = torch.autograd.grad(ref, (x, w), grad_out)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    for recipe, tol in (("tensorwise", 0.08), ("rowwise", 0.06)):
+        y = fp8_linear(x, w, recipe)
+        fx, fw = torch.autograd.grad(y, (x, w), grad_out.bfloat16())
+        assert y.dtype == torch.bfloat16 and fw.dtype == torch.float32
+        assert 0 < rel(y, ref) < tol and 0 < rel(fx, gx) < tol and 0 < rel(fw, gw) < tol, recipe
+
+
+def test_fp8_conversion_guard_and_disable():
+    from core.fp8 import convert_to_fp8, disable_fp8
+    cfg = GPTConfig(sequence_len=64, vocab_size=1024, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    m = randomized(cfg)
+    with pytest.raises(RuntimeError, match="compute capability"):
+        convert_to_fp8(m)  # CPU: refused with a clear message
+    assert convert_to_fp8(m, "rowwise", check_hardware=False) == 2 * 6  # q, k, v, proj, fc, mlp proj
+    assert m.lm_head.fp8 is None and m.transformer.h[1].attn.ve_gate.fp8 is None
+    m.set_compute_dtype(torch.bfloat16)
+    idx, tgt = tokens(2, 64, vocab=1024), tokens(2, 64, vocab=1024, seed=1)
+    fp8_loss = m(idx, tgt)
+    fp8_loss.backward()
+    assert m.transformer.h[0].attn.c_q.weight.grad.abs().sum() > 0
+    with disable_fp8(m):
+        assert m.transformer.h[0].mlp.c_fc.fp8 is None
+        bf16_loss = m(idx, tgt)
+    assert m.transformer.h[0].mlp.c_fc.fp8 == "rowwise"
+    assert abs(fp8_loss.item() - bf16_loss.item()) < 0.02 * bf16_loss.item()
