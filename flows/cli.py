@@ -41,6 +41,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("speedrun", "flows.commands:Speedrun", "run the speedrun flow for a preset (or --plan it)"),
     ("stage", "flows.commands:Stage", "run or rerun one stage with explicit inputs"),
     ("leaderboard", "flows.board:Leaderboard", "completed speedruns, fastest to GPT-2 first"),
+    ("chat", "flows.chat_commands:Chat", "chat with a model in the terminal (interactive, or -p for one shot)"),
+    ("serve", "flows.chat_commands:Serve", "serve the web chat UI and API for a model"),
 ]
 
 
