@@ -36,8 +36,10 @@ SPEEDRUN_GRAPH: list[Node] = [
     Node("base_eval", "core_eval", {"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
     Node("sft", "sft", {"base": "base", "tokenizer": "tokenizer"}),
     Node("chat_eval", "chat_eval", {"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
+    Node("export", "export", {"model": "sft", "tokenizer": "tokenizer", "base": "base", "base_eval": "base_eval",
+                              "chat_eval": "chat_eval"}),
     Node("report", "report", {"base": "base", "data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle",
-                              "base_eval": "base_eval", "sft": "sft", "chat_eval": "chat_eval"}),
+                              "base_eval": "base_eval", "sft": "sft", "chat_eval": "chat_eval", "export": "export"}),
 ]
 
 _GPU = {"base_eval": {"preset": "gpu"}, "chat_eval": {"preset": "reference"}}

@@ -17,7 +17,8 @@ def test_report_of_the_tiny_speedrun(tiny_run):
     assert s["preset"] == "tiny" and s["depth"] == 2 and s["iterations"] == run["base"].metrics["iterations"]
     assert s["val_bpb"] == run["base"].metrics["final_val_bpb"] and s["core"] == run["base_eval"].metrics["core"]
     assert s["core_n_tasks"] == 4 and s["core_complete"] is False and s["time_to_gpt2_s"] is None
-    assert set(s["stage_seconds"]) == {"data", "tokenizer", "eval_bundle", "base", "base_eval", "sft", "chat_eval"}
+    assert set(s["stage_seconds"]) == {"data", "tokenizer", "eval_bundle", "base", "base_eval", "sft",
+                                    "chat_eval", "export"}
     assert s["chat"] and all(isinstance(v, (int, float)) for v in s["chat"].values())
     assert s["total_seconds"] == pytest.approx(sum(s["stage_seconds"].values()), abs=0.01)
     assert s["artifacts"]["base"] == str(run["base"].ref)
