@@ -192,7 +192,8 @@ def model_card(info: dict, gen: GenerationConfig, *, title: str | None = None, s
            f"| context length | {a['sequence_len']} (sliding-window pattern {a['window_pattern']}) |",
            f"| vocabulary | {a['vocab_size']} (padded to a multiple of {a['pad_vocab_to']}) |",
            f"| parameters | {_n(info['num_params'])} total, {_n(info['num_scaling_params'])} in matrices + lm_head |",
-           f"| weights | `{info['weights']['file']}`, {info['weights']['dtype']}, {_n(info['weights']['bytes'])} bytes |",
+           f"| weights | `{info['weights']['file']}`, {info['weights']['dtype']}, "
+           f"{_n(info['weights']['bytes'])} bytes |",
            f"| training step | {info['step']} |", "",
            "GPT with untied embedding / lm_head, parameter-free RMSNorm (QK-norm), RoPE (base "
            f"{a['rope_base']:g}), ReLU² MLP, value embeddings on alternating layers, per-layer residual "

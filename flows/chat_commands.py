@@ -84,7 +84,8 @@ def _from_bundle(path: Path, name: str) -> ChatModel:
         gen = json.loads((path / GENERATION_FILE).read_text())
     except (BundleError, ValueError) as e:
         raise ModelLoadError(str(e)) from None
-    return ChatModel(name=name, kind=info.get("kind", "base"), path=path, bundle=True, num_params=info.get("num_params"),
+    return ChatModel(name=name, kind=info.get("kind", "base"), path=path, bundle=True,
+                     num_params=info.get("num_params"),
                      generation={k: gen[k] for k in ("temperature", "top_k", "max_tokens") if k in gen})
 
 

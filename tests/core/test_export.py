@@ -16,7 +16,8 @@ from tests._tok import small_tokenizer
 from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
 
 TOK_FP = "ab12cd34ef56ab78"
-BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json", "README.md"}
+BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json",
+          "README.md"}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from stages.execute import execute
 from stages.pretrain import model_checkpoint, tokenizer_dir
 from tests.conftest import png_size
 
-BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json", "README.md"}
+BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json",
+          "README.md"}
 
 
 def test_config():
@@ -46,13 +47,15 @@ def test_export_of_the_sft_model(tiny_run):
     path = store.materialize(m.ref)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["lineage"]["model"] == str(sft.ref) and cfg["lineage"]["sft.base"] == str(base.ref)
-    assert cfg["lineage"]["base_eval"] == str(run["base_eval"].ref) and cfg["tokenizer"]["fingerprint"] == tok.ref.fingerprint
+    assert cfg["lineage"]["base_eval"] == str(run["base_eval"].ref)
+    assert cfg["tokenizer"]["fingerprint"] == tok.ref.fingerprint
     gen = json.loads((path / "generation_config.json").read_text())
     assert (gen["temperature"], gen["top_k"], gen["top_p"], gen["max_tokens"]) == (0.5, 20, None, 64)
     card = (path / "README.md").read_text()
     core = run["base_eval"].metrics["core"]
-    for needle in ("# nanorun GPT d2 (sft)", "a chat model (supervised fine-tuned)".capitalize(), "## Lineage",
-                   str(sft.ref), str(base.ref), str(tok.ref), "## Metrics", f"| base_eval (`core_eval`) | core | {core:.6g} |",
+    for needle in ("# nanorun GPT d2 (sft)", "A chat model (supervised fine-tuned)", "## Lineage",
+                   str(sft.ref), str(base.ref), str(tok.ref),
+                   "## Metrics", f"| base_eval (`core_eval`) | core | {core:.6g} |",
                    "## Training report", "CORE over 4/22 tasks", "| chat:", "## How to load"):
         assert needle in card, needle
 
