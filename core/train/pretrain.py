@@ -53,7 +53,7 @@ from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
 from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line, peak_flops,
-                               seed_everything, setup_wandb, tokenizer_record)
+                               read_metrics, seed_everything, setup_wandb, tokenizer_record)
 
 SAMPLE_PROMPTS = (  # the reference's prompts: facts, a little reasoning, a little arithmetic
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -390,10 +390,12 @@ def train(cfg: PretrainConfig) -> dict:
         if cfg.core_metric_every > 0 and cfg.eval_bundle_dir and not resumed_here and \
                 (last or (step > 0 and step % cfg.core_metric_every == 0)):
             from core.eval.core import evaluate_core
+            # like the reference, prompts are not cut to the training context (few-shot prompts may be
+            # longer); only to what the rotary table covers (10x the context)
             with fp8_disabled(orig_model):
                 res = evaluate_core(orig_model, tokenizer, cfg.eval_bundle_dir, device=device, rank=rank,
                                     world_size=world, max_per_task=cfg.core_metric_max_per_task,
-                                    max_seq_len=cfg.max_seq_len)
+                                    max_seq_len=orig_model.rotary_len)
             print0(f"step {step:05d}/{total_steps:05d} | {res.label}: {res.core:.4f}")
             metrics.append("core", step=step, core=res.core, label=res.label,
                            tasks={k: t.centered for k, t in res.tasks.items()})
@@ -468,8 +470,10 @@ def train(cfg: PretrainConfig) -> dict:
                "training_time": loop["training_time"], "wall_time": loop["wall_time"],
                "tokens": total_steps * batch, "num_params": plan.num_params,
                "num_scaling_params": plan.num_scaling_params, "world_size": world}
-    if start_step < total_steps:
+    # (a resume at the last step means an earlier attempt finished; it may have died before this row)
+    if start_step < total_steps or not any(r["kind"] == "done" for r in read_metrics(metrics.path)):
         metrics.append("done", **summary)
+    if start_step < total_steps:
         print0(f"done: {total_steps:,} steps, {total_steps * batch:,} tokens | val bpb {loop['val_bpb']} "
                f"(min {summary['min_val_bpb']}) | training time {clock.training_time / 60:.2f}m")
     wandb_run.finish()

@@ -83,10 +83,20 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_reach_the_same_total_batch_and_train(inputs, uninterrupted, tmp_path):
+def test_two_gloo_processes_reach_the_same_total_batch_and_train(inputs, uninterrupted, tmp_path, shared_data):
     out = tmp_path / "two"
-    r = run_trainer(trainer_cmd(*inputs, out, nproc=2))
+    # also the end-of-run CORE (split over the two ranks; 12 examples per task: 10-shot tasks need 11)
+    # and the greedy samples
+    r = run_trainer(trainer_cmd(*inputs, out, "--eval-bundle-dir", str(shared_data / "eval_bundle"),
+                                "--core-metric-every", "100", "--core-metric-max-per-task", "12",
+                                "--sample-every", "100", nproc=2))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (core,) = _rows(out, "core")
+    n_tasks = len(core["tasks"])  # the tasks whose data the shared bundle carries
+    assert core["step"] == STEPS and core["label"] == f"CORE over {n_tasks}/22 tasks (<= 12 examples/task)"
+    assert -1 <= core["core"] <= 1 and n_tasks >= 15
+    (samples,) = _rows(out, "sample")
+    assert len(samples["samples"]) == 7 and samples["samples"][0].startswith("The capital of France is")
     one, two = _rows(uninterrupted, "start")[0]["derived"], _rows(out, "start")[0]["derived"]
     assert (one["world_size"], one["grad_accum_steps"]) == (1, 2)
     assert (two["world_size"], two["grad_accum_steps"]) == (2, 1)
@@ -110,6 +120,7 @@ def _main_exit(argv: list[str]) -> tuple[int, str]:
     return exc.value.code, err.getvalue()
 
 
+@pytest.mark.slow  # needs the uninterrupted run
 @pytest.mark.parametrize("flags, message", [
     (["--seed", "7"], "identity config differs (saved -> now: seed: 42 -> 7)"),
     (["--tokenizer-fingerprint", "abc123"], "this run has abc123 (vocab 1024)"),
