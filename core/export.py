@@ -139,8 +139,9 @@ def export_bundle(checkpoint_dir: Path | str, tokenizer_dir: Path | str, out: Pa
     target = WEIGHT_DTYPES[dtype]
     tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     part = out / (WEIGHTS_FILE + ".part")
-    save_file(tensors, str(part), metadata={"format": "pt", "nanorun_format": FORMAT,
-                                            "nanorun_format_version": str(FORMAT_VERSION)})
+    # One metadata key only: safetensors writes the metadata map in hash order, so several keys would
+    # make the same weights a different file (and sha256) on every export. Our format lives in config.json.
+    save_file(tensors, str(part), metadata={"format": "pt"})
     os.replace(part, out / WEIGHTS_FILE)
     del tensors
     # The tokenizer's own files, byte for byte (what the model was trained with).

@@ -98,6 +98,14 @@ def test_bf16_bundle_is_half_the_size_and_rounds_the_weights(tmp_path, source, b
         assert p.dtype == torch.float32 and torch.equal(p, q.to(torch.bfloat16).float()), name
 
 
+def test_export_is_reproducible(tmp_path, source, bundle):
+    ckpt, tok_dir = source
+    export_bundle(ckpt, tok_dir, tmp_path, tokenizer_fingerprint=TOK_FP, generation={"temperature": 0.7, "top_k": 40},
+                  lineage={"model": "sft/d2-0123456789abcdef"}, card_sections=["## Extra\n\nhello card"])
+    for name in BUNDLE:  # byte for byte: the same model exported twice is the same bundle
+        assert (tmp_path / name).read_bytes() == (bundle[0] / name).read_bytes(), name
+
+
 def test_export_refuses_another_tokenizer(tmp_path, source):
     ckpt, tok_dir = source
     with pytest.raises(TokenizerMismatchError, match="tokenizer/model mismatch"):

@@ -69,6 +69,10 @@ def test_export_of_the_sft_model(tiny_run):
     ref_tok = Tokenizer.from_directory(tokenizer_dir(store.materialize(tok.ref)))
     theirs, _ = Engine(ref_model, ref_tok).generate_batch(prompt, max_tokens=24, temperature=0.0)
     assert ours == theirs
+    # the speedrun's own export step bundles the same sft model with the default sampling settings
+    sp = run["export"]
+    assert sp.inputs["model"] == sft.ref and sp.metrics["kind"] == "sft" and sp.ref.label == "fp32"
+    assert sp.file("model.safetensors").sha256 == m.file("model.safetensors").sha256
 
 
 @pytest.mark.slow
