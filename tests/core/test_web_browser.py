@@ -7,9 +7,7 @@ localStorage) and saves screenshots under the test's tmp dir.
 """
 from __future__ import annotations
 
-import struct
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,12 +16,12 @@ import torch.nn as nn
 from core.engine import Engine
 from core.web import create_app
 from tests._tok import small_tokenizer
+from tests.conftest import png_size
 from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
 from tests.core.test_web import running, wait_for
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 ANSWER = ("Sure! Here is **the answer** with some code:\n\n```python\ndef area(r):\n    return 3.14159 * r * r\n```\n\n"
           "- first, the radius\n- then the formula\n\nAnd the sum: <|python_start|>12*7<|python_end|>")
 AFTER_TOOL = " so it is `84`."
@@ -64,36 +62,12 @@ class Author(nn.Module):
         return logits
 
 
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    return struct.unpack(">II", data[16:24])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (stack.md, Browser tests)")
-    from playwright.sync_api import sync_playwright
-
-    # stack.md's flags; Playwright gives every launch a fresh temporary profile itself (it refuses
-    # --user-data-dir here), so nothing is read from or written to a real profile.
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def test_chat_page_end_to_end(browser, shared_data, tmp_path):
+def test_chat_page_end_to_end(chromium, shared_data, tmp_path):
     tok = small_tokenizer(str(shared_data / "corpus"), 1024)
     author = Author(tiny_gpt(tok.vocab_size, seed=4, sequence_len=4096), tok)
     app = create_app([(Engine(author, tok), tok)], model_name="nanorun d2 (test)", max_queue=2)
     with running(app) as base:
-        page = browser.new_page(viewport={"width": 1200, "height": 820})
+        page = chromium.new_page(viewport={"width": 1200, "height": 820})
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(base + "/")
