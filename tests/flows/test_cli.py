@@ -75,7 +75,7 @@ def test_pull_push_alias_gc_index(built, capsys, tmp_path, s3_bucket, monkeypatc
     old = execute(toy_stage, toy_stage.Config(n=1), {}, store)  # becomes toy@latest
     code, out, _ = run(capsys, "--store", store.url, "alias", "toy@latest", str(up.ref))
     code, out, _ = run(capsys, "--store", store.url, "gc", "--dry-run", "--grace", "0")
-    assert code == 0 and f"unreferenced" in out and old.ref.key in out and "would delete 1 item(s)" in out
+    assert code == 0 and "unreferenced" in out and old.ref.key in out and "would delete 1 item(s)" in out
     code, out, _ = run(capsys, "--store", store.url, "gc", "--grace", "0")
     assert code == 0 and "deleted 1 item(s)" in out and store.manifest(old.ref) is None
     code, out, _ = run(capsys, "--store", store.url, "index", "--rebuild")
