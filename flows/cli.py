@@ -9,6 +9,11 @@
     nanorun gc [--dry-run]                delete uncommitted leftovers and artifacts no alias reaches
     nanorun index [--rebuild]             (re)build the run index from the store's manifests
     nanorun plan FILE                     dry run of a pipeline file: cached / will run / locked
+    nanorun speedrun --preset P [--plan]  the speedrun flow (data -> ... -> report), or its plan
+    nanorun stage NAME --input N=REF ...  run or rerun one stage (--force rebuilds)
+    nanorun leaderboard [--format F]      completed speedruns, fastest to GPT-2 CORE first
+    nanorun chat [REF] [-p PROMPT]        chat with an export / sft artifact (streamed)
+    nanorun serve [REF] [--port N]        the web chat UI on 127.0.0.1
 Global: --store URL (default $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
 REF = stage/label-fingerprint, a unique fingerprint prefix (>= 4 hex chars), or stage@alias.
 
