@@ -14,7 +14,9 @@ model's own GEMM shapes and on a square 2048^3 GEMM (the larger of the two).
 Variants: "ours" (fused chunked loss, fused AdamW, torch.compile unless --no-compile) and, with
 --reference, "reference" (full logits + F.cross_entropy, per-tensor AdamW, eager), i.e. what the
 straightforward nanochat-style step does on this machine. The machine is shared: variants run
-back to back and the load average is printed; compare rows of the same run.
+back to back and the load average is printed; compare rows of the same run. The measured processes
+get OMP_WAIT_POLICY=PASSIVE unless told otherwise: with the default (spinning) policy, 2-thread steps
+ran 2-3x slower here whenever other jobs shared the two cores.
 """
 from __future__ import annotations
 
@@ -125,6 +127,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first includes compile)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--reference", action="store_true", help="also run the reference-style step")
+    ap.add_argument("--omp-wait-policy", default=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                    help="for the measured processes; PASSIVE (default) keeps idle OpenMP threads from "
+                         "spinning, 2-3x faster on a shared, oversubscribed CPU")
     ap.add_argument("--variant", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, default=4, help=argparse.SUPPRESS)
@@ -137,7 +142,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__} | threads {a.threads} | cpu {torch.backends.cpu.get_cpu_capability()} | "
           f"load {os.getloadavg()[0]:.1f} | seq {a.seq} batch {a.batch} vocab {a.vocab} head_dim {a.head_dim} "
-          f"window {a.window} | compile {a.compile}", flush=True)
+          f"window {a.window} | compile {a.compile} | OMP_WAIT_POLICY {a.omp_wait_policy}", flush=True)
     shapes = [(a.batch * a.seq, 64 * max(a.depths), a.vocab), (a.batch * a.seq, 64 * max(a.depths), 4 * 64 * max(a.depths)),
               (2048, 2048, 2048)]
     peaks = {name: matmul_peak(DTYPES[name], shapes) for name in a.dtypes}
@@ -153,7 +158,7 @@ def main(argv=None) -> None:
                        "--steps", str(a.steps), "--warmup", str(a.warmup),
                        "--compile" if a.compile else "--no-compile"]
                 proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(REPO)})
+                                      env={**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": a.omp_wait_policy})
                 if proc.returncode != 0:
                     print(f"d{depth} {dtype} {variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
                     continue
