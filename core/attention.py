@@ -15,6 +15,7 @@ i - window <= j <= i (window + 1 keys). `window=None` (or < 0) is full causal at
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -57,12 +58,13 @@ def _pick_backend() -> tuple[str, object]:
     return "sdpa", None
 
 
-BACKEND, _flash = _pick_backend()
-
-
 def describe_backend() -> str:
     return {"fa3": "flash-attn 3 (Hopper)", "fa2": "flash-attn 2",
             "sdpa": "PyTorch SDPA (explicit mask for sliding windows)"}[BACKEND]
+
+
+BACKEND, _flash = _pick_backend()
+logging.getLogger("nanorun.attention").info("attention backend: %s", describe_backend())
 
 
 def _use_flash(q: torch.Tensor) -> bool:
@@ -113,7 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | N
     """Causal self-attention for training: q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D)."""
     w = _window(window, q.size(1))
     if _use_flash(q):
-        return _flash.flash_attn_func(q, k, v, causal=True, window_size=(w, 0))
+        y = _flash.flash_attn_func(q, k, v, causal=True, window_size=(w, 0))
+        return y[0] if isinstance(y, tuple) else y  # some FA3 builds return (out, softmax_lse)
     y = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), w)
     return y.transpose(1, 2)
 
@@ -128,8 +131,9 @@ def attention_kvcache(q, k_cache, v_cache, k, v, pos: int, window: int | None = 
         if cache_seqlens is None:
             cache_seqlens = torch.full((q.size(0),), pos, dtype=torch.int32, device=q.device)
         w = _window(window, end)
-        return _flash.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                                              causal=True, window_size=(w, 0))
+        y = _flash.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                           causal=True, window_size=(w, 0))
+        return y[0] if isinstance(y, tuple) else y
     k_cache[:, pos:end] = k
     v_cache[:, pos:end] = v
     start = 0

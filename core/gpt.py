@@ -216,7 +216,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
-        self.fused_loss = True          # False: plain logits + F.cross_entropy (for comparison)
+        # fused chunked loss: None = on CPU only (on CUDA the plain logits + cross-entropy is what the
+        # reference compiles into fused kernels, and per-block Python loops would mean kernel launches)
+        self.fused_loss: bool | None = None
         self.loss_chunk_rows = 2048     # rows of logits per chunk in the fused loss (matmul granularity)
         self.window_sizes = config.window_sizes()
         vp, c, kv = config.padded_vocab_size, config.n_embd, config.n_kv_head * config.head_dim
@@ -391,8 +393,9 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction={reduction!r}: use 'mean', 'sum' or 'none'")
         h, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
         cfg = self.config
+        fused = self.fused_loss if self.fused_loss is not None else x.device.type == "cpu"
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-        if needs_grad and (reduction == "none" or not self.fused_loss):
+        if not fused or (needs_grad and reduction == "none"):
             loss = plain_softcap_cross_entropy(h, self.lm_head.weight, t, cfg.vocab_size, cfg.softcap, reduction)
         else:
             loss = softcap_cross_entropy(h, self.lm_head.weight, t, cfg.vocab_size, cfg.softcap,
@@ -478,6 +481,7 @@ class _FusedSoftcapCE(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+@torch.compiler.disable  # a graph break: compiled trunk, eager head (its loops would unroll into a huge graph)
 def softcap_cross_entropy(h, weight, targets, vocab_size: int, softcap: float, reduction: str = "mean",
                           chunk_rows: int = 2048):
     """Chunked soft-capped cross-entropy of h @ weight[:vocab].T against targets (ignore -1)."""
