@@ -15,10 +15,11 @@ head; per-layer resid/x0 scalars (modded-nanogpt); smear (previous-token mixing)
 mid-network residual; logits soft-capped at 15 (Gemma 2). Master weights are fp32; matmuls run in
 `model.compute_dtype` (Linear casts its weight to the activation dtype).
 
-The training loss is a chunked, fused lm_head + soft-cap + cross-entropy (`softcap_cross_entropy`):
-the (tokens x 32768) logits are never materialised in full, and the gradient is produced in the
-same pass (the Liger-kernel idea, arXiv:2410.10989), which on CPU halves the step time of small
-models where the head dominates.
+On CPU the training loss is a chunked, fused lm_head + soft-cap + cross-entropy
+(`softcap_cross_entropy`): the (tokens x 32768) logits are never materialised in full, the gradient
+is produced in the same pass (the Liger-kernel idea, arXiv:2410.10989) and the elementwise work runs
+on L2-sized blocks; with the fused AdamW it makes small-model steps 1.5-2.5x faster than full logits
++ F.cross_entropy (bench/train_step.py). On CUDA the loss is the reference's full-logits form.
 """
 from __future__ import annotations
 
