@@ -23,7 +23,6 @@ on L2-sized blocks; with the fused AdamW it makes small-model steps 1.5-2.5x fas
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -277,10 +276,14 @@ class GPT(nn.Module):
         """cos/sin for positions [start, start+length), shaped (1, T, 1, head_dim/2)."""
         device = self.lm_head.weight.device
         if self._rope is None or self._rope[0].device != device:
-            d = self.config.head_dim
-            inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
-            freqs = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
-            self._rope = (freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :])
+            # The table outlives the call: if the first forward runs under inference_mode (an eval
+            # or generation before training), an inference tensor cached here would break every
+            # later backward ("Inference tensors cannot be saved for backward").
+            with torch.inference_mode(False), torch.no_grad():
+                d = self.config.head_dim
+                inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+                freqs = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
+                self._rope = (freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :])
         if start + length > self.rotary_len:
             raise ValueError(f"position {start + length} is beyond the rotary table ({self.rotary_len} = "
                              "10 x sequence_len): use a shorter context or a config with a longer sequence_len")

@@ -312,3 +312,17 @@ def test_compiled_trunk_matches_eager():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-4, msg=name)
     with torch.no_grad():
         assert torch.equal(compiled(idx), eager(idx))
+
+
+def test_training_after_an_inference_mode_forward():
+    """The first forward under inference_mode (eval at step 0, generation) must not poison training."""
+    from core.gpt import GPTConfig, build_model
+
+    cfg = GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_model(cfg, "cpu", torch.float32, seed=0)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.inference_mode():
+        model(x)
+    loss = model(x, targets=x)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and torch.isfinite(loss)
