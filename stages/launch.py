@@ -86,6 +86,10 @@ def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str
     env["PYTHONUNBUFFERED"] = "1"
     # torchrun sets OMP_NUM_THREADS=1 for nproc > 1 unless told otherwise; on a CPU box that wastes
     # cores, on a GPU box one thread per process is right. Split the cores we are allowed to use.
+    # OpenMP's default spin-waiting makes idle threads burn the cores a neighbour needs: on the
+    # 2-core box a 2-thread training step ran 2-3x slower (decode up to 60x) whenever anything else
+    # ran (core.common.CPU_WORKER_ENV). Passive waiting costs nothing measurable when alone.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "OMP_NUM_THREADS" not in (extra or {}):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nproc)))
