@@ -154,7 +154,9 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
             return m
     with lease:
         if not force and (m := _cached(store, ref)) is not None:  # committed while we took the lease
-            emit("cached", manifest=m)
+            if waited_since is not None:
+                log.info("cache hit %s after waiting %.0fs (built by the other run)", ref, time.time() - waited_since)
+            emit("cached", manifest=m, **({"waited_s": time.time() - waited_since} if waited_since else {}))
             return m
         work = store.work_dir(ref, clear=force)
         leftovers = any(work.iterdir())
