@@ -94,9 +94,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-b
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """Headless Debian Chromium driven by Playwright (PyPI); Playwright's own browser download fails here."""
+    """Headless Debian Chromium driven by Playwright (PyPI); Playwright's own browser download fails here.
+
+    Module-scoped on purpose: Playwright's sync API keeps an asyncio loop running in the main thread
+    while it is open, and Prefect then treats every later call as async (State.result() returns a
+    coroutine), so the browser must be closed before other modules' tests run."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (scripts/test.sh does it)")
     from playwright.sync_api import sync_playwright
