@@ -133,3 +133,29 @@ def tiny_run(tmp_path_factory, shared_data):
     store = open_store(str(tmp_path_factory.mktemp("tiny-store")))
     steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"), chat_data=str(shared_data / "chat"))
     return store, run_pipeline(steps, store)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's temporary server while pytest's streams are still open (its own atexit hook
+    logs after they are closed and prints a 'Logging error' traceback at the end of every run)."""
+    import sys
+
+    if "prefect.server.api.server" not in sys.modules:
+        return
+    import logging
+
+    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # Prefect's console handlers were created while pytest captured output and still hold the
+    # (now closed) capture stream: give them the real stderr back before anything else logs.
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, PrefectConsoleHandler):
+                h.console.file = sys.__stderr__
+            elif isinstance(h, APILogHandler):
+                h.flush()  # ship queued run logs while the server can still take them
+    for server in list(SubprocessASGIServer._instances.values()):
+        if server.running:
+            server.stop()
