@@ -112,7 +112,7 @@ def gpu_peak_flops(name: str) -> float | None:
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                         n: int = 1024, repeats: int = 5) -> float:
+                         n: int = 2048, repeats: int = 3) -> float:
     """Best FLOP/s of an n x n matmul in `dtype` on this process's threads: the practical peak on a
     CPU, where no datasheet number applies (AMX, AVX-512 and thread counts vary by machine)."""
     gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
