@@ -134,8 +134,10 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", check_hardware:
     if check_hardware:
         device = next(model.parameters()).device
         if not fp8_available(device):
-            raise RuntimeError(f"FP8 training needs a CUDA GPU with compute capability >= 8.9 (H100/Ada) and "
-                               f"torch._scaled_mm; the model is on {device}. Drop --fp8.")
+            # a ValueError: the trainers report it as one line (the recipe asks for what the box lacks)
+            raise ValueError(f"FP8 training needs a CUDA GPU with compute capability >= 8.9 (H100/Ada) and "
+                             f"torch._scaled_mm; the model is on {device}. Drop --fp8 (it is part of the recipe, "
+                             f"so it makes a different artifact).")
     n = 0
     head = getattr(model, "lm_head", None)  # stays bf16: the fused training loss uses its weight directly
     for module in model.modules():

@@ -29,7 +29,6 @@ or process count is refused with the reason (core.train.common.check_resume).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -48,7 +47,8 @@ from core.common import cleanup_distributed, compute_dtype, dtype_name, init_dis
     set_num_threads
 from core.dataloader import PackingLoader
 from core.eval.bpb import evaluate_bpb
-from core.gpt import Linear, build_model
+from core.fp8 import convert_to_fp8, disable_fp8
+from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
@@ -192,37 +192,6 @@ def shard_files(data_dir: Path) -> tuple[list[Path], list[Path]]:
 # ---- FP8 ---------------------------------------------------------------------------------------
 
 
-def enable_fp8(model, recipe: str, device: torch.device) -> int:
-    """Route the large block matmuls through core.fp8; returns how many Linear layers were converted."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError(f"--fp8 needs an NVIDIA GPU with FP8 tensor cores (SM >= 8.9: H100, H200, B200, L40S); this "
-                         f"run is on {device}: drop --fp8 (it is part of the recipe, so it makes a different artifact)")
-    import importlib.util
-    if importlib.util.find_spec("core.fp8") is None:
-        raise ValueError("--fp8: core/fp8.py is not in this build; drop --fp8")
-    n = 0
-    for m in model.transformer.h.modules():
-        # FP8 GEMMs need dims divisible by 16; below 128 the casts cost more than they save
-        if isinstance(m, Linear) and m.in_features % 16 == 0 and m.out_features % 16 == 0 \
-                and min(m.in_features, m.out_features) >= 128:
-            m.fp8 = recipe
-            n += 1
-    return n
-
-
-@contextlib.contextmanager
-def fp8_disabled(model):
-    """Evaluate and sample in the compute dtype (bf16): FP8 is for training throughput only."""
-    saved = [(m, m.fp8) for m in model.modules() if isinstance(m, Linear) and m.fp8]
-    for m, _ in saved:
-        m.fp8 = None
-    try:
-        yield
-    finally:
-        for m, recipe in saved:
-            m.fp8 = recipe
-
-
 # ---- samples -------------------------------------------------------------------------------------
 
 
@@ -289,7 +258,7 @@ def train(cfg: PretrainConfig) -> dict:
         notes = check_resume(ck.meta, where=latest, identity=cfg.identity(), tokenizer=tok_rec, world_size=world,
                              device_batch_size=cfg.device_batch_size)
         orig_model.load_state_dict(ck.model_state(device), strict=True)
-    n_fp8 = enable_fp8(orig_model, cfg.fp8_recipe, device) if cfg.fp8 else 0
+    n_fp8 = convert_to_fp8(orig_model, cfg.fp8_recipe) if cfg.fp8 else 0
     use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
     optimizer = build_optimizer(orig_model, plan, distributed=info.ddp)
@@ -380,7 +349,7 @@ def train(cfg: PretrainConfig) -> dict:
         tokens_seen = step * batch
         if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0) and not resumed_here:
             model.eval()
-            with fp8_disabled(orig_model):
+            with disable_fp8(orig_model):
                 bpb = evaluate_bpb(orig_model if cfg.fp8 else model, val_batches(), token_bytes, steps=eval_steps)
             model.train()
             loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
@@ -392,7 +361,7 @@ def train(cfg: PretrainConfig) -> dict:
             from core.eval.core import evaluate_core
             # like the reference, prompts are not cut to the training context (few-shot prompts may be
             # longer); only to what the rotary table covers (10x the context)
-            with fp8_disabled(orig_model):
+            with disable_fp8(orig_model):
                 res = evaluate_core(orig_model, tokenizer, cfg.eval_bundle_dir, device=device, rank=rank,
                                     world_size=world, max_per_task=cfg.core_metric_max_per_task,
                                     max_seq_len=orig_model.rotary_len)
@@ -403,7 +372,7 @@ def train(cfg: PretrainConfig) -> dict:
         if cfg.sample_every > 0 and master and not resumed_here and \
                 (last or (step > 0 and step % cfg.sample_every == 0)):
             orig_model.eval()
-            with fp8_disabled(orig_model):
+            with disable_fp8(orig_model):
                 samples = greedy_samples(orig_model, tokenizer)
             orig_model.train()
             for s in samples:

@@ -144,6 +144,11 @@ def test_a_total_batch_that_does_not_divide_is_refused(inputs, tmp_path):
         train(cfg)
 
 
+def test_fp8_on_a_cpu_is_refused_with_one_line(inputs, tmp_path):
+    code, err = _main_exit(trainer_cmd(*inputs, tmp_path / "o", "--fp8")[3:])
+    assert code == 2 and "FP8 training needs a CUDA GPU" in err and "Drop --fp8" in err and "Traceback" not in err, err
+
+
 # ---- core/train/common.py and the config ---------------------------------------------------------
 
 
