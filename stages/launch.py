@@ -205,24 +205,29 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     rc = proc.returncode
     if timed_out:
         raise LaunchError(f"{name} timed out after {timeout:.0f} s and was killed; "
-                          f"last lines:\n{_summarise(tail)}", rc, list(tail))
+                          f"last lines:\n{failure_summary(tail)}", rc, list(tail))
     if rc != 0:
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-        raise LaunchError(f"{name} {how} after {seconds:.0f} s; last error lines:\n{_summarise(tail)}",
+        raise LaunchError(f"{name} {how} after {seconds:.0f} s; last error lines:\n{failure_summary(tail)}",
                           rc, list(tail))
     log.info("[%s] finished in %.1f s", name, seconds)
     return LaunchResult(returncode=rc, seconds=seconds, lines=state["lines"])
 
 
-def _summarise(tail, n: int = 15) -> str:
-    """The lines worth reading: from the last traceback / error marker on, else the last n lines."""
+def failure_summary(tail, n: int = 15, max_lines: int = 60) -> str:
+    """The lines worth reading from the end of a failed run's output.
+
+    torchrun's agent ends every failure with its own ChildFailedError traceback, which only says
+    that a worker failed: the cause is in the workers' lines before it. Among those the first
+    traceback wins (with several ranks the first is usually the root cause; the others fail on the
+    dead peer), else the first error marker (a one-line `error:` of a refused start), else the last
+    n lines. The agent's one-line verdict is kept at the end."""
     lines = list(tail)
-    start = None
-    for i, line in enumerate(lines):
-        if "Traceback (most recent call last)" in line:
-            start = i  # the last traceback wins
+    end = next((i for i, line in enumerate(lines) if "elastic" in line and "failed (exitcode" in line), len(lines))
+    worker = lines[:end]
+    start = next((i for i, line in enumerate(worker) if "Traceback (most recent call last)" in line), None)
     if start is None:
-        hits = [i for i, line in enumerate(lines) if any(m in line for m in _ERROR_MARKERS)]
-        start = hits[0] if hits else max(0, len(lines) - n)
-    picked = lines[start:][-40:]
+        start = next((i for i, line in enumerate(worker) if any(m in line for m in _ERROR_MARKERS)),
+                     max(0, len(worker) - n))
+    picked = worker[start:start + max_lines] + lines[end:end + 1]
     return "\n".join("  | " + line for line in picked) if picked else "  | (no output)"

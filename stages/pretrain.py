@@ -32,7 +32,6 @@ runs this stage with its own node_rank and the checkpoint directory must be on s
 """
 from __future__ import annotations
 
-import contextvars
 import json
 import shutil
 import statistics
@@ -252,16 +251,16 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
              f"; resuming from the checkpoint at step {start} in the work dir" if ckpts else "")
     progress(start, total, phase="train")
 
-    # launch() reads the output on its own thread: run progress() there in a copy of our context
-    # so that the reporter installed around this stage (CLI bar, Prefect artifact) receives it.
-    ctx, last_report = contextvars.copy_context(), [0.0]
+    # launch() calls on_line on this thread, so the reporter installed around the stage (CLI bar,
+    # Prefect progress artifact) receives every progress() call; at most one a second.
+    last_report = [0.0]
 
     def on_line(line: str) -> None:
         p = parse_step_line(line)
         if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
             return
         last_report[0] = time.monotonic()
-        ctx.run(progress, p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
+        progress(p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
 
     rdzv = Rendezvous(cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint, cfg.rdzv_id) if cfg.nnodes > 1 else None
     cmd = torchrun_cmd("core.train.pretrain", ["--config", str(run_json), *cfg.extra_args], nproc=cfg.nproc, rdzv=rdzv)
@@ -272,28 +271,13 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
                     name="pretrain", on_line=on_line).returncode
     except LaunchError as e:
         rc = e.returncode
-        head = str(e).split("; last", 1)[0]
-        raise LaunchError(f"{head}; the trainer's output ends with:\n{trainer_error(e.tail)}\n(full log: "
-                          f"{out / 'train.log'}; rerunning resumes from the newest checkpoint)", rc, e.tail) from None
+        raise LaunchError(f"{e}\n(full log: {out / 'train.log'}; rerunning resumes from the newest checkpoint)",
+                          rc, e.tail) from None
     finally:  # every attempt counts for the cost estimate, failed ones too
         with open(out / "attempts.jsonl", "a") as f:
             f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
                                 "nproc": cfg.nproc, "nnodes": cfg.nnodes, "resumed_from": start}) + "\n")
     return finish(cfg, out, total)
-
-
-def trainer_error(tail: list[str], max_lines: int = 60) -> str:
-    """The workers' own error lines from a torchrun output tail. torchrun's agent ends every failure
-    with its own ChildFailedError traceback, which only says that a worker failed; the cause is in
-    the lines before it (the first traceback: with several ranks the first one is usually the root
-    cause, the others fail on the dead peer), or in a one-line `error:` of a refused start."""
-    end = next((i for i, line in enumerate(tail) if "elastic" in line and "failed (exitcode" in line), len(tail))
-    lines = tail[:end]
-    start = next((i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line), None)
-    if start is None:
-        start = next((i for i, line in enumerate(lines) if "error" in line.lower()), max(0, len(lines) - 15))
-    picked = lines[start:start + max_lines] + tail[end:end + 1]
-    return "\n".join("  | " + line for line in picked) if picked else "  | (no output)"
 
 
 def finish(cfg: Config, out: Path, total: int) -> dict:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stages.launch import LaunchError, Rendezvous, launch, torchrun_cmd, worker_env
+from stages.launch import LaunchError, Rendezvous, failure_summary, launch, torchrun_cmd, worker_env
 
 
 def _py(code: str) -> list[str]:
@@ -140,3 +140,18 @@ def test_returns_when_a_grandchild_keeps_stdout_open():
     t0 = time.monotonic()
     res = launch(_py(code), name="leaky")
     assert res.returncode == 0 and time.monotonic() - t0 < 15
+
+
+def test_failure_summary_skips_torchruns_own_traceback():
+    tail = ["step 00003/00024 (12.5%) | loss 6.9", "[rank1]: Traceback (most recent call last):",
+            '[rank1]:   File "pretrain.py", line 1', "[rank1]: ValueError: boom",
+            "[rank0]: Traceback (most recent call last):", "[rank0]: RuntimeError: Connection closed by peer",
+            "E1123 ... elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 1 (pid: 9)",
+            "Traceback (most recent call last):", "torch.distributed.elastic...ChildFailedError:"]
+    text = failure_summary(tail)
+    assert text.splitlines()[0] == "  | [rank1]: Traceback (most recent call last):"
+    assert "ValueError: boom" in text and "failed (exitcode: 1)" in text and "ChildFailedError" not in text
+    killed = failure_summary(["step 00009/00024 ...", "E1123 elastic/x.py] failed (exitcode: -9) local_rank: 0",
+                                     "Traceback (most recent call last):"])
+    assert killed.splitlines()[-1].endswith("failed (exitcode: -9) local_rank: 0")
+    assert failure_summary([]) == "  | (no output)"
