@@ -32,7 +32,8 @@ SPEEDRUN_GRAPH: list[Node] = [
     Node("data", "data_shards"),
     Node("tokenizer", "tokenizer", {"data": "data"}),
     Node("eval_bundle", "eval_bundle"),
-    Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer"}),
+    # eval_bundle: only when the pretrain config scores CORE during training (core_metric_every > 0)
+    Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
     Node("base_eval", "core_eval", {"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
     Node("sft", "sft", {"base": "base", "tokenizer": "tokenizer"}),
     Node("chat_eval", "chat_eval", {"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
@@ -146,4 +147,12 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
     unknown = sorted(set(layers) - set(names))
     if unknown:
         raise ConfigError(f"overrides name unknown step(s) {unknown}; the speedrun's steps are {', '.join(names)}")
-    return [Step(n.name, n.stage, _config(n, layers.get(n.name, {})), dict(n.inputs)) for n in graph]
+    steps = []
+    for n in graph:
+        cfg = _config(n, layers.get(n.name, {}))
+        inputs = dict(n.inputs)
+        if n.stage == "pretrain" and cfg.core_metric_every <= 0:
+            # an optional input is hashed when given: don't tie the model to a bundle it never reads
+            inputs.pop("eval_bundle", None)
+        steps.append(Step(n.name, n.stage, cfg, inputs))
+    return steps

@@ -60,3 +60,12 @@ def test_parse_set():
     with pytest.raises(ConfigError, match="STEP.FIELD=VALUE"):
         parse_set(["depth=6"])
     assert merge({"a": {"x": 1}}, {"a": {"y": 2}}, {"a": {"x": 3}}) == {"a": {"x": 3, "y": 2}}
+
+
+def test_pretrain_takes_the_core_bundle_only_when_it_scores_core_during_training():
+    steps = {s.name: s for s in speedrun_steps("d20")}
+    assert steps["base"].cfg.core_metric_every > 0 and steps["base"].inputs["eval_bundle"] == "eval_bundle"
+    steps = {s.name: s for s in speedrun_steps("tiny")}
+    assert "eval_bundle" not in steps["base"].inputs
+    steps = {s.name: s for s in speedrun_steps("tiny", {"base": {"core_metric_every": 8}})}
+    assert steps["base"].inputs["eval_bundle"] == "eval_bundle"
