@@ -1,7 +1,7 @@
 """CLI subcommands that run the Prefect flows locally (registered in flows/cli.py).
 
     nanorun speedrun --preset cpu-demo [--depth N] [--set STEP.FIELD=VALUE ...] [--plan] [--force STEP]
-    nanorun stage NAME [--input NAME=REF ...] [--set FIELD=VALUE ...] [--force] [--plan]
+    nanorun stage NAME [--input NAME=REF ...] [--set FIELD=VALUE ...] [--force] [--join] [--plan]
 
 Without PREFECT_API_URL the flow runs against a temporary local Prefect server (started for the
 run); with it, the run appears on that server's UI like a deployment run. `--plan` prints what
@@ -73,6 +73,8 @@ class Stage:
                        help="a config field (repeatable); values parse as JSON when they can")
         p.add_argument("--preset", help="the stage's own preset (e.g. pretrain: tiny, cpu-demo, d20)")
         p.add_argument("--force", action="store_true", help="rebuild even if committed")
+        p.add_argument("--join", action="store_true", help="multi-node: run this node's share of the run node 0 "
+                                                           "builds (pretrain, node_rank >= 1); commits nothing")
         p.add_argument("--plan", action="store_true", help="say cached / will run / locked and exit")
 
     @staticmethod
@@ -108,5 +110,5 @@ class Stage:
         from flows.speedrun import stage
 
         print(stage(name=mod.NAME, config=fields, inputs={k: str(v) for k, v in refs.items()},
-                    store=args.store, force=args.force))
+                    store=args.store, force=args.force, join=args.join))
         return 0

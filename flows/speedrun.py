@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from flows.recipes import speedrun_steps
-from flows.tasks import run_stage
+from flows.tasks import join_stage, run_stage
 from stages.execute import load_stage
 
 
@@ -77,11 +77,16 @@ def publish_report(refs: dict[str, str], store_url: str, preset: str) -> None:
 
 @flow(name="stage", log_prints=True, validate_parameters=True)
 def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None = None,
-          store: str | None = None, force: bool = False) -> str:
+          store: str | None = None, force: bool = False, join: bool = False) -> str:
     """Run or rerun one stage with explicit inputs (refs `stage/label-fp`, fingerprint prefixes or
-    `stage@alias`); force rebuilds it even if committed. Returns the artifact ref."""
+    `stage@alias`); force rebuilds it even if committed. Returns the artifact ref.
+
+    join: this node's share of a multi-node run that node 0 runs (pretrain with nnodes > 1 and
+    node_rank >= 1): trains in the shared work dir, commits nothing."""
     st = open_store(store)
     mod = load_stage(name)
     cfg = mod.Config.from_dict(dict(config or {}))  # validate before any task starts
     refs = {k: str(st.resolve(v)) for k, v in (inputs or {}).items()}
+    if join:
+        return join_stage.with_options(task_run_name=f"{mod.NAME}-join")(mod.NAME, _config_dict(cfg), refs, st.url)
     return run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, _config_dict(cfg), refs, st.url, force)

@@ -14,6 +14,7 @@ stages.base.progress(); here that updates a Prefect progress artifact (throttled
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -23,13 +24,13 @@ import time
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
 from stages.base import ConfigError, report_progress_to
-from stages.execute import execute, load_stage, status
+from stages.execute import execute, join, load_stage, status
 
 PROGRESS_EVERY_S = 2.0
 
@@ -169,25 +170,39 @@ class _Both:
             fn(step, total, info)
 
 
+@contextlib.contextmanager
+def _observed(name: str):
+    """Forward the stage's logs to the task run and its progress() to a Prefect progress artifact
+    (and a terminal bar when the CLI asks for one)."""
+    handler = _ForwardToRunLogger(get_run_logger())
+    nanorun_logger = logging.getLogger("nanorun")
+    nanorun_logger.addHandler(handler)
+    if nanorun_logger.level == logging.NOTSET or nanorun_logger.level > logging.INFO:
+        nanorun_logger.setLevel(logging.INFO)
+    reporter = _ProgressArtifact(f"{name.replace('_', '-')}-progress", name)
+    if os.environ.get("NANORUN_PROGRESS_BAR") == "1":  # set by the CLI: also draw a terminal bar
+        reporter = _Both(reporter, _TerminalBar(name))
+    try:
+        with report_progress_to(reporter):
+            yield
+    finally:
+        nanorun_logger.removeHandler(handler)
+
+
 @task(name="stage", cache_policy=StoreVerifiedCache(), persist_result=True, result_serializer="json",
       retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_is_transient)
 def run_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str | None = None,
               force: bool = False) -> str:
     """Build (or find) one stage's artifact; returns its ref `stage/label-fingerprint`."""
-    logger = get_run_logger()
     mod, cfg, refs = build_call(stage, config, inputs)
-    store = open_store(store_url)
-    handler = _ForwardToRunLogger(logger)
-    nanorun_logger = logging.getLogger("nanorun")
-    nanorun_logger.addHandler(handler)
-    if nanorun_logger.level == logging.NOTSET or nanorun_logger.level > logging.INFO:
-        nanorun_logger.setLevel(logging.INFO)
-    reporter = _ProgressArtifact(f"{mod.NAME.replace('_', '-')}-progress", mod.NAME)
-    if os.environ.get("NANORUN_PROGRESS_BAR") == "1":  # set by the CLI: also draw a terminal bar
-        reporter = _Both(reporter, _TerminalBar(mod.NAME))
-    try:
-        with report_progress_to(reporter):
-            manifest = execute(mod, cfg, refs, store, force=force)
-    finally:
-        nanorun_logger.removeHandler(handler)
+    with _observed(mod.NAME):
+        manifest = execute(mod, cfg, refs, open_store(store_url), force=force)
     return str(manifest.ref)
+
+
+@task(name="join-stage", cache_policy=NO_CACHE)
+def join_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str | None = None) -> str:
+    """This node's share of a multi-node build that another node runs (and commits)."""
+    mod, cfg, refs = build_call(stage, config, inputs)
+    with _observed(mod.NAME):
+        return str(join(mod, cfg, refs, open_store(store_url)))

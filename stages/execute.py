@@ -160,7 +160,7 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
             return m
         work = store.work_dir(ref, clear=force)
         leftovers = any(work.iterdir())
-        upstream = {name: Input(r, store.materialize(r), store.require(r)) for name, r in sorted(inputs.items())}
+        upstream = _materialize(store, inputs)
         log.info("running %s in %s%s", ref, work, " (resuming: the work dir holds a previous attempt)" if leftovers else "")
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
@@ -182,6 +182,29 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
     log.info("committed %s: %d files, %s in %.1fs -> %s", ref, len(m.files), _size(m.total_bytes), secs, store.url)
     emit("committed", manifest=m, seconds=secs)
     return m
+
+
+def _materialize(store, inputs: dict[str, ArtifactRef]) -> dict[str, Input]:
+    """Upstream artifacts as run() sees them: committed, verified, on local disk."""
+    return {name: Input(r, store.materialize(r), store.require(r)) for name, r in sorted(inputs.items())}
+
+
+def join(stage, cfg, inputs: dict[str, ArtifactRef], store) -> ArtifactRef:
+    """Take part in another node's build of the same artifact (multi-node training).
+
+    Runs the stage's join() in the artifact's work dir with no lease and no commit: the node that
+    runs execute() for the same config holds the lease and commits once every node is done. The
+    work dir must be on storage all nodes share (the ranks write checkpoints into it)."""
+    mod = load_stage(stage)
+    if not hasattr(mod, "join"):
+        raise ConfigError(f"{mod.NAME} does not run across nodes (it has no join()); run it on one node")
+    ref = artifact_ref(mod, cfg, inputs)
+    work = store.work_dir(ref)
+    log.info("joining the build of %s in %s", ref, work)
+    start = time.time()
+    mod.join(cfg, _materialize(store, inputs), work)
+    log.info("done with %s after %.1fs (the node running the stage commits it)", ref, time.time() - start)
+    return ref
 
 
 def _plain(v: Any) -> Any:

@@ -74,8 +74,11 @@ def torchrun_cmd(module: str, args: list[str], *, nproc: int = 1, rdzv: Rendezvo
     if rdzv is None or rdzv.nnodes == 1:
         cmd += ["--standalone", "--nnodes=1"]
     else:
+        # is_host: node 0 serves the rendezvous store; stating it keeps several "nodes" on one
+        # machine (tests, a workstation) from all trying to serve it
         cmd += [f"--nnodes={rdzv.nnodes}", f"--node_rank={rdzv.node_rank}", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={rdzv.endpoint}", f"--rdzv_id={rdzv.run_id}"]
+                f"--rdzv_endpoint={rdzv.endpoint}", f"--rdzv_id={rdzv.run_id}",
+                f"--rdzv_conf=is_host={str(rdzv.node_rank == 0).lower()}"]
     cmd += [f"--nproc_per_node={nproc}", "-m", module, *args]
     return cmd
 

@@ -227,20 +227,39 @@ def _plan(cfg: Config, vocab_size: int):
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    if cfg.node_rank > 0:
+        raise ConfigError(f"pretrain: node_rank={cfg.node_rank} joins node 0's run rather than building the artifact: "
+                          "run `nanorun stage pretrain ... --join` on this node (only node 0 commits)")
+    total = _train(cfg, inputs, Path(out))
+    return finish(cfg, Path(out), total)
+
+
+def join(cfg: Config, inputs: dict[str, Input], out: Path) -> None:
+    """This node's share of a multi-node run (node_rank >= 1): the same torchrun job through the
+    c10d rendezvous at node 0, writing into the same (shared) work dir. Commits nothing: node 0's
+    run() lays out and commits the artifact once every node is done."""
+    if cfg.nnodes < 2 or cfg.node_rank < 1:
+        raise ConfigError(f"pretrain: joining needs nnodes > 1 and node_rank >= 1 (got nnodes={cfg.nnodes}, "
+                          f"node_rank={cfg.node_rank}); node 0 runs the stage itself")
+    _train(cfg, inputs, Path(out))
+
+
+def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
+    """Launch (or resume) the trainer under torchrun on this node; returns the total step count."""
     from core.checkpoint import list_checkpoints
     from core.tokenizer import Tokenizer
     from core.train.common import parse_step_line
     from stages.launch import LaunchError, Rendezvous, launch, torchrun_cmd, worker_env
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    node = f"-node{cfg.node_rank}" if cfg.node_rank else ""  # joined nodes keep their own config and log
     tok_dir = tokenizer_dir(inputs["tokenizer"].path)
     vocab = Tokenizer.from_directory(tok_dir).vocab_size
     plan = _plan(cfg, vocab)
     cfg.grad_accum_steps(plan.total_batch_size)  # an auto batch must divide too: fail before launching
     total = plan.num_iterations
     bundle = inputs.get("eval_bundle")
-    run_json = out / "run.json"
+    run_json = out / f"run{node}.json"
     run_json.write_text(json.dumps(trainer_config(
         cfg, data_dir=inputs["data"].path, tok_dir=tok_dir, out=out, tokenizer_fingerprint=inputs["tokenizer"].ref.fingerprint,
         eval_bundle_dir=bundle.path if bundle else None), indent=1) + "\n")
@@ -267,17 +286,18 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     env = worker_env(cfg.nproc, {"OMP_NUM_THREADS": str(cfg.omp_threads)} if cfg.omp_threads else None)
     t0, rc = time.time(), None
     try:
-        rc = launch(cmd, log_path=out / "train.log", env=env, timeout=cfg.timeout or None, heartbeat=cfg.heartbeat,
-                    name="pretrain", on_line=on_line).returncode
+        rc = launch(cmd, log_path=out / f"train{node}.log", env=env, timeout=cfg.timeout or None,
+                    heartbeat=cfg.heartbeat, name=f"pretrain{node}", on_line=on_line).returncode
     except LaunchError as e:
         rc = e.returncode
-        raise LaunchError(f"{e}\n(full log: {out / 'train.log'}; rerunning resumes from the newest checkpoint)",
+        raise LaunchError(f"{e}\n(full log: {out / f'train{node}.log'}; rerunning resumes from the newest checkpoint)",
                           rc, e.tail) from None
-    finally:  # every attempt counts for the cost estimate, failed ones too
-        with open(out / "attempts.jsonl", "a") as f:
-            f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
-                                "nproc": cfg.nproc, "nnodes": cfg.nnodes, "resumed_from": start}) + "\n")
-    return finish(cfg, out, total)
+    finally:  # every attempt counts for the cost estimate, failed ones too (node 0 counts all nodes)
+        if not node:
+            with open(out / "attempts.jsonl", "a") as f:
+                f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
+                                    "nproc": cfg.nproc, "nnodes": cfg.nnodes, "resumed_from": start}) + "\n")
+    return total
 
 
 def finish(cfg: Config, out: Path, total: int) -> dict:

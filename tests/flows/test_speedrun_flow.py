@@ -58,3 +58,23 @@ def test_cached_rerun_launches_no_subprocess_and_verifies_the_store(tiny_run, sh
     assert stage_processes() == []
     # the rebuild left a fresh record: the next run is entirely Cached again
     assert set(_task_states(speedrun(**params, return_state=True)).values()) == {"Cached"}
+
+
+def test_stage_flow_runs_one_stage_and_routes_join(tiny_run):
+    from flows.speedrun import stage
+    from stages.base import ConfigError
+
+    store, run = tiny_run
+    inputs = {"data": str(run["data"].ref), "tokenizer": "tokenizer@latest"}
+    ref = stage(name="pretrain", config=_tiny_pretrain(), inputs=inputs, store=store.url)
+    assert ref == str(run["base"].ref)  # the same recipe: served from the store
+    state = stage(name="pretrain", config=_tiny_pretrain(), inputs=inputs, store=store.url, join=True,
+                  return_state=True)
+    with pytest.raises(ConfigError, match="nnodes > 1 and node_rank >= 1"):
+        state.result()
+
+
+def _tiny_pretrain() -> dict:
+    from stages.pretrain import PRESETS
+
+    return dict(PRESETS["tiny"])
