@@ -4,6 +4,7 @@ export NANORUN_REPO
 export NANORUN_VENV=${NANORUN_VENV:-$NANORUN_REPO/.venv}
 export NANORUN_HOME=${NANORUN_HOME:-$HOME/.cache/nanorun}
 export PREFECT_HOME=${PREFECT_HOME:-$NANORUN_HOME/prefect}
+mkdir -p "$PREFECT_HOME"   # Prefect creates only the last level of its home
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_HOST=${PREFECT_HOST:-127.0.0.1}        # loopback unless told otherwise
 export PREFECT_PORT=${PREFECT_PORT:-4200}

@@ -10,6 +10,7 @@ would be cached / run / waited for and runs nothing (no Prefect either).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _prefect_env() -> None:
@@ -17,6 +18,9 @@ def _prefect_env() -> None:
     from artifacts.store import nanorun_home
 
     os.environ.setdefault("PREFECT_HOME", str(nanorun_home() / "prefect"))
+    # Prefect creates only the last directory of its home: on a fresh machine NANORUN_HOME does not
+    # exist yet and the temporary server cannot open its database
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("NANORUN_PROGRESS_BAR", "1")

@@ -78,3 +78,20 @@ def _tiny_pretrain() -> dict:
     from stages.pretrain import PRESETS
 
     return dict(PRESETS["tiny"])
+
+
+def test_cli_on_a_fresh_machine_creates_its_homes(tmp_path, shared_data):
+    """`nanorun stage ...` with a NANORUN_HOME that does not exist yet and no PREFECT_HOME: the
+    temporary Prefect server must find a home it can create its database in (first run ever)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(NANORUN_HOME=str(tmp_path / "fresh" / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "eval_bundle",
+                          "--set", f"local_path={shared_data / 'eval_bundle'}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().startswith("eval_bundle/local-")
+    assert (tmp_path / "fresh" / "home" / "prefect").is_dir()
