@@ -40,6 +40,20 @@ def sha256_file(path: Path, fsync: bool = False) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file's content, cached per (path, size, mtime): configs that fingerprint local
+    sources by content (data shards, SFT files, an eval bundle) are built often, the files rarely change."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)[1]
+    return _DIGESTS[key]
+
+
 def list_tree(root: Path) -> list[str]:
     """Relative POSIX paths of the regular files under root (sorted). Symlinks are refused: an
     artifact must be self-contained, a link could point anywhere (or nowhere) on another machine."""

@@ -42,7 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+from artifacts.files import file_sha256
+from stages.base import (
+    ConfigError,
+    Input,
+    StageConfig,
+    identity,
+    progress,
+    runtime,
+    stage_logger,
+)
 
 NAME = "data_shards"
 code_version = "1"
@@ -120,21 +129,6 @@ def _local_files(path: str) -> tuple[Path, list[Path]]:
     files = sorted((f for f in files if _ext(f.name) and not f.name.startswith(".")),
                    key=lambda f: f.relative_to(root).as_posix())
     return root.resolve(), [f.resolve() for f in files]
-
-
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: configs are built often, files rarely change
-
-
-def _file_sha(f: Path) -> str:
-    st = f.stat()
-    key = (str(f), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 def _digest(entries: list[tuple[str, int, str]]) -> str:
@@ -215,7 +209,7 @@ class Config(StageConfig):
                               f"fineweb-edu, URL patterns), not to {self.source!r}")
         if kind == "chitchat":
             f = _chitchat_file()
-            digest = _digest([("dataset.json", f.stat().st_size, _file_sha(f))])
+            digest = _digest([("dataset.json", f.stat().st_size, file_sha256(f))])
             reshard = True
         else:
             entries, reshard = self._listing(kind)
@@ -286,7 +280,7 @@ class Config(StageConfig):
             else:
                 object.__setattr__(self, "train_shards", n_train)
             names = names[:self.train_shards] + names[-1:]
-        entries = [(n, s, tag if isinstance(tag, str) else _file_sha(tag)) for n, s, tag in names]
+        entries = [(n, s, tag if isinstance(tag, str) else file_sha256(tag)) for n, s, tag in names]
         return entries, not parquet_only
 
     def train_indices(self) -> tuple[int, ...]:
@@ -524,13 +518,12 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     shutil.rmtree(out / _RAW, ignore_errors=True)
 
     train, val = shard_files(out)
-    from stages.fetch import sha256_file
     record = []
     for f in train + val:
         rel = f.relative_to(out).as_posix()
         origin = next((it for it in items if mode != "reshard" and out / it.split / it.name == f), None)
         r = fetched.get(origin) if origin else None
-        record.append({"path": rel, "size": f.stat().st_size, "sha256": r.sha256 if r and mode == "direct" else sha256_file(f),
+        record.append({"path": rel, "size": f.stat().st_size, "sha256": r.sha256 if r and mode == "direct" else file_sha256(f),
                        "from": origin.uri if origin else None})
     (out / SOURCES_FILE).write_text(json.dumps({"source": cfg.source, "local_path": cfg.local_path or None, "mode": mode,
                                                 "inputs": [it.uri for it in items], "files": record}, indent=1) + "\n")

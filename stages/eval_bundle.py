@@ -24,7 +24,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+from artifacts.files import file_sha256
+from stages.base import (
+    ConfigError,
+    Input,
+    StageConfig,
+    identity,
+    progress,
+    runtime,
+    stage_logger,
+)
 
 NAME = "eval_bundle"
 code_version = "1"
@@ -50,24 +59,16 @@ def bundle_files(root: Path) -> list[str]:
     return sorted(out)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_digest(path: Path) -> str:
     """Identity of a local bundle: sha256 over (name, size, sha256) of every file of a directory,
     or 'zip:' + the sha256 of a zip file."""
     path = Path(path)
     if path.is_file():
-        return "zip:" + _sha256(path)
+        return "zip:" + file_sha256(path)
     h = hashlib.sha256()
     for rel in bundle_files(path):
         f = path / rel
-        h.update(f"{rel}\0{f.stat().st_size}\0{_sha256(f)}\n".encode())
+        h.update(f"{rel}\0{f.stat().st_size}\0{file_sha256(f)}\n".encode())
     return "dir:" + h.hexdigest()
 
 
@@ -155,7 +156,9 @@ def _clear(out: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    from core.eval.core import load_bundle  # imported here: it pulls in torch, the CLI stays light
+    from core.eval.core import (
+        load_bundle,  # imported here: it pulls in torch, the CLI stays light
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

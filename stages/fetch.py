@@ -21,7 +21,6 @@ $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL (as the store does), else AWS.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -30,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from artifacts.files import file_sha256
 
 log = logging.getLogger("nanorun.fetch")
 
@@ -69,14 +70,6 @@ class Fetched:
     downloaded: int = 0        # bytes that came over the wire in the end
     attempts: int = 0
     seconds: float = 0.0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def s3_endpoint() -> str | None:
@@ -209,7 +202,7 @@ def fetch(url: str, dest, *, sha256: str | None = None, validate: Callable[[Path
         raise ValueError(f"retries must be >= 1, got {retries}")
 
     def check(path: Path, claim: str | None) -> str:
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         want = sha256 or claim
         if want and digest != want:
             raise _Corrupt(f"sha256 {digest[:16]}… does not match the expected {want[:16]}…")

@@ -38,7 +38,16 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+from artifacts.files import file_sha256
+from stages.base import (
+    ConfigError,
+    Input,
+    StageConfig,
+    identity,
+    progress,
+    runtime,
+    stage_logger,
+)
 
 NAME = "sft"
 code_version = "1"
@@ -52,22 +61,6 @@ SOURCES_DIR = "sources"  # downloads of URL sources inside the work dir (removed
 
 
 # ---- sources: file names in data_dir, URLs, packages ------------------------------------------------------
-_DIGESTS: dict[tuple, str] = {}
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file (cached per path, size and mtime: configs are built often, files rarely change)."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def package_file(name: str) -> Path:
     """The data file inside an installed package source (what its digest is computed from)."""
     if name == "chitchat-dataset":
@@ -112,7 +105,7 @@ def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, s
             continue
         if is_package(src):
             try:
-                out[src] = file_digest(package_file(src))
+                out[src] = file_sha256(package_file(src))
             except ImportError as e:
                 raise ConfigError(f"{where}: {e}") from None
             continue
@@ -125,7 +118,7 @@ def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, s
         path = Path(data_dir) / src
         if not path.is_file():
             raise ConfigError(f"{where}: {path} does not exist (source {src!r} in data_dir {data_dir})")
-        out[src] = file_digest(path)
+        out[src] = file_sha256(path)
     return out
 
 
@@ -155,7 +148,7 @@ def resolve_sources(specs: list[dict], data_dir: str, digests: dict, work: Path,
             paths[src] = str(r.path)
             continue
         path = Path(data_dir) / src
-        if not path.is_file() or file_digest(path) != digests.get(src):
+        if not path.is_file() or file_sha256(path) != digests.get(src):
             raise RuntimeError(f"source {src!r} in {data_dir} is missing or changed since the config was built; "
                                "rebuild the config to take the new file")
         paths[src] = str(path.resolve())
