@@ -300,26 +300,35 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
     return total
 
 
-def finish(cfg: Config, out: Path, total: int) -> dict:
-    """Keep only the final checkpoint, draw the curves, and compute the manifest metrics."""
+def seal_training_dir(out: Path, total: int) -> str:
+    """Lay out a finished trainer's work dir as an artifact (pretrain and SFT alike): keep only the
+    final checkpoint (step `total`), drop interrupted saves and wandb's symlinks (latest-run,
+    debug*.log: the store holds regular files only), and point checkpoint.json at the final
+    checkpoint. Returns its path relative to `out`."""
     from core.checkpoint import list_checkpoints
-    from core.train.common import read_metrics
 
     ckpts = list_checkpoints(out / "checkpoints")
     if not ckpts or ckpts[-1][0] != total:
         raise RuntimeError(f"the trainer exited cleanly but {out / 'checkpoints'} holds no checkpoint at step {total} "
-                           f"(found {[s for s, _ in ckpts]}); see {out / 'train.log'}")
+                           f"(found {[s for s, _ in ckpts]}); see the train log in {out}")
     final_step, final_dir = ckpts[-1]
     for _, path in ckpts[:-1]:
         shutil.rmtree(path)
     for tmp in (out / "checkpoints").glob("step_*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
-    wandb_dir = out / "wandb"  # wandb links latest-run and debug*.log to the run dirs; artifacts hold files only
-    for p in sorted(wandb_dir.rglob("*")) if wandb_dir.is_dir() else []:
+    for p in sorted(out.rglob("*")):
         if p.is_symlink():
             p.unlink()
     rel = final_dir.relative_to(out).as_posix()
     (out / CHECKPOINT_POINTER).write_text(json.dumps({"checkpoint": rel, "step": final_step}) + "\n")
+    return rel
+
+
+def finish(cfg: Config, out: Path, total: int) -> dict:
+    """Keep only the final checkpoint, draw the curves, and compute the manifest metrics."""
+    from core.train.common import read_metrics
+
+    rel = seal_training_dir(out, total)
 
     rows = read_metrics(out / "metrics.jsonl")
     train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(), key=lambda r: r["step"])
@@ -339,7 +348,7 @@ def finish(cfg: Config, out: Path, total: int) -> dict:
     if train and curve[-1][0] != train[-1]["step"]:
         curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
     return {
-        "checkpoint": rel, "iterations": final_step, "tokens": derived["total_tokens"],
+        "checkpoint": rel, "iterations": total, "tokens": derived["total_tokens"],
         "total_batch_size": derived["total_batch_size"], "grad_accum_steps": derived["grad_accum_steps"],
         "world_size": derived["world_size"], "device": derived["device"], "dtype": derived["dtype"],
         "num_params": derived["num_params"], "num_scaling_params": derived["num_scaling_params"],

@@ -363,25 +363,15 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
 
 def finish(cfg: Config, out: Path) -> dict:
     """Keep the final checkpoint only, drop downloads, draw the curves, compute the metrics."""
-    from core.checkpoint import list_checkpoints
     from core.train.common import read_metrics
+    from stages.pretrain import seal_training_dir
 
     rows = read_metrics(out / "metrics.jsonl")
     start = [r for r in rows if r["kind"] == "start"][-1]
     derived = start["derived"]
     total = derived["num_iterations"]
-    ckpts = list_checkpoints(out / "checkpoints")
-    if not ckpts or ckpts[-1][0] != total:
-        raise RuntimeError(f"the trainer exited cleanly but {out / 'checkpoints'} holds no checkpoint at step {total} "
-                           f"(found {[s for s, _ in ckpts]}); see {out / 'train.log'}")
-    final_step, final_dir = ckpts[-1]
-    for _, path in ckpts[:-1]:
-        shutil.rmtree(path)
-    for tmp in (out / "checkpoints").glob("step_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)
-    rel = final_dir.relative_to(out).as_posix()
-    (out / CHECKPOINT_POINTER).write_text(json.dumps({"checkpoint": rel, "step": final_step}) + "\n")
+    rel = seal_training_dir(out, total)
 
     train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(), key=lambda r: r["step"])
     val = sorted({r["step"]: r for r in rows if r["kind"] == "val"}.values(), key=lambda r: r["step"])
@@ -395,7 +385,7 @@ def finish(cfg: Config, out: Path) -> dict:
         curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
     data = derived["data"]
     return {
-        "checkpoint": rel, "iterations": final_step, "total_batch_size": derived["total_batch_size"],
+        "checkpoint": rel, "iterations": total, "total_batch_size": derived["total_batch_size"],
         "max_seq_len": derived["max_seq_len"], "grad_accum_steps": derived["grad_accum_steps"],
         "world_size": derived["world_size"], "device": derived["device"], "dtype": derived["dtype"],
         "conversations": data["conversations"], "tokens": data["tokens"], "trained_tokens": data["trained_tokens"],

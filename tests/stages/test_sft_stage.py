@@ -123,7 +123,8 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
     store, base, tok = build_base(tmp_path_factory, shared_data)
     extra = (chat / "identity_conversations.jsonl").read_bytes()[-30000:].split(b"\n", 1)[1]
     with FileServer({"/web.jsonl": extra}) as srv:
-        cfg = sft.preset("tiny", data_dir=str(chat), omp_threads=1)
+        # wandb offline (as in the cpu-demo preset): its symlinks must not reach the store
+        cfg = sft.preset("tiny", data_dir=str(chat), omp_threads=1, wandb="offline")
         cfg = sft.Config.from_dict({**cfg.identity_dict(), **cfg.runtime_dict(), "source_digests": None,
                                     "train_mixture": (*cfg.train_mixture, {"task": "conversations", "stop": 6,
                                                                            "source": srv.url("/web.jsonl"),
@@ -147,6 +148,7 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
             "loss_curve.png"} <= paths
     assert sorted({p.split("/")[1] for p in paths if p.startswith("checkpoints/")}) == [f"step_{total:06d}"]
     assert not any(p.startswith(sft.SOURCES_DIR + "/") for p in paths)  # downloads are not part of the artifact
+    assert any(p.startswith("wandb/") and p.endswith(".wandb") for p in paths)  # the offline run, files only
     art = store.materialize(m.ref)
     mixture = json.loads((art / "mixture.json").read_text())
     assert mixture["train"][-1]["source"].endswith("/web.jsonl") and mixture["seed"] == 42
