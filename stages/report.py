@@ -19,7 +19,7 @@ from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "report"
-code_version = "1"
+code_version = "2"
 INPUTS = ("base",)
 # role -> the stage that fills it in the speedrun graph (the order is the report's order)
 OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "chat_eval", "export")
@@ -65,6 +65,15 @@ def stage_seconds(m: Manifest) -> float | None:
     return m.provenance.get("duration_s")
 
 
+def _chat_scores(metrics: dict) -> dict:
+    """ChatCORE and each chat task's accuracy (not the evaluation's own bookkeeping)."""
+    scores = {"chatcore": metrics["chatcore"]} if metrics.get("chatcore") is not None else {}
+    for task, r in (metrics.get("tasks") or {}).items():
+        if isinstance(r, dict) and r.get("accuracy") is not None:
+            scores[f"{task} accuracy"] = r["accuracy"]
+    return scores
+
+
 def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     """The leaderboard row of a run from the manifests of its stages (role -> manifest)."""
     base = manifests["base"]
@@ -96,7 +105,7 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
         "core_complete": complete,
         # the leaderboard's headline: wall time to reach GPT-2 1.5B's CORE, on the full metric only
         "time_to_gpt2_s": round(total, 3) if complete and core_score is not None and core_score >= GPT2_CORE["GPT-2 1.5B"] else None,
-        "chat": {k: v for k, v in (chat.metrics if chat else {}).items() if isinstance(v, (int, float))},
+        "chat": _chat_scores(chat.metrics) if chat else {},
         "tok_per_s": bm.get("tok_per_s"),
         "mfu_percent": bm.get("mfu_percent"),
         "num_params": bm.get("num_params"),

@@ -19,7 +19,9 @@ def test_report_of_the_tiny_speedrun(tiny_run):
     assert s["core_n_tasks"] == 4 and s["core_complete"] is False and s["time_to_gpt2_s"] is None
     assert set(s["stage_seconds"]) == {"data", "tokenizer", "eval_bundle", "base", "base_eval", "sft",
                                     "chat_eval", "export"}
-    assert s["chat"] and all(isinstance(v, (int, float)) for v in s["chat"].values())
+    chat = run["chat_eval"].metrics
+    assert s["chat"] == {"chatcore": chat["chatcore"],
+                         **{f"{t} accuracy": r["accuracy"] for t, r in chat["tasks"].items()}}
     assert s["total_seconds"] == pytest.approx(sum(s["stage_seconds"].values()), abs=0.01)
     assert s["artifacts"]["base"] == str(run["base"].ref)
     d = store.materialize(m.ref)
