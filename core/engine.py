@@ -22,8 +22,10 @@ from a torch.Generator seeded per call, so a (prompt, seed, settings) triple is 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -216,6 +218,32 @@ class _Row:
         self.stop: int | None = None       # the token that finished this row
 
 
+# Small-batch decode on CPU is a chain of tiny matmuls: with 2+ intra-op threads each one pays an
+# OpenMP wake-up (worse with OMP_WAIT_POLICY=PASSIVE, which the shared CPU needs), and a d6 decodes
+# at ~100 tok/s instead of ~134 on one thread here (bench/generate.py; d4: ~180 -> ~310). Prefill and
+# larger batches keep every thread. The thread count is process-wide, so concurrent generations
+# (web workers) share one counter: one thread while any small decode is running.
+SINGLE_THREAD_DECODE_ROWS = 2
+_threads_lock = threading.Lock()
+_threads_state = {"users": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _single_thread():
+    with _threads_lock:
+        if _threads_state["users"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_state["users"] -= 1
+            if _threads_state["users"] == 0:
+                torch.set_num_threads(_threads_state["saved"])
+
+
 class Engine:
     """Generation with a KV cache and the calculator tool. Holds no per-request state, but a model
     replica must serve one generation at a time (the web server gives each worker its own)."""
@@ -308,6 +336,8 @@ class Engine:
             logits = logits.expand(num_samples, -1)
         rows = [_Row() for _ in range(num_samples)]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=self.device)
+        one_thread = _single_thread if (self.device.type == "cpu" and num_samples <= SINGLE_THREAD_DECODE_ROWS
+                                        and torch.get_num_threads() > 1) else contextlib.nullcontext
         # 3) decode
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
@@ -320,7 +350,8 @@ class Engine:
             if step + 1 == max_tokens or all(row.stop is not None for row in rows):
                 return
             ids.copy_(torch.tensor(column, dtype=torch.long).view(num_samples, 1))
-            logits = self.model(ids, kv_cache=cache)[:, -1, :]
+            with one_thread():  # per step: never hold the setting across a yield to the consumer
+                logits = self.model(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming: per row the prompt followed by the generated tokens (stop token

@@ -316,3 +316,30 @@ def test_render_chat_matches_tokenizer_rendering(tok):
     assert ids.count(tok.encode_special("<|assistant_end|>")) == 0
     with pytest.raises(ValueError, match="unknown role"):
         render_chat(tok, [{"role": "tool", "content": "x"}])
+
+
+def test_small_batch_cpu_decode_runs_on_one_thread_and_restores_the_setting(tok):
+    import core.engine as engine_mod
+
+    model = tiny_gpt(tok.vocab_size)
+    seen = []
+    real_forward = model.forward
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real_forward(*a, **kw)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.forward = spy
+        eng = Engine(model, tok)
+        list(eng.generate(tok.encode("hello", prepend=tok.bos_token_id), num_samples=1, max_tokens=4, seed=0))
+        assert seen[0] == 2 and set(seen[1:]) == {1}  # prefill on every thread, decode on one
+        assert torch.get_num_threads() == 2 and engine_mod._threads_state["users"] == 0
+        seen.clear()
+        list(eng.generate(tok.encode("hello", prepend=tok.bos_token_id), num_samples=4, max_tokens=3, seed=0))
+        assert set(seen) == {2}  # a bigger batch keeps the threads
+    finally:
+        model.forward = real_forward
+        torch.set_num_threads(before)
