@@ -117,11 +117,12 @@ def test_torchrun_two_gloo_workers_really_run(tmp_path):
     """The real torchrun on CPU: two processes, a gloo all_reduce, output from both ranks."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
-        import torch, torch.distributed as dist
+        import sys, torch, torch.distributed as dist
         dist.init_process_group("gloo")
         t = torch.tensor([dist.get_rank() + 1.0])
         dist.all_reduce(t)
-        print(f"rank {dist.get_rank()} sum {t.item():.0f}", flush=True)
+        # one write per line: print() writes text and newline separately, and the two workers share a pipe
+        sys.stdout.write(f"rank {dist.get_rank()} sum {t.item():.0f}\n"); sys.stdout.flush()
         dist.destroy_process_group()
     """))
     lines = []
