@@ -122,7 +122,7 @@ def test_torchrun_two_gloo_workers_really_run(tmp_path):
         t = torch.tensor([dist.get_rank() + 1.0])
         dist.all_reduce(t)
         # one write per line: print() writes text and newline separately, and the two workers share a pipe
-        sys.stdout.write(f"rank {dist.get_rank()} sum {t.item():.0f}\n"); sys.stdout.flush()
+        sys.stdout.write(f"rank {dist.get_rank()} sum {t.item():.0f}\\n"); sys.stdout.flush()
         dist.destroy_process_group()
     """))
     lines = []
