@@ -63,6 +63,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+_LATIN1_TO_BYTE_LEVEL = str.maketrans({chr(b): c for b, c in _BYTE_TO_CHAR.items()})  # bytes -> HF token string
 
 
 def _configure(hf: HFTokenizer) -> HFTokenizer:
@@ -115,6 +116,17 @@ def _bpe(data: bytes, merges: dict[int, int]) -> list[int]:
     return parts
 
 
+def _only_split(data: bytes, id_of: dict[bytes, int]) -> int:
+    """The split point k with both data[:k] and data[k:] known tokens if there is exactly one, else 0."""
+    found = 0
+    for k in range(1, len(data)):
+        if data[:k] in id_of and data[k:] in id_of:
+            if found:
+                return 0
+            found = k
+    return found
+
+
 def _merges_from_ranks(ranks: list[tuple[bytes, int]], n_tokens: int) -> tuple[list[bytes], list[tuple[int, int]]]:
     """(token bytes by id, merges as (left id, right id) in rank order) from rustbpe's (bytes, id) list.
 
@@ -132,8 +144,8 @@ def _merges_from_ranks(ranks: list[tuple[bytes, int]], n_tokens: int) -> tuple[l
             break
         # Fast path: if one split point has two known halves, BPE (which ends in exactly two known
         # tokens) must end there; otherwise run BPE with the merges so far.
-        splits = [k for k in range(1, len(data)) if data[:k] in id_of and data[k:] in id_of]
-        parts = [id_of[data[:splits[0]]], id_of[data[splits[0]:]]] if len(splits) == 1 else _bpe(data, merges)
+        split = _only_split(data, id_of)
+        parts = [id_of[data[:split]], id_of[data[split:]]] if split else _bpe(data, merges)
         if len(parts) == 1:
             continue  # already reachable through earlier merges
         if len(parts) != 2:
@@ -193,7 +205,7 @@ class Tokenizer:
                 f"the training text ({stats['docs']:,} documents, {stats['chars']:,} chars) yields only "
                 f"{len(tokens) - 256} merges but vocab_size {vocab_size} needs {n_regular - 256}: "
                 "train on more text (raise max_chars / add shards) or lower vocab_size")
-        as_str = ["".join(_BYTE_TO_CHAR[b] for b in t) for t in tokens]
+        as_str = [t.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL) for t in tokens]
         bpe = BPE(vocab={s: i for i, s in enumerate(as_str)}, merges=[(as_str[a], as_str[b]) for a, b in merges],
                   unk_token=None, fuse_unk=False)
         hf = _configure(HFTokenizer(bpe))
