@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from core.calculator import use_calculator
 from core.common import compute_dtype
+from core.gpt import GPT
 
 SPECIAL_NAMES = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
@@ -221,8 +222,10 @@ class _Row:
 # Small-batch decode on CPU is a chain of tiny matmuls: with 2+ intra-op threads each one pays an
 # OpenMP wake-up (worse with OMP_WAIT_POLICY=PASSIVE, which the shared CPU needs), and a d6 decodes
 # at ~100 tok/s instead of ~134 on one thread here (bench/generate.py; d4: ~180 -> ~310). Prefill and
-# larger batches keep every thread. The thread count is process-wide, so concurrent generations
-# (web workers) share one counter: one thread while any small decode is running.
+# larger batches keep every thread, and so does the lm_head of a GPT: one (n_embd x 32768) matvec
+# that streams ~13-50 MB of weights per token, memory-bound, so two cores nearly halve it for the
+# price of one wake-up. The thread count is process-wide, so concurrent generations (web workers)
+# share one counter: one thread while any small decode is running.
 SINGLE_THREAD_DECODE_ROWS = 2
 _threads_lock = threading.Lock()
 _threads_state = {"users": 0, "saved": None}
@@ -264,6 +267,7 @@ class Engine:
         # Prefill needs only the last position's logits: with a 32k vocab the full (T, vocab) head
         # would cost more than the whole network for a 512-token prompt on a small model.
         self._last_only = "last_only" in inspect.signature(model.forward).parameters
+        self._split_head = isinstance(model, GPT)  # trunk and head can run with different thread counts
 
     @property
     def max_context(self) -> int:
@@ -350,8 +354,13 @@ class Engine:
             if step + 1 == max_tokens or all(row.stop is not None for row in rows):
                 return
             ids.copy_(torch.tensor(column, dtype=torch.long).view(num_samples, 1))
-            with one_thread():  # per step: never hold the setting across a yield to the consumer
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
+            if one_thread is _single_thread and self._split_head:
+                with one_thread():  # per step: never hold the setting across a yield to the consumer
+                    hidden = self.model.trunk(ids, cache)
+                logits = self.model.head(hidden)[:, -1, :]
+            else:
+                with one_thread():
+                    logits = self.model(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming: per row the prompt followed by the generated tokens (stop token

@@ -346,6 +346,10 @@ class GPT(nn.Module):
             return self.loss_from_hidden(x, targets, loss_reduction)
         if last_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (from trunk) -> soft-capped fp32 logits (..., vocab_size)."""
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         cap = self.config.softcap
         return cap * torch.tanh(logits / cap)

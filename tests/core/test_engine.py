@@ -322,24 +322,28 @@ def test_small_batch_cpu_decode_runs_on_one_thread_and_restores_the_setting(tok)
     import core.engine as engine_mod
 
     model = tiny_gpt(tok.vocab_size)
-    seen = []
-    real_forward = model.forward
+    seen = []  # (part, intra-op threads) per call
+    real_trunk, real_head = model.trunk, model.head
 
-    def spy(*a, **kw):
-        seen.append(torch.get_num_threads())
-        return real_forward(*a, **kw)
+    def spy(part, fn):
+        def wrapped(*a, **kw):
+            seen.append((part, torch.get_num_threads()))
+            return fn(*a, **kw)
+        return wrapped
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        model.forward = spy
+        model.trunk, model.head = spy("trunk", real_trunk), spy("head", real_head)
         eng = Engine(model, tok)
         list(eng.generate(tok.encode("hello", prepend=tok.bos_token_id), num_samples=1, max_tokens=4, seed=0))
-        assert seen[0] == 2 and set(seen[1:]) == {1}  # prefill on every thread, decode on one
+        # prefill on every thread; decode: the trunk's small matmuls on one, the lm_head matvec on all
+        assert seen[:2] == [("trunk", 2), ("head", 2)]
+        assert seen[2:] == [("trunk", 1), ("head", 2)] * 3
         assert torch.get_num_threads() == 2 and engine_mod._threads_state["users"] == 0
         seen.clear()
         list(eng.generate(tok.encode("hello", prepend=tok.bos_token_id), num_samples=4, max_tokens=3, seed=0))
-        assert set(seen) == {2}  # a bigger batch keeps the threads
+        assert {threads for _, threads in seen} == {2}  # a bigger batch keeps the threads
     finally:
-        model.forward = real_forward
+        del model.trunk, model.head
         torch.set_num_threads(before)
