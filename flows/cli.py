@@ -331,6 +331,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+FORWARDED = "nanorun_forwarded"  # set on records flows.tasks handed to the Prefect run logger
+
+
+class RunFailed(Exception):
+    """A flow run failed for a reason other than the user's input; its log says why."""
+
+
+# Errors a user fixes by changing the command: (module, class) looked up only when that module is
+# loaded (an exception of a class never imported cannot have been raised), so `nanorun ls` stays light.
+_LAZY_USER_ERRORS = (("stages.base", "ConfigError"), ("core.checkpoint", "TokenizerMismatchError"),
+                     ("core.eval.core", "BundleError"), ("core.export", "BundleError"),
+                     ("core.train.common", "ResumeError"))
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    loaded = (getattr(sys.modules[m], name) for m, name in _LAZY_USER_ERRORS if m in sys.modules)
+    return (*USER_ERRORS, *loaded)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # whatever the exception text holds
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -342,14 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from stages.base import ConfigError
-
+    for handler in logging.getLogger().handlers:  # the flow's own console handler prints those
+        handler.addFilter(lambda record: not getattr(record, FORWARDED, False))
     try:
         return int(args._run(args) or 0)
-    except (*USER_ERRORS, ConfigError) as e:
-        message = " ".join(str(e).split())  # one line, whatever the exception text holds
-        print(f"nanorun {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if isinstance(e, user_error_types()):
+            print(f"nanorun {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        if isinstance(e, RunFailed):
+            print(f"nanorun {args.command}: {one_line(e)}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("nanorun: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,20 @@ def _prefect_env() -> None:
     os.environ.setdefault("NANORUN_PROGRESS_BAR", "1")
 
 
+def _run_flow(flow, what: str, **params):
+    """Run a flow; a failure the user cannot fix by editing the command becomes one RunFailed line
+    (Prefect has already logged the traceback) that says how to resume."""
+    from flows.cli import RunFailed, one_line, user_error_types
+
+    try:
+        return flow(**params)
+    except Exception as e:
+        if isinstance(e, user_error_types()):
+            raise
+        raise RunFailed(f"{what} failed: {type(e).__name__}: {one_line(e)} -- run the same command again to "
+                        "resume (committed stages are reused; training resumes from its newest checkpoint)") from e
+
+
 class Speedrun:
     @staticmethod
     def add_arguments(p):
@@ -60,7 +74,8 @@ class Speedrun:
         _prefect_env()
         from flows.speedrun import speedrun
 
-        refs = speedrun(preset=args.preset, store=args.store, overrides=overrides, force=args.force, **kwargs)
+        refs = _run_flow(speedrun, f"speedrun {args.preset}", preset=args.preset, store=args.store,
+                         overrides=overrides, force=args.force, **kwargs)
         width = max(map(len, refs))
         for name, ref in refs.items():
             print(f"{name.ljust(width)}  {ref}")
@@ -113,6 +128,7 @@ class Stage:
         _prefect_env()
         from flows.speedrun import stage
 
-        print(stage(name=mod.NAME, config=fields, inputs={k: str(v) for k, v in refs.items()},
-                    store=args.store, force=args.force, join=args.join))
+        print(_run_flow(stage, f"stage {mod.NAME}", name=mod.NAME, config=fields,
+                        inputs={k: str(v) for k, v in refs.items()}, store=args.store, force=args.force,
+                        join=args.join))
         return 0

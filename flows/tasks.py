@@ -113,6 +113,7 @@ class _ForwardToRunLogger(logging.Handler):
             return  # another task running concurrently in this process owns that record
         try:
             self.run_logger.log(record.levelno, "%s", record.getMessage())
+            setattr(record, "nanorun_forwarded", True)  # the CLI's console handler skips it (flows/cli.py)
         except Exception:
             self.handleError(record)
 

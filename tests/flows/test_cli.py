@@ -148,3 +148,27 @@ def test_commands_can_be_registered(capsys, monkeypatch):
         cli.register("ls", "x", "y")
     code, out, _ = run(capsys)
     assert code == 2 and "hello" in out and "plan" in out
+
+
+def test_a_failed_flow_run_is_one_line_exit_1(built, capsys, monkeypatch):
+    import flows.speedrun
+    from core.checkpoint import TokenizerMismatchError
+
+    store, _, _ = built
+    monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")  # the command would set it for the rest of the session
+
+    def crashed(**params):
+        raise RuntimeError("pretrain: torchrun exited with code 1; last lines: CUDA out of memory")
+
+    monkeypatch.setattr(flows.speedrun, "speedrun", crashed)
+    code, out, err = run(capsys, "--store", store.url, "speedrun", "--preset", "tiny")
+    lines = [line for line in err.strip().splitlines() if line.startswith("nanorun")]
+    assert code == 1 and out == "" and len(lines) == 1 and "Traceback" not in err, err
+    assert "speedrun tiny failed: RuntimeError: pretrain: torchrun exited with code 1" in lines[0]
+    assert "run the same command again to resume" in lines[0]
+
+    def mismatched(**params):  # an error the user fixes by changing the command: exit 2
+        raise TokenizerMismatchError("core_eval: tokenizer/model mismatch: pass the tokenizer it was trained with")
+
+    monkeypatch.setattr(flows.speedrun, "speedrun", mismatched)
+    one_line_error(*run(capsys, "--store", store.url, "speedrun", "--preset", "tiny")[::2], "tokenizer/model mismatch")

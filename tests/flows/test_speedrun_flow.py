@@ -95,3 +95,28 @@ def test_cli_on_a_fresh_machine_creates_its_homes(tmp_path, shared_data):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().startswith("eval_bundle/local-")
     assert (tmp_path / "fresh" / "home" / "prefect").is_dir()
+
+
+def test_stage_cli_refuses_a_mismatched_tokenizer_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    """`nanorun stage core_eval` with a tokenizer the model was not trained with: exit 2 and one line
+    that says what to pass instead, through the real flow (not a traceback)."""
+    import flows.cli as cli
+    from artifacts import open_store
+    from stages import tokenizer
+    from stages.execute import execute
+
+    shared, run = tiny_run
+    store = open_store(str(tmp_path / "store"))  # the session's store keeps its aliases
+    shared.push(run["base"].ref, store, with_inputs=True)
+    shared.push(run["eval_bundle"].ref, store)
+    other = execute("tokenizer", tokenizer.Config(vocab_size=run["tokenizer"].metrics["vocab_size"] // 2,
+                                                  max_chars=200_000), {"data": run["data"].ref}, store)
+    monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")
+    code = cli.main(["--store", store.url, "stage", "core_eval", "--input", f"model={run['base'].ref}",
+                     "--input", f"tokenizer={other.ref}", "--input", f"bundle={run['eval_bundle'].ref}",
+                     "--set", "max_per_task=2"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("nanorun stage")]
+    assert code == 2 and len(lines) == 1, err[-3000:]
+    assert "tokenizer/model mismatch" in lines[0] and "pass the tokenizer artifact it was trained with" in lines[0]
+    assert store.refs("core_eval") == []  # nothing committed
