@@ -241,6 +241,27 @@ def replica_devices(device: str, workers: int) -> list[str]:
     return [device] * workers
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from stages.base import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as uvicorn sets it: a port left in TIME_WAIT by the last server is free, one
+        # that something listens on is not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses it or pass "
+                              f"--port with a free one") from None
+
+
 class Serve:
     @staticmethod
     def add_arguments(p):
@@ -259,6 +280,7 @@ class Serve:
         if args.workers < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
             raise ConfigError(f"--workers {args.workers} (>= 1), --max-queue {args.max_queue} (>= 0) and --port "
                               f"{args.port} (1-65535): one of them is out of range")
+        _check_port_free(args.host, args.port)  # before loading a model for a server that cannot start
         found = find_chat_model(args.ref, _store_for(args))
         gen = _sampling(args, found)
         devices = replica_devices(_device(args.device), args.workers)

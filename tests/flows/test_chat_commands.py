@@ -243,3 +243,16 @@ def test_serve_subprocess(models, bundle, capsys):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_serve_refuses_a_port_in_use_before_loading_a_model(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the store is empty: the port is checked first, so the error is about the port, not the model
+        code, _, err = run(capsys, "--store", str(tmp_path / "empty"), "serve", "--port", str(port))
+    one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}", "--port")
