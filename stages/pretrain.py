@@ -33,13 +33,11 @@ runs this stage with its own node_rank and the checkpoint directory must be on s
 from __future__ import annotations
 
 import json
-import shutil
-import statistics
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
+from stages.training import CHECKPOINT_POINTER, launch_trainer, read_training, seal_training_dir
 
 NAME = "pretrain"
 code_version = "1"
@@ -50,8 +48,6 @@ log = stage_logger(NAME)
 
 WANDB_MODES = ("disabled", "offline", "online")
 DTYPES = ("auto", "bfloat16", "float32", "float16")
-CURVE_POINTS = 200  # points kept in the manifest's loss curve
-CHECKPOINT_POINTER = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -248,8 +244,7 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
     """Launch (or resume) the trainer under torchrun on this node; returns the total step count."""
     from core.checkpoint import list_checkpoints
     from core.tokenizer import Tokenizer
-    from core.train.common import parse_step_line
-    from stages.launch import LaunchError, Rendezvous, launch, torchrun_cmd, worker_env
+    from stages.launch import Rendezvous
 
     out.mkdir(parents=True, exist_ok=True)
     node = f"-node{cfg.node_rank}" if cfg.node_rank else ""  # joined nodes keep their own config and log
@@ -269,84 +264,21 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
              f"{plan.total_batch_size:,}", cfg.world_size,
              f"; resuming from the checkpoint at step {start} in the work dir" if ckpts else "")
     progress(start, total, phase="train")
-
-    # launch() calls on_line on this thread, so the reporter installed around the stage (CLI bar,
-    # Prefect progress artifact) receives every progress() call; at most one a second.
-    last_report = [0.0]
-
-    def on_line(line: str) -> None:
-        p = parse_step_line(line)
-        if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
-            return
-        last_report[0] = time.monotonic()
-        progress(p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
-
     rdzv = Rendezvous(cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint, cfg.rdzv_id) if cfg.nnodes > 1 else None
-    cmd = torchrun_cmd("core.train.pretrain", ["--config", str(run_json), *cfg.extra_args], nproc=cfg.nproc, rdzv=rdzv)
-    env = worker_env(cfg.nproc, {"OMP_NUM_THREADS": str(cfg.omp_threads)} if cfg.omp_threads else None)
-    t0, rc = time.time(), None
-    try:
-        rc = launch(cmd, log_path=out / f"train{node}.log", env=env, timeout=cfg.timeout or None,
-                    heartbeat=cfg.heartbeat, name=f"pretrain{node}", on_line=on_line).returncode
-    except LaunchError as e:
-        rc = e.returncode
-        raise LaunchError(f"{e}\n(full log: {out / f'train{node}.log'}; rerunning resumes from the newest checkpoint)",
-                          rc, e.tail) from None
-    finally:  # every attempt counts for the cost estimate, failed ones too (node 0 counts all nodes)
-        if not node:
-            with open(out / "attempts.jsonl", "a") as f:
-                f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
-                                    "nproc": cfg.nproc, "nnodes": cfg.nnodes, "resumed_from": start}) + "\n")
+    launch_trainer("core.train.pretrain", run_json, out, name=f"pretrain{node}", nproc=cfg.nproc,
+                   omp_threads=cfg.omp_threads, timeout=cfg.timeout, heartbeat=cfg.heartbeat,
+                   extra_args=cfg.extra_args, resumed_from=start, rdzv=rdzv, log_path=out / f"train{node}.log",
+                   ledger=not node)  # node 0's ledger counts every node (nnodes)
     return total
-
-
-def seal_training_dir(out: Path, total: int) -> str:
-    """Lay out a finished trainer's work dir as an artifact (pretrain and SFT alike): keep only the
-    final checkpoint (step `total`), drop interrupted saves and wandb's symlinks (latest-run,
-    debug*.log: the store holds regular files only), and point checkpoint.json at the final
-    checkpoint. Returns its path relative to `out`."""
-    from core.checkpoint import list_checkpoints
-
-    ckpts = list_checkpoints(out / "checkpoints")
-    if not ckpts or ckpts[-1][0] != total:
-        raise RuntimeError(f"the trainer exited cleanly but {out / 'checkpoints'} holds no checkpoint at step {total} "
-                           f"(found {[s for s, _ in ckpts]}); see the train log in {out}")
-    final_step, final_dir = ckpts[-1]
-    for _, path in ckpts[:-1]:
-        shutil.rmtree(path)
-    for tmp in (out / "checkpoints").glob("step_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for p in sorted(out.rglob("*")):
-        if p.is_symlink():
-            p.unlink()
-    rel = final_dir.relative_to(out).as_posix()
-    (out / CHECKPOINT_POINTER).write_text(json.dumps({"checkpoint": rel, "step": final_step}) + "\n")
-    return rel
 
 
 def finish(cfg: Config, out: Path, total: int) -> dict:
     """Keep only the final checkpoint, draw the curves, and compute the manifest metrics."""
-    from core.train.common import read_metrics
-
     rel = seal_training_dir(out, total)
-
-    rows = read_metrics(out / "metrics.jsonl")
-    train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(), key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in rows if r["kind"] == "val"}.values(), key=lambda r: r["step"])
-    start = [r for r in rows if r["kind"] == "start"][-1]
-    derived = start["derived"]
-    done = next((r for r in reversed(rows) if r["kind"] == "done"), {})
-    core = next((r for r in reversed(rows) if r["kind"] == "core"), None)
-    samples = next((r for r in reversed(rows) if r["kind"] == "sample"), None)
-    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines() if line.strip()]
-    wall = sum(a["seconds"] for a in attempts)
+    latest, train, val, attempts, common = read_training(out)
+    derived = latest["start"]["derived"]
     device_hours = sum(a["seconds"] * a["nproc"] * a["nnodes"] for a in attempts) / 3600
-    steady = [r for r in train if r["step"] > 10] or train
     plot_curves(out / "loss_curve.png", train, val, f"pretrain {cfg.label()}")
-    every = max(1, -(-len(train) // CURVE_POINTS))
-    curve = [[r["step"], round(r["loss"], 5)] for r in train[::every]]
-    if train and curve[-1][0] != train[-1]["step"]:
-        curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
     return {
         "checkpoint": rel, "iterations": total, "tokens": derived["total_tokens"],
         "total_batch_size": derived["total_batch_size"], "grad_accum_steps": derived["grad_accum_steps"],
@@ -355,13 +287,10 @@ def finish(cfg: Config, out: Path, total: int) -> dict:
         "flops_per_token": derived["flops_per_token"],
         "final_val_bpb": val[-1]["val_bpb"] if val else None,
         "min_val_bpb": min(r["val_bpb"] for r in val) if val else None,
-        "final_train_loss": train[-1]["loss"] if train else None,
-        "loss_curve": curve, "val_bpb_curve": [[r["step"], round(r["val_bpb"], 6)] for r in val],
-        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady) if steady else None,
-        "mfu_percent": statistics.median(r["mfu"] for r in steady) if steady else None,
-        "training_time_s": done.get("training_time"), "wall_time_s": round(wall, 3), "attempts": len(attempts),
+        "val_bpb_curve": [[r["step"], round(r["val_bpb"], 6)] for r in val], **common,
         "device_hours": round(device_hours, 6), "cost_estimate": round(device_hours * cfg.gpu_hour_price, 4),
-        "core_metric": core["core"] if core else None, "samples": samples["samples"] if samples else [],
+        "core_metric": latest["core"]["core"] if "core" in latest else None,
+        "samples": latest["sample"]["samples"] if "sample" in latest else [],
     }
 
 

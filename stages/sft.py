@@ -28,26 +28,16 @@ loss_curve.png. A crashed run resumes exactly from its newest checkpoint in the 
 """
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import re
 import shutil
-import statistics
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from artifacts.files import file_sha256
-from stages.base import (
-    ConfigError,
-    Input,
-    StageConfig,
-    identity,
-    progress,
-    runtime,
-    stage_logger,
-)
+from stages.base import ConfigError, Input, StageConfig, identity, runtime, stage_logger
+from stages.training import launch_trainer, read_training, seal_training_dir
 
 NAME = "sft"
 code_version = "1"
@@ -55,8 +45,6 @@ INPUTS = ("base", "tokenizer")
 
 log = stage_logger(NAME)
 
-CHECKPOINT_POINTER = "checkpoint.json"
-CURVE_POINTS = 200
 SOURCES_DIR = "sources"  # downloads of URL sources inside the work dir (removed after success)
 
 
@@ -314,8 +302,6 @@ def preset(name: str, **overrides) -> Config:
 # ---- run ------------------------------------------------------------------------------------------------------
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.checkpoint import list_checkpoints
-    from core.train.common import parse_step_line
-    from stages.launch import launch, torchrun_cmd, worker_env
     from stages.pretrain import model_checkpoint, tokenizer_dir
 
     out = Path(out)
@@ -336,53 +322,19 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     log.info("sft from %s on %d process(es)%s", inputs["base"].ref, cfg.nproc,
              f"; resuming from the checkpoint at step {start} in the work dir" if ckpts else "")
 
-    ctx, last_report = contextvars.copy_context(), [0.0]
-
-    def on_line(line: str) -> None:  # runs on launch()'s thread: report in our context (see pretrain)
-        p = parse_step_line(line)
-        if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
-            return
-        last_report[0] = time.monotonic()
-        ctx.run(progress, p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
-
-    cmd = torchrun_cmd("core.train.sft", ["--config", str(run_json), *cfg.extra_args], nproc=cfg.nproc)
-    env = worker_env(cfg.nproc, {"OMP_NUM_THREADS": str(cfg.omp_threads)} if cfg.omp_threads else None)
-    t0, rc = time.time(), None
-    try:
-        rc = launch(cmd, log_path=out / "train.log", env=env, timeout=cfg.timeout or None, heartbeat=cfg.heartbeat,
-                    name="sft", on_line=on_line).returncode
-    except Exception as e:
-        rc = getattr(e, "returncode", None)
-        raise
-    finally:
-        with open(out / "attempts.jsonl", "a") as f:
-            f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
-                                "nproc": cfg.nproc, "resumed_from": start}) + "\n")
+    launch_trainer("core.train.sft", run_json, out, name="sft", nproc=cfg.nproc, omp_threads=cfg.omp_threads,
+                   timeout=cfg.timeout, heartbeat=cfg.heartbeat, extra_args=cfg.extra_args, resumed_from=start)
     return finish(cfg, out)
 
 
 def finish(cfg: Config, out: Path) -> dict:
     """Keep the final checkpoint only, drop downloads, draw the curves, compute the metrics."""
-    from core.train.common import read_metrics
-    from stages.pretrain import seal_training_dir
-
-    rows = read_metrics(out / "metrics.jsonl")
-    start = [r for r in rows if r["kind"] == "start"][-1]
-    derived = start["derived"]
+    latest, train, val, _, common = read_training(out)
+    derived = latest["start"]["derived"]
     total = derived["num_iterations"]
     shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)
     rel = seal_training_dir(out, total)
-
-    train = sorted({r["step"]: r for r in rows if r["kind"] == "train"}.values(), key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in rows if r["kind"] == "val"}.values(), key=lambda r: r["step"])
-    done = next((r for r in reversed(rows) if r["kind"] == "done"), {})
-    attempts = [json.loads(x) for x in (out / "attempts.jsonl").read_text().splitlines() if x.strip()]
-    steady = [r for r in train if r["step"] > 10] or train
     plot_curves(out / "loss_curve.png", train, val, f"sft {cfg.label()}")
-    every = max(1, -(-len(train) // CURVE_POINTS))
-    curve = [[r["step"], round(r["loss"], 5)] for r in train[::every]]
-    if train and curve[-1][0] != train[-1]["step"]:
-        curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
     data = derived["data"]
     return {
         "checkpoint": rel, "iterations": total, "total_batch_size": derived["total_batch_size"],
@@ -393,12 +345,7 @@ def finish(cfg: Config, out: Path) -> dict:
         "rendered_per_task": data["per_task"], "lrs": derived["lrs"],
         "final_val_loss": val[-1]["val_loss"] if val else None, "final_val_bpb": val[-1]["val_bpb"] if val else None,
         "min_val_loss": min(r["val_loss"] for r in val) if val else None,
-        "val_loss_curve": [[r["step"], round(r["val_loss"], 6)] for r in val],
-        "final_train_loss": train[-1]["loss"] if train else None, "loss_curve": curve,
-        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady) if steady else None,
-        "mfu_percent": statistics.median(r["mfu"] for r in steady) if steady else None,
-        "training_time_s": done.get("training_time"),
-        "wall_time_s": round(sum(a["seconds"] for a in attempts), 3), "attempts": len(attempts),
+        "val_loss_curve": [[r["step"], round(r["val_loss"], 6)] for r in val], **common,
     }
 
 

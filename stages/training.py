@@ -1,0 +1,110 @@
+"""What the two trainer stages (pretrain, sft) share: launching core.train.* under torchrun with live
+progress and an attempts ledger, sealing the finished work dir as an artifact, and reading its
+metrics back. Not a stage itself (stages/__init__.py lists those).
+
+Work dir of a trainer stage (= the artifact once sealed):
+    run.json        the trainer's config         metrics.jsonl  the trainer's rows (start/train/val/done)
+    train.log       torchrun's output            attempts.jsonl one row per launch (wall time, cost)
+    checkpoints/    step_NNNNNN/ (final only)    checkpoint.json  points at the final checkpoint
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from stages.base import progress
+
+CURVE_POINTS = 200  # points kept in the manifest's loss curve
+CHECKPOINT_POINTER = "checkpoint.json"
+ATTEMPTS = "attempts.jsonl"
+
+
+def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: int, omp_threads: int,
+                   timeout: float, heartbeat: float, extra_args: tuple = (), resumed_from: int = 0,
+                   rdzv=None, log_path: Path | None = None, ledger: bool = True) -> None:
+    """Run `python -m module --config run_json` under torchrun; its step lines drive progress() (at
+    most once a second, always the last). Every attempt, failed ones too, appends a row to the
+    attempts ledger (the cost estimate counts them all); a failure names the log and how to resume."""
+    from core.train.common import parse_step_line
+    from stages.launch import LaunchError, launch, torchrun_cmd, worker_env
+
+    log_path = log_path or out / "train.log"
+    last_report = [0.0]
+
+    def on_line(line: str) -> None:  # launch() calls it on this thread: the stage's reporter sees it
+        p = parse_step_line(line)
+        if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
+            return
+        last_report[0] = time.monotonic()
+        progress(p["step"], p["total"], loss=p["loss"], tok_per_s=p["tok_per_s"], mfu=p["mfu"])
+
+    cmd = torchrun_cmd(module, ["--config", str(run_json), *extra_args], nproc=nproc, rdzv=rdzv)
+    env = worker_env(nproc, {"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else None)
+    t0, rc = time.time(), None
+    try:
+        rc = launch(cmd, log_path=log_path, env=env, timeout=timeout or None, heartbeat=heartbeat, name=name,
+                    on_line=on_line).returncode
+    except LaunchError as e:
+        rc = e.returncode
+        raise LaunchError(f"{e}\n(full log: {log_path}; rerunning resumes from the newest checkpoint)",
+                          rc, e.tail) from None
+    finally:
+        if ledger:
+            with open(out / ATTEMPTS, "a") as f:
+                f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
+                                    "nproc": nproc, "nnodes": rdzv.nnodes if rdzv else 1,
+                                    "resumed_from": resumed_from}) + "\n")
+
+
+def seal_training_dir(out: Path, total: int) -> str:
+    """Lay out a finished trainer's work dir as an artifact: keep only the final checkpoint (step
+    `total`), drop interrupted saves and wandb's symlinks (latest-run, debug*.log: the store holds
+    regular files only), and point checkpoint.json at the final checkpoint. Returns its path
+    relative to `out`."""
+    from core.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(out / "checkpoints")
+    if not ckpts or ckpts[-1][0] != total:
+        raise RuntimeError(f"the trainer exited cleanly but {out / 'checkpoints'} holds no checkpoint at step {total} "
+                           f"(found {[s for s, _ in ckpts]}); see the train log in {out}")
+    final_step, final_dir = ckpts[-1]
+    for _, path in ckpts[:-1]:
+        shutil.rmtree(path)
+    for tmp in (out / "checkpoints").glob("step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for p in sorted(out.rglob("*")):
+        if p.is_symlink():
+            p.unlink()
+    rel = final_dir.relative_to(out).as_posix()
+    (out / CHECKPOINT_POINTER).write_text(json.dumps({"checkpoint": rel, "step": final_step}) + "\n")
+    return rel
+
+
+def read_training(out: Path) -> tuple[dict, dict, list[dict], list[dict], dict]:
+    """(the latest metrics row of each kind, train rows, val rows, launch attempts, the metrics both
+    trainer stages report) from a finished work dir. Train and val rows are deduplicated by step: a
+    resumed run repeats the steps after its checkpoint."""
+    from core.train.common import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    latest = {r["kind"]: r for r in rows}
+    by_step = lambda kind: sorted({r["step"]: r for r in rows if r["kind"] == kind}.values(),  # noqa: E731
+                                  key=lambda r: r["step"])
+    train, val = by_step("train"), by_step("val")
+    attempts = [json.loads(line) for line in (out / ATTEMPTS).read_text().splitlines() if line.strip()]
+    steady = [r for r in train if r["step"] > 10] or train  # the first steps carry warm-up/compile time
+    every = max(1, -(-len(train) // CURVE_POINTS))
+    curve = [[r["step"], round(r["loss"], 5)] for r in train[::every]]
+    if train and curve[-1][0] != train[-1]["step"]:
+        curve.append([train[-1]["step"], round(train[-1]["loss"], 5)])
+    common = {
+        "final_train_loss": train[-1]["loss"] if train else None, "loss_curve": curve,
+        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady) if steady else None,
+        "mfu_percent": statistics.median(r["mfu"] for r in steady) if steady else None,
+        "training_time_s": latest.get("done", {}).get("training_time"),
+        "wall_time_s": round(sum(a["seconds"] for a in attempts), 3), "attempts": len(attempts),
+    }
+    return latest, train, val, attempts, common
