@@ -23,11 +23,15 @@ import math
 import os
 import random
 import re
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from core.common import cleanup_distributed
 
 # ---- the per-step log line -------------------------------------------------------------------------
 
@@ -296,3 +300,27 @@ def check_resume(meta: dict, *, where: Path | str, identity: dict, tokenizer: di
                      "(the packed row stream does not depend on it) with a different micro-batch split, so "
                      "the result equals an uninterrupted run up to float rounding, not bit for bit")
     return notes
+
+
+_loop_started = False  # set by the trainer once its loop starts: errors before it are configuration problems
+
+
+def mark_loop_started() -> None:
+    global _loop_started
+    _loop_started = True
+
+
+def run_entry_point(train: Callable, cfg) -> None:
+    """train(cfg), as a torchrun worker's main. A ValueError / FileNotFoundError raised before the
+    loop started means the run cannot start as configured (resume refused, batch does not divide,
+    FP8 on CPU, missing inputs): one clear line and exit 2 instead of a traceback."""
+    global _loop_started
+    _loop_started = False  # a process may run several trainers (tests): each starts before its loop
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if _loop_started:
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        sys.exit(2)

@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -52,8 +51,9 @@ from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
-from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line, peak_flops,
-                               read_metrics, seed_everything, setup_wandb, tokenizer_record)
+from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line,
+                               mark_loop_started, peak_flops, read_metrics, run_entry_point, seed_everything,
+                               setup_wandb, tokenizer_record)
 
 SAMPLE_PROMPTS = (  # the reference's prompts: facts, a little reasoning, a little arithmetic
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -339,8 +339,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     clock = StepClock(total_steps, training_time=loop["training_time"], timed_steps=loop["timed_steps"])
     step = start_step
-    global _training
-    _training = True
+    mark_loop_started()
     if start_step == total_steps:
         print0(f"the checkpoint at step {start_step} is the end of this run: nothing left to train")
     while True:
@@ -451,21 +450,8 @@ def train(cfg: PretrainConfig) -> dict:
     return summary
 
 
-_training = False  # set once the loop starts: errors before it are configuration problems
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    try:
-        train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if _training:
-            raise
-        # the run cannot start as configured (resume refused, batch does not divide, FP8 on CPU, missing
-        # inputs): one clear line instead of a traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(2)
+    run_entry_point(train, parse_config(argv))
 
 
 if __name__ == "__main__":

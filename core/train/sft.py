@@ -46,7 +46,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,8 +62,9 @@ from core.optim import SMALL_PARAM, build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
 from core.tokenizer import Tokenizer
-from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line, peak_flops,
-                               seed_everything, setup_wandb, tokenizer_record)
+from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line,
+                               mark_loop_started, peak_flops, run_entry_point, seed_everything, setup_wandb,
+                               tokenizer_record)
 
 
 def _opt(default, help: str, identity: bool = False):
@@ -528,8 +528,7 @@ def train(cfg: SFTConfig) -> dict:
 
     clock = StepClock(total_steps, training_time=loop["training_time"], timed_steps=loop["timed_steps"])
     step = start_step
-    global _training
-    _training = True
+    mark_loop_started()
     while True:
         last = step == total_steps
         resumed_here = ck is not None and step == start_step  # its eval and save happened before the save
@@ -605,19 +604,8 @@ def train(cfg: SFTConfig) -> dict:
     return summary
 
 
-_training = False  # set once the loop starts: errors before it are configuration problems
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(argv)
-    try:
-        train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if _training:
-            raise
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        cleanup_distributed()
-        sys.exit(2)
+    run_entry_point(train, parse_config(argv))
 
 
 if __name__ == "__main__":
