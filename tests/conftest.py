@@ -32,6 +32,19 @@ os.environ.pop("AWS_PROFILE", None)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and tensors: a second OpenMP thread only adds synchronisation, and on a busy machine
+    a 2-thread parallel region stalls until both threads get a core (50x slower here under load).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

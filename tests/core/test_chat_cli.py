@@ -9,7 +9,9 @@ import torch.nn as nn
 from core.chat_cli import run_chat
 from core.engine import Engine, render_chat
 from tests._tok import small_tokenizer
-from tests.core.test_engine import Scripted, one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
+from tests.core.test_engine import Scripted, tiny_gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

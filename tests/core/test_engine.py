@@ -15,15 +15,7 @@ from core.engine import Engine, TextStreamer, assistant_parts, render_chat, samp
 from core.gpt import GPTConfig, build_model
 from tests._tok import small_tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation, and on a busy machine a
-    2-thread parallel region stalls until both threads get a core (50x slower here under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

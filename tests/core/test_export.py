@@ -13,11 +13,13 @@ from core.checkpoint import TokenizerMismatchError, load_model, save_checkpoint
 from core.engine import Engine, render_chat
 from core.export import BundleError, GenerationConfig, export_bundle, load, read_config
 from tests._tok import small_tokenizer
-from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
+from tests.core.test_engine import tiny_gpt
 
 TOK_FP = "ab12cd34ef56ab78"
 BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json",
           "README.md"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from core.gpt import (GPT, GPTConfig, KVCache, build_model, count_params, estima
 SMALL = GPTConfig(sequence_len=512, vocab_size=1000, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
                   window_pattern="SL")
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
+
 
 def randomized(config=SMALL, seed=0, scale=0.05) -> GPT:
     """A model whose every parameter is non-trivial (init zeroes projections and the smear lambda)."""
@@ -27,15 +29,6 @@ def randomized(config=SMALL, seed=0, scale=0.05) -> GPT:
 
 def tokens(B, T, vocab=1000, seed=0):
     return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -22,14 +22,7 @@ NOTES_COEFFS = [(8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002), (3
                 (3.28575, -2.36813, 0.46449), (2.34654, -1.70978, 0.42324)]
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, window_pattern="SL")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 
 def test_coefficients_are_the_reference_ones():

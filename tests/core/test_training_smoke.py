@@ -13,16 +13,9 @@ from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
+
 T, B = 128, 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _bytes(path, limit: int) -> torch.Tensor:

@@ -20,7 +20,9 @@ import uvicorn
 from core.engine import Engine, TextStreamer, render_chat
 from core.web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app
 from tests._tok import small_tokenizer
-from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
+from tests.core.test_engine import tiny_gpt
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 MODEL_NAME = "tiny <d2> & co"
 

@@ -17,10 +17,10 @@ from core.engine import Engine
 from core.web import create_app
 from tests._tok import small_tokenizer
 from tests.conftest import png_size
-from tests.core.test_engine import one_thread, tiny_gpt  # noqa: F401 (autouse fixture)
+from tests.core.test_engine import tiny_gpt
 from tests.core.test_web import running, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # tiny models: one intra-op thread
 
 ANSWER = ("Sure! Here is **the answer** with some code:\n\n```python\ndef area(r):\n    return 3.14159 * r * r\n```\n\n"
           "- first, the radius\n- then the formula\n\nAnd the sum: <|python_start|>12*7<|python_end|>")

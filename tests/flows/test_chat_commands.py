@@ -24,8 +24,9 @@ from stages import export
 from stages.execute import execute
 from tests.artifacts import toy_stage
 from tests.conftest import REPO, free_port
-from tests.core.test_engine import one_thread  # noqa: F401 (autouse fixture: tiny models on one thread)
 from tests.flows.test_cli import one_line_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
 PROMPT = "What do you like to do on weekends?"
 SAMPLING = ["--seed", "7", "--temperature", "0.8", "--top-k", "30", "--max-tokens", "24"]
