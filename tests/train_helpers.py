@@ -52,6 +52,25 @@ def make_data_dir(root: Path, corpus: Path, train_shards: int = 2, docs: int = 9
     return root
 
 
+def store_with_data_and_tokenizer(root: Path, corpus: Path, docs: int = 96):
+    """A local store under root holding a data_shards artifact (make_data_dir's small real shards,
+    flattened into one source directory) and a 1024-token tokenizer artifact trained on it by the
+    tokenizer stage: (store, data manifest, tokenizer manifest)."""
+    from artifacts import open_store
+    from stages import data_shards, tokenizer
+    from stages.execute import execute
+
+    sliced = make_data_dir(root / "sliced", corpus, docs=docs)
+    flat = root / "corpus"
+    flat.mkdir()
+    for f in sorted(sliced.glob("*/shard_*.parquet")):
+        f.rename(flat / f.name)
+    store = open_store(str(root / "store"), index=False)
+    data = execute("data_shards", data_shards.Config(source=str(flat)), {}, store)
+    tok = execute("tokenizer", tokenizer.Config(vocab_size=1024, threads=1), {"data": data.ref}, store)
+    return store, data, tok
+
+
 def make_tokenizer_dir(root: Path, corpus: Path, vocab_size: int = 1024) -> Path:
     from tests._tok import small_tokenizer
 

@@ -12,29 +12,21 @@ from dataclasses import fields
 import psutil
 import pytest
 
-from artifacts import open_store
 from core.checkpoint import check_tokenizer, load_model
 from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig
-from stages import data_shards, pretrain, tokenizer
+from stages import pretrain
 from stages.base import ConfigError, report_progress_to
 from stages.execute import artifact_ref, execute
 from stages.launch import LaunchError
-from tests.train_helpers import make_data_dir
+from tests.train_helpers import store_with_data_and_tokenizer
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, shared_data):
     """A local store with a data_shards artifact (real documents: 2 small train shards + val) and a
     tokenizer artifact trained on it by the tokenizer stage."""
-    root = tmp_path_factory.mktemp("pretrain-stage")
-    sliced = make_data_dir(root / "sliced", shared_data / "corpus")
-    flat = root / "corpus"
-    flat.mkdir()
-    for f in sorted(sliced.glob("*/shard_*.parquet")):
-        f.rename(flat / f.name)
-    store = open_store(str(root / "store"), index=False)
-    data = execute("data_shards", data_shards.Config(source=str(flat)), {}, store)
-    tok = execute("tokenizer", tokenizer.Config(vocab_size=1024, threads=1), {"data": data.ref}, store)
+    store, data, tok = store_with_data_and_tokenizer(tmp_path_factory.mktemp("pretrain-stage"),
+                                                     shared_data / "corpus")
     return store, {"data": data.ref, "tokenizer": tok.ref}
 
 

@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 
-from artifacts import open_store
 from core.checkpoint import check_tokenizer, load_model
-from stages import data_shards, pretrain, sft, tokenizer
+from stages import pretrain, sft
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute
 from tests.stages._http_server import FileServer
-from tests.train_helpers import make_data_dir
+from tests.train_helpers import store_with_data_and_tokenizer
 
 _BUILT: dict = {}
 
@@ -25,15 +24,8 @@ def build_base(tmp_path_factory, shared_data):
     session (tests/stages/test_chat_eval_stage.py uses it too): ~15-30 s on a busy 2-core box."""
     key = id(tmp_path_factory)
     if key not in _BUILT:
-        root = tmp_path_factory.mktemp("sft-stage-base")
-        sliced = make_data_dir(root / "sliced", shared_data / "corpus", docs=48)
-        flat = root / "corpus"
-        flat.mkdir()
-        for f in sorted(sliced.glob("*/shard_*.parquet")):
-            f.rename(flat / f.name)
-        store = open_store(str(root / "store"), index=False)
-        data = execute("data_shards", data_shards.Config(source=str(flat)), {}, store)
-        tok = execute("tokenizer", tokenizer.Config(vocab_size=1024, threads=1), {"data": data.ref}, store)
+        store, data, tok = store_with_data_and_tokenizer(tmp_path_factory.mktemp("sft-stage-base"),
+                                                         shared_data / "corpus", docs=48)
         cfg = pretrain.preset("tiny", num_iterations=4, save_every=4, eval_every=4, omp_threads=1)
         base = execute("pretrain", cfg, {"data": data.ref, "tokenizer": tok.ref}, store)
         _BUILT[key] = (store, base.ref, tok.ref)
