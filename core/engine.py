@@ -342,6 +342,7 @@ class Engine:
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=self.device)
         one_thread = _single_thread if (self.device.type == "cpu" and num_samples <= SINGLE_THREAD_DECODE_ROWS
                                         and torch.get_num_threads() > 1) else contextlib.nullcontext
+        split_head = one_thread is _single_thread and self._split_head  # the lm_head outside it
         # 3) decode
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p).tolist()
@@ -354,13 +355,13 @@ class Engine:
             if step + 1 == max_tokens or all(row.stop is not None for row in rows):
                 return
             ids.copy_(torch.tensor(column, dtype=torch.long).view(num_samples, 1))
-            if one_thread is _single_thread and self._split_head:
-                with one_thread():  # per step: never hold the setting across a yield to the consumer
+            with one_thread():  # per step: never hold the setting across a yield to the consumer
+                if split_head:
                     hidden = self.model.trunk(ids, cache)
-                logits = self.model.head(hidden)[:, -1, :]
-            else:
-                with one_thread():
+                else:
                     logits = self.model(ids, kv_cache=cache)[:, -1, :]
+            if split_head:
+                logits = self.model.head(hidden)[:, -1, :]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Non-streaming: per row the prompt followed by the generated tokens (stop token

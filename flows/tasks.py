@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
+from flows.cli import FORWARDED
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute, join, load_stage, status
 
@@ -113,7 +114,7 @@ class _ForwardToRunLogger(logging.Handler):
             return  # another task running concurrently in this process owns that record
         try:
             self.run_logger.log(record.levelno, "%s", record.getMessage())
-            setattr(record, "nanorun_forwarded", True)  # the CLI's console handler skips it (flows/cli.py)
+            setattr(record, FORWARDED, True)  # the CLI's console handler skips it
         except Exception:
             self.handleError(record)
 
