@@ -341,7 +341,7 @@ class RunFailed(Exception):
 # Errors a user fixes by changing the command: (module, class) looked up only when that module is
 # loaded (an exception of a class never imported cannot have been raised), so `nanorun ls` stays light.
 _LAZY_USER_ERRORS = (("stages.base", "ConfigError"), ("core.checkpoint", "TokenizerMismatchError"),
-                     ("core.eval.core", "BundleError"), ("core.export", "BundleError"),
+                     ("core.eval.bundle", "BundleError"), ("core.export", "BundleError"),
                      ("core.train.common", "ResumeError"))
 
 

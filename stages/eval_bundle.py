@@ -156,9 +156,7 @@ def _clear(out: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    from core.eval.core import (
-        load_bundle,  # imported here: it pulls in torch, the CLI stays light
-    )
+    from core.eval.bundle import load_bundle
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from artifacts.code import stage_code_identity
 from artifacts.errors import StoreError
 from artifacts.lease import DEFAULT_TTL, Lease, live_holder
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
@@ -68,9 +69,15 @@ def artifact_ref(stage: str | ModuleType, cfg, inputs: dict[str, ArtifactRef]) -
     """Where the artifact for (stage, cfg, inputs) lives; computed without touching any store."""
     mod = load_stage(stage)
     _check_call(mod, cfg, inputs)
-    fp = fingerprint(mod.NAME, mod.code_version, cfg.identity_dict(),
+    fp = fingerprint(mod.NAME, code_version(mod), cfg.identity_dict(),
                      {name: ref.fingerprint for name, ref in sorted(inputs.items())})
     return ArtifactRef(mod.NAME, cfg.label(), fp)
+
+
+def code_version(mod: ModuleType) -> str:
+    """The stage's manual code_version + the digest of the code that runs for it + numeric dependency
+    versions (artifacts/code.py): what fingerprints hash and manifests record."""
+    return stage_code_identity(mod).version(mod.code_version)
 
 
 def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
@@ -168,9 +175,10 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
             metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
-                                code_version=mod.code_version, identity=cfg.identity_dict(),
+                                code_version=code_version(mod), identity=cfg.identity_dict(),
                                 runtime=cfg.runtime_dict(), inputs=dict(inputs), files=[], metrics=metrics,
-                                provenance=collect_provenance(start, end, {"resumed": leftovers}))
+                                provenance=collect_provenance(start, end, {
+                                    "resumed": leftovers, "code_modules": stage_code_identity(mod).modules}))
             lease.check()
             m = store.commit(ref, work, manifest)
         except BaseException as e:
