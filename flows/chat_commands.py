@@ -92,7 +92,7 @@ def _from_bundle(path: Path, name: str) -> ChatModel:
 def _from_ref(ref, store) -> ChatModel:
     from core.checkpoint import load_checkpoint
     from core.export import CONFIG_FILE, WEIGHTS_FILE
-    from stages.pretrain import CHECKPOINT_POINTER, model_checkpoint, tokenizer_dir
+    from core.layouts import CHECKPOINT_POINTER, model_checkpoint, tokenizer_dir
 
     m = store.require(ref)
     files = {f.path for f in m.files}

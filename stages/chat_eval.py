@@ -130,7 +130,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
     from core.tasks.multiple_choice import MultipleChoice
     from core.tokenizer import Tokenizer
-    from stages.pretrain import model_checkpoint, tokenizer_dir
+    from core.layouts import model_checkpoint, tokenizer_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,7 @@ def evaluate(job: dict) -> dict:
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.eval.core import CoreResult, format_table
-    from stages.pretrain import model_checkpoint, tokenizer_dir
+    from core.layouts import model_checkpoint, tokenizer_dir
 
     for name in list(out.iterdir()):  # nothing partial from an earlier attempt is worth keeping
         if name.is_file():

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from artifacts.files import file_sha256
+from core.layouts import shard_files
 from stages.base import (
     ConfigError,
     Input,
@@ -68,16 +69,6 @@ TEXT_EXTS = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 ROW_GROUP = 1024  # documents per row group, as in the reference shards (the loader's unit of work)
 SOURCES_FILE = "sources.json"
 _RAW = "raw"  # scratch dir in `out` for files that are rewritten (removed on success)
-
-
-def shard_files(artifact_dir) -> tuple[list[Path], list[Path]]:
-    """(train shard paths, validation shard paths) of a data_shards artifact, sorted."""
-    d = Path(artifact_dir)
-    train, val = sorted((d / "train").glob("shard_*.parquet")), sorted((d / "val").glob("shard_*.parquet"))
-    if not train or not val:
-        raise FileNotFoundError(f"{d} is not a data_shards artifact: expected train/ and val/ shard_*.parquet "
-                                f"(found {len(train)} train, {len(val)} val)")
-    return train, val
 
 
 def check_parquet(path: Path) -> None:

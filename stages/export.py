@@ -116,7 +116,7 @@ def report_section(inputs: dict[str, Input], kind: str, out: Path, title: str) -
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.checkpoint import load_checkpoint
     from core.export import export_bundle
-    from stages.pretrain import model_checkpoint, tokenizer_dir
+    from core.layouts import model_checkpoint, tokenizer_dir
 
     out = Path(out)
     for p in list(out.iterdir()):  # an earlier attempt's files: rewritten from scratch (seconds)

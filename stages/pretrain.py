@@ -4,7 +4,8 @@
     nanorun stage pretrain --preset d24-speedrun --input data=... --input tokenizer=...   # 8 GPUs
     nanorun speedrun --preset cpu-demo                            # the whole pipeline, this stage included
 
-    from stages.pretrain import PRESETS, preset, model_checkpoint
+    from stages.pretrain import PRESETS, preset
+    from core.layouts import model_checkpoint
     cfg = preset("tiny", seed=1)                                  # a Config from a preset + overrides
     m = execute("pretrain", cfg, {"data": data_ref, "tokenizer": tok_ref}, store)
     model, meta = core.checkpoint.load_model(model_checkpoint(store.materialize(m.ref)))
@@ -37,7 +38,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.training import CHECKPOINT_POINTER, launch_trainer, read_training, seal_training_dir
+from core.layouts import tokenizer_dir
+from stages.training import launch_trainer, read_training, seal_training_dir
 
 NAME = "pretrain"
 code_version = "1"
@@ -177,23 +179,6 @@ def preset(name: str, **overrides) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown pretrain preset {name!r}; presets: {', '.join(PRESETS)}")
     return Config.from_dict({**PRESETS[name], **overrides})
-
-
-def model_checkpoint(artifact_dir: Path | str) -> Path:
-    """The final checkpoint directory of a pretrain artifact (for core.checkpoint.load_model)."""
-    d = Path(artifact_dir)
-    pointer = d / CHECKPOINT_POINTER
-    if not pointer.is_file():
-        raise FileNotFoundError(f"{d} is not a pretrain artifact: no {CHECKPOINT_POINTER}")
-    return d / json.loads(pointer.read_text())["checkpoint"]
-
-
-def tokenizer_dir(path: Path) -> Path:
-    """Where tokenizer.json is inside a tokenizer artifact (its root, or tokenizer/)."""
-    for d in (Path(path), Path(path) / "tokenizer"):
-        if (d / "tokenizer.json").is_file():
-            return d
-    raise FileNotFoundError(f"{path} holds no tokenizer.json: the 'tokenizer' input must be a tokenizer artifact")
 
 
 def trainer_config(cfg: Config, *, data_dir: Path, tok_dir: Path, out: Path, tokenizer_fingerprint: str,

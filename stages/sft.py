@@ -7,7 +7,7 @@
     from stages.sft import preset
     cfg = preset("tiny", data_dir="../shared/data/chat")        # identity + GSM8K only if data_dir has them
     m = execute("sft", cfg, {"base": pretrain_ref, "tokenizer": tok_ref}, store)
-    model, meta = core.checkpoint.load_model(stages.pretrain.model_checkpoint(store.materialize(m.ref)))
+    model, meta = core.checkpoint.load_model(core.layouts.model_checkpoint(store.materialize(m.ref)))
 
 The mixture is data (identity): `train_mixture` / `val_mixture` are core.tasks TaskSpec dicts,
 e.g. {"task": "gsm8k", "source": "gsm8k_train.jsonl", "epochs": 4}. A source is
@@ -302,7 +302,7 @@ def preset(name: str, **overrides) -> Config:
 # ---- run ------------------------------------------------------------------------------------------------------
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.checkpoint import list_checkpoints
-    from stages.pretrain import model_checkpoint, tokenizer_dir
+    from core.layouts import model_checkpoint, tokenizer_dir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     import numpy as np
 
     from core.tokenizer import Tokenizer
-    from stages.data_shards import shard_files
+    from core.layouts import shard_files
 
     if cfg.threads and "RAYON_NUM_THREADS" not in os.environ:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.threads)

@@ -15,10 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
+from core.layouts import CHECKPOINT_POINTER
 from stages.base import progress
 
 CURVE_POINTS = 200  # points kept in the manifest's loss curve
-CHECKPOINT_POINTER = "checkpoint.json"
 ATTEMPTS = "attempts.jsonl"
 
 

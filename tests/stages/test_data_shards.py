@@ -8,6 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
+from core.layouts import shard_files
 from stages import data_shards as stage
 from stages.base import ConfigError
 from stages.fetch import FetchError
@@ -39,7 +40,7 @@ def test_http_pattern_downloads_byte_identical_shards(server, blobs, corpus_file
     cfg = pattern_cfg(server)
     assert cfg.label() == "http_3" and cfg.identity_dict()["val_docs"] == 0
     m = stage.run(cfg, {}, tmp_path)
-    train, val = stage.shard_files(tmp_path)
+    train, val = shard_files(tmp_path)
     assert [f.name for f in train] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet"]
     assert [f.name for f in val] == ["shard_00007.parquet"]
     for f in train + val:
@@ -95,7 +96,7 @@ def test_doc_filters_rewrite_shards(server, corpus_files, tmp_path):
     cfg = pattern_cfg(server, train_shards=2, min_doc_chars=3000)
     assert cfg.identity_dict() != pattern_cfg(server, train_shards=2).identity_dict()
     m = stage.run(cfg, {}, tmp_path)
-    train, val = stage.shard_files(tmp_path)
+    train, val = shard_files(tmp_path)
     kept = texts(train)
     assert kept == [t for t in texts(corpus_files[:2]) if len(t) >= 3000] and m["mode"] == "filter"
     assert m["docs_dropped"] > 0 and not (tmp_path / "raw").exists()
@@ -113,12 +114,12 @@ def test_s3_pattern_and_listing(s3_bucket, blobs, corpus_files, tmp_path, monkey
         client.put_object(Bucket=bucket, Key="corpus/" + p.rsplit("/", 1)[1], Body=data)
     cfg = stage.Config(source=f"s3://{bucket}/corpus/shard_{{i:05d}}.parquet", train_shards=2, val_shard=7, **FAST)
     stage.run(cfg, {}, tmp_path / "a")
-    train, val = stage.shard_files(tmp_path / "a")
+    train, val = shard_files(tmp_path / "a")
     assert [f.read_bytes() for f in train + val] == [blobs[f"/data/shard_0000{i}.parquet"] for i in (0, 1, 7)]
     listed = stage.Config(source=f"s3://{bucket}/corpus", train_shards=0, **FAST)  # all files, the last is val
     assert listed.train_shards == 7 and listed.content_digest and listed.label().startswith("s3_")
     m = stage.run(listed, {}, tmp_path / "b")
-    train, val = stage.shard_files(tmp_path / "b")
+    train, val = shard_files(tmp_path / "b")
     assert len(train) == 7 and val[0].read_bytes() == corpus_files[7].read_bytes() and m["download"]["fetched"] == 8
 
 
@@ -133,7 +134,7 @@ def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path
     assert a.source == "local" and a.local_path == str(src) and a.train_shards == 3  # at most 8: all 3
     assert a.identity_dict() == b.identity_dict() and a.label() == "local_3"  # same files, same artifact
     m = stage.run(a, {}, tmp_path / "out")
-    train, val = stage.shard_files(tmp_path / "out")
+    train, val = shard_files(tmp_path / "out")
     assert [f.read_bytes() for f in train + val] == [f.read_bytes() for f in corpus_files[:4]]
     assert m["download"]["files"] == 0 and m["mode"] == "direct"
     # a changed file is a new artifact; a config holding the old digest is refused
@@ -161,7 +162,7 @@ def test_jsonl_and_txt_are_resharded(corpus_files, tmp_path):
     cfg = stage.Config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=0)
     assert cfg.label() == "local" and cfg.val_docs == 30
     m = stage.run(cfg, {}, tmp_path / "out")
-    train, val = stage.shard_files(tmp_path / "out")
+    train, val = shard_files(tmp_path / "out")
     expected = [t for t in docs[:202] if len(t) >= 50]
     assert texts(train) + texts(val) == expected and len(texts(val)) == 30
     assert len(train) > 2 and val[0].name == f"shard_{len(train):05d}.parquet"
@@ -169,7 +170,7 @@ def test_jsonl_and_txt_are_resharded(corpus_files, tmp_path):
     assert m["mode"] == "reshard" and m["docs_read"] == 202 and m["docs_dropped"] == 202 - len(expected)
     capped = stage.Config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=2)
     stage.run(capped, {}, tmp_path / "capped")
-    train2, val2 = stage.shard_files(tmp_path / "capped")
+    train2, val2 = shard_files(tmp_path / "capped")
     assert len(train2) == 2 and texts(val2) == texts(val)  # validation = the source's last documents
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -182,7 +183,7 @@ def test_chitchat_conversations_become_documents(tmp_path):
     cfg = stage.Config(source="chitchat")
     assert cfg.label() == "chitchat" and cfg.content_digest
     m = stage.run(cfg, {}, tmp_path)
-    train, val = stage.shard_files(tmp_path)
+    train, val = shard_files(tmp_path)
     assert m["train"]["docs"] == 7168 - 1024 and m["val"]["docs"] == 1024
     pf = pq.ParquetFile(train[0])
     assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [1024] * 6

@@ -13,7 +13,7 @@ from core.export import load
 from stages import export
 from stages.base import ConfigError
 from stages.execute import execute
-from stages.pretrain import model_checkpoint, tokenizer_dir
+from core.layouts import model_checkpoint, tokenizer_dir
 from tests.conftest import png_size
 
 BUNDLE = {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.npy", "generation_config.json",

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from core.checkpoint import check_tokenizer, load_model
+from core.layouts import model_checkpoint
 from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig
 from stages import pretrain
 from stages.base import ConfigError, report_progress_to
@@ -128,7 +129,7 @@ def test_crash_then_rerun_resumes_and_commits_one_final_checkpoint(built):
     assert mt["tok_per_s"] > 0 and mt["wall_time_s"] > 0 and mt["training_time_s"] >= 0
     assert mt["cost_estimate"] == pytest.approx(2.0 * mt["device_hours"], abs=1e-3) and mt["device_hours"] > 0
 
-    model, meta = load_model(pretrain.model_checkpoint(art))
+    model, meta = load_model(model_checkpoint(art))
     assert model.config.n_layer == 2 and meta["kind"] == "base"
     check_tokenizer(meta, inputs["tokenizer"].fingerprint, 1024, "test")  # the artifact's fingerprint
     assert meta["tokenizer"]["fingerprint"] == inputs["tokenizer"].fingerprint

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from core.checkpoint import check_tokenizer, load_model
+from core.layouts import model_checkpoint
 from stages import pretrain, sft
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute
@@ -144,7 +145,7 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
     art = store.materialize(m.ref)
     mixture = json.loads((art / "mixture.json").read_text())
     assert mixture["train"][-1]["source"].endswith("/web.jsonl") and mixture["seed"] == 42
-    model, meta = load_model(pretrain.model_checkpoint(art))
+    model, meta = load_model(model_checkpoint(art))
     assert meta["kind"] == "sft" and meta["base"]["kind"] == "base" and model.config.n_layer == 2
     assert meta["tokenizer"]["fingerprint"] == tok.fingerprint
     check_tokenizer(meta, tok.fingerprint, 1024, "test")
