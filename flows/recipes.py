@@ -11,36 +11,34 @@ the user are layered on top, as {step: {field: value}} (the CLI spells them `--s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.base import ConfigError
 from stages.execute import Step, load_stage
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str     # the step name (also the key of its overrides)
-    stage: str    # the stage module name
-    inputs: dict[str, str] = field(default_factory=dict)  # stage input -> upstream step name
-
-
 # The speedrun: data -> tokenizer -> pretrain -> CORE (base) -> SFT -> chat eval -> export -> report.
 # The CORE bundle has no upstream, so the flow fetches it while the tokenizer and pretraining run.
-SPEEDRUN_GRAPH: list[Node] = [
-    Node("data", "data_shards"),
-    Node("tokenizer", "tokenizer", {"data": "data"}),
-    Node("eval_bundle", "eval_bundle"),
+# The bundle is optional evidence: offline, with no --eval-bundle, its fetch fails, CORE is "not run
+# (needs eval_bundle)", the stages that take it as an optional input run without it, and the run
+# still succeeds; a rerun with the bundle runs exactly what it adds. The graph's steps carry no
+# config: speedrun_steps() fills it in from the preset and the overrides.
+SPEEDRUN_GRAPH: list[Step] = [
+    Step("data", "data_shards"),
+    Step("tokenizer", "tokenizer", inputs={"data": "data"}),
+    Step("eval_bundle", "eval_bundle", optional=True),
     # eval_bundle: only when the pretrain config scores CORE during training (core_metric_every > 0)
-    Node("base", "pretrain", {"data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
-    Node("base_eval", "core_eval", {"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
-    Node("sft", "sft", {"base": "base", "tokenizer": "tokenizer"}),
-    Node("chat_eval", "chat_eval", {"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
-    Node("export", "export", {"model": "sft", "tokenizer": "tokenizer", "base": "base", "base_eval": "base_eval",
-                              "chat_eval": "chat_eval"}),
-    Node("report", "report", {"base": "base", "data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle",
-                              "base_eval": "base_eval", "sft": "sft", "chat_eval": "chat_eval", "export": "export"}),
+    Step("base", "pretrain", inputs={"data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
+    Step("base_eval", "core_eval", inputs={"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
+    Step("sft", "sft", inputs={"base": "base", "tokenizer": "tokenizer"}),
+    Step("chat_eval", "chat_eval", inputs={"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
+    Step("export", "export", inputs={"model": "sft", "tokenizer": "tokenizer", "base": "base",
+                                     "base_eval": "base_eval", "chat_eval": "chat_eval"}),
+    Step("report", "report", inputs={"base": "base", "data": "data", "tokenizer": "tokenizer",
+                                     "eval_bundle": "eval_bundle", "base_eval": "base_eval", "sft": "sft",
+                                     "chat_eval": "chat_eval", "export": "export"}),
 ]
 
 _GPU = {"base_eval": {"preset": "gpu"}, "chat_eval": {"preset": "reference"}}
@@ -99,7 +97,7 @@ def merge(*layers: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def _config(node: Node, fields: dict):
+def _config(node: Step, fields: dict):
     mod = load_stage(node.stage)
     fields = dict(fields)
     stage_preset = fields.pop("preset", None)
@@ -118,7 +116,7 @@ def _config(node: Node, fields: dict):
 def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, *,
                    depth: int | None = None, data_source: str | None = None, nproc: int | None = None,
                    eval_bundle: str | None = None, chat_data: str | None = None,
-                   graph: list[Node] | None = None) -> list[Step]:
+                   graph: list[Step] | None = None) -> list[Step]:
     """The speedrun pipeline for a preset plus overrides, validated (ConfigError names the step)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown speedrun preset {preset!r}; presets: {', '.join(PRESETS)}")
@@ -154,5 +152,5 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
         if n.stage == "pretrain" and cfg.core_metric_every <= 0:
             # an optional input is hashed when given: don't tie the model to a bundle it never reads
             inputs.pop("eval_bundle", None)
-        steps.append(Step(n.name, n.stage, cfg, inputs))
+        steps.append(dataclasses.replace(n, cfg=cfg, inputs=inputs))
     return steps

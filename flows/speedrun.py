@@ -15,9 +15,10 @@ import dataclasses
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
+from artifacts.manifest import ArtifactRef
 from flows.recipes import speedrun_steps
 from flows.tasks import join_stage, run_stage
-from stages.execute import load_stage
+from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
 
 def _config_dict(cfg) -> dict:
@@ -29,13 +30,17 @@ def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | No
              data_source: str | None = None, nproc: int | None = None, eval_bundle: str | None = None,
              chat_data: str | None = None, overrides: dict[str, dict] | None = None,
              force: list[str] | None = None) -> dict[str, str]:
-    """The whole speedrun for a preset; returns {step: artifact ref}.
+    """The whole speedrun for a preset; returns {step: artifact ref} of the steps that have one.
 
     preset: cpu-demo | tiny | d12 | d20 | d24-speedrun | d26. store: a directory or s3://bucket/prefix
     (default $NANORUN_STORE or $NANORUN_HOME). eval_bundle: the CORE bundle (local dir/zip or URL;
-    default its public URL). chat_data: a directory with SFT/chat-eval files (identity
-    conversations, GSM8K jsonl); offline presets use what it holds. overrides: {step: {field: value}}, e.g.
-    {"base": {"num_iterations": 50}}. force: step names to rebuild even if committed.
+    default its public URL; when it cannot be had, CORE is skipped and the run still succeeds).
+    chat_data: a directory with SFT/chat-eval files (identity conversations, GSM8K jsonl); offline
+    presets use what it holds. overrides: {step: {field: value}}, e.g. {"base": {"num_iterations": 50}}.
+    force: step names to rebuild even if committed.
+
+    Every step whose inputs are available runs, even after another step failed; the run log ends
+    with one table (committed / cached / failed / skipped / not run) and the flow fails if a step did.
     """
     logger = get_run_logger()
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
@@ -46,16 +51,41 @@ def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | No
         raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
     store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
-    futures = {}
-    for step in steps:
-        inputs = {name: futures[upstream] for name, upstream in step.inputs.items()}
-        futures[step.name] = run_stage.with_options(task_run_name=step.name).submit(
-            load_stage(step.stage).NAME, _config_dict(step.cfg), inputs, store_url, step.name in force)
-    refs = {name: fut.result() for name, fut in futures.items()}
-    for name, ref in refs.items():
-        logger.info("%-12s %s", name, ref)
-    publish_report(refs, store_url, preset)
+    outcomes = walk(steps, _prefect_step(store_url, force), on_outcome=lambda o: _log_outcome(logger, o))
+    logger.info("speedrun %s:\n%s", preset, format_outcomes(outcomes))
+    refs = {name: str(o.ref) for name, o in outcomes.items() if o.ref is not None}
+    if "report" in refs:
+        publish_report(refs, store_url, preset)
+    check_outcomes(outcomes)
     return refs
+
+
+def _prefect_step(store_url: str, force: list[str]):
+    """walk()'s run_step for a flow: each step is a run_stage task run named after the step, waiting
+    for its upstream task runs (so the UI draws the graph's edges)."""
+    futures: dict[str, object] = {}
+
+    def run_step(step, inputs):
+        # only upstreams that produced what this step takes: Prefect never starts a task whose
+        # wait_for holds a failed run (an optional input the walker left out, say)
+        upstream = [futures[v] for k, v in step.inputs.items() if isinstance(v, str) and k in inputs and v in futures]
+        fut = run_stage.with_options(task_run_name=step.name).submit(
+            load_stage(step.stage).NAME, _config_dict(step.cfg), {k: str(r) for k, r in inputs.items()},
+            store_url, step.name in force, wait_for=upstream)
+        futures[step.name] = fut
+        ref = fut.result()  # raises the task's own exception when it failed
+        return open_store(store_url).require(ArtifactRef.parse(ref)), fut.state.name == "Cached"
+    return run_step
+
+
+def _log_outcome(logger, o) -> None:
+    if o.status == "skipped":
+        logger.warning("%s skipped (optional evidence): %s; what needs it is not run, the rest goes on",
+                       o.step, o.detail)
+    elif o.status == "failed":
+        logger.error("%s failed: %s; steps that need it will not run, the others go on", o.step, o.detail)
+    elif o.status == "not run":
+        logger.warning("%s not run (%s)", o.step, o.detail)
 
 
 def publish_report(refs: dict[str, str], store_url: str, preset: str) -> None:

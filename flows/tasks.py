@@ -91,14 +91,11 @@ def _is_transient(task, task_run, state) -> bool:
         return False
     if isinstance(exc, ConfigError):
         return False
-    transient = (StoreUnreachableError, ConnectionError, TimeoutError)
-    try:
-        from stages.fetch import FetchError
+    from stages.fetch import FetchError
 
-        transient += (FetchError,)
-    except ImportError:
-        pass
-    return isinstance(exc, transient)
+    if isinstance(exc, FetchError):  # 404s and unresolvable hosts fail at once; connection errors retry
+        return exc.transient
+    return isinstance(exc, (StoreUnreachableError, ConnectionError, TimeoutError))
 
 
 class _ForwardToRunLogger(logging.Handler):

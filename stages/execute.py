@@ -6,6 +6,7 @@
              Step("tok", "tokenizer", tok_cfg, {"data": "shards"})]   # a str input names an earlier step
     print(format_plan(plan(steps, store)))                              # cached / will run / locked
     results = run_pipeline(steps, store)                                # {step name: Manifest}
+    outcomes = walk(steps, run_step)      # the walker both runners share: a failure stops only its dependents
 
 No Prefect here (flows/ wraps the same calls): the store is the only source of truth. A cache hit
 is a committed manifest whose files pass the size check; anything else is (re)built. The work dir
@@ -19,10 +20,13 @@ prefix). `stage` is a registered stage name or a dotted module path.
 """
 from __future__ import annotations
 
+import collections
+import contextvars
 import importlib
 import json
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -251,13 +255,18 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-# ---- pipelines: steps as data, a dry-run plan, sequential execution ------------------------------
+# ---- pipelines: steps as data, a dry-run plan, one walker -----------------------------------------
 @dataclass
 class Step:
+    """One node of a pipeline: a stage with its config and its inputs (stage input -> an earlier
+    step's name, or an ArtifactRef). `optional` marks evidence the run can do without (the CORE
+    bundle): its failure is reported as skipped, and the run still succeeds."""
+
     name: str
     stage: str | ModuleType
-    cfg: Any
+    cfg: Any = None
     inputs: dict[str, str | ArtifactRef] = field(default_factory=dict)
+    optional: bool = False
 
 
 @dataclass
@@ -301,8 +310,8 @@ def _walk(steps: list[Step]):
 
 def plan(steps: list[Step], store) -> list[PlanRow]:
     """Fingerprint every step (no stage runs) and say whether it is cached, will run, or is being
-    built by someone else. Fingerprints depend only on configs and upstream fingerprints, so steps
-    below a step that will run are still named exactly."""
+    built by someone else. Fingerprints depend only on configs, code and upstream fingerprints, so
+    steps below a step that will run are still named exactly."""
     rows = []
     for step, mod, _, ref in _walk(steps):
         state, holder = _status(store, ref)
@@ -321,18 +330,133 @@ def format_plan(rows: list[PlanRow]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Outcome:
+    """What happened to one step of a walked pipeline."""
+
+    step: str
+    status: str                      # committed | cached | failed | skipped | not run
+    manifest: Manifest | None = None
+    detail: str = ""                 # failed / skipped: the one-line reason; not run: what it needed
+    error: BaseException | None = None
+
+    @property
+    def ref(self) -> ArtifactRef | None:
+        return self.manifest.ref if self.manifest is not None else None
+
+
+# run_step(step, its input refs) -> (the committed manifest, whether it was a cache hit)
+RunStep = Callable[[Step, dict[str, ArtifactRef]], tuple[Manifest, bool]]
+
+
+def walk(steps: list[Step], run_step: RunStep, *, max_parallel: int | None = None,
+         on_outcome: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
+    """Run every step whose inputs are available, each as soon as they are, up to max_parallel at
+    once (None: no limit), and return {step: Outcome} in step order. A failed step stops only what
+    needs it: a step whose required input failed, was skipped or was not run is "not run" (with
+    what it needed); an optional stage input (the stage's OPTIONAL_INPUTS) that is missing is left
+    out and the step runs without it. The Prefect flow and run_pipeline() both walk with this."""
+    list(_walk(steps))  # the whole pipeline is valid before any of it runs
+    outcomes: dict[str, Outcome] = {}
+    pending = list(steps)
+    running: dict[Future, Step] = {}
+
+    def record(o: Outcome) -> None:
+        outcomes[o.step] = o
+        if on_outcome is not None:
+            on_outcome(o)
+
+    pool = ThreadPoolExecutor(max_workers=max_parallel or len(steps) or 1, thread_name_prefix="step")
+    try:
+        while pending or running:
+            for step in [s for s in pending if all(v in outcomes for v in s.inputs.values() if isinstance(v, str))]:
+                pending.remove(step)
+                optional = set(getattr(load_stage(step.stage), "OPTIONAL_INPUTS", ()))
+                inputs, missing = {}, []
+                for k, v in step.inputs.items():
+                    if isinstance(v, ArtifactRef):
+                        inputs[k] = v
+                    elif outcomes[v].manifest is not None:
+                        inputs[k] = outcomes[v].ref
+                    elif k not in optional:
+                        missing.append(v)
+                if missing:
+                    record(Outcome(step.name, "not run", detail="needs " + ", ".join(missing)))
+                else:  # each thread runs in a copy of this context (a Prefect flow run's, say)
+                    running[pool.submit(contextvars.copy_context().run, run_step, step, inputs)] = step
+            if not running:
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                step = running.pop(fut)
+                try:
+                    manifest, was_cached = fut.result()
+                    record(Outcome(step.name, "cached" if was_cached else "committed", manifest))
+                except Exception as e:
+                    record(Outcome(step.name, "skipped" if step.optional else "failed",
+                                   detail=f"{type(e).__name__}: {' '.join(str(e).split())}", error=e))
+    finally:  # an interrupt: do not wait for running stages here (their launcher stops them)
+        pool.shutdown(wait=not running, cancel_futures=True)
+    return {s.name: outcomes[s.name] for s in steps}
+
+
+class PipelineFailed(RuntimeError):
+    """Some steps failed; the others finished and are committed. `outcomes` says what happened."""
+
+    def __init__(self, outcomes: dict[str, Outcome]):
+        self.outcomes = outcomes
+        failed = [o for o in outcomes.values() if o.status == "failed"]
+        not_run = sum(o.status == "not run" for o in outcomes.values())
+        first = failed[0]
+        super().__init__(f"{len(failed)} of {len(outcomes)} steps failed ({first.step}: {first.detail[:120]}"
+                         + (f"; and {', '.join(o.step for o in failed[1:])}" if len(failed) > 1 else "")
+                         + f"), {not_run} not run")
+
+
+def check_outcomes(outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
+    """Raise PipelineFailed if any step failed (skipped evidence and what it held back do not count)."""
+    if any(o.status == "failed" for o in outcomes.values()):
+        raise PipelineFailed(outcomes)
+    return outcomes
+
+
+def format_outcomes(outcomes: dict[str, Outcome]) -> str:
+    """The end-of-run table: step, artifact, what happened (with the one-line reason)."""
+    def status(o: Outcome) -> str:
+        if o.status == "not run":
+            return f"not run ({o.detail})"
+        return f"{o.status}: {o.detail[:160]}" if o.detail else o.status
+    table = [("STEP", "ARTIFACT", "STATUS")] + [(o.step, str(o.ref) if o.ref else "-", status(o))
+                                                 for o in outcomes.values()]
+    widths = [max(len(row[i]) for row in table) for i in range(2)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:2], widths)) + "  " + row[2] for row in table]
+    counts = collections.Counter(o.status for o in outcomes.values())
+    lines.append(", ".join(f"{counts[k]} {k}" for k in ("committed", "cached", "failed", "skipped", "not run")
+                           if counts[k]))
+    return "\n".join(lines)
+
+
 def run_pipeline(steps: list[Step], store, *, force: tuple[str, ...] | list[str] = (),
-                 on_event: EventFn | None = None) -> dict[str, Manifest]:
-    """Execute the steps in order (each a cache hit or a build). force names steps to rebuild."""
+                 on_event: EventFn | None = None, max_parallel: int | None = 1) -> dict[str, Manifest]:
+    """Execute the steps without Prefect (each a cache hit or a build), one at a time by default;
+    returns {step: Manifest} of the steps that produced one. force names steps to rebuild. Raises
+    PipelineFailed, after everything that could run has run, if a step failed."""
     unknown = set(force) - {s.name for s in steps}
     if unknown:
         raise PlanError(f"force names unknown step(s) {sorted(unknown)}")
-    list(_walk(steps))  # validate the whole pipeline before running any of it
-    results: dict[str, Manifest] = {}
-    for step in steps:
-        inputs = {k: (v if isinstance(v, ArtifactRef) else results[v].ref) for k, v in step.inputs.items()}
-        results[step.name] = execute(step.stage, step.cfg, inputs, store, force=step.name in force, on_event=on_event)
-    return results
+
+    def run_step(step: Step, inputs: dict[str, ArtifactRef]) -> tuple[Manifest, bool]:
+        kinds: list[str] = []
+
+        def seen(kind: str, info: dict) -> None:
+            kinds.append(kind)
+            if on_event is not None:
+                on_event(kind, info)
+        m = execute(step.stage, step.cfg, inputs, store, force=step.name in force, on_event=seen)
+        return m, "cached" in kinds
+
+    outcomes = check_outcomes(walk(steps, run_step, max_parallel=max_parallel))
+    return {name: o.manifest for name, o in outcomes.items() if o.manifest is not None}
 
 
 def steps_from_dict(data: Any, store=None) -> list[Step]:

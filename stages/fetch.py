@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -44,7 +45,13 @@ ProgressFn = Callable[[int, int | None], None]  # (bytes done, total bytes or No
 
 
 class FetchError(RuntimeError):
-    """A download failed for good; the message names the file, the URL and why."""
+    """A download failed for good; the message names the file, the URL and why. `transient` says
+    whether trying again later may help (the retries ran out on connection errors or 5xx), as
+    opposed to a permanent answer (404/403, a host name that does not resolve: offline or a typo)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class _Transient(Exception):
@@ -106,6 +113,18 @@ def list_s3(url: str, client=None) -> list[dict]:
     return sorted(out, key=lambda o: o["key"])
 
 
+def _unresolvable(e: BaseException) -> bool:
+    """A DNS failure anywhere in the exception chain: no retry makes a name resolve on an offline
+    machine, so it fails at once instead of backing off for minutes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, socket.gaierror):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 # ---- one attempt per transport -------------------------------------------------------------------
 def _http_attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int, int | None], None]) -> str | None:
     """Continue `part` from its current size; returns the server's sha256 claim (HF X-Linked-ETag)."""
@@ -150,6 +169,8 @@ def _http_attempt(url: str, part: Path, timeout: float, on_bytes: Callable[[int,
                 raise _Transient(f"connection ended at byte {done} of {total}")
             return claim
     except httpx.TransportError as e:  # connect errors, timeouts, dropped connections
+        if _unresolvable(e):
+            raise _Fatal(f"cannot resolve the host of {url} ({e}): offline, or a wrong URL") from e
         raise _Transient(f"{type(e).__name__}: {e}") from e
 
 
@@ -255,7 +276,7 @@ def fetch(url: str, dest, *, sha256: str | None = None, validate: Callable[[Path
             wait = min(MAX_BACKOFF, backoff * 2 ** (attempt - 1))
             log.warning("%s: attempt %d/%d failed: %s; retrying in %.1fs", dest.name, attempt, retries, reason, wait)
             time.sleep(wait)
-    raise FetchError(f"{dest.name}: failed after {retries} attempt(s) from {url}: {reason}")
+    raise FetchError(f"{dest.name}: failed after {retries} attempt(s) from {url}: {reason}", transient=True)
 
 
 def fetch_many(jobs: list[tuple[str, Path]], *, workers: int = 4, on_done: Callable[[Fetched], None] | None = None,
@@ -269,18 +290,19 @@ def fetch_many(jobs: list[tuple[str, Path]], *, workers: int = 4, on_done: Calla
     if any(u.startswith("s3://") for u, _ in jobs) and "s3" not in kw:
         kw["s3"] = s3_client()  # boto3 clients are thread-safe; sessions are not
     results: dict[int, Fetched] = {}
-    errors: list[str] = []
+    errors: list[FetchError] = []
     with ThreadPoolExecutor(max_workers=min(workers, max(1, len(jobs)))) as pool:
         futures = {pool.submit(fetch, url, dest, **kw): i for i, (url, dest) in enumerate(jobs)}
         for fut in as_completed(futures):
             try:
                 results[futures[fut]] = r = fut.result()
             except FetchError as e:
-                errors.append(str(e))
+                errors.append(e)
                 continue
             if on_done is not None:
                 on_done(r)
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise FetchError(f"{len(errors)} of {len(jobs)} download(s) failed: " + "; ".join(sorted(errors)[:5]) + more)
+        raise FetchError(f"{len(errors)} of {len(jobs)} download(s) failed: " + "; ".join(sorted(map(str, errors))[:5])
+                         + more, transient=any(e.transient for e in errors))
     return [results[i] for i in range(len(jobs))]

@@ -115,6 +115,11 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     }
 
 
+def _core_not_run(manifests: dict[str, Manifest]) -> str:
+    # the speedrun skips CORE when the bundle cannot be had (offline): say so instead of a bare "-"
+    return "not run" + ("" if "eval_bundle" in manifests else " (no eval bundle)")
+
+
 def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, images: dict[str, str] | None = None,
                     core_table: str | None = None) -> str:
     """The report (also the model card of an export) as Markdown."""
@@ -128,7 +133,7 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
             + (f", estimated cost ${s['cost']:.2f}" if s["cost"] else ""), ""]
     out += ["## Results", "", "| metric | value |", "|---|---:|",
             f"| val bits-per-byte (final / min) | {_fmt(s['val_bpb'])} / {_fmt(s['min_val_bpb'])} |",
-            f"| {s['core_label'] or 'CORE'} | {_fmt(s['core'])} |"]
+            f"| {s['core_label'] or 'CORE'} | {_fmt(s['core']) if 'base_eval' in manifests else _core_not_run(manifests)} |"]
     out += [f"| {name} CORE | {v:.6f} |" for name, v in GPT2_CORE.items()]
     out += [f"| chat: {k} | {_fmt(v)} |" for k, v in s["chat"].items()]
     out += [f"| throughput (tok/s, MFU %) | {_fmt(s['tok_per_s'], 0)}, {_fmt(s['mfu_percent'], 2)} |", ""]

@@ -40,8 +40,12 @@ def test_chat_eval_through_execute(tmp_path_factory, shared_data):
     bundle = execute("eval_bundle", eval_bundle.Config(local_path=str(shared_data / "eval_bundle")), {}, store)
     cfg = chat_eval.preset("tiny", data_dir=str(shared_data / "chat"), bundle_tasks=("arc_easy",),
                            task_max_problems={"arc_easy": 6}, threads=1)
-    with pytest.raises(ConfigError, match="need the eval_bundle input"):
-        execute("chat_eval", cfg, {"model": base, "tokenizer": tok}, store)
+    # offline, without the bundle: the other tasks are scored, the bundle's are reported as not run
+    without = execute("chat_eval", cfg, {"model": base, "tokenizer": tok}, store).metrics
+    assert list(without["tasks"]) == ["gsm8k", "spelling_bee"] and without["not_run"] == {"arc_easy": "no eval bundle"}
+    only_bundle = chat_eval.preset("tiny", tasks=(), bundle_tasks=("arc_easy",), threads=1)
+    with pytest.raises(ConfigError, match="need the eval_bundle input, and there are no other tasks"):
+        execute("chat_eval", only_bundle, {"model": base, "tokenizer": tok}, store)
     m = execute("chat_eval", cfg, {"model": base, "tokenizer": tok, "eval_bundle": bundle.ref}, store)
     mt = m.metrics
     assert mt["model_kind"] == "base"  # a pretrain artifact evaluates as a baseline

@@ -222,3 +222,48 @@ def test_metrics_are_made_plain_or_refused():
         ex._plain_metrics("s", 3.0)
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         ex._plain_metrics("s", {"x": object()})
+
+
+def test_a_failed_step_stops_only_what_needs_it(store, tmp_path):
+    """The walker runs every step whose inputs exist: a failure leaves the independent branch
+    committed, its dependents "not run (needs X)"; a failed optional step (evidence) is skipped, and
+    a step that takes it as an optional stage input runs without it."""
+    import types
+    from dataclasses import dataclass
+
+    from stages.base import StageConfig, identity
+    from stages.execute import PipelineFailed, format_outcomes, walk
+
+    @dataclass(frozen=True)
+    class _Cfg(StageConfig):
+        tag: int = identity(0)
+
+    opt = types.ModuleType("opt_consumer")
+    opt.NAME, opt.code_version, opt.INPUTS, opt.OPTIONAL_INPUTS = "opt_consumer", "1", (), ("src",)
+    opt.Config, opt.run = _Cfg, lambda cfg, inputs, out: {"inputs": sorted(inputs)}
+    steps = [Step("bad", toy_stage, toy_stage.Config(n=2, fail_at=0)),
+             Step("needs_bad", toy_consumer, toy_consumer.Config(), {"src": "bad"}),
+             Step("good", toy_stage, toy_stage.Config(n=1, calls_dir=str(tmp_path))),
+             Step("needs_good", toy_consumer, toy_consumer.Config(), {"src": "good"}),
+             Step("evidence", toy_stage, toy_stage.Config(n=3, fail_at=1), optional=True),
+             Step("uses_evidence", opt, _Cfg(), {"src": "evidence"}),
+             Step("needs_evidence", toy_consumer, toy_consumer.Config(scale=3), {"src": "evidence"})]
+    with pytest.raises(PipelineFailed, match=r"1 of 7 steps failed \(bad: RuntimeError: toy: failing on purpose") as e:
+        run_pipeline(steps, store)
+    got = {name: (o.status, o.detail) for name, o in e.value.outcomes.items()}
+    assert got["bad"][0] == "failed" and "failing on purpose" in got["bad"][1]
+    assert got["needs_bad"] == ("not run", "needs bad")
+    assert got["good"] == ("committed", "") and got["needs_good"] == ("committed", "")
+    assert got["evidence"][0] == "skipped" and got["needs_evidence"] == ("not run", "needs evidence")
+    assert got["uses_evidence"] == ("committed", "")
+    assert e.value.outcomes["uses_evidence"].manifest.metrics == {"inputs": []}  # ran without it
+    table = format_outcomes(e.value.outcomes)
+    assert "not run (needs bad)" in table and "3 committed, 1 failed, 1 skipped, 2 not run" in table
+    # the rerun reuses what was committed and, with nothing failing any more, succeeds
+    fixed = [Step(s.name, s.stage, toy_stage.Config(n=2) if s.name == "bad" else s.cfg, s.inputs, s.optional)
+             for s in steps if s.name not in ("evidence", "uses_evidence", "needs_evidence")]
+    outcomes = walk(fixed, lambda step, inputs: (execute(step.stage, step.cfg, inputs, store),
+                                                  step.name in ("good", "needs_good")), max_parallel=2)
+    assert {n: o.status for n, o in outcomes.items()} == {
+        "bad": "committed", "needs_bad": "committed", "good": "cached", "needs_good": "cached"}
+    assert calls(tmp_path) == 1
