@@ -96,9 +96,9 @@ class CheckpointSync:
             if [p.name for p in dirs] != [snap.name]:
                 raise ValueError(f"the snapshot holds {sorted(p.name for p in dirs)} under {CHECKPOINTS}/, "
                                  f"expected {snap.name}")
+            self.root.mkdir(parents=True, exist_ok=True)
             for name in names:  # the logs first: the checkpoint becomes visible last, by its rename
                 os.replace(tmp / name, self.work / name)
-            self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / snap.name, ignore_errors=True)
             os.replace(dirs[0], self.root / snap.name)
         finally:
