@@ -131,7 +131,7 @@ def test_the_thread_uploads_while_training_and_a_failure_stages_the_final_logs(a
 # ---- two machines, one S3 store ------------------------------------------------------------------
 MACHINE_A = """
 import json, logging, sys
-from artifacts import open_store
+from artifacts import ArtifactRef, open_store
 from stages import pretrain
 from stages.execute import execute
 logging.basicConfig(level=logging.INFO)
@@ -139,6 +139,25 @@ url, inputs, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.ar
 execute(pretrain, pretrain.preset("tiny", **overrides), {k: ArtifactRef.parse(v) for k, v in inputs.items()},
         open_store(url, index=False))
 """
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _wait(what: str, cond, proc, log, timeout: float = 240.0):
@@ -175,13 +194,14 @@ def test_pretrain_killed_on_one_machine_finishes_on_another(tmp_path, shared_dat
     try:
         _wait("the second checkpoint", lambda: list(home_a.glob(
             f".s3/*/staging/pretrain/{ref.name}/checkpoints/step_000008/meta.json")), a, log_a)
-        for p in psutil.Process(a.pid).children(recursive=True):
-            if "core.train.pretrain" in p.cmdline() and "torch.distributed.run" not in p.cmdline():
-                p.send_signal(signal.SIGSTOP)
+        workers = [p for p in psutil.Process(a.pid).children(recursive=True)
+                   if "core.train.pretrain" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p)]
+        assert workers
+        for p in workers:
+            p.send_signal(signal.SIGSTOP)
         staged = _wait("the upload of the second checkpoint", lambda: [s for s in _steps(area) if s >= 8], a, log_a)
     finally:
-        for p in [psutil.Process(a.pid), *psutil.Process(a.pid).children(recursive=True)]:
-            p.send_signal(signal.SIGKILL)
+        _kill_tree(a.pid)
         a.wait()
     resume_step = max(staged)
     assert resume_step < 16, "machine A finished before it could be stopped"
