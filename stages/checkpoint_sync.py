@@ -53,6 +53,7 @@ class CheckpointSync:
         self.staging, self.work, self.logs, self.poll_s = staging, Path(work), tuple(logs), poll_s
         self.root = self.work / CHECKPOINTS
         self.uploaded = -1  # step of the newest checkpoint known to be in the store
+        self.failed = -1  # step whose upload failed: retried only at the end, a newer one is tried next
         self._stop, self._abandon = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,7 +131,7 @@ class CheckpointSync:
         """Upload the newest complete checkpoint if the store does not have it yet (final: in any
         case, to refresh its logs). Never raises: training goes on without the mirror."""
         ckpts = list_checkpoints(self.root)
-        if not ckpts or (ckpts[-1][0] <= self.uploaded and not final):
+        if not ckpts or (ckpts[-1][0] <= max(self.uploaded, self.failed) and not final):
             return
         step, path = ckpts[-1]
         try:
@@ -149,6 +150,7 @@ class CheckpointSync:
             self.uploaded = step
             log.info("checkpoint at step %d (%s) staged in %s", step, _size(snap.bytes), self.staging)
         except Exception as e:
+            self.failed = step
             log.warning("could not stage the checkpoint at step %d in %s (%s: %s); training goes on, but "
                         "only this machine can resume from it", step, self.staging, type(e).__name__, e)
 

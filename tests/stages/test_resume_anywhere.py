@@ -128,6 +128,28 @@ def test_the_thread_uploads_while_training_and_a_failure_stages_the_final_logs(a
     assert not uploaded.is_set()
 
 
+def test_a_failed_upload_is_warned_once_and_the_next_checkpoint_goes(area, tmp_path, monkeypatch, caplog):
+    work = tmp_path / "work"
+    calls, upload = [], area.upload
+
+    def flaky(*a, **kw):
+        calls.append(a[2])
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        return upload(*a, **kw)
+
+    monkeypatch.setattr(area, "upload", flaky)
+    sync = CheckpointSync(area, work, LOGS)
+    _checkpoint(work, 4)
+    with caplog.at_level(logging.WARNING, "nanorun"):
+        sync.sync()
+        sync.sync()  # no retry storm: the same checkpoint is not tried again every poll
+    assert calls == [4] and caplog.text.count("could not stage the checkpoint at step 4") == 1
+    _checkpoint(work, 8)
+    sync.sync()
+    assert calls == [4, 8] and _steps(area) == [8]
+
+
 # ---- two machines, one S3 store ------------------------------------------------------------------
 MACHINE_A = """
 import json, logging, sys
