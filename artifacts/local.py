@@ -247,6 +247,9 @@ class LocalStore(Store):
         return dest
 
     # ---- deleting -----------------------------------------------------------------------------
+    def _remove_tree(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
     def _delete_files(self, ref: ArtifactRef) -> None:
         final = self._path(ref.key)
         if final.exists():

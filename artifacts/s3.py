@@ -274,7 +274,18 @@ class S3Store(Store):
             raise ChecksumError(f"{ref}: {', '.join(bad)} in {src.url} do not match its manifest; not committed")
         self._write(self._manifest_key(ref), manifest.to_json().encode())
 
+    def _put_file(self, key: str, path: Path) -> None:  # streamed, multipart above PART_SIZE
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
+                                max_concurrency=self.upload_concurrency, preferred_transfer_client="classic")
+        with self._errors():
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=config)
+
     # ---- downloading --------------------------------------------------------------------------
+    def _get_file(self, key: str, dest: Path, entry: FileEntry) -> None:  # ranged, resumable, verified
+        self._download_file(self._key(key), Path(dest), entry)
+
     def _cache_dir(self, ref: ArtifactRef) -> Path:
         return self.local / "cache" / ref.stage / ref.name
 

@@ -13,12 +13,15 @@ Layout, relative to the root (a directory, or s3://bucket/prefix):
     {stage}/{label}-{fp}/MANIFEST.json   written last: its presence (parseable) is the commit
     {stage}/@aliases/{name}              a named pointer ({"ref": ...}); `latest` moves on every commit
     .leases/{stage}/{label}-{fp}.json    the build lease (artifacts/lease.py)
+    _staging/{stage}/{label}-{fp}/...    checkpoints of a build still running or failed, for resuming
+                                         it on another machine (artifacts/staging.py; remote stores)
 Machine-local state always lives under $NANORUN_HOME: the run index (index.duckdb), and for S3
 stores the staging and download-cache directories (.s3/<store-id>/...).
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -28,9 +31,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from artifacts.errors import AmbiguousRefError, NotCommittedError, StoreError, UnknownRefError
+from artifacts.errors import AmbiguousRefError, ChecksumError, NotCommittedError, StoreError, UnknownRefError
+from artifacts.files import write_atomic
 from artifacts.lease import Lease, live_holder, read_lease
-from artifacts.manifest import MANIFEST_NAME, ArtifactRef, CorruptManifestError, Manifest
+from artifacts.manifest import MANIFEST_NAME, ArtifactRef, CorruptManifestError, FileEntry, Manifest
 
 log = logging.getLogger("nanorun.store")
 
@@ -144,6 +148,27 @@ class Store:
     def work_dir(self, ref: ArtifactRef, clear: bool = False) -> Path: raise NotImplementedError
     def materialize(self, ref: ArtifactRef) -> Path: raise NotImplementedError
     def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path: raise NotImplementedError
+
+    # ---- whole files and trees under any key (the resume staging area, artifacts/staging.py);
+    # these defaults go through _read/_write, backends with large files stream instead ------------
+    def _put_file(self, key: str, path: Path) -> None:
+        self._write(key, Path(path).read_bytes())
+
+    def _get_file(self, key: str, dest: Path, entry: FileEntry) -> None:
+        """Download `key` to dest, renamed into place only if its size and sha256 match entry."""
+        data = self._read(key)
+        if data is None:
+            raise StoreError(f"{self.url}/{key} is missing")
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ChecksumError(f"{self.url}/{key}: {len(data):,} bytes that do not match the expected "
+                                f"{entry.size:,} bytes sha256 {entry.sha256[:16]}…")
+        write_atomic(Path(dest), data, durable=False)
+
+    def _remove_tree(self, prefix: str) -> None:
+        for name in self._files(prefix):
+            self._remove(f"{prefix}/{name}")
+        for name in self._dirs(prefix):
+            self._remove_tree(f"{prefix}/{name}")
 
     # ---- manifests and verification ----------------------------------------------------------
     @staticmethod
@@ -387,6 +412,9 @@ class Store:
                 items.append(GcItem("unreferenced", ref.key, m.total_bytes,
                                     "no alias reaches it", lambda r=ref: self.delete(r), ref))
         items += self._gc_local(set(live), grace_s)
+        from artifacts.staging import gc_items as staging_gc_items  # (it builds on this module)
+
+        items += staging_gc_items(self, set(live), grace_s)
         if not dry_run:
             for item in items:
                 item.delete()

@@ -141,13 +141,33 @@ def progress(step: int, total: int, **info: Any) -> None:
             logging.getLogger("nanorun").debug("progress reporter failed", exc_info=True)
 
 
-@contextlib.contextmanager
 def report_progress_to(fn: ProgressFn):
-    token = _reporter.set(fn)
+    return _bound(_reporter, fn)
+
+
+@contextlib.contextmanager
+def _bound(var: ContextVar, value: Any):
+    token = var.set(value)
     try:
         yield
     finally:
-        _reporter.reset(token)
+        var.reset(token)
+
+
+# ---- checkpoint mirror ---------------------------------------------------------------------------
+# While execute() runs a stage whose work dir the store cannot see (an S3 store's is machine-local),
+# it binds the store's staging area for that artifact (artifacts/staging.CheckpointStaging); a
+# long stage uploads its checkpoints there and, on a machine without its work dir, resumes from
+# them (stages/checkpoint_sync.py). None otherwise: a stage never gets the store itself.
+_mirror: ContextVar[Any] = ContextVar("nanorun_checkpoint_mirror", default=None)
+
+
+def checkpoint_mirror():
+    return _mirror.get()
+
+
+def mirror_checkpoints_to(staging):
+    return _bound(_mirror, staging)
 
 
 def stage_logger(name: str) -> logging.Logger:

@@ -37,8 +37,9 @@ from artifacts.errors import StoreError
 from artifacts.lease import DEFAULT_TTL, Lease, live_holder
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
 from artifacts.provenance import collect as collect_provenance
+from artifacts.staging import checkpoint_staging
 from stages import STAGE_MODULES, get_stage
-from stages.base import ConfigError, Input
+from stages.base import ConfigError, Input, mirror_checkpoints_to
 
 log = logging.getLogger("nanorun.execute")
 
@@ -170,13 +171,15 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
             emit("cached", manifest=m, **({"waited_s": time.time() - waited_since} if waited_since else {}))
             return m
         work = store.work_dir(ref, clear=force)
+        staging = checkpoint_staging(store, ref, work, clear=force)  # None unless the store cannot see work
         leftovers = any(work.iterdir())
         upstream = _materialize(store, inputs)
         log.info("running %s in %s%s", ref, work, " (resuming: the work dir holds a previous attempt)" if leftovers else "")
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
         try:
-            metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
+            with mirror_checkpoints_to(staging):
+                metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
                                 code_version=code_version(mod), identity=cfg.identity_dict(),
@@ -185,6 +188,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
                                     "resumed": leftovers, "code_modules": stage_code_identity(mod).modules}))
             lease.check()
             m = store.commit(ref, work, manifest)
+            if staging is not None:
+                staging.discard()
         except BaseException as e:
             log.error("failed %s after %.1fs: %s: %s (work dir kept for the rerun: %s)", ref,
                       time.time() - start, type(e).__name__, e, work)

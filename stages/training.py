@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from core.layouts import CHECKPOINT_POINTER
-from stages.base import progress
+from stages.base import checkpoint_mirror, progress
 
 CURVE_POINTS = 200  # points kept in the manifest's loss curve
 ATTEMPTS = "attempts.jsonl"
@@ -27,11 +27,17 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
                    rdzv=None, log_path: Path | None = None, ledger: bool = True) -> None:
     """Run `python -m module --config run_json` under torchrun; its step lines drive progress() (at
     most once a second, always the last). Every attempt, failed ones too, appends a row to the
-    attempts ledger (the cost estimate counts them all); a failure names the log and how to resume."""
+    attempts ledger (the cost estimate counts them all); a failure names the log and how to resume.
+    With a remote store the checkpoints are mirrored to it and restored from it (checkpoint_sync.py)."""
     from core.train.common import parse_step_line
+    from stages.checkpoint_sync import CheckpointSync
     from stages.launch import LaunchError, launch, torchrun_cmd, worker_env
 
     log_path = log_path or out / "train.log"
+    staging = checkpoint_mirror()
+    sync = CheckpointSync(staging, out, ("metrics.jsonl", ATTEMPTS, log_path.name)) if staging else None
+    if sync:
+        resumed_from = max(resumed_from, sync.restore())
     last_report = [0.0]
 
     def on_line(line: str) -> None:  # launch() calls it on this thread: the stage's reporter sees it
@@ -44,6 +50,8 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
     cmd = torchrun_cmd(module, ["--config", str(run_json), *extra_args], nproc=nproc, rdzv=rdzv)
     env = worker_env(nproc, {"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else None)
     t0, rc = time.time(), None
+    if sync:
+        sync.start()
     try:
         rc = launch(cmd, log_path=log_path, env=env, timeout=timeout or None, heartbeat=heartbeat, name=name,
                     on_line=on_line).returncode
@@ -57,6 +65,8 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
                 f.write(json.dumps({"start": round(t0, 3), "seconds": round(time.time() - t0, 3), "returncode": rc,
                                     "nproc": nproc, "nnodes": rdzv.nnodes if rdzv else 1,
                                     "resumed_from": resumed_from}) + "\n")
+        if sync:
+            sync.stop(failed=rc != 0)
 
 
 def seal_training_dir(out: Path, total: int) -> str:
