@@ -116,7 +116,7 @@ REFERENCE_TASKS = ({"task": "gsm8k", "source": REFERENCE_SOURCES["gsm8k_test"]},
 PRESETS: dict[str, dict] = {
     "tiny": dict(tasks=OFFLINE_TASKS, bundle_tasks=_ARC, max_problems=4, max_new_tokens=48, batch_size=4,
                  device_type="cpu"),
-    "cpu-demo": dict(tasks=OFFLINE_TASKS, max_problems=100, task_max_problems={"humaneval": 40}, max_new_tokens=256,
+    "cpu-demo": dict(tasks=OFFLINE_TASKS, max_problems=100, task_max_problems={"humaneval": 20}, max_new_tokens=256,
                      bundle_tasks=_ARC, device_type="cpu"),
     "reference": dict(tasks=REFERENCE_TASKS, bundle_tasks=_ARC, max_problems=-1),
 }

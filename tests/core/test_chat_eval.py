@@ -157,7 +157,8 @@ def test_chatcore_tasks_are_centred_on_the_references_baselines(tok, tmp_path):
     from core.eval.chat import chatcore_metrics
 
     f = tmp_path / "arc.jsonl"
-    f.write_text("\n".join(json.dumps({"question": f"Q{i}", "choices": ["a", "b", "c"], "answer": 0}) for i in range(4)))
+    f.write_text("\n".join(json.dumps({"question": f"Q{i}", "choices": ["a", "b", "c"], "answer": 0})
+                           for i in range(4)))
     task = MultipleChoice(f)
     model = LetterModel(tok, task, lambda c: c["messages"][-1]["content"])
     res = evaluate_chat(model, tok, {"arc_easy": task, "other": MultipleChoice(f)}, log=None)
