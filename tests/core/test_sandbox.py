@@ -28,6 +28,12 @@ def test_a_correct_program_passes_and_its_directory_goes_away():
     assert (r.success, r.status, r.reason) == (False, "error", "AssertionError: arithmetic")
 
 
+@pytest.mark.parametrize("exit_call", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"])
+def test_a_program_that_exits_before_its_tests_fails(exit_call):
+    r = execute_code(f"{exit_call}\nassert False, 'the tests'")
+    assert (r.success, r.status) == (False, "error") and "before its end" in r.reason
+
+
 def test_an_infinite_loop_is_killed_on_the_wall_clock_and_on_cpu_time():
     t0 = time.perf_counter()
     r = execute_code("while True:\n    pass", timeout=1.0, cpu_seconds=30)
