@@ -105,11 +105,6 @@ class Stage:
 
         mod = load_stage(args.name)
         fields = parse_set([f"x.{s}" for s in args.sets]).get("x", {})
-        if args.preset:
-            presets = getattr(mod, "PRESETS", {})
-            if args.preset not in presets:
-                raise ConfigError(f"stage {mod.NAME} has no preset {args.preset!r} (presets: {', '.join(presets) or 'none'})")
-            fields = {**presets[args.preset], **fields}
         inputs = {}
         for item in args.inputs:
             name, eq, ref = item.partition("=")
@@ -117,7 +112,7 @@ class Stage:
                 raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
             inputs[name] = ref
         store = open_store(args.store)
-        cfg = mod.Config.from_dict(fields)
+        cfg = mod.Config.from_preset(args.preset, **fields) if args.preset else mod.Config.from_dict(fields).resolve()
         refs = {k: store.resolve(v) for k, v in inputs.items()}
         if args.plan:
             from stages.execute import status
@@ -126,9 +121,9 @@ class Stage:
             print(f"{ref}  {state}")
             return 0
         _prefect_env()
-        from flows.speedrun import stage
+        from flows.speedrun import config_dict, stage
 
-        print(_run_flow(stage, f"stage {mod.NAME}", name=mod.NAME, config=fields,
+        print(_run_flow(stage, f"stage {mod.NAME}", name=mod.NAME, config=config_dict(cfg),
                         inputs={k: str(v) for k, v in refs.items()}, store=args.store, force=args.force,
                         join=args.join))
         return 0

@@ -101,14 +101,10 @@ def _config(node: Step, fields: dict):
     mod = load_stage(node.stage)
     fields = dict(fields)
     stage_preset = fields.pop("preset", None)
-    if stage_preset is not None:
-        presets = getattr(mod, "PRESETS", {})
-        if stage_preset not in presets:
-            raise ConfigError(f"step {node.name!r}: stage {node.stage} has no preset {stage_preset!r} "
-                              f"(presets: {', '.join(presets) or 'none'})")
-        fields = {**presets[stage_preset], **fields}
-    try:
-        return mod.Config.from_dict(fields)
+    try:  # resolved here, once: the plan and every runner take the digests from this config
+        if stage_preset is not None:
+            return mod.Config.from_preset(stage_preset, **fields)
+        return mod.Config.from_dict(fields).resolve()
     except ConfigError as e:
         raise ConfigError(f"step {node.name!r}: {e}") from None
 

@@ -21,7 +21,7 @@ from flows.tasks import join_stage, run_stage
 from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
 
-def _config_dict(cfg) -> dict:
+def config_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
@@ -70,7 +70,7 @@ def _prefect_step(store_url: str, force: list[str]):
         # wait_for holds a failed run (an optional input the walker left out, say)
         upstream = [futures[v] for k, v in step.inputs.items() if isinstance(v, str) and k in inputs and v in futures]
         fut = run_stage.with_options(task_run_name=step.name).submit(
-            load_stage(step.stage).NAME, _config_dict(step.cfg), {k: str(r) for k, r in inputs.items()},
+            load_stage(step.stage).NAME, config_dict(step.cfg), {k: str(r) for k, r in inputs.items()},
             store_url, step.name in force, wait_for=upstream)
         futures[step.name] = fut
         ref = fut.result()  # raises the task's own exception when it failed
@@ -107,16 +107,20 @@ def publish_report(refs: dict[str, str], store_url: str, preset: str) -> None:
 
 @flow(name="stage", log_prints=True, validate_parameters=True)
 def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None = None,
-          store: str | None = None, force: bool = False, join: bool = False) -> str:
+          store: str | None = None, force: bool = False, join: bool = False, preset: str | None = None) -> str:
     """Run or rerun one stage with explicit inputs (refs `stage/label-fp`, fingerprint prefixes or
     `stage@alias`); force rebuilds it even if committed. Returns the artifact ref.
+
+    preset: the stage's own preset (pretrain: tiny, cpu-demo, d20, ...); config then holds only the
+    fields that differ from it, so a rerun from the UI does not mean retyping the whole config.
 
     join: this node's share of a multi-node run that node 0 runs (pretrain with nnodes > 1 and
     node_rank >= 1): trains in the shared work dir, commits nothing."""
     st = open_store(store)
     mod = load_stage(name)
-    cfg = mod.Config.from_dict(dict(config or {}))  # validate before any task starts
+    fields = dict(config or {})  # validated and resolved before any task starts
+    cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
     refs = {k: str(st.resolve(v)) for k, v in (inputs or {}).items()}
     if join:
-        return join_stage.with_options(task_run_name=f"{mod.NAME}-join")(mod.NAME, _config_dict(cfg), refs, st.url)
-    return run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, _config_dict(cfg), refs, st.url, force)
+        return join_stage.with_options(task_run_name=f"{mod.NAME}-join")(mod.NAME, config_dict(cfg), refs, st.url)
+    return run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, config_dict(cfg), refs, st.url, force)

@@ -6,11 +6,14 @@ A stage is a module with:
     code_version = "1"                 # bump by hand whenever outputs for the same config change
     INPUTS = ("data",)                 # names of the upstream artifacts run() needs
     OPTIONAL_INPUTS = ("eval_bundle",) # (optional) inputs run() uses when given; absent = not hashed
+    PRESETS = {"tiny": {...}}          # (optional) named field sets: Config.from_preset("tiny", seed=1)
+    def join(cfg, inputs, out): ...    # (optional) multi-node: this node's share; another node commits
     @dataclass(frozen=True)
     class Config(StageConfig):
         vocab_size: int = identity(32768, help="...")      # hashed into the fingerprint
         threads: int = runtime(2, help="...")              # recorded, never hashed
-        def __post_init__(self): ...                        # validate, raise ConfigError
+        def __post_init__(self): ...                        # validate values only (no I/O), raise ConfigError
+        def resolve(self) -> "Config": ...                  # (optional) fill in content digests (I/O)
     def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:   # returns metrics
         ...
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from contextvars import ContextVar
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -86,9 +90,26 @@ class StageConfig:
         """Human-readable part of the artifact name; must be a function of identity fields."""
         return "default"
 
+    def resolve(self) -> "StageConfig":
+        """This config with what it reads from outside filled in: content digests of local files,
+        listings of a data source. `__post_init__` only validates values (a config is a value, cheap
+        to rebuild anywhere); the plan builder calls resolve() once per step, and execute() calls
+        it again as a safety net, where a resolved config returns itself without any I/O. Stages
+        whose identity depends on outside content override it."""
+        return self
+
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
         return {f.name: (f.metadata.get("kind", "?"), f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "StageConfig":
+        """The resolved config of the stage's preset `name` (its module's PRESETS) plus overrides."""
+        presets = stage_presets(sys.modules[cls.__module__])
+        if name not in presets:
+            raise ConfigError(f"stage {cls.__module__.rpartition('.')[2]} has no preset {name!r} "
+                              f"(presets: {', '.join(presets) or 'none'})")
+        return cls.from_dict({**presets[name], **overrides}).resolve()
 
     @classmethod
     def from_dict(cls, d: dict) -> "StageConfig":
@@ -117,12 +138,24 @@ class Input:
 
 
 class StageModule(Protocol):
+    """What callers use of a stage module; stages.execute.load_stage() checks it. Optional, with
+    these defaults when absent: OPTIONAL_INPUTS = (), PRESETS = {} (name -> Config fields, used by
+    Config.from_preset), join (multi-node: this node's share of a build another node commits)."""
+
     NAME: str
     code_version: str
     INPUTS: tuple[str, ...]
-    Config: type  # OPTIONAL_INPUTS: tuple[str, ...] may also be defined
+    Config: type  # a frozen dataclass subclassing StageConfig
 
     def run(self, cfg: Any, inputs: dict[str, Input], out: Path) -> dict: ...
+
+
+def optional_inputs(mod) -> tuple[str, ...]:
+    return tuple(getattr(mod, "OPTIONAL_INPUTS", ()))
+
+
+def stage_presets(mod) -> dict[str, dict]:
+    return dict(getattr(mod, "PRESETS", {}))
 
 
 # ---- progress reporting ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ completions; results.json and the printed table are in the artifact.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from core.tasks.mixture import REFERENCE_SOURCES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.sft import SOURCES_DIR, check_digests, compute_digests, normalise_specs, resolve_sources
+from stages.sft import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
 code_version = "2"
@@ -78,8 +79,6 @@ class Config(StageConfig):
         bad = [s["task"] for s in self.tasks if s["task"] not in GRADED]
         if bad:
             raise ConfigError(f"chat_eval.tasks: {bad} cannot be graded; use {', '.join(GRADED)}")
-        set_("source_digests", check_digests(self.source_digests, compute_digests(list(self.tasks), self.data_dir,
-                                                                                  "chat_eval"), "chat_eval"))
         names = [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)
         if len(set(names)) != len(names):
             raise ConfigError(f"chat_eval: task names {names} repeat; give the specs distinct 'name's")
@@ -91,6 +90,12 @@ class Config(StageConfig):
                               "temperature >= 0")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ConfigError(f"chat_eval.dtype={self.dtype!r}: use auto, bfloat16, float32 or float16")
+
+    def resolve(self) -> "Config":
+        """The sha256 of every local / package source (given digests are checked at run time)."""
+        if self.source_digests is not None:
+            return self
+        return dataclasses.replace(self, source_digests=compute_digests(list(self.tasks), self.data_dir, "chat_eval"))
 
     def names(self) -> list[str]:
         return [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)
@@ -122,10 +127,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown chat_eval preset {name!r}; presets: {', '.join(PRESETS)}")
-    return Config.from_dict({**PRESETS[name], **overrides})
+preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a preset + overrides
 
 
 def bundle_file(bundle: Path, name: str) -> Path:

@@ -30,6 +30,7 @@ from an earlier attempt are not fetched again. The metrics hold DuckDB statistic
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob as globlib
 import gzip
 import hashlib
@@ -188,7 +189,6 @@ class Config(StageConfig):
             raise ConfigError(f"data_shards.local_path is for local sources, but source is {self.source!r}")
         if self.local_path:  # absolute, so a later run from another directory reads the same files
             set_("local_path", str(Path(self.local_path).expanduser().resolve()))
-        filters = bool(self.min_doc_chars or self.max_doc_chars)
         if kind in ("named", "pattern"):
             self._check_indexed(kind)
             set_("val_docs", 0), set_("shard_chars", 0)  # unused: keep them out of the identity
@@ -198,25 +198,28 @@ class Config(StageConfig):
         if self.shard_indices or self.val_shard != -1:
             raise ConfigError(f"data_shards: shard_indices / val_shard apply to indexed sources (climbmix, "
                               f"fineweb-edu, URL patterns), not to {self.source!r}")
+
+    def resolve(self) -> "Config":
+        """A listed source (local files, an S3 prefix, the chitchat package): the digest of what is
+        there now, and whether it is re-sharded (which decides whether val_docs / shard_chars are part
+        of the identity). Lists the source once; a given digest is taken as it is, and run() lists
+        again to prove the files did not change."""
+        kind = _kind(self.source) if self.source != "local" else "local"
+        if kind in ("named", "pattern") or self.content_digest:
+            return self
         if kind == "chitchat":
             f = _chitchat_file()
-            digest = _digest([("dataset.json", f.stat().st_size, file_sha256(f))])
-            reshard = True
+            digest, reshard = _digest([("dataset.json", f.stat().st_size, file_sha256(f))]), True
         else:
             entries, reshard = self._listing(kind)
-            reshard = reshard or filters
+            reshard = reshard or bool(self.min_doc_chars or self.max_doc_chars)
             digest = _digest(entries)
-        if self.content_digest and self.content_digest != digest:
-            raise ConfigError(f"data_shards: {self.local_path or self.source} has content digest {digest}, but the "
-                              f"config says {self.content_digest}: the files changed; drop content_digest to take "
-                              "them as they are")
-        set_("content_digest", digest)
         if reshard and self.val_docs < 1:
             raise ConfigError("data_shards.val_docs must be >= 1 for a re-sharded source")
         if reshard and self.shard_chars < 1:
             raise ConfigError("data_shards.shard_chars must be >= 1 for a re-sharded source")
-        if not reshard:
-            set_("val_docs", 0), set_("shard_chars", 0)
+        unused = {} if reshard else {"val_docs": 0, "shard_chars": 0}
+        return dataclasses.replace(self, content_digest=digest, **unused)
 
     def _check_indexed(self, kind: str) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -304,7 +307,7 @@ def _plan(cfg: Config) -> tuple[str, list[_Item]]:
         return "reshard", [_Item(str(_chitchat_file()), "", "chitchat.json")]
     # A listed source: re-list and prove the files are the ones the config was built from.
     try:
-        fresh = Config.from_dict({**cfg.identity_dict(), **cfg.runtime_dict(), "content_digest": ""}).content_digest
+        fresh = dataclasses.replace(cfg, content_digest="").resolve().content_digest
     except ConfigError as e:
         fresh = f"unusable now: {e}"
     if fresh != cfg.content_digest:

@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import zipfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -94,7 +95,12 @@ class Config(StageConfig):
             if not self.url.startswith(("http://", "https://", "s3://")):
                 raise ConfigError(f"eval_bundle.url={self.url!r}: expected http(s):// or s3:// (for a local "
                                   "directory or zip set local_path instead)")
-            return
+
+    def resolve(self) -> "Config":
+        """A local bundle: its absolute path and the digest of its files (the url plays no part, so
+        identical copies hash alike). A given digest is taken as it is; run() checks the files."""
+        if not self.local_path or self.content_digest:
+            return self
         path = Path(self.local_path).expanduser()
         if not path.exists():
             raise ConfigError(f"eval_bundle.local_path={self.local_path!r} does not exist: give the directory "
@@ -105,17 +111,11 @@ class Config(StageConfig):
         if self.sha256 and digest != "zip:" + self.sha256:
             raise ConfigError(f"eval_bundle: {self.local_path} " + ("is a directory: sha256 applies to a zip"
                               if path.is_dir() else f"has sha256 {digest[4:]}, expected {self.sha256}"))
-        if self.content_digest and self.content_digest != digest:
-            raise ConfigError(f"eval_bundle: {self.local_path} has content digest {digest}, but the config says "
-                              f"{self.content_digest}: the files changed; drop content_digest to take them as they are")
-        # The url plays no part for a local source: clear it so identical copies hash alike. The
-        # path is made absolute: the stage may run in another working directory (a Prefect worker).
-        object.__setattr__(self, "url", "")
-        object.__setattr__(self, "local_path", str(path.resolve()))
-        object.__setattr__(self, "content_digest", digest)
+        # The path is made absolute: the stage may run in another working directory (a Prefect worker).
+        return dataclasses.replace(self, url="", local_path=str(path.resolve()), content_digest=digest)
 
     def label(self) -> str:
-        return "local" if self.content_digest else "download"
+        return "local" if self.local_path else "download"
 
 
 def _check_zip(path: Path) -> None:

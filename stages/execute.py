@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import dataclasses
 import importlib
 import json
 import logging
@@ -39,7 +40,7 @@ from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fing
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
 from stages import STAGE_MODULES, get_stage
-from stages.base import ConfigError, Input, mirror_checkpoints_to
+from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to
 
 log = logging.getLogger("nanorun.execute")
 
@@ -67,6 +68,21 @@ def load_stage(stage: str | ModuleType) -> ModuleType:
     missing = [a for a in ("NAME", "code_version", "INPUTS", "Config", "run") if not hasattr(mod, a)]
     if missing:
         raise PlanError(f"{mod.__name__} is not a stage module: it lacks {', '.join(missing)} (see stages/base.py)")
+    problems = []
+    if not (isinstance(mod.Config, type) and issubclass(mod.Config, StageConfig) and dataclasses.is_dataclass(mod.Config)):
+        problems.append("Config must be a dataclass subclassing stages.base.StageConfig")
+    for attr in ("INPUTS", "OPTIONAL_INPUTS"):
+        value = getattr(mod, attr, ())
+        if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
+            problems.append(f"{attr} must be a tuple of input names")
+    presets = getattr(mod, "PRESETS", {})
+    if not isinstance(presets, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in presets.items()):
+        problems.append("PRESETS must map preset names to dicts of Config fields")
+    for fn in ("run", "join"):
+        if hasattr(mod, fn) and not callable(getattr(mod, fn)):
+            problems.append(f"{fn} must be a function")
+    if problems:
+        raise PlanError(f"{mod.__name__} breaks the stage contract (stages/base.py): {'; '.join(problems)}")
     return mod
 
 
@@ -74,6 +90,7 @@ def artifact_ref(stage: str | ModuleType, cfg, inputs: dict[str, ArtifactRef]) -
     """Where the artifact for (stage, cfg, inputs) lives; computed without touching any store."""
     mod = load_stage(stage)
     _check_call(mod, cfg, inputs)
+    cfg = cfg.resolve()
     fp = fingerprint(mod.NAME, code_version(mod), cfg.identity_dict(),
                      {name: ref.fingerprint for name, ref in sorted(inputs.items())})
     return ArtifactRef(mod.NAME, cfg.label(), fp)
@@ -89,7 +106,7 @@ def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
     if not isinstance(cfg, mod.Config):
         raise ConfigError(f"{mod.NAME}: config must be a {mod.__name__}.Config, got {type(cfg).__name__}")
     required, given = set(mod.INPUTS), set(inputs)
-    optional = set(getattr(mod, "OPTIONAL_INPUTS", ()))
+    optional = set(optional_inputs(mod))
     if not required <= given <= required | optional:
         parts = []
         if required - given:
@@ -143,6 +160,7 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
     that builder fails)."""
     mod = load_stage(stage)
     ref = artifact_ref(mod, cfg, inputs)
+    cfg = cfg.resolve()  # what run() sees and the manifest records: digests filled in
 
     def emit(kind: str, **info):
         if on_event is not None:
@@ -376,7 +394,7 @@ def walk(steps: list[Step], run_step: RunStep, *, max_parallel: int | None = Non
         while pending or running:
             for step in [s for s in pending if all(v in outcomes for v in s.inputs.values() if isinstance(v, str))]:
                 pending.remove(step)
-                optional = set(getattr(load_stage(step.stage), "OPTIONAL_INPUTS", ()))
+                optional = set(optional_inputs(load_stage(step.stage)))
                 inputs, missing = {}, []
                 for k, v in step.inputs.items():
                     if isinstance(v, ArtifactRef):
@@ -477,7 +495,7 @@ def steps_from_dict(data: Any, store=None) -> list[Step]:
         if unknown:
             raise PlanError(f"step {item['name']!r}: unknown key(s) {sorted(unknown)} (name, stage, config, inputs)")
         mod = load_stage(item["stage"])
-        cfg = mod.Config.from_dict(item.get("config") or {})
+        cfg = mod.Config.from_dict(item.get("config") or {}).resolve()
         earlier = {s.name for s in steps}
         inputs: dict[str, str | ArtifactRef] = {}
         for k, v in (item.get("inputs") or {}).items():

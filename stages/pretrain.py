@@ -174,11 +174,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> Config:
-    """A Config from a preset plus overrides (override keys are Config fields)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown pretrain preset {name!r}; presets: {', '.join(PRESETS)}")
-    return Config.from_dict({**PRESETS[name], **overrides})
+preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a preset + overrides
 
 
 def trainer_config(cfg: Config, *, data_dir: Path, tok_dir: Path, out: Path, tokenizer_fingerprint: str,

@@ -28,6 +28,7 @@ loss_curve.png. A crashed run resumes exactly from its newest checkpoint in the 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -96,14 +97,6 @@ def compute_digests(specs: list[dict], data_dir: str, where: str) -> dict[str, s
             raise ConfigError(f"{where}: {path} does not exist (source {src!r} in data_dir {data_dir})")
         out[src] = file_sha256(path)
     return out
-
-
-def check_digests(given: dict, computed: dict, where: str) -> dict:
-    if given and dict(given) != computed:
-        changed = sorted(k for k in set(given) | set(computed) if given.get(k) != computed.get(k))
-        raise ConfigError(f"{where}: the content of source(s) {changed} differs from source_digests (the files "
-                          "changed); drop source_digests to take them as they are")
-    return computed
 
 
 def resolve_sources(specs: list[dict], data_dir: str, digests: dict, work: Path, retries: int = 5) -> dict[str, str]:
@@ -182,8 +175,6 @@ class Config(StageConfig):
         set_("val_mixture", normalise_specs(self.val_mixture, "sft.val_mixture", self.data_dir))
         if not self.train_mixture:
             raise ConfigError("sft.train_mixture is empty: list the tasks to train on (see the presets)")
-        digests = compute_digests([*self.train_mixture, *self.val_mixture], self.data_dir, "sft")
-        set_("source_digests", check_digests(self.source_digests, digests, "sft"))
         for name in ("nproc", "buffer_size", "keep_checkpoints", "fetch_retries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 1")
@@ -201,6 +192,13 @@ class Config(StageConfig):
                 raise ConfigError(f"sft: the total batch of {self.total_batch_size:,} tokens is not a multiple of "
                                   f"device_batch_size {self.device_batch_size} x max_seq_len {self.max_seq_len} x "
                                   f"{self.nproc} process(es) = {per_step:,}; change device_batch_size or nproc")
+
+    def resolve(self) -> "Config":
+        """The sha256 of every local / package source (given digests are checked at run time)."""
+        if self.source_digests is not None:
+            return self
+        return dataclasses.replace(self, source_digests=compute_digests(
+            [*self.train_mixture, *self.val_mixture], self.data_dir, "sft"))
 
     def trainer_config(self, **paths) -> dict:
         from core.train.sft import SFTConfig
@@ -280,11 +278,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> Config:
-    """A Config from a preset plus overrides (Config fields)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown sft preset {name!r}; presets: {', '.join(PRESETS)}")
-    return Config.from_dict({**PRESETS[name], **overrides})
+preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a preset + overrides
 
 
 # ---- run ------------------------------------------------------------------------------------------------------

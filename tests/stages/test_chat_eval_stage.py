@@ -31,7 +31,7 @@ def test_config(shared_data):
                     (dict(tasks=({"task": "spelling_bee", "size": 4},), num_samples=0), "num_samples"),
                     (dict(tasks=({"task": "humaneval"},), grade_workers=0), "grade_workers")]:
         with pytest.raises(ConfigError, match=msg):
-            chat_eval.Config(**kw)
+            chat_eval.Config(**kw).resolve()
     # without the chat data: GSM8K is left out
     assert chat_eval.preset("tiny").names() == ["humaneval", "spelling_bee", "arc_easy", "arc_challenge"]
     ref = chat_eval.preset("reference", data_dir=chat)  # the five ChatCORE tasks, spelling beside them

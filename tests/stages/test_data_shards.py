@@ -28,12 +28,17 @@ def server(blobs):
         yield srv
 
 
+def _config(**fields) -> stage.Config:
+    """A data_shards config as the plan builder makes it: validated, then resolved (listed, digested)."""
+    return stage.Config(**fields).resolve()
+
+
 def texts(files) -> list[str]:
     return [t for f in files for t in pq.read_table(f).column("text").to_pylist()]
 
 
 def pattern_cfg(srv, **kw):
-    return stage.Config(source=srv.base + "/data/shard_{i:05d}.parquet", val_shard=7, **{"train_shards": 3, **FAST, **kw})
+    return _config(source=srv.base + "/data/shard_{i:05d}.parquet", val_shard=7, **{"train_shards": 3, **FAST, **kw})
 
 
 def test_http_pattern_downloads_byte_identical_shards(server, blobs, corpus_files, tmp_path):
@@ -112,11 +117,11 @@ def test_s3_pattern_and_listing(s3_bucket, blobs, corpus_files, tmp_path, monkey
     client = boto3.client("s3", endpoint_url=endpoint)
     for p, data in blobs.items():
         client.put_object(Bucket=bucket, Key="corpus/" + p.rsplit("/", 1)[1], Body=data)
-    cfg = stage.Config(source=f"s3://{bucket}/corpus/shard_{{i:05d}}.parquet", train_shards=2, val_shard=7, **FAST)
+    cfg = _config(source=f"s3://{bucket}/corpus/shard_{{i:05d}}.parquet", train_shards=2, val_shard=7, **FAST)
     stage.run(cfg, {}, tmp_path / "a")
     train, val = shard_files(tmp_path / "a")
     assert [f.read_bytes() for f in train + val] == [blobs[f"/data/shard_0000{i}.parquet"] for i in (0, 1, 7)]
-    listed = stage.Config(source=f"s3://{bucket}/corpus", train_shards=0, **FAST)  # all files, the last is val
+    listed = _config(source=f"s3://{bucket}/corpus", train_shards=0, **FAST)  # all files, the last is val
     assert listed.train_shards == 7 and listed.content_digest and listed.label().startswith("s3_")
     m = stage.run(listed, {}, tmp_path / "b")
     train, val = shard_files(tmp_path / "b")
@@ -130,7 +135,7 @@ def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path
         shutil.copy(f, src / f.name)
     other = tmp_path / "copy"
     shutil.copytree(src, other)
-    a, b = stage.Config(source=str(src)), stage.Config(source=str(other))
+    a, b = _config(source=str(src)), _config(source=str(other))
     assert a.source == "local" and a.local_path == str(src) and a.train_shards == 3  # at most 8: all 3
     assert a.identity_dict() == b.identity_dict() and a.label() == "local_3"  # same files, same artifact
     m = stage.run(a, {}, tmp_path / "out")
@@ -139,13 +144,14 @@ def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path
     assert m["download"]["files"] == 0 and m["mode"] == "direct"
     # a changed file is a new artifact; a config holding the old digest is refused
     (other / "shard_00001.parquet").write_bytes(corpus_files[5].read_bytes())
-    changed = stage.Config(source=str(other))
+    changed = _config(source=str(other))
     assert changed.content_digest != a.content_digest
-    with pytest.raises(ConfigError, match="the files changed"):
-        stage.Config(source=str(other), content_digest=a.content_digest)
+    stale = _config(source=str(other), content_digest=a.content_digest)  # taken as given: no listing
+    with pytest.raises(RuntimeError, match="changed since the config was built"):
+        stage.run(stale, {}, tmp_path / "out3")
     with pytest.raises(RuntimeError, match="changed since the config was built"):
         stage.run(b, {}, tmp_path / "out2")
-    glob_cfg = stage.Config(source=str(src / "shard_0000[0-2].parquet"))
+    glob_cfg = _config(source=str(src / "shard_0000[0-2].parquet"))
     assert glob_cfg.train_shards == 2 and glob_cfg.content_digest != a.content_digest
 
 
@@ -159,7 +165,7 @@ def test_jsonl_and_txt_are_resharded(corpus_files, tmp_path):
     (src / "c.txt").write_text(docs[200])
     (src / "d.txt").write_text(docs[201])
     (src / "notes.md").write_text("ignored: not a text-data extension")
-    cfg = stage.Config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=0)
+    cfg = _config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=0)
     assert cfg.label() == "local" and cfg.val_docs == 30
     m = stage.run(cfg, {}, tmp_path / "out")
     train, val = shard_files(tmp_path / "out")
@@ -168,7 +174,7 @@ def test_jsonl_and_txt_are_resharded(corpus_files, tmp_path):
     assert len(train) > 2 and val[0].name == f"shard_{len(train):05d}.parquet"
     assert all(sum(map(len, texts([f]))) >= 100_000 for f in train[:-1])
     assert m["mode"] == "reshard" and m["docs_read"] == 202 and m["docs_dropped"] == 202 - len(expected)
-    capped = stage.Config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=2)
+    capped = _config(source=str(src), val_docs=30, shard_chars=100_000, min_doc_chars=50, train_shards=2)
     stage.run(capped, {}, tmp_path / "capped")
     train2, val2 = shard_files(tmp_path / "capped")
     assert len(train2) == 2 and texts(val2) == texts(val)  # validation = the source's last documents
@@ -176,11 +182,11 @@ def test_jsonl_and_txt_are_resharded(corpus_files, tmp_path):
     bad.mkdir()
     (bad / "x.jsonl").write_text('{"text": "fine"}\n{"body": 1}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: expected a string"):
-        stage.run(stage.Config(source=str(bad), val_docs=1), {}, tmp_path / "bad_out")
+        stage.run(_config(source=str(bad), val_docs=1), {}, tmp_path / "bad_out")
 
 
 def test_chitchat_conversations_become_documents(tmp_path):
-    cfg = stage.Config(source="chitchat")
+    cfg = _config(source="chitchat")
     assert cfg.label() == "chitchat" and cfg.content_digest
     m = stage.run(cfg, {}, tmp_path)
     train, val = shard_files(tmp_path)
@@ -193,19 +199,19 @@ def test_chitchat_conversations_become_documents(tmp_path):
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="pattern with"):
-        stage.Config(source="https://example.com/data.parquet")
+        _config(source="https://example.com/data.parquet")
     with pytest.raises(ConfigError, match="needs the validation shard"):
-        stage.Config(source="https://example.com/shard_{i:05d}.parquet")
+        _config(source="https://example.com/shard_{i:05d}.parquet")
     with pytest.raises(ConfigError, match="also a train shard"):
-        stage.Config(source="climbmix", shard_indices=[1, 6542])
+        _config(source="climbmix", shard_indices=[1, 6542])
     with pytest.raises(ConfigError, match="no .parquet"):
-        stage.Config(source="/no/such/dir")
+        _config(source="/no/such/dir")
     with pytest.raises(ConfigError, match="train_shards must be >= 1"):
-        stage.Config(source="fineweb-edu", train_shards=0)
+        _config(source="fineweb-edu", train_shards=0)
     with pytest.raises(ConfigError, match="unknown field"):
         stage.Config.from_dict({"shards": 3})
     c = stage.Config.from_dict({"source": "fineweb-edu", "shard_indices": [5, 2]})
     assert (c.val_shard, c.train_shards, c.shard_indices, c.label()) == (1822, 2, (2, 5), "fineweb_edu_2")
-    assert stage.Config().identity_dict() == {"source": "climbmix", "train_shards": 8, "shard_indices": (),
+    assert _config().identity_dict() == {"source": "climbmix", "train_shards": 8, "shard_indices": (),
                                               "val_shard": 6542, "min_doc_chars": 0, "max_doc_chars": 0,
                                               "val_docs": 0, "shard_chars": 0, "content_digest": ""}

@@ -267,3 +267,31 @@ def test_a_failed_step_stops_only_what_needs_it(store, tmp_path):
     assert {n: o.status for n, o in outcomes.items()} == {
         "bad": "committed", "needs_bad": "committed", "good": "cached", "needs_good": "cached"}
     assert calls(tmp_path) == 1
+
+
+def test_load_stage_checks_the_whole_contract():
+    import types
+
+    from stages.base import optional_inputs, stage_presets
+
+    def module(**attrs):
+        mod = types.ModuleType("contract_stage")
+        mod.NAME, mod.code_version, mod.INPUTS, mod.Config, mod.run = "c", "1", (), toy_stage.Config, toy_stage.run
+        for k, v in attrs.items():
+            setattr(mod, k, v)
+        return mod
+
+    plain = ex.load_stage(module())
+    assert optional_inputs(plain) == () and stage_presets(plain) == {}
+    for attrs, msg in [(dict(INPUTS=["a"]), "INPUTS must be a tuple"), (dict(OPTIONAL_INPUTS="ab"), "OPTIONAL_INPUTS"),
+                       (dict(PRESETS={"tiny": 3}), "PRESETS must map"), (dict(join="x"), "join must be a function"),
+                       (dict(Config=dict), "Config must be a dataclass")]:
+        with pytest.raises(PlanError, match=msg):
+            ex.load_stage(module(**attrs))
+    # presets are one mechanism for every stage: Config.from_preset, resolved
+    from stages import pretrain
+
+    cfg = pretrain.Config.from_preset("tiny", seed=7)
+    assert cfg.seed == 7 and cfg.depth == pretrain.PRESETS["tiny"]["depth"] and pretrain.preset("tiny", seed=7) == cfg
+    with pytest.raises(ConfigError, match=r"stage pretrain has no preset 'nope' \(presets: tiny, "):
+        pretrain.Config.from_preset("nope")

@@ -55,7 +55,7 @@ def test_config_validation_identity_and_presets():
     speedrun = pretrain.preset("d24-speedrun")
     assert (speedrun.depth, speedrun.target_param_data_ratio, speedrun.fp8, speedrun.nproc) == (24, 8.0, True, 8)
     assert pretrain.preset("tiny", seed=3).seed == 3
-    with pytest.raises(ConfigError, match="unknown pretrain preset 'd99'"):
+    with pytest.raises(ConfigError, match="stage pretrain has no preset 'd99'"):
         pretrain.preset("d99")
     # runtime fields do not move the artifact, identity fields do
     a = pretrain.preset("tiny")
