@@ -6,7 +6,7 @@
     nanorun pull REF --to DIR             verified copy of an artifact into DIR
     nanorun push REF --to URL             copy an artifact into another store (verified, manifest last)
     nanorun alias [STAGE@NAME [REF]]      list aliases, show one, or point one at REF (--delete removes)
-    nanorun gc [--dry-run]                delete uncommitted leftovers and artifacts no alias reaches
+    nanorun gc [--dry-run]                delete uncommitted leftovers, artifacts no alias reaches, old nights
     nanorun index [--rebuild]             (re)build the run index from the store's manifests
     nanorun plan FILE                     dry run of a pipeline file: cached / will run / locked
     nanorun speedrun --preset P [--plan]  the speedrun flow (data -> ... -> report), or its plan
@@ -254,11 +254,23 @@ class Gc:
         p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
         p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                        help="leave uncommitted things touched more recently than this alone (default 3600)")
+        p.add_argument("--keep-nights", type=int, metavar="N",
+                       help="nightly runs: keep the newest N nights' store roots (default $NANORUN_KEEP_NIGHTS or 7)")
 
     @staticmethod
     def run(args) -> int:
+        from artifacts.errors import StoreError
+        from flows.retention import keep_nights_default, prune_nights
+
         store = open_store_from(args)
+        try:
+            keep = args.keep_nights if args.keep_nights is not None else keep_nights_default()
+            nights = prune_nights(store, keep, dry_run=args.dry_run)
+        except ValueError as e:
+            raise StoreError(f"gc: {e}") from None
         print(store.gc(dry_run=args.dry_run, grace_s=args.grace).format())
+        for key in nights:
+            print(f"{'would remove' if args.dry_run else 'removed'} nightly root {key} (older than the newest {keep} nights)")
         return 0
 
 

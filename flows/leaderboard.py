@@ -20,11 +20,8 @@ from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.provenance import git_state
 from flows.board import format_rows, rows
+from flows.retention import keep_nights_default, night_store_url, prune_nights
 from flows.speedrun import speedrun
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def compare(tonight: dict, previous: dict | None, *, core_noise: float, bpb_noise: float, slowdown: float) -> list[str]:
@@ -61,11 +58,13 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
                         commit: str | None = None, eval_bundle: str | None = None, chat_data: str | None = None,
                         nproc: int | None = None,
                         date: str | None = None, core_noise: float = 0.02, bpb_noise: float = 0.02,
-                        slowdown: float = 0.25, fail_on_regression: bool = True) -> dict:
+                        slowdown: float = 0.25, fail_on_regression: bool = True,
+                        keep_nights: int | None = None) -> dict:
     """Reproduce the pinned recipe, append it to the leaderboard, flag regressions vs last night.
 
     commit: the git commit the reproduction must run at (the worker's checkout is checked; pin the
-    deployment's code to it). date: the night (YYYY-MM-DD, default today in UTC)."""
+    deployment's code to it). date: the night (YYYY-MM-DD, default today in UTC). keep_nights: how many
+    nights' store roots to keep (default $NANORUN_KEEP_NIGHTS or 7; their reports stay regardless)."""
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
@@ -75,11 +74,12 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
                          f"{code['commit'] or 'an unknown commit'}: check out {commit} in the worker's repository")
     if commit and code["dirty"]:
         raise ValueError(f"nightly-leaderboard is pinned to {commit}, but the worker's checkout has local changes")
+    keep_nights = keep_nights or keep_nights_default()
     night = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     dt.date.fromisoformat(night)  # refuse a malformed date with Python's own message
     main = open_store(store)
     # "@nightly" is not a stage name: the main store never lists (or garbage-collects) these roots
-    night_store = _join(main.url, "@nightly", preset, night)
+    night_store = night_store_url(main.url, preset, night)
     logger.info("nightly %s %s at %s -> %s", preset, night, code["commit"], night_store)
 
     # Fingerprints are a pure function of the recipe, so every night's artifacts would hash alike:
@@ -90,6 +90,8 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     report_ref = ArtifactRef.parse(next(r for r in refs.values() if r.startswith("report/")))
     summary = (main.manifest(report_ref) or open_store(night_store).push(report_ref, main)).metrics
     main.set_alias("report", f"nightly-{preset}-{night}", report_ref)
+    for key in prune_nights(main, keep_nights):
+        logger.info("retention: removed %s (keeping the newest %d nights)", key, keep_nights)
 
     prev = previous_night(main, preset, night)
     regressions = compare(summary, prev[1] if prev else None, core_noise=core_noise, bpb_noise=bpb_noise,
