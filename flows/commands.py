@@ -10,6 +10,7 @@ would be cached / run / waited for and runs nothing (no Prefect either).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -40,6 +41,12 @@ def _run_flow(flow, what: str, **params):
                         "resume (committed stages are reused; training resumes from its newest checkpoint)") from e
 
 
+def _print_refs(refs: dict[str, str]) -> None:
+    width = max(map(len, refs))
+    for name, ref in refs.items():
+        print(f"{name.ljust(width)}  {ref}")
+
+
 class Speedrun:
     @staticmethod
     def add_arguments(p):
@@ -63,22 +70,28 @@ class Speedrun:
         overrides = parse_set(args.sets)
         kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle,
                       chat_data=args.chat_data)
-        if args.plan:
+        steps = speedrun_steps(args.preset, overrides, **kwargs)  # validate here: one clear line, exit 2
+        if args.plan or not (args.force or os.environ.get("PREFECT_API_URL")):
             from artifacts import open_store
             from stages.execute import format_plan, plan
 
-            store = open_store(args.store)
-            print(format_plan(plan(speedrun_steps(args.preset, overrides, **kwargs), store)))
-            return 0
-        speedrun_steps(args.preset, overrides, **kwargs)  # validate here: one clear line, exit 2
+            rows = plan(steps, open_store(args.store))
+            if args.plan:
+                print(format_plan(rows))
+                return 0
+            if all(r.status == "cached" for r in rows):
+                # Nothing to run and no server to record it on: answer from the store alone instead
+                # of starting (and stopping) Prefect's temporary server for a run of cache hits.
+                print(f"all {len(rows)} steps are committed and verified: nothing to run (no Prefect run "
+                      "started; with PREFECT_API_URL set the run is recorded on that server)", file=sys.stderr)
+                _print_refs({r.step: str(r.ref) for r in rows})
+                return 0
         _prefect_env()
         from flows.speedrun import speedrun
 
         refs = _run_flow(speedrun, f"speedrun {args.preset}", preset=args.preset, store=args.store,
                          overrides=overrides, force=args.force, **kwargs)
-        width = max(map(len, refs))
-        for name, ref in refs.items():
-            print(f"{name.ljust(width)}  {ref}")
+        _print_refs(refs)
         return 0
 
 

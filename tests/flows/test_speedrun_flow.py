@@ -120,3 +120,19 @@ def test_stage_cli_refuses_a_mismatched_tokenizer_in_one_line(tiny_run, tmp_path
     assert code == 2 and len(lines) == 1, err[-3000:]
     assert "tokenizer/model mismatch" in lines[0] and "pass the tokenizer artifact it was trained with" in lines[0]
     assert store.refs("core_eval") == []  # nothing committed
+
+
+def test_a_fully_cached_speedrun_answers_from_the_store_without_prefect(tiny_run, shared_data, capsys, monkeypatch):
+    """No step to run and no server configured: the CLI decides from the plan and never starts
+    Prefect's temporary server (which cost ~50 s of a cached rerun)."""
+    import flows.cli as cli
+    import flows.commands as commands
+
+    store, run = tiny_run
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(commands, "_prefect_env", lambda: pytest.fail("started Prefect for a fully cached run"))
+    code = cli.main(["--store", store.url, "speedrun", "--preset", "tiny", "--eval-bundle",
+                     str(shared_data / "eval_bundle"), "--chat-data", str(shared_data / "chat")])
+    out = capsys.readouterr()
+    assert code == 0 and "all 9 steps are committed and verified: nothing to run" in out.err
+    assert dict(line.split() for line in out.out.splitlines()) == {name: str(m.ref) for name, m in run.items()}
