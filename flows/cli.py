@@ -327,15 +327,21 @@ def _selected(argv: list[str]) -> str | None:
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanorun", description="nanorun: the nanochat speedrun as cached, "
                                      "versioned pipeline stages", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default=os.environ.get("NANORUN_STORE"), metavar="URL",
-                        help="artifact store: a directory or s3://bucket/prefix (env NANORUN_STORE; "
-                             "default: the local root $NANORUN_HOME)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    def add_global_options(p, defaults: bool) -> None:
+        # accepted before or after the subcommand; the subcommand's copy only overrides when given
+        kw = (lambda d: {"default": d}) if defaults else (lambda d: {"default": argparse.SUPPRESS})
+        p.add_argument("--store", metavar="URL", **kw(os.environ.get("NANORUN_STORE")),
+                       help="artifact store: a directory or s3://bucket/prefix (env NANORUN_STORE; "
+                            "default: the local root $NANORUN_HOME)")
+        p.add_argument("-q", "--quiet", action="store_true", **kw(False), help="warnings and errors only")
+        p.add_argument("-v", "--verbose", action="store_true", **kw(False), help="debug logging")
+
+    add_global_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _selected(argv)
     for name, target, help in COMMANDS:
         p = sub.add_parser(name, help=help, description=help)
+        add_global_options(p, defaults=False)
         if name == chosen:
             obj = _load(target)
             obj.add_arguments(p)

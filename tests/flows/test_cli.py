@@ -172,3 +172,13 @@ def test_a_failed_flow_run_is_one_line_exit_1(built, capsys, monkeypatch):
 
     monkeypatch.setattr(flows.speedrun, "speedrun", mismatched)
     one_line_error(*run(capsys, "--store", store.url, "speedrun", "--preset", "tiny")[::2], "tokenizer/model mismatch")
+
+
+def test_global_options_go_before_or_after_the_subcommand(built, capsys, monkeypatch):
+    store, up, down = built
+    monkeypatch.delenv("NANORUN_STORE", raising=False)
+    before = run(capsys, "--store", store.url, "show", str(up.ref))
+    after = run(capsys, "show", str(up.ref), "--store", store.url, "-q")
+    assert before[0] == after[0] == 0 and before[1] == after[1] and str(up.ref) in after[1]
+    code, _, err = run(capsys, "show", str(up.ref), "--store", str(store.root / "elsewhere"))
+    one_line_error(code, err, "elsewhere")  # the option after the subcommand is the one used
