@@ -11,6 +11,10 @@ constant equal to that module's dotted name, passed to a call: such arguments co
 a registry of names that nothing calls with, like stages/__init__.py's, does not). Package
 `__init__` files on the way are part of it, because importing a module runs them.
 
+One package is left out by rule: `artifacts` (the store: where and how bytes are kept, verified and
+leased, never what they are). Every stage imports it for ArtifactRef, so hashing it would turn a
+fix to the S3 client or the lease into a rebuild of every artifact in every store.
+
 Each module is hashed in a normalised form: its AST with docstrings removed (comments never reach
 the AST), so that editing prose does not invalidate a two-hour GPU artifact while any change to
 what runs does. Modules outside the closure (core/web.py for pretraining) cannot change it.
@@ -34,6 +38,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution whose major.minor is part of the identity when the closure imports it
 NUMERIC_DEPS = {"torch": "torch", "tokenizers": "tokenizers", "rustbpe": "rustbpe"}
+NOT_CONTENT = ("artifacts",)  # top-level packages that never shape an artifact's bytes (docstring)
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def closure(root_module: str, root: Path = PROJECT_ROOT) -> tuple[dict[str, Path
         if name in found:
             continue
         path = _module_file(name, root)
-        if path is None:
+        if path is None or name.split(".")[0] in NOT_CONTENT:
             continue
         found[name] = path
         todo += [p for p in _packages(name) if p not in found]

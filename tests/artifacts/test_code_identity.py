@@ -101,3 +101,11 @@ def test_plan_fingerprints_follow_code_edits(tree, tmp_path):
     changed = {step for step in before if after[step] != before[step]}
     assert {"base", "sft", "export", "report"} <= changed
     assert not {"data", "tokenizer", "eval_bundle"} & changed
+
+
+def test_the_store_package_is_not_part_of_any_artifact(tree):
+    before = code_identity("stages.pretrain", tree)
+    assert not any(m.startswith("artifacts") for m in before.modules)
+    with open(tree / "artifacts" / "store.py", "a") as f:
+        f.write("\nEXTRA = 1\n")
+    assert code_identity("stages.pretrain", tree).digest == before.digest
