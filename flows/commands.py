@@ -32,13 +32,35 @@ def _run_flow(flow, what: str, **params):
     (Prefect has already logged the traceback) that says how to resume."""
     from flows.cli import RunFailed, one_line, user_error_types
 
+    _check_prefect_server()
     try:
         return flow(**params)
     except Exception as e:
         if isinstance(e, user_error_types()):
             raise
-        raise RunFailed(f"{what} failed: {type(e).__name__}: {one_line(e)} -- run the same command again to "
-                        "resume (committed stages are reused; training resumes from its newest checkpoint)") from e
+        # one line of at most ~200 characters: the details (the failed step's last log lines, the
+        # table of every step) are in the log above it
+        hint = " -- run the same command again to resume"
+        reason = f"{what} failed: {type(e).__name__}: {one_line(e)}"
+        raise RunFailed((reason if len(reason) <= 200 - len(hint) else reason[:200 - len(hint) - 1] + "…") + hint) from e
+
+
+def _check_prefect_server() -> None:
+    """With PREFECT_API_URL set, the run is recorded on that server: when it does not answer, say so
+    in one line (exit 2) instead of failing inside Prefect's client retries."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    import httpx
+
+    from artifacts.errors import StoreError
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as e:
+        raise StoreError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}): "
+                         "start it (bash deploy/server.sh) or unset PREFECT_API_URL to run on a temporary "
+                         "local server") from None
 
 
 def _print_refs(refs: dict[str, str]) -> None:

@@ -167,6 +167,14 @@ def test_a_failed_flow_run_is_one_line_exit_1(built, capsys, monkeypatch):
     assert "speedrun tiny failed: RuntimeError: pretrain: torchrun exited with code 1" in lines[0]
     assert "run the same command again to resume" in lines[0]
 
+    def verbose(**params):  # the details belong in the log above; the last line stays short
+        raise RuntimeError("pretrain failed; last lines: " + "x" * 2000)
+
+    monkeypatch.setattr(flows.speedrun, "speedrun", verbose)
+    code, out, err = run(capsys, "--store", store.url, "speedrun", "--preset", "tiny")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and len(last) <= 200 + len("nanorun speedrun: ") and last.endswith("run the same command again to resume")
+
     def mismatched(**params):  # an error the user fixes by changing the command: exit 2
         raise TokenizerMismatchError("core_eval: tokenizer/model mismatch: pass the tokenizer it was trained with")
 
@@ -182,3 +190,13 @@ def test_global_options_go_before_or_after_the_subcommand(built, capsys, monkeyp
     assert before[0] == after[0] == 0 and before[1] == after[1] and str(up.ref) in after[1]
     code, _, err = run(capsys, "show", str(up.ref), "--store", str(store.root / "elsewhere"))
     one_line_error(code, err, "elsewhere")  # the option after the subcommand is the one used
+
+
+def test_a_configured_prefect_server_that_is_down_is_one_line(built, capsys, monkeypatch):
+    from tests.conftest import free_port
+
+    store, _, _ = built
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    code, out, err = run(capsys, "--store", store.url, "stage", "eval_bundle", "--set", "url=https://example.invalid/b.zip")
+    one_line_error(code, err, "Prefect server at PREFECT_API_URL=http://127.0.0.1:", "does not answer",
+                   "unset PREFECT_API_URL")
