@@ -8,23 +8,23 @@ Needs only what a GPU node has: Python 3.12, CUDA torch, numpy, pyarrow, tokeniz
 triton, pytest (no prefect, duckdb, boto3 or wandb: they are blocked from import in this process and
 in its pytest child, so a dependency on them fails here as it would there). It drives core directly.
 
-Sections, in order, each printed as it finishes, then one JSON line (`ok`, env, tests, train, infer):
+Sections, in order, each printed as it finishes, then one JSON line (`ok`, env, tests, infer, train):
 1. env: torch/CUDA, the GPU, the attention backend core picked (fa3 | fa2 | sdpa), FP8 support, peaks.
 2. tests: `pytest -m gpu tests/gpu` (flash-attn vs SDPA incl. sliding windows and grads; bf16 vs fp32
    step; FP8 tensorwise/rowwise linear and FP8 training vs bf16; a torch.compile training step; the
    ZeRO-2 optimizer on NCCL with one process; KV-cache generation vs the uncached forward; export
    bundle round trip), each test's outcome in the JSON.
-3. train: d12 and d20 pretraining steps with the reference flags (head_dim 128, seq 2048, vocab 32768,
+3. infer: a d12 (reference shape, random weights) through core.engine at batch 1, 8, 32: TTFT and
+   per-token latency (core/bench_infer.py, the code behind `nanorun bench-infer`). Before training: short.
+4. train: d12 and d20 pretraining steps with the reference flags (head_dim 128, seq 2048, vocab 32768,
    SSSL windows, Muon+AdamW, compiled, random tokens), bf16 then FP8 tensorwise where supported:
    tok/s, MFU vs the GPU's bf16 datasheet peak, peak memory, first-step (compile) time, and the
    reference's published or implied per-GPU tok/s beside each as a ratio (REFERENCE below).
-4. infer: a d12 (reference shape, random weights) through core.engine at batch 1, 8, 32: TTFT and
-   per-token latency (core/bench_infer.py, the code behind `nanorun bench-infer`).
 
 Sizes, chosen to fit 8 minutes on one H100 (the budget, by design): tests ~1.5 min (small models;
-one compile); each training config compiles once (~40-70 s cold inductor cache) and runs 3 untimed +
-6 timed steps of one micro-batch (d12: 32 x 2048 tokens, ~0.15 s a step; d20: 16 x 2048, ~0.3 s), so 4
-configs <= ~4.5 min; inference < 0.5 min (prompt 512, 64 decode tokens, eager). A deadline of
+one compile); inference < 0.5 min (prompt 512, 64 decode tokens, eager); each training config
+compiles once (~40-70 s cold inductor cache) and runs 3 untimed + 6 timed steps of one micro-batch
+(d12: 32 x 2048 tokens, ~0.15 s a step; d20: 16 x 2048, ~0.3 s): 4 configs <= ~4.5 min. A deadline of
 --budget-s (450 s) skips, with the reason, any section or config that would start too late to end
 in time; scripts/gpu_check.sh adds a hard timeout. Device batch: halved on out-of-memory (recorded).
 The dry run: d2/d3 at head_dim 64, seq 128, vocab 512, eager, fp32, CUDA-only parts skipped with why.
@@ -321,10 +321,131 @@ def _interrupt(signum, frame):
 # ---- the kit ------------------------------------------------------------------------------------------
 
 
+class Kit:
+    """The sections in order, the report they fill, the errors that make `ok` false, the deadline."""
+
+    def __init__(self, sizes: Sizes, dry: bool, budget: float, depths: tuple[int, ...]):
+        self.sizes, self.dry, self.budget, self.depths = sizes, dry, budget, depths
+        self.start = time.perf_counter()
+        self.device = torch.device("cpu" if dry else "cuda")
+        self.report = {"kit": "nanorun-gpu-check", "mode": "cpu-dry-run" if dry else "gpu", "ok": False,
+                       "skipped": []}
+        self.errors: list[str] = []
+        self.peak = self.peak_bw = None
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+    def skip(self, what: str, why: str) -> None:
+        self.report["skipped"].append(f"{what}: {why}")
+        say(f"skipped {what}: {why}")
+
+    def env(self) -> None:
+        from core.bench_infer import gpu_peak_bandwidth
+        from core.train.common import peak_flops
+
+        env = self.report["env"] = environment(self.device)
+        say(f"torch {torch.__version__} | {env.get('gpu') or 'cpu'} | attention: {env['attention']} | "
+            f"fp8: {env['fp8']}")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.peak, source = peak_flops(self.device, dtype)
+        if self.device.type == "cuda":
+            self.peak_bw = gpu_peak_bandwidth(torch.cuda.get_device_name(self.device))
+        env.update(mfu_peak_flops=self.peak, mfu_peak_source=source)
+
+    def tests(self) -> None:
+        say("pytest -m gpu tests/gpu" + (" (on CPU every test skips: they need CUDA)" if self.dry else ""))
+        t = self.report["tests"] = run_gpu_tests(min(self.sizes.pytest_timeout_s, max(self.left(), 30)))
+        if t.get("error") or t.get("failed") or t.get("errors") or (not self.dry and not t.get("passed")):
+            self.errors.append(f"tests: {t.get('error') or t.get('cases')}")
+        say(f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
+            f"{t.get('skipped', 0)} skipped in {t.get('wall_s')} s")
+
+    def infer(self) -> None:
+        z = self.sizes
+        if self.left() < z.config_reserve_s / 2:
+            return self.skip("infer", f"{self.left():.0f} s left of the {self.budget:.0f} s budget")
+        say(f"infer d{z.infer_depth}: prompt {z.infer_prompt}, {z.infer_decode} tokens, batches {list(z.infer_batches)}")
+        try:
+            self.report["infer"] = inference(z, self.device, self.peak, self.peak_bw)
+        except Exception as e:
+            traceback.print_exc()
+            self.report["infer"] = {"error": one_line(e)}
+            self.errors.append(f"infer: {self.report['infer']['error']}")
+
+    def train(self) -> None:
+        z, rows = self.sizes, self.report.setdefault("train", [])
+        precisions = ["bf16" if self.device.type == "cuda" else "fp32"]
+        if self.report["env"]["fp8"]:
+            precisions.append("fp8")
+        else:
+            self.skip("fp8 training throughput", "needs a CUDA GPU with compute capability >= 8.9 (H100/Ada)"
+                      if self.device.type == "cuda" else "needs CUDA (FP8 tensor cores)")
+        if not z.compile:
+            self.skip("torch.compile in the throughput runs", "the dry run is eager (inductor's C++ build takes "
+                      "minutes on a small CPU); the GPU run compiles")
+        for precision in precisions:  # every depth in bf16 first: the figures that matter most
+            for depth in self.depths:
+                what = f"train d{depth} {precision}"
+                if depth not in z.device_batch:
+                    self.skip(what, f"no device batch chosen for d{depth} (sizes: {z.device_batch})")
+                    continue
+                if self.left() < z.config_reserve_s:
+                    self.skip(what, f"{self.left():.0f} s left of the {self.budget:.0f} s budget, one config "
+                                    f"needs up to {z.config_reserve_s:.0f} s")
+                    continue
+                say(f"{what}: {z.device_batch[depth]} x {z.seq} tokens a step, {z.warmup_steps} + "
+                    f"{z.timed_steps} steps")
+                try:
+                    row = train_throughput(depth, precision, z, self.device, self.peak)
+                except Exception as e:  # report and go on: the other configs still say something
+                    traceback.print_exc()
+                    row = {"depth": depth, "precision": precision, "error": one_line(e)}
+                    self.errors.append(f"{what}: {row['error']}")
+                rows.append(row)
+                if "error" not in row:
+                    say("  " + train_line(row))
+
+    def finish(self) -> dict:
+        leaked = [m for m in FORBIDDEN if m in sys.modules]
+        if leaked:
+            self.errors.append(f"imported {leaked}, which a GPU node does not have")
+        self.report.update(ok=not self.errors, errors=self.errors,
+                           wall_s=round(time.perf_counter() - self.start, 1))
+        return self.report
+
+
+def train_line(r: dict) -> str:
+    mem = f" | mem {r['peak_mem_gib']} GiB" if r["peak_mem_gib"] is not None else ""
+    ref = (f"reference {r['reference_tok_s']:,} tok/s/GPU -> x{r['ratio_to_reference']:.2f}"
+           if r["reference_tok_s"] else "no reference figure")
+    return (f"d{r['depth']} {r['precision']}: {r['tok_s']:,.0f} tok/s | MFU {r['mfu_percent']:.1f}%{mem} | first step "
+            f"{r['first_step_s']:.1f} s | {ref}")
+
+
+def summary(report: dict) -> str:
+    lines = ["summary:"]
+    t = report.get("tests")
+    if t:
+        lines.append(f"  tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
+                     f"{t.get('skipped', 0)} skipped")
+    for row in (report.get("infer") or {}).get("rows", []):
+        lines.append(f"  infer d{report['infer']['depth']} batch {row['batch_size']:>2}: TTFT "
+                     f"{row['ttft_s'] * 1e3:.1f} ms | per token {row['tpot_s'] * 1e3:.2f} ms | {row['tok_per_s']:,.0f} tok/s")
+    lines += ["  " + (train_line(r) if "error" not in r else f"d{r['depth']} {r['precision']}: {r['error']}")
+              for r in report.get("train", [])]
+    lines += [f"  error: {e}" for e in report["errors"]]
+    return "\n".join(lines)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU, skipping what needs CUDA")
-    ap.add_argument("--only", nargs="+", choices=("tests", "train", "infer"), help="run only these sections")
+    ap.add_argument("--only", nargs="+", choices=("tests", "infer", "train"), help="run only these sections")
     ap.add_argument("--depths", type=int, nargs="+", help="training depths (default: 12 20; dry run: 2 3)")
     ap.add_argument("--budget-s", type=float, help="start nothing after this many seconds (default 450; dry run 120)")
     ap.add_argument("--pytest-child", action="store_true", help=argparse.SUPPRESS)
@@ -333,109 +454,30 @@ def main(argv: list[str] | None = None) -> int:
         return pytest_child([a for a in rest if a != "--"])
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    start = time.perf_counter()
     block_forbidden_imports()
     signal.signal(signal.SIGTERM, _interrupt)  # the shell wrapper's timeout: still print what finished
-    dry = args.cpu_dry_run
-    sizes = DRY if dry else GPU
-    budget = args.budget_s or sizes.budget_s
-    depths = tuple(args.depths or sizes.depths)
-    sections = set(args.only or ("tests", "train", "infer"))
-    report = {"kit": "nanorun-gpu-check", "mode": "cpu-dry-run" if dry else "gpu", "ok": False, "skipped": []}
-    errors = []
-
-    def left() -> float:
-        return budget - (time.perf_counter() - start)
-
-    def skip(what: str, why: str) -> None:
-        report["skipped"].append(f"{what}: {why}")
-        say(f"skipped {what}: {why}")
-
+    sizes = DRY if args.cpu_dry_run else GPU
+    kit = Kit(sizes, args.cpu_dry_run, args.budget_s or sizes.budget_s, tuple(args.depths or sizes.depths))
+    sections = args.only or ("tests", "infer", "train")
     try:
-        if not dry and not torch.cuda.is_available():
+        if not kit.dry and not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU is visible: run on a GPU node, or pass --cpu-dry-run")
-        if dry:
+        if kit.dry:
             torch.set_num_threads(1)  # tiny models: a second thread only adds OpenMP waits (tests/conftest.py)
-        device = torch.device("cpu" if dry else "cuda")
-        from core.train.common import peak_flops
-        from core.bench_infer import gpu_peak_bandwidth
-
-        report["env"] = environment(device)
-        say(f"torch {torch.__version__} | {report['env'].get('gpu') or 'cpu'} | attention: "
-            f"{report['env']['attention']} | fp8: {report['env']['fp8']}")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        peak, peak_source = peak_flops(device, dtype)
-        peak_bw = gpu_peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        report["env"].update(mfu_peak_flops=peak, mfu_peak_source=peak_source)
-
-        if "tests" in sections:
-            say("pytest -m gpu tests/gpu" + (" (on CPU every test skips: they need CUDA)" if dry else ""))
-            report["tests"] = run_gpu_tests(min(sizes.pytest_timeout_s, max(left(), 30)))
-            t = report["tests"]
-            if t.get("error") or t.get("failed") or t.get("errors") or (not dry and not t.get("passed")):
-                errors.append(f"tests: {t.get('error') or t.get('cases')}")
-            say(f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-                f"{t.get('skipped', 0)} skipped in {t.get('wall_s')} s")
-
-        if "train" in sections:
-            report["train"] = []
-            precisions = ["bf16" if device.type == "cuda" else "fp32"]
-            if report["env"]["fp8"]:
-                precisions.append("fp8")
-            else:
-                skip("fp8 training throughput", "needs a CUDA GPU with compute capability >= 8.9 (H100/Ada)"
-                     if device.type == "cuda" else "needs CUDA (FP8 tensor cores)")
-            if not sizes.compile:
-                skip("torch.compile in the throughput runs", "the dry run is eager (inductor's C++ build takes "
-                     "minutes on a small CPU); the GPU run compiles")
-            for precision in precisions:  # every depth in bf16 first: the figures that matter most
-                for depth in depths:
-                    if depth not in sizes.device_batch:
-                        skip(f"train d{depth}", f"no device batch chosen for d{depth} (sizes: {sizes.device_batch})")
-                        continue
-                    if left() < sizes.config_reserve_s:
-                        skip(f"train d{depth} {precision}", f"{left():.0f} s left of the {budget:.0f} s budget, "
-                             f"one config needs up to {sizes.config_reserve_s:.0f} s")
-                        continue
-                    say(f"train d{depth} {precision}: {sizes.device_batch[depth]} x {sizes.seq} tokens a step, "
-                        f"{sizes.warmup_steps} + {sizes.timed_steps} steps")
-                    try:
-                        row = train_throughput(depth, precision, sizes, device, peak)
-                    except Exception as e:  # report and go on: the other configs still say something
-                        traceback.print_exc()
-                        row = {"depth": depth, "precision": precision, "error": one_line(e)}
-                        errors.append(f"train d{depth} {precision}: {row['error']}")
-                    report["train"].append(row)
-                    if "error" not in row:
-                        ratio = row["ratio_to_reference"]
-                        say(f"  d{depth} {precision}: {row['tok_s']:,.0f} tok/s | MFU {row['mfu_percent']:.1f}% | "
-                            f"mem {row['peak_mem_gib']} GiB | first step {row['first_step_s']:.1f} s | reference "
-                            + (f"{row['reference_tok_s']:,} tok/s/GPU -> x{ratio:.2f}" if ratio else "-"))
-
-        if "infer" in sections:
-            if left() < sizes.config_reserve_s / 2:
-                skip("infer", f"{left():.0f} s left of the {budget:.0f} s budget")
-            else:
-                say(f"infer d{sizes.infer_depth}: prompt {sizes.infer_prompt}, {sizes.infer_decode} tokens, batches "
-                    f"{list(sizes.infer_batches)}")
-                try:
-                    report["infer"] = inference(sizes, device, peak, peak_bw)
-                except Exception as e:
-                    traceback.print_exc()
-                    report["infer"] = {"error": one_line(e)}
-                    errors.append(f"infer: {report['infer']['error']}")
-        if dry:
-            skip("CUDA-only paths", "flash-attn, FP8 GEMMs, NCCL, bf16 tensor cores and torch.compile on CUDA "
-                 "need a GPU: run `bash scripts/gpu_check.sh` on one")
+        kit.env()
+        for name in ("tests", "infer", "train"):
+            if name in sections:
+                getattr(kit, name)()
+        if kit.dry:
+            kit.skip("CUDA-only paths", "flash-attn, FP8 GEMMs, NCCL, bf16 tensor cores and torch.compile on CUDA "
+                     "need a GPU: run `bash scripts/gpu_check.sh` on one")
     except KeyboardInterrupt:
-        errors.append("interrupted (timeout or Ctrl-C): the sections above are what finished")
+        kit.errors.append("interrupted (timeout or Ctrl-C): the sections above are what finished")
     except Exception as e:
         traceback.print_exc()
-        errors.append(one_line(e))
-    leaked = [m for m in FORBIDDEN if m in sys.modules]
-    if leaked:
-        errors.append(f"imported {leaked}, which a GPU node does not have")
-    report.update(ok=not errors, errors=errors, wall_s=round(time.perf_counter() - start, 1))
+        kit.errors.append(one_line(e))
+    report = kit.finish()
+    print(summary(report), flush=True)
     print(json.dumps(report, default=str), flush=True)
     return 0 if report["ok"] else 1
 

@@ -32,7 +32,7 @@ def test_kv_cache_generation_matches_uncached_forward(device):
     with torch.no_grad():
         logits = model(seq)[0, len(prompt) - 1:-1].float()  # teacher-forced, no cache: predicts each token
     top2 = logits.topk(2, dim=-1).values
-    ties = (top2[:, 0] - top2[:, 1]) < 0.1                # bf16 noise may flip near-ties, nothing else
+    ties = (top2[:, 0] - top2[:, 1]) < 0.25               # bf16 noise may flip near-ties, nothing else
     agree = logits.argmax(-1).cpu() == torch.tensor(rows[0])
     assert bool((agree | ties.cpu()).all()), (agree, ties)
     assert agree.float().mean() > 0.9
