@@ -13,7 +13,7 @@ Sections, in order, each printed as it finishes, then one JSON line (`ok`, env, 
 2. tests: `pytest -m gpu tests/gpu` (flash-attn vs SDPA incl. sliding windows and grads; bf16 vs fp32
    step; FP8 tensorwise/rowwise linear and FP8 training vs bf16; a torch.compile training step; the
    ZeRO-2 optimizer on NCCL with one process; KV-cache generation vs the uncached forward; export
-   bundle round trip), each test's outcome in the JSON.
+   bundle round trip; the fused chunked loss vs full logits), each test's outcome in the JSON.
 3. infer: a d12 (reference shape, random weights) through core.engine at batch 1, 8, 32: TTFT and
    per-token latency (core/bench_infer.py, the code behind `nanorun bench-infer`). Before training: short.
 4. train: d12 and d20 pretraining steps with the reference flags (head_dim 128, seq 2048, vocab 32768,

@@ -1,5 +1,6 @@
 """Precision on the GPU: a bf16 training step tracks fp32 on the same batch; FP8 linears (tensorwise,
-rowwise) track bf16, and a few FP8 training steps follow the bf16 loss curve (H100/Ada only)."""
+rowwise) track bf16, and a few FP8 training steps follow the bf16 loss curve (H100/Ada only); the
+fused chunked loss computes what the full-logits loss does."""
 from __future__ import annotations
 
 import copy
@@ -98,3 +99,24 @@ def test_fp8_training_tracks_bf16(device, recipe):
     assert curves["bf16"][-1] < curves["bf16"][0] - 0.3, curves       # it learns ...
     for a, b in zip(curves["fp8"], curves["bf16"]):
         assert abs(a - b) / b < 0.03, curves                           # ... and FP8 follows step by step
+
+
+def test_fused_loss_matches_the_plain_loss(device):
+    """The chunked lm_head + soft-cap + CE (the CPU default, opt-in on CUDA) against full logits."""
+    cfg = small_config(1024, n_layer=2, n_embd=256, head_dim=128, sequence_len=256)
+    model = random_gpt(cfg, device, torch.bfloat16, seed=2)
+    model.loss_chunk_rows = 384                                  # several chunks, the last one partial
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.sequence_len), device=device, generator=g)
+    y = x.roll(-1, dims=1)
+    y[:, -7:] = -1                                               # ignored targets
+    results = {}
+    for fused in (True, False):
+        model.fused_loss = fused
+        loss = model(x, y)
+        loss.backward()
+        results[fused] = (loss.item(), model.lm_head.weight.grad.clone(), model.transformer.h[0].mlp.c_fc.weight.grad.clone())
+        model.zero_grad(set_to_none=True)
+    (lf, hf, cf), (lp, hp, cp) = results[True], results[False]
+    assert abs(lf - lp) / lp < 1e-2, (lf, lp)
+    assert rel_err(hf, hp) < 2e-2 and rel_err(cf, cp) < 2e-2, (rel_err(hf, hp), rel_err(cf, cp))
