@@ -53,6 +53,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("prefect", "duckdb", "boto3", "wandb")   # absent on a GPU node: core must not need them
+PRECISION = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}  # the compute dtype's label
 H100_BF16_PEAK = 989.4e12                               # the reference's hardware (H100 SXM, dense bf16)
 
 # The reference's per-GPU training throughput (karpathy/nanochat, fetched 2026-11; files at its HEAD
@@ -220,12 +221,13 @@ def _free(device: torch.device) -> None:
 
 
 def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: torch.device, peak: float) -> dict:
+    from core.common import compute_dtype
     from core.fp8 import convert_to_fp8
     from core.gpt import build_model
     from core.optim import apply_schedule, build_optimizer
     from core.scaling import derive
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(device)  # bf16 on SM >= 80, fp32 on CPU (and older GPUs), as the trainers
     plan = derive(depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq, vocab_size=sizes.vocab,
                   num_iterations=1000, total_batch_size=rows * sizes.seq)
     model = build_model(plan.model_config(), device, dtype, seed=0)
@@ -315,10 +317,6 @@ def inference(sizes: Sizes, device: torch.device, peak_flops: float, peak_bw: fl
     return {"depth": sizes.infer_depth, "dtype": r["dtype"], "prefill": r["prefill"], "rows": r["rows"]}
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 # ---- the kit ------------------------------------------------------------------------------------------
 
 
@@ -332,7 +330,7 @@ class Kit:
         self.report = {"kit": "nanorun-gpu-check", "mode": "cpu-dry-run" if dry else "gpu", "ok": False,
                        "skipped": []}
         self.errors: list[str] = []
-        self.peak = self.peak_bw = None
+        self.peak = self.peak_bw = self.dtype = None
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
@@ -343,13 +341,14 @@ class Kit:
 
     def env(self) -> None:
         from core.bench_infer import gpu_peak_bandwidth
+        from core.common import compute_dtype
         from core.train.common import peak_flops
 
         env = self.report["env"] = environment(self.device)
         say(f"torch {torch.__version__} | {env.get('gpu') or 'cpu'} | attention: {env['attention']} | "
             f"fp8: {env['fp8']}")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.peak, source = peak_flops(self.device, dtype)
+        self.dtype = compute_dtype(self.device)
+        self.peak, source = peak_flops(self.device, self.dtype)
         if self.device.type == "cuda":
             self.peak_bw = gpu_peak_bandwidth(torch.cuda.get_device_name(self.device))
         env.update(mfu_peak_flops=self.peak, mfu_peak_source=source)
@@ -376,7 +375,7 @@ class Kit:
 
     def train(self) -> None:
         z, rows = self.sizes, self.report.setdefault("train", [])
-        precisions = ["bf16" if self.device.type == "cuda" else "fp32"]
+        precisions = [PRECISION.get(self.dtype, str(self.dtype))]
         if self.report["env"]["fp8"]:
             precisions.append("fp8")
         else:
