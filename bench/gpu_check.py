@@ -37,6 +37,7 @@ import gc
 import importlib.abc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import signal
@@ -261,7 +262,7 @@ def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: tor
         loss = step(i)
         sync()
         times.append(time.perf_counter() - t0)
-    if not all(map(lambda v: v == v and abs(v) < 1e4, (first_loss, loss))):
+    if not (math.isfinite(first_loss) and math.isfinite(loss)):
         raise FloatingPointError(f"d{depth} {precision}: loss {first_loss} -> {loss} is not finite")
     dt = sorted(times)[len(times) // 2]
     tok_s = rows * sizes.seq / dt
