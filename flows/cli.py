@@ -48,6 +48,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("leaderboard", "flows.board:Leaderboard", "completed speedruns, fastest to GPT-2 first"),
     ("chat", "flows.chat_commands:Chat", "chat with a model in the terminal (interactive, or -p for one shot)"),
     ("serve", "flows.chat_commands:Serve", "serve the web chat UI and API for a model"),
+    ("bench-infer", "flows.bench_commands:BenchInfer", "inference benchmark of a model: TTFT, TPOT, tok/s, MFU/MBU"),
 ]
 
 

@@ -4,7 +4,7 @@
 #
 #   bash scripts/install.sh            # .venv with the dev + demo extras (everything CI needs)
 #   NANORUN_VENV=/opt/nr bash scripts/install.sh
-#   NANORUN_TORCH=skip bash scripts/install.sh   # keep the torch already in the venv (GPU nodes)
+#   NANORUN_TORCH=skip bash scripts/install.sh   # use the system's torch (GPU image; venv with system site packages)
 #   NANORUN_GPU=1 bash scripts/install.sh        # also build the `gpu` extra (flash-attn; CUDA only)
 #
 # Why torch first: a bare torch requirement resolved with nothing installed pulls a multi-GB CUDA
@@ -16,11 +16,21 @@ VENV=${NANORUN_VENV:-.venv}
 PY=${PYTHON:-python3}
 TORCH_SPEC=${NANORUN_TORCH:-torch==2.13.0}
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# NANORUN_TORCH=skip: the venv sees the system's packages, so the image's CUDA torch (and triton,
+# flash-attn) is the one used; nothing below installs another torch over it.
+VENV_ARGS=()
+[ "$TORCH_SPEC" = "skip" ] && VENV_ARGS+=(--system-site-packages)
+[ -x "$VENV/bin/python" ] || "$PY" -m venv ${VENV_ARGS[@]+"${VENV_ARGS[@]}"} "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q "uv==0.13.9"
 
+if [ "$TORCH_SPEC" != "skip" ] && [ -z "${NANORUN_TORCH:-}" ] \
+    && python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  # a CUDA build is already there (a GPU node): never replace it with the CPU wheel unasked
+  echo "[install] keeping the CUDA build of torch $(python -c 'import torch; print(torch.__version__)') (NANORUN_TORCH=torch==X replaces it)"
+  TORCH_SPEC=skip
+fi
 if [ "$TORCH_SPEC" != "skip" ]; then
   if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '${TORCH_SPEC#torch==}' else 1)" 2>/dev/null; then
     echo "[install] $TORCH_SPEC (CPU wheel from pip's find-links when present)"
@@ -38,4 +48,4 @@ if [ "${NANORUN_GPU:-0}" = "1" ]; then
   echo "[install] gpu extra (flash-attn: needs CUDA torch and nvcc)"
   python -m pip install --no-build-isolation "flash-attn>=2.6"
 fi
-python -c "import torch, core, stages, artifacts, flows; print('[install] ok: torch', torch.__version__)"
+python -c "import torch, core, stages, artifacts, flows, core.attention as a; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda, '| attention:', a.describe_backend())"

@@ -1,0 +1,62 @@
+"""The GPU kit's CPU dry run, end to end through scripts/gpu_check.sh (CI runs this so the kit cannot
+rot between GPU sessions): every section runs at tiny sizes, the CUDA tests skip with their reason,
+and the last line of stdout is the JSON report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from bench.gpu_check import REFERENCE, reference_tok_s
+from core.scaling import derive
+from tests.conftest import REPO
+
+GPU_TESTS = {"test_backend_matches_naive_reference", "test_flash_matches_sdpa", "test_bf16_step_tracks_fp32",
+             "test_fp8_linear_matches_bf16", "test_fp8_training_tracks_bf16", "test_compiled_training_step_matches_eager",
+             "test_distributed_optimizer_on_nccl_one_process", "test_kv_cache_generation_matches_uncached_forward",
+             "test_export_bundle_round_trip", "test_fused_loss_matches_the_plain_loss"}
+
+
+def kit(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("NANORUN_GPU_TESTS_DEVICE", None)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_dry_run_end_to_end():
+    proc, r = kit("--cpu-dry-run")
+    assert proc.returncode == 0 and r["ok"], (r.get("errors"), proc.stderr[-3000:])
+    assert r["kit"] == "nanorun-gpu-check" and r["mode"] == "cpu-dry-run" and r["errors"] == []
+    assert r["env"]["device"] == "cpu" and r["env"]["attention_backend"] == "sdpa" and r["env"]["fp8"] is False
+    tests = r["tests"]
+    assert tests["passed"] == tests["failed"] == tests["errors"] == 0 and tests["skipped"] == len(tests["cases"])
+    assert {name.split("::")[1].split("[")[0] for name in tests["cases"]} == GPU_TESTS
+    assert all(outcome.startswith("skipped: needs a CUDA GPU") for outcome in tests["cases"].values())
+    assert [(t["depth"], t["precision"]) for t in r["train"]] == [(2, "fp32"), (3, "fp32")]
+    for t in r["train"]:
+        assert t["tok_s"] > 0 and t["mfu_percent"] > 0 and t["step_ms"] > 0 and 5 < t["loss_last"] < 8, t
+        assert t["reference_tok_s"] is None and "no reference figure" in t["reference_source"]
+    rows = r["infer"]["rows"]
+    assert [x["batch_size"] for x in rows] == [1, 8, 32] and r["infer"]["prefill"][0]["prompt_tokens"] == 32
+    assert all(x["ttft_s"] > 0 and x["tpot_s"] > 0 and x["decode_steps"] == 7 for x in rows), rows
+    skipped = " ".join(r["skipped"])
+    assert "fp8 training throughput: needs CUDA" in skipped and "CUDA-only paths" in skipped
+    assert "[gpu-check] skipped fp8 training throughput" in proc.stdout   # said as it runs, not only in the JSON
+
+
+def test_without_a_gpu_the_full_run_refuses_in_its_json_line():
+    proc, r = kit("--only", "infer")
+    assert proc.returncode == 1 and r["ok"] is False and r["mode"] == "gpu"
+    assert r["errors"] == ["RuntimeError: no CUDA GPU is visible: run on a GPU node, or pass --cpu-dry-run"]
+
+
+def test_reference_figures_follow_the_published_numbers():
+    """d12: 41% MFU on H100 (~534k tok/s/GPU with our FLOPs per token); d20: the d24 record's 50% MFU."""
+    d12, d20 = (derive(d).flops_per_token for d in (12, 20))
+    assert 5.2e5 < reference_tok_s(12, "bf16", d12)[0] < 5.5e5
+    assert 1.65e5 < reference_tok_s(20, "bf16", d20)[0] < 1.75e5
+    assert reference_tok_s(20, "fp8", d20)[0] == reference_tok_s(20, "bf16", d20)[0] * 1.17
+    assert all("nanochat dev/" in source for _, _, source in REFERENCE.values())
