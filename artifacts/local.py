@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from artifacts import verified
 from artifacts.errors import ChecksumError, StoreError
 from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
                              sha256_file, write_atomic)
@@ -86,10 +87,14 @@ class LocalStore(Store):
         return out
 
     def _sha256(self, ref: ArtifactRef, path: str) -> str:
-        try:
-            return sha256_file(self._path(ref.key) / path)[1]
-        except FileNotFoundError:
-            return "(missing)"
+        return self._digests(ref, [path], recheck=True)[path]
+
+    hashes_locally = True
+
+    def _digests(self, ref: ArtifactRef, paths: list[str], recheck: bool) -> dict[str, str]:
+        root = self._path(ref.key)
+        got, _ = verified.digests([root / p for p in paths], recheck=recheck)
+        return {p: got[root / p] for p in paths}
 
     # ---- leases: O_CREAT|O_EXCL to create; compare-and-swap under a flock to renew/take over ----
     def _lease_paths(self, ref: ArtifactRef) -> tuple[Path, Path]:
@@ -217,13 +222,15 @@ class LocalStore(Store):
 
     # ---- reading ------------------------------------------------------------------------------
     def materialize(self, ref: ArtifactRef) -> Path:
-        """The artifact directory itself, after a size check of every file (treat it as read-only)."""
-        v = self.verify(ref)
+        """The artifact directory itself, once every file matches the manifest's size and sha256
+        (files unchanged since this machine last checked them are not rehashed: artifacts/verified.py).
+        Treat it as read-only."""
+        v = self.verify(ref, recheck=False)
         if v.manifest is None:
             self.require(ref)
         if not v.ok:
-            raise ChecksumError(f"{ref} in {self.url} is damaged: {'; '.join(v.problems)}. "
-                                "Rebuild it (execute with force) or delete it.")
+            raise ChecksumError(f"{v.one_line()} (in {self.url}); not using it: rebuild it (rerun its stage "
+                                "with --force) or delete it")
         return self._path(ref.key)
 
     def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path:

@@ -77,7 +77,7 @@ class VerifyResult:
     ref: ArtifactRef
     problems: list[str]
     manifest: Manifest | None = None
-    deep: bool = False
+    check: str = "size"  # what was compared: "size" | "size and sha256"
 
     @property
     def ok(self) -> bool:
@@ -86,9 +86,12 @@ class VerifyResult:
     def __str__(self) -> str:
         if self.ok:
             n = len(self.manifest.files)
-            how = "size and sha256" if self.deep else "size"
-            return f"{self.ref}: OK ({n} files, {self.manifest.total_bytes:,} bytes, {how} checked)"
-        return f"{self.ref}: {len(self.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in self.problems)
+            return f"{self.ref}: OK ({n} files, {self.manifest.total_bytes:,} bytes, {self.check} checked)"
+        return (f"{self.ref}: {len(self.problems)} problem(s) ({self.check} checked):\n"
+                + "\n".join(f"  - {p}" for p in self.problems))
+
+    def one_line(self) -> str:
+        return f"{self.ref} is damaged: {'; '.join(self.problems)}"
 
 
 @dataclass
@@ -192,14 +195,22 @@ class Store:
             raise NotCommittedError(f"{ref} is not committed in {self.url} (run `nanorun ls` to see what is)")
         return m
 
-    def verify(self, ref: ArtifactRef, deep: bool = False) -> VerifyResult:
-        """Check the manifest and every file's size (and sha256 if deep). Never raises for damage."""
+    def verify(self, ref: ArtifactRef, fast: bool = False, deep: bool | None = None,
+               recheck: bool = True) -> VerifyResult:
+        """Check the manifest and every file against it: its size and, unless fast, its sha256;
+        files in the artifact that the manifest does not list are problems too. Never raises for
+        damage. recheck=True (`nanorun verify`) reads every byte again. recheck=False (a consumer:
+        a cache hit, materialize) reuses this machine's earlier checks of files unchanged since
+        (artifacts/verified.py), and on a remote store compares sizes only, since materialize
+        hashes the bytes as it downloads them. `deep` is accepted for compatibility (sha256 is the
+        default now)."""
+        del deep
         try:
             m = self.manifest(ref)
         except CorruptManifestError as e:
-            return VerifyResult(ref, [str(e)], None, deep)
+            return VerifyResult(ref, [str(e)], None)
         if m is None:
-            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None, deep)
+            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None)
         sizes = self._file_sizes(ref)
         problems = []
         for f in m.files:
@@ -207,12 +218,24 @@ class Store:
                 problems.append(f"missing file {f.path} ({f.size:,} bytes)")
             elif sizes[f.path] != f.size:
                 problems.append(f"size mismatch {f.path}: manifest {f.size:,} bytes, store {sizes[f.path]:,}")
-        if deep and not problems:
-            with ThreadPoolExecutor(4) as pool:
-                digests = list(pool.map(lambda f: self._sha256(ref, f.path), m.files))
-            problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {d[:16]}…"
-                         for f, d in zip(m.files, digests) if d != f.sha256]
-        return VerifyResult(ref, problems, m, deep)
+        listed = {f.path for f in m.files}
+        problems += [f"unlisted file {p} ({sizes[p]:,} bytes): in the artifact but not in its manifest"
+                     for p in sorted(set(sizes) - listed)]
+        check = "size"
+        if not fast and (recheck or self.hashes_locally):
+            check = "size and sha256"
+            todo = [f for f in m.files if sizes.get(f.path) == f.size]
+            digests = self._digests(ref, [f.path for f in todo], recheck)
+            problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {digests[f.path][:16]}…"
+                         for f in todo if digests[f.path] != f.sha256]
+        return VerifyResult(ref, problems, m, check)
+
+    hashes_locally = False  # the store's bytes are on this machine (verify hashes them even for consumers)
+
+    def _digests(self, ref: ArtifactRef, paths: list[str], recheck: bool) -> dict[str, str]:
+        """{path: sha256} of the stored files (a backend with local bytes remembers unchanged ones)."""
+        with ThreadPoolExecutor(4) as pool:
+            return dict(zip(paths, pool.map(lambda p: self._sha256(ref, p), paths)))
 
     # ---- listing and references ---------------------------------------------------------------
     def stages(self) -> list[str]:

@@ -9,7 +9,7 @@
     outcomes = walk(steps, run_step)      # the walker both runners share: a failure stops only its dependents
 
 No Prefect here (flows/ wraps the same calls): the store is the only source of truth. A cache hit
-is a committed manifest whose files pass the size check; anything else is (re)built. The work dir
+is a committed manifest whose files match it (size and sha256); anything else is (re)built. The work dir
 is the same on every attempt, so a stage that failed half-way resumes from what it left there.
 Plan files for `nanorun plan FILE` (JSON or YAML):
     steps:
@@ -122,10 +122,11 @@ def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
 
 
 def _cached(store, ref: ArtifactRef) -> Manifest | None:
-    """The committed manifest at ref if its files pass the size check, else None (with a warning
-    when something is there but damaged: it will be rebuilt and replaced)."""
+    """The committed manifest at ref if its files match it (size and sha256; unchanged files checked
+    before are not rehashed), else None (with a warning when something is there but damaged: it
+    will be rebuilt and replaced)."""
     try:
-        v = store.verify(ref)
+        v = store.verify(ref, recheck=False)
     except CorruptManifestError as e:
         log.warning("%s: %s; rebuilding", ref, e)
         return None
