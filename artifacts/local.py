@@ -24,7 +24,7 @@ from artifacts.errors import ChecksumError, StoreError
 from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
                              sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
-from artifacts.store import LEASES, GcItem, Store
+from artifacts.store import ALIASES, LEASES, GcItem, Store
 
 log = logging.getLogger("nanorun.store")
 
@@ -74,6 +74,19 @@ class LocalStore(Store):
 
     def _files(self, prefix: str) -> list[str]:
         return self._children(prefix, dirs=False)
+
+    def _holds_artifacts(self, name: str) -> bool:
+        # The local root doubles as $NANORUN_HOME, where other tools keep their own directories
+        # (prefect/, ...): a stage directory is one that holds an artifact or an alias.
+        for child in self._dirs(name):
+            if child == ALIASES:
+                return True
+            try:
+                ArtifactRef.parse(f"{name}/{child}")
+                return True
+            except ValueError:
+                pass
+        return False
 
     def _file_sizes(self, ref: ArtifactRef) -> dict[str, int]:
         root = self._path(ref.key)

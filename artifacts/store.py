@@ -239,7 +239,11 @@ class Store:
 
     # ---- listing and references ---------------------------------------------------------------
     def stages(self) -> list[str]:
-        return sorted(d for d in self._dirs("") if re.match(r"^[a-z0-9][a-z0-9_]*$", d))
+        return sorted(d for d in self._dirs("") if re.match(r"^[a-z0-9][a-z0-9_]*$", d) and self._holds_artifacts(d))
+
+    def _holds_artifacts(self, name: str) -> bool:
+        """Is the top-level directory `name` a stage (not, say, the Prefect home under a local root)?"""
+        return True
 
     def refs(self, stage: str | None = None) -> list[ArtifactRef]:
         """Every artifact directory (committed or not) under the given stage or all stages."""

@@ -111,7 +111,11 @@ class Ls:
         idx = RunIndex()
         if idx.ensure(store):
             logging.getLogger("nanorun.index").info("indexed %s", store.url)
-        rows = idx.artifacts(store=store.url, stage=args.stage)
+            committed = None
+        else:  # the index is a cache: never list what the store no longer has (or has damaged)
+            committed = idx.reconcile(store, args.stage)
+        rows = [r for r in idx.artifacts(store=store.url, stage=args.stage)
+                if committed is None or r["ref"] in committed]
         if args.json:
             for r in rows:
                 print(json.dumps(r, default=str))
