@@ -131,11 +131,22 @@ class LocalStore(Store):
     def _lease_read(self, ref):
         path, _ = self._lease_paths(ref)
         try:
-            data = path.read_bytes()
-            age = time.time() - path.stat().st_mtime
+            with open(path, "rb") as f:
+                data, written = f.read(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        return data, data, age
+        return data, data, self._clock() - written
+
+    def _clock(self) -> float:
+        """The store's "now": the mtime the filesystem gives a file touched now (on NFS, the server's
+        clock, the same clock that stamped the lease records), never this host's wall clock."""
+        probe = self.root / LEASES / ".clock"
+        try:
+            os.utime(probe)
+        except FileNotFoundError:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        return probe.stat().st_mtime
 
     def _lease_replace(self, ref, data: bytes, token):
         path, lock = self._lease_paths(ref)

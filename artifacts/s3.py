@@ -16,6 +16,7 @@ Local state (staging for builds, the download cache) lives in $NANORUN_HOME/.s3/
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import json
 import logging
@@ -197,7 +198,11 @@ class S3Store(Store):
         r = self._conditional(self.client.get_object, Key=self._lease_key(ref))
         if r is None:
             return None
-        return r["Body"].read(), r["ETag"], time.time() - r["LastModified"].timestamp()
+        # Age by the store's clock: the response's Date minus the object's LastModified (both the
+        # server's, 1 s resolution); this host's wall clock only if a proxy dropped the Date header.
+        date = (r.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+        return r["Body"].read(), r["ETag"], now - r["LastModified"].timestamp()
 
     def _lease_replace(self, ref, data: bytes, token):
         r = self._conditional(self.client.put_object, Key=self._lease_key(ref), Body=data, IfMatch=token)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from artifacts.code import stage_code_identity
 from artifacts.errors import StoreError
-from artifacts.lease import DEFAULT_TTL, Lease, live_holder
+from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
@@ -197,7 +197,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
         try:
-            with mirror_checkpoints_to(staging):
+            # building(): launch() kills the trainer if the lease is lost (issue 19 §3)
+            with mirror_checkpoints_to(staging), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
