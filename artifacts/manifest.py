@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from artifacts.redact import redact_value
+
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1
 FINGERPRINT_LEN = 16  # hex chars of sha256 kept in paths and refs (64 bits)
@@ -75,10 +77,12 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(stage: str, code_version: str, identity: dict, input_fingerprints: dict[str, str]) -> str:
+    # Credentials in URLs are not part of what an artifact is (artifacts/redact.py), and a
+    # fingerprint must not be a way to test guesses of them.
     payload = {
         "stage": stage,
         "code_version": code_version,
-        "identity": identity,
+        "identity": redact_value(identity),
         "inputs": input_fingerprints,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LEN]

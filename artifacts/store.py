@@ -35,6 +35,7 @@ from artifacts.errors import AmbiguousRefError, ChecksumError, NotCommittedError
 from artifacts.files import write_atomic
 from artifacts.lease import Lease, live_holder, read_lease
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, CorruptManifestError, FileEntry, Manifest
+from artifacts.redact import redact_value
 
 log = logging.getLogger("nanorun.store")
 
@@ -351,7 +352,10 @@ class Store:
         work_dir = Path(work_dir)
         if not work_dir.is_dir():
             raise StoreError(f"cannot commit {ref}: work dir {work_dir} does not exist")
-        manifest = replace(manifest, provenance={**manifest.provenance, "committed_at": utcnow()})
+        # Credentials inside URLs (a source, a command line) never reach a manifest or the index.
+        manifest = replace(manifest, identity=redact_value(manifest.identity), runtime=redact_value(manifest.runtime),
+                           metrics=redact_value(manifest.metrics),
+                           provenance=redact_value({**manifest.provenance, "committed_at": utcnow()}))
         m = self._commit(ref, work_dir, manifest)
         self._write(f"{ref.stage}/{ALIASES}/latest", json.dumps({"ref": str(ref), "set_at": utcnow()}).encode())
         self._index_record(m)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifacts.files import file_sha256
+from artifacts.redact import redact
 
 log = logging.getLogger("nanorun.fetch")
 
@@ -52,6 +53,9 @@ class FetchError(RuntimeError):
     def __init__(self, message: str, transient: bool = False):
         super().__init__(message)
         self.transient = transient
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))  # the URL without its credentials (issue 19 §5)
 
 
 class _Transient(Exception):
