@@ -69,7 +69,7 @@ def _json(v: Any) -> str:
 
 
 def _timestamp(text: str | None) -> dt.datetime | None:
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     try:
         t = dt.datetime.fromisoformat(text)

@@ -235,8 +235,8 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptManifestError(f"corrupt manifest at {where}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CorruptManifestError(f"corrupt manifest at {where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise CorruptManifestError(f"corrupt manifest at {where}: expected a JSON object")
         try:
