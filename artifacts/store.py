@@ -78,7 +78,7 @@ class VerifyResult:
     ref: ArtifactRef
     problems: list[str]
     manifest: Manifest | None = None
-    check: str = "size"  # what was compared: "size" | "size and sha256"
+    check: str = "size"  # what was compared: "manifest" (unreadable) | "size" | "size and sha256"
 
     @property
     def ok(self) -> bool:
@@ -209,9 +209,9 @@ class Store:
         try:
             m = self.manifest(ref)
         except CorruptManifestError as e:
-            return VerifyResult(ref, [str(e)], None)
+            return VerifyResult(ref, [str(e)], None, "manifest")
         if m is None:
-            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None)
+            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None, "manifest")
         sizes = self._file_sizes(ref)
         problems = []
         for f in m.files:
