@@ -294,22 +294,27 @@ class Lease:
 
 
 _BUILDING: contextvars.ContextVar["Lease | None"] = contextvars.ContextVar("nanorun_building", default=None)
+_ACTIVE: dict[ArtifactRef, Lease] = {}  # by ref, for helper threads that do not share the context
 
 
 @contextlib.contextmanager
 def building(lease: Lease):
-    """Mark the code inside as working under `lease` (see lost_lease())."""
+    """Mark the code inside (and, by ref, this process's helper threads) as working under `lease`."""
     token = _BUILDING.set(lease)
+    _ACTIVE[lease.ref] = lease
     try:
         yield lease
     finally:
         _BUILDING.reset(token)
+        if _ACTIVE.get(lease.ref) is lease:
+            del _ACTIVE[lease.ref]
 
 
-def lost_lease() -> Lease | None:
-    """The lease of the build this code runs for, if it has been lost: the caller must stop at once
-    (stages/launch.py kills the trainer). Cheap enough to poll every fraction of a second."""
-    lease = _BUILDING.get()
+def lost_lease(ref: ArtifactRef | None = None) -> Lease | None:
+    """The lease of the build this code runs for (or of `ref`, from any thread), if it has been
+    lost: the caller must stop at once (stages/launch.py kills the trainer; artifacts/staging.py
+    stops writing resume checkpoints). Cheap enough to poll every fraction of a second."""
+    lease = _ACTIVE.get(ref) if ref is not None else _BUILDING.get()
     return lease if lease is not None and lease.lost else None
 
 
