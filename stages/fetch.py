@@ -51,11 +51,8 @@ class FetchError(RuntimeError):
     opposed to a permanent answer (404/403, a host name that does not resolve: offline or a typo)."""
 
     def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
-
-    def __init__(self, message: str):
         super().__init__(redact(message))  # the URL without its credentials (issue 19 §5)
+        self.transient = transient
 
 
 class _Transient(Exception):
