@@ -162,7 +162,7 @@ def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
             raise ChecksumError(
                 f"{src}: expected {entry.size} bytes sha256 {entry.sha256[:16]}…, source has {size} bytes "
                 f"sha256 {digest[:16]}… (copied {copied}); the source artifact is damaged: run "
-                "`nanorun verify --deep` on it")
+                "`nanorun verify` on it")
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,14 +2,22 @@
 
 A lease is a small JSON record next to the store's artifacts (local: `{root}/.leases/{stage}/{name}.json`,
 S3: the same key in the bucket) naming its owner (user@host, pid, process start time, boot id), its
-last heartbeat and its expiry. The builder's background thread renews it every ttl/4. A waiter
+last heartbeat and its ttl. The builder's background thread renews it every ttl/4. A waiter
 treats a lease as stale when it has expired (the owner stopped heartbeating: crash, kill -9, lost
 machine) or when the owner is on this very machine and its process is gone; a stale lease is taken
 over with a compare-and-swap (local: under a flock; S3: put_object IfMatch=<etag>), so of several
 waiters exactly one wins. Creation is atomic too (local O_CREAT|O_EXCL, S3 IfNoneMatch='*').
 
-A builder whose heartbeat was missed long enough to be taken over has *lost* its lease; it must
-not commit (Lease.check() raises), since someone else is now building the same artifact.
+Expiry is judged by the store's clock only: the record's age is the store's "now" (the mtime of a
+file touched just now / the Date of the S3 response) minus the record's mtime / LastModified, and
+the ttl is a difference of two times the owner wrote. The reader's wall clock never enters, so a
+host whose clock runs ahead cannot take a live lease (it did: two trainers shared one work dir).
+
+A builder that can no longer renew (another builder took over after presuming it dead, or renewing
+failed for most of a ttl, by its own monotonic clock) has *lost* its lease: someone else may be
+building the same artifact in the same work dir. It must stop: Lease.check() raises before commit,
+and while a stage runs inside `building(lease)` (stages/execute.py), stages/launch.py's supervision
+loop polls lost_lease() and kills the trainer's process group.
 
     lease = Lease(store, ref)
     if lease.try_acquire():
@@ -20,6 +28,8 @@ not commit (Lease.check() raises), since someone else is now building the same a
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import getpass
 import json
 import logging
@@ -37,6 +47,9 @@ from artifacts.manifest import ArtifactRef
 log = logging.getLogger("nanorun.lease")
 
 DEFAULT_TTL = float(os.environ.get("NANORUN_LEASE_TTL", "120"))
+# A holder gives up after this fraction of the ttl without a successful renewal, so that it stops
+# before a waiter (which needs the whole ttl, by the store's clock) can take over.
+LOSS_FRACTION = 0.9
 UNREADABLE_GRACE = 30.0  # a lease file still empty after this long was left by a crashed creator
 
 
@@ -94,40 +107,50 @@ class LeaseInfo:
     heartbeat: float
     expires: float
     inputs: list[str] = field(default_factory=list)  # refs the build reads (gc must keep them)
+    age: float | None = field(default=None, compare=False)  # seconds since written, by the store's clock (not stored)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        d = asdict(self)
+        del d["age"]
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "LeaseInfo | None":
+    def from_bytes(cls, data: bytes, age: float | None = None) -> "LeaseInfo | None":
         try:
-            return cls(**json.loads(data))
+            d = json.loads(data)
+            d.pop("age", None)
+            return cls(**d, age=age)
         except (ValueError, TypeError):
             return None
+
+    @property
+    def ttl(self) -> float:
+        return self.expires - self.heartbeat  # both written by the owner's clock: skew cancels
 
     def same_machine(self) -> bool:
         return self.host == socket.gethostname() and self.boot_id == boot_id()
 
-    def stale_reason(self, now: float | None = None) -> str | None:
-        """Why this lease no longer protects anything, or None while its owner is alive."""
-        now = time.time() if now is None else now
-        if now > self.expires:
-            return f"expired {now - self.expires:.0f}s ago (last heartbeat {now - self.heartbeat:.0f}s ago)"
+    def stale_reason(self) -> str | None:
+        """Why this lease (as read from the store) no longer protects anything, or None while its
+        owner is alive. Expiry compares the record's age by the store's clock with its ttl."""
+        if self.age is not None and self.age > self.ttl:
+            return f"expired: last heartbeat {self.age:.0f}s ago by the store's clock (ttl {self.ttl:.0f}s)"
         if self.same_machine() and not pid_alive(self.pid, self.pid_start):
             return f"owner process {self.pid} on this machine is gone"
         return None
 
     def describe(self) -> str:
-        return f"{self.owner.rsplit(':', 1)[0]} (pid {self.pid}, heartbeat {time.time() - self.heartbeat:.0f}s ago)"
+        beat = f", heartbeat {self.age:.0f}s ago" if self.age is not None else ""
+        return f"{self.owner.rsplit(':', 1)[0]} (pid {self.pid}{beat})"
 
 
 def read_lease(store, ref: ArtifactRef) -> tuple[LeaseInfo | None, object, float] | None:
-    """(info or None if unreadable, token, age in s) of the lease record at ref, or None."""
+    """(info or None if unreadable, token, age in s by the store's clock) of the lease record at ref, or None."""
     got = store._lease_read(ref)
     if got is None:
         return None
     data, token, age = got
-    return LeaseInfo.from_bytes(data), token, age
+    return LeaseInfo.from_bytes(data, age), token, age
 
 
 def live_holder(store, ref: ArtifactRef) -> LeaseInfo | None:
@@ -153,11 +176,24 @@ class Lease:
         self.owner = f"{_user()}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.holder: LeaseInfo | None = None  # the other live owner when try_acquire() fails
         self.took_over: LeaseInfo | None = None  # the stale lease we replaced, if any
-        self.lost = False
+        self._lost: str | None = None  # why we lost it
+        self._renewed = 0.0  # time.monotonic() when the last successful write of our record began
         self._token = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def lost(self) -> bool:
+        """True once we may no longer own the lease: taken over, or not renewed for LOSS_FRACTION of
+        the ttl (also while a renewal hangs: a waiter may take over once the record is ttl old)."""
+        if self._lost is None and self._token is not None and time.monotonic() - self._renewed > LOSS_FRACTION * self.ttl:
+            self._lost = f"could not renew it for {time.monotonic() - self._renewed:.0f}s (ttl {self.ttl:.0f}s)"
+        return self._lost is not None
+
+    def lost_message(self) -> str:
+        return (f"{self.ref}: lost the build lease ({self._lost}); another builder may be using the work dir, "
+                "so this build was stopped and not committed. Rerun to use or rebuild the artifact.")
 
     @property
     def held(self) -> bool:
@@ -174,6 +210,7 @@ class Lease:
         if self.held:
             return True
         for _ in range(20):  # each pass either decides or lost a race that changed the record
+            self._renewed = time.monotonic()
             token = self.store._lease_create(self.ref, self._info().to_bytes())
             if token is not None:
                 self._acquired(token)
@@ -192,6 +229,7 @@ class Lease:
                 if reason is None:
                     self.holder = info
                     return False
+            self._renewed = time.monotonic()
             new_token = self.store._lease_replace(self.ref, self._info().to_bytes(), token)
             if new_token is not None:
                 log.warning("%s: took over stale lease of %s: %s", self.ref,
@@ -202,42 +240,37 @@ class Lease:
         raise RuntimeError(f"{self.ref}: lease record keeps changing under us; is something rewriting it in a loop?")
 
     def _acquired(self, token) -> None:
-        self._token, self.holder, self.lost = token, None, False
+        self._token, self.holder, self._lost = token, None, None
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.ref.fingerprint}", daemon=True)
         self._thread.start()
 
+    def _lose(self, reason: str) -> None:
+        self._lost = reason
+        log.error("%s: lost the build lease (%s); stopping this build, it will not be committed", self.ref, reason)
+
     def _heartbeat(self) -> None:
-        interval = self.ttl / 4
         acquired = time.time()
-        deadline = acquired + self.ttl
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.ttl / 4):
             with self._lock:
-                if self._token is None:
+                if self._token is None or self.lost:
                     return
+                started = time.monotonic()
                 try:
-                    info = self._info(acquired)
-                    token = self.store._lease_replace(self.ref, info.to_bytes(), self._token)
-                except Exception as e:  # network blip: try again next tick, unless we have expired
-                    if time.time() > deadline:
-                        self.lost = True
-                        log.error("%s: could not renew the lease before it expired (%s); another builder "
-                                  "may take over, this build will not be committed", self.ref, e)
-                        return
+                    token = self.store._lease_replace(self.ref, self._info(acquired).to_bytes(), self._token)
+                except Exception as e:  # network blip: try again next tick, until `lost` says it is too late
+                    if self.lost:
+                        return self._lose(f"{self._lost}: {e}")
                     log.warning("%s: lease heartbeat failed (%s); retrying", self.ref, e)
                     continue
                 if token is None:
-                    self.lost = True
-                    log.error("%s: lease was taken over by another builder (we were presumed dead); "
-                              "this build will not be committed", self.ref)
-                    return
-                self._token, deadline = token, info.expires
+                    return self._lose("taken over by another builder that presumed us dead")
+                self._token, self._renewed = token, started
 
     def check(self) -> None:
         """Raise LeaseLostError unless we still own the lease (call right before committing)."""
         if not self.held:
-            raise LeaseLostError(f"{self.ref}: lost the build lease (another builder took over after our "
-                                 "heartbeat lapsed); not committing. Rerun to use or rebuild the artifact.")
+            raise LeaseLostError(self.lost_message())
 
     def release(self) -> None:
         self._stop.set()
@@ -258,6 +291,31 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+_BUILDING: contextvars.ContextVar["Lease | None"] = contextvars.ContextVar("nanorun_building", default=None)
+_ACTIVE: dict[ArtifactRef, Lease] = {}  # by ref, for helper threads that do not share the context
+
+
+@contextlib.contextmanager
+def building(lease: Lease):
+    """Mark the code inside (and, by ref, this process's helper threads) as working under `lease`."""
+    token = _BUILDING.set(lease)
+    _ACTIVE[lease.ref] = lease
+    try:
+        yield lease
+    finally:
+        _BUILDING.reset(token)
+        if _ACTIVE.get(lease.ref) is lease:
+            del _ACTIVE[lease.ref]
+
+
+def lost_lease(ref: ArtifactRef | None = None) -> Lease | None:
+    """The lease of the build this code runs for (or of `ref`, from any thread), if it has been
+    lost: the caller must stop at once (stages/launch.py kills the trainer; artifacts/staging.py
+    stops writing resume checkpoints). Cheap enough to poll every fraction of a second."""
+    lease = _ACTIVE.get(ref) if ref is not None else _BUILDING.get()
+    return lease if lease is not None and lease.lost else None
 
 
 def _user() -> str:

@@ -19,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from artifacts import verified
 from artifacts.errors import ChecksumError, StoreError
 from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
                              sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
-from artifacts.store import LEASES, GcItem, Store
+from artifacts.store import ALIASES, LEASES, GcItem, Store
 
 log = logging.getLogger("nanorun.store")
 
@@ -74,6 +75,19 @@ class LocalStore(Store):
     def _files(self, prefix: str) -> list[str]:
         return self._children(prefix, dirs=False)
 
+    def _holds_artifacts(self, name: str) -> bool:
+        # The local root doubles as $NANORUN_HOME, where other tools keep their own directories
+        # (prefect/, ...): a stage directory is one that holds an artifact or an alias.
+        for child in self._dirs(name):
+            if child == ALIASES:
+                return True
+            try:
+                ArtifactRef.parse(f"{name}/{child}")
+                return True
+            except ValueError:
+                pass
+        return False
+
     def _file_sizes(self, ref: ArtifactRef) -> dict[str, int]:
         root = self._path(ref.key)
         out = {}
@@ -86,10 +100,14 @@ class LocalStore(Store):
         return out
 
     def _sha256(self, ref: ArtifactRef, path: str) -> str:
-        try:
-            return sha256_file(self._path(ref.key) / path)[1]
-        except FileNotFoundError:
-            return "(missing)"
+        return self._digests(ref, [path], recheck=True)[path]
+
+    hashes_locally = True
+
+    def _digests(self, ref: ArtifactRef, paths: list[str], recheck: bool) -> dict[str, str]:
+        root = self._path(ref.key)
+        got, _ = verified.digests([root / p for p in paths], recheck=recheck)
+        return {p: got[root / p] for p in paths}
 
     # ---- leases: O_CREAT|O_EXCL to create; compare-and-swap under a flock to renew/take over ----
     def _lease_paths(self, ref: ArtifactRef) -> tuple[Path, Path]:
@@ -113,11 +131,22 @@ class LocalStore(Store):
     def _lease_read(self, ref):
         path, _ = self._lease_paths(ref)
         try:
-            data = path.read_bytes()
-            age = time.time() - path.stat().st_mtime
+            with open(path, "rb") as f:
+                data, written = f.read(), os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
-        return data, data, age
+        return data, data, self._clock() - written
+
+    def _clock(self) -> float:
+        """The store's "now": the mtime the filesystem gives a file touched now (on NFS, the server's
+        clock, the same clock that stamped the lease records), never this host's wall clock."""
+        probe = self.root / LEASES / ".clock"
+        try:
+            os.utime(probe)
+        except FileNotFoundError:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        return probe.stat().st_mtime
 
     def _lease_replace(self, ref, data: bytes, token):
         path, lock = self._lease_paths(ref)
@@ -217,13 +246,15 @@ class LocalStore(Store):
 
     # ---- reading ------------------------------------------------------------------------------
     def materialize(self, ref: ArtifactRef) -> Path:
-        """The artifact directory itself, after a size check of every file (treat it as read-only)."""
-        v = self.verify(ref)
+        """The artifact directory itself, once every file matches the manifest's size and sha256
+        (files unchanged since this machine last checked them are not rehashed: artifacts/verified.py).
+        Treat it as read-only."""
+        v = self.verify(ref, recheck=False)
         if v.manifest is None:
             self.require(ref)
         if not v.ok:
-            raise ChecksumError(f"{ref} in {self.url} is damaged: {'; '.join(v.problems)}. "
-                                "Rebuild it (execute with force) or delete it.")
+            raise ChecksumError(f"{v.one_line()} (in {self.url}); not using it: rebuild it (rerun its stage "
+                                "with --force) or delete it")
         return self._path(ref.key)
 
     def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from artifacts.redact import redact_value
+
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_VERSION = 1
 FINGERPRINT_LEN = 16  # hex chars of sha256 kept in paths and refs (64 bits)
@@ -26,6 +28,12 @@ FINGERPRINT_LEN = 16  # hex chars of sha256 kept in paths and refs (64 bits)
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")  # no '-' (it separates the fingerprint)
 _FP_RE = re.compile(r"^[0-9a-f]{%d}$" % FINGERPRINT_LEN)
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# A manifest's fields and the JSON type each must have: a manifest is read from storage anyone may
+# have written to, and a wrong type must be reported, not crash whoever reads it later.
+_SCHEMA = {"stage": str, "label": str, "fingerprint": str, "code_version": str, "identity": dict,
+           "runtime": dict, "inputs": dict, "files": list, "metrics": dict, "provenance": dict}
+_JSON_NAMES = {str: "string", dict: "object", list: "array"}
 
 
 class CanonicalJSONError(TypeError):
@@ -69,10 +77,12 @@ def canonical_json(value: Any) -> str:
 
 
 def fingerprint(stage: str, code_version: str, identity: dict, input_fingerprints: dict[str, str]) -> str:
+    # Credentials in URLs are not part of what an artifact is (artifacts/redact.py), and a
+    # fingerprint must not be a way to test guesses of them.
     payload = {
         "stage": stage,
         "code_version": code_version,
-        "identity": identity,
+        "identity": redact_value(identity),
         "inputs": input_fingerprints,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:FINGERPRINT_LEN]
@@ -130,9 +140,15 @@ class FileEntry:
     sha256: str
 
     def __post_init__(self):
+        if not isinstance(self.path, str):
+            raise ValueError(f"artifact file path must be a string, got {self.path!r}")
         p = PurePosixPath(self.path)
         if p.is_absolute() or ".." in p.parts or self.path in ("", "."):
             raise ValueError(f"artifact file path must be relative and inside the artifact: {self.path!r}")
+        if type(self.size) is not int or self.size < 0:
+            raise ValueError(f"{self.path}: size must be a non-negative integer, got {self.size!r}")
+        if not isinstance(self.sha256, str) or not _SHA_RE.match(self.sha256):
+            raise ValueError(f"{self.path}: sha256 must be 64 lowercase hex chars, got {self.sha256!r}")
 
 
 @dataclass
@@ -183,21 +199,33 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        """The manifest a parsed MANIFEST.json describes; CorruptManifestError (one line) if any field
+        is missing or of the wrong type."""
         try:
             if d.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"unsupported manifest version {d.get('version')!r}")
-            m = cls(
-                stage=d["stage"],
-                label=d["label"],
-                fingerprint=d["fingerprint"],
-                code_version=d["code_version"],
-                identity=d["identity"],
-                runtime=d["runtime"],
-                inputs={k: ArtifactRef.from_dict(v) for k, v in d["inputs"].items()},
-                files=[FileEntry(**f) for f in d["files"]],
-                metrics=d.get("metrics", {}),
-                provenance=d.get("provenance", {}),
-            )
+            for key, kind in _SCHEMA.items():
+                if key not in d:
+                    if key in ("metrics", "provenance"):  # optional
+                        continue
+                    raise ValueError(f"missing field {key!r}")
+                if not isinstance(d[key], kind):
+                    raise ValueError(f"field {key!r} must be a JSON {_JSON_NAMES[kind]}, got {d[key]!r:.60}")
+            files = []
+            for i, f in enumerate(d["files"]):
+                if not isinstance(f, dict) or set(f) != {"path", "size", "sha256"}:
+                    raise ValueError(f"files[{i}] must be an object with path, size and sha256, got {f!r}")
+                files.append(FileEntry(**f))
+            if len({f.path for f in files}) != len(files):
+                raise ValueError("the same file is listed twice")
+            inputs = {}
+            for k, v in d["inputs"].items():
+                if not isinstance(v, dict) or not all(isinstance(v.get(x), str) for x in ("stage", "label", "fingerprint")):
+                    raise ValueError(f"inputs.{k} must be an object with stage, label and fingerprint, got {v!r}")
+                inputs[k] = ArtifactRef.from_dict(v)
+            m = cls(stage=d["stage"], label=d["label"], fingerprint=d["fingerprint"], code_version=d["code_version"],
+                    identity=d["identity"], runtime=d["runtime"], inputs=inputs, files=files,
+                    metrics=d.get("metrics", {}), provenance=d.get("provenance", {}))
             m.ref  # validates stage/label/fingerprint
             return m
         except (KeyError, TypeError, ValueError) as e:
@@ -207,8 +235,8 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptManifestError(f"corrupt manifest at {where}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise CorruptManifestError(f"corrupt manifest at {where}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise CorruptManifestError(f"corrupt manifest at {where}: expected a JSON object")
         try:

@@ -17,6 +17,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from artifacts.redact import redact_value
+
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the nanorun source tree
 PACKAGES = ("nanorun", "torch", "numpy", "prefect", "tokenizers", "pyarrow", "duckdb", "boto3", "wandb")
 
@@ -86,4 +88,4 @@ def collect(start: float, end: float, extra: dict | None = None) -> dict:
             pass
     if extra:
         prov.update(extra)
-    return prov
+    return redact_value(prov)  # a command line may hold a URL with credentials

@@ -16,6 +16,7 @@ Local state (staging for builds, the download cache) lives in $NANORUN_HOME/.s3/
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from artifacts import verified
 from artifacts.errors import ChecksumError, StoreCredentialsError, StoreError, StoreUnreachableError
 from artifacts.files import (CHUNK, HASH_THREADS, PART_SUFFIX, dir_size, flocked, list_tree, newest_mtime,
                              sha256_file, write_atomic)
@@ -196,7 +198,11 @@ class S3Store(Store):
         r = self._conditional(self.client.get_object, Key=self._lease_key(ref))
         if r is None:
             return None
-        return r["Body"].read(), r["ETag"], time.time() - r["LastModified"].timestamp()
+        # Age by the store's clock: the response's Date minus the object's LastModified (both the
+        # server's, 1 s resolution); this host's wall clock only if a proxy dropped the Date header.
+        date = (r.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date).timestamp() if date else time.time()
+        return r["Body"].read(), r["ETag"], now - r["LastModified"].timestamp()
 
     def _lease_replace(self, ref, data: bytes, token):
         r = self._conditional(self.client.put_object, Key=self._lease_key(ref), Body=data, IfMatch=token)
@@ -291,16 +297,31 @@ class S3Store(Store):
 
     def materialize(self, ref: ArtifactRef) -> Path:
         """A local copy in $NANORUN_HOME/.s3/<store-id>/cache/..., downloaded (resumably) and
-        sha256-verified once; later calls check the manifest is unchanged and the sizes match."""
+        sha256-verified on the way in. Later calls check the manifest is unchanged and every cached
+        file's sha256 (an ETag is not one; unchanged files this machine already checked are not
+        rehashed: artifacts/verified.py); a damaged or extra cached file is fetched again / removed."""
         m = self.require(ref)
         cache = self._cache_dir(ref)
         with flocked(cache.with_name(cache.name + ".lock")):
             marker = cache / MANIFEST_NAME
-            if marker.is_file() and marker.read_text() == m.to_json() and all(
-                    (cache / f.path).is_file() and (cache / f.path).stat().st_size == f.size for f in m.files):
-                return cache
+            if marker.is_file() and marker.read_text() == m.to_json():
+                bad = self._damaged_copy(cache, m)
+                if not bad:
+                    return cache
+                log.warning("%s: the local copy in %s is damaged (%s); downloading those files again",
+                            ref, cache, ", ".join(bad))
+                for p in bad:
+                    (cache / p).unlink(missing_ok=True)
             self._download(ref, m, cache, exact=True)
         return cache
+
+    @staticmethod
+    def _damaged_copy(cache: Path, m: Manifest) -> list[str]:
+        """Paths in a local copy that do not match the manifest (missing, changed, or not listed)."""
+        listed = {f.path for f in m.files} | {MANIFEST_NAME}
+        extra = [p for p in list_tree_loose(cache) if p not in listed]
+        got, _ = verified.digests([cache / f.path for f in m.files])
+        return [f.path for f in m.files if got[cache / f.path] != f.sha256] + extra
 
     def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path:
         m = self.require(ref)
@@ -358,7 +379,7 @@ class S3Store(Store):
                             digest if digest.startswith("(") else "sha256 mismatch")
         raise ChecksumError(f"s3://{self.bucket}/{key}: downloaded {entry.size:,} bytes with sha256 {digest[:16]}…, "
                             f"manifest says {entry.sha256[:16]}…; the stored object is damaged "
-                            "(`nanorun verify --deep`): rebuild or re-push it")
+                            "(`nanorun verify`): rebuild or re-push it")
 
     def _fetch(self, key: str, part: Path, state_path: Path, entry: FileEntry) -> str:
         """Fill `part` with the object's bytes using a few ranged GET streams, continuing from the

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Collection
 
 from artifacts.files import list_tree, sha256_file
+from artifacts.lease import lost_lease
 from artifacts.manifest import ArtifactRef, FileEntry
 from artifacts.store import GcItem, Store
 
@@ -126,7 +127,10 @@ class CheckpointStaging:
         """Upload every file under src (laid out as in the work dir) as the snapshot `name` of
         `step`, then commit it by writing its STAGED.json. Files the step's current snapshot
         already holds (same path, size and sha256) are not sent again. Returns None, committing
-        nothing, if stop() turns true on the way (checked between files)."""
+        nothing, if stop() turns true on the way (checked between files) or this process lost the
+        build's lease (the area is the new builder's now: issue 19 §3)."""
+        if self._fenced():
+            return None
         self.store._write(f"{self.base}/{INFO}", json.dumps(
             {"ref": str(self.ref), "updated": time.time(), "host": socket.gethostname()}).encode())
         prev = self._snapshot(name)
@@ -134,7 +138,7 @@ class CheckpointStaging:
         gen = uuid.uuid4().hex[:8]
         files = []
         for rel in list_tree(Path(src)):
-            if stop():
+            if stop() or self._fenced():
                 return None
             size, digest = sha256_file(Path(src) / rel)
             key = have.get((rel, size, digest))
@@ -143,6 +147,8 @@ class CheckpointStaging:
                 self.store._put_file(f"{self.base}/{name}/{key}", Path(src) / rel)
             files.append(StagedFile(rel, size, digest, key))
         snap = Snapshot(name, step, tuple(files), time.time(), socket.gethostname())
+        if self._fenced():
+            return None
         self.store._write(f"{self.base}/{name}/{MARKER}", snap.to_json())  # the commit point
         used = {f.key.partition("/")[0] for f in files}
         for old in self.store._dirs(f"{self.base}/{name}"):  # generations the new STAGED.json left behind
@@ -153,12 +159,21 @@ class CheckpointStaging:
     def prune(self, keep: Collection[int]) -> None:
         """Delete the complete snapshots whose step is not in `keep` (the newest one always stays)
         and every unfinished upload. Only the build's one uploader calls it (it holds the lease)."""
+        if self._fenced():
+            return
         complete = {s.name: s for s in self.snapshots()}
         newest = max(complete.values(), key=lambda s: s.step, default=None)
         for name in self.store._dirs(self.base):
             s = complete.get(name)
             if s is None or (s.step not in keep and s is not newest):
                 self.store._remove_tree(f"{self.base}/{name}")
+
+    def _fenced(self) -> bool:
+        """True once this process has lost the build lease of ref: it must not touch the area."""
+        lost = lost_lease(self.ref)
+        if lost is not None:
+            log.warning("%s: not writing resume checkpoints: %s", self, lost.lost_message())
+        return lost is not None
 
     def discard(self) -> None:
         """Remove the whole area (the artifact is committed, or a forced rebuild starts over). Best

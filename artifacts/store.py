@@ -35,6 +35,7 @@ from artifacts.errors import AmbiguousRefError, ChecksumError, NotCommittedError
 from artifacts.files import write_atomic
 from artifacts.lease import Lease, live_holder, read_lease
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, CorruptManifestError, FileEntry, Manifest
+from artifacts.redact import redact_value
 
 log = logging.getLogger("nanorun.store")
 
@@ -77,7 +78,7 @@ class VerifyResult:
     ref: ArtifactRef
     problems: list[str]
     manifest: Manifest | None = None
-    deep: bool = False
+    check: str = "size"  # what was compared: "manifest" (unreadable) | "size" | "size and sha256"
 
     @property
     def ok(self) -> bool:
@@ -86,9 +87,12 @@ class VerifyResult:
     def __str__(self) -> str:
         if self.ok:
             n = len(self.manifest.files)
-            how = "size and sha256" if self.deep else "size"
-            return f"{self.ref}: OK ({n} files, {self.manifest.total_bytes:,} bytes, {how} checked)"
-        return f"{self.ref}: {len(self.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in self.problems)
+            return f"{self.ref}: OK ({n} files, {self.manifest.total_bytes:,} bytes, {self.check} checked)"
+        return (f"{self.ref}: {len(self.problems)} problem(s) ({self.check} checked):\n"
+                + "\n".join(f"  - {p}" for p in self.problems))
+
+    def one_line(self) -> str:
+        return f"{self.ref} is damaged: {'; '.join(self.problems)}"
 
 
 @dataclass
@@ -192,14 +196,22 @@ class Store:
             raise NotCommittedError(f"{ref} is not committed in {self.url} (run `nanorun ls` to see what is)")
         return m
 
-    def verify(self, ref: ArtifactRef, deep: bool = False) -> VerifyResult:
-        """Check the manifest and every file's size (and sha256 if deep). Never raises for damage."""
+    def verify(self, ref: ArtifactRef, fast: bool = False, deep: bool | None = None,
+               recheck: bool = True) -> VerifyResult:
+        """Check the manifest and every file against it: its size and, unless fast, its sha256;
+        files in the artifact that the manifest does not list are problems too. Never raises for
+        damage. recheck=True (`nanorun verify`) reads every byte again. recheck=False (a consumer:
+        a cache hit, materialize) reuses this machine's earlier checks of files unchanged since
+        (artifacts/verified.py), and on a remote store compares sizes only, since materialize
+        hashes the bytes as it downloads them. `deep` is accepted for compatibility (sha256 is the
+        default now)."""
+        del deep
         try:
             m = self.manifest(ref)
         except CorruptManifestError as e:
-            return VerifyResult(ref, [str(e)], None, deep)
+            return VerifyResult(ref, [str(e)], None, "manifest")
         if m is None:
-            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None, deep)
+            return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None, "manifest")
         sizes = self._file_sizes(ref)
         problems = []
         for f in m.files:
@@ -207,16 +219,32 @@ class Store:
                 problems.append(f"missing file {f.path} ({f.size:,} bytes)")
             elif sizes[f.path] != f.size:
                 problems.append(f"size mismatch {f.path}: manifest {f.size:,} bytes, store {sizes[f.path]:,}")
-        if deep and not problems:
-            with ThreadPoolExecutor(4) as pool:
-                digests = list(pool.map(lambda f: self._sha256(ref, f.path), m.files))
-            problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {d[:16]}…"
-                         for f, d in zip(m.files, digests) if d != f.sha256]
-        return VerifyResult(ref, problems, m, deep)
+        listed = {f.path for f in m.files}
+        problems += [f"unlisted file {p} ({sizes[p]:,} bytes): in the artifact but not in its manifest"
+                     for p in sorted(set(sizes) - listed)]
+        check = "size"
+        if not fast and (recheck or self.hashes_locally):
+            check = "size and sha256"
+            todo = [f for f in m.files if sizes.get(f.path) == f.size]
+            digests = self._digests(ref, [f.path for f in todo], recheck)
+            problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {digests[f.path][:16]}…"
+                         for f in todo if digests[f.path] != f.sha256]
+        return VerifyResult(ref, problems, m, check)
+
+    hashes_locally = False  # the store's bytes are on this machine (verify hashes them even for consumers)
+
+    def _digests(self, ref: ArtifactRef, paths: list[str], recheck: bool) -> dict[str, str]:
+        """{path: sha256} of the stored files (a backend with local bytes remembers unchanged ones)."""
+        with ThreadPoolExecutor(4) as pool:
+            return dict(zip(paths, pool.map(lambda p: self._sha256(ref, p), paths)))
 
     # ---- listing and references ---------------------------------------------------------------
     def stages(self) -> list[str]:
-        return sorted(d for d in self._dirs("") if re.match(r"^[a-z0-9][a-z0-9_]*$", d))
+        return sorted(d for d in self._dirs("") if re.match(r"^[a-z0-9][a-z0-9_]*$", d) and self._holds_artifacts(d))
+
+    def _holds_artifacts(self, name: str) -> bool:
+        """Is the top-level directory `name` a stage (not, say, the Prefect home under a local root)?"""
+        return True
 
     def refs(self, stage: str | None = None) -> list[ArtifactRef]:
         """Every artifact directory (committed or not) under the given stage or all stages."""
@@ -324,7 +352,10 @@ class Store:
         work_dir = Path(work_dir)
         if not work_dir.is_dir():
             raise StoreError(f"cannot commit {ref}: work dir {work_dir} does not exist")
-        manifest = replace(manifest, provenance={**manifest.provenance, "committed_at": utcnow()})
+        # Credentials inside URLs (a source, a command line) never reach a manifest or the index.
+        manifest = replace(manifest, identity=redact_value(manifest.identity), runtime=redact_value(manifest.runtime),
+                           metrics=redact_value(manifest.metrics),
+                           provenance=redact_value({**manifest.provenance, "committed_at": utcnow()}))
         m = self._commit(ref, work_dir, manifest)
         self._write(f"{ref.stage}/{ALIASES}/latest", json.dumps({"ref": str(ref), "set_at": utcnow()}).encode())
         self._index_record(m)
@@ -341,7 +372,7 @@ class Store:
             there = other.manifest(ref)
         except CorruptManifestError:
             there = None
-        if there is not None and there.files == m.files and other.verify(ref).ok:
+        if there is not None and there.files == m.files and other.verify(ref, recheck=False).ok:
             return there
         lease = Lease(other, ref)
         if not lease.try_acquire():

@@ -2,7 +2,7 @@
 
     nanorun ls [STAGE]                    committed artifacts (from the run index), newest first
     nanorun show REF [--json]             manifest summary: config, inputs, files, metrics, provenance
-    nanorun verify REF [--deep]           sizes (and sha256 with --deep) of every file; exit 1 if damaged
+    nanorun verify REF [--fast]           sha256 (sizes only with --fast) of every file; exit 1 if damaged
     nanorun pull REF --to DIR             verified copy of an artifact into DIR
     nanorun push REF --to URL             copy an artifact into another store (verified, manifest last)
     nanorun alias [STAGE@NAME [REF]]      list aliases, show one, or point one at REF (--delete removes)
@@ -112,7 +112,11 @@ class Ls:
         idx = RunIndex()
         if idx.ensure(store):
             logging.getLogger("nanorun.index").info("indexed %s", store.url)
-        rows = idx.artifacts(store=store.url, stage=args.stage)
+            committed = None
+        else:  # the index is a cache: never list what the store no longer has (or has damaged)
+            committed = idx.reconcile(store, args.stage)
+        rows = [r for r in idx.artifacts(store=store.url, stage=args.stage)
+                if committed is None or r["ref"] in committed]
         if args.json:
             for r in rows:
                 print(json.dumps(r, default=str))
@@ -172,12 +176,14 @@ class Verify:
     @staticmethod
     def add_arguments(p):
         p.add_argument("ref")
-        p.add_argument("--deep", action="store_true", help="also check every file's sha256 (reads all data)")
+        p.add_argument("--fast", action="store_true", help="check sizes only (default: every file's sha256, "
+                                                           "which reads all the data)")
+        p.add_argument("--deep", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
 
     @staticmethod
     def run(args) -> int:
         store = open_store_from(args)
-        result = store.verify(store.resolve(args.ref), deep=args.deep)
+        result = store.verify(store.resolve(args.ref), fast=args.fast)
         print(result)
         return 0 if result.ok else 1
 

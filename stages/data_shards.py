@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 from artifacts.files import file_sha256
+from artifacts.redact import redact_value
 from core.layouts import shard_files
 from stages.base import (
     ConfigError,
@@ -519,8 +520,9 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         r = fetched.get(origin) if origin else None
         record.append({"path": rel, "size": f.stat().st_size, "sha256": r.sha256 if r and mode == "direct" else file_sha256(f),
                        "from": origin.uri if origin else None})
-    (out / SOURCES_FILE).write_text(json.dumps({"source": cfg.source, "local_path": cfg.local_path or None, "mode": mode,
-                                                "inputs": [it.uri for it in items], "files": record}, indent=1) + "\n")
+    sources = {"source": cfg.source, "local_path": cfg.local_path or None, "mode": mode,
+               "inputs": [it.uri for it in items], "files": record}
+    (out / SOURCES_FILE).write_text(json.dumps(redact_value(sources), indent=1) + "\n")  # no credentials in URLs
     seconds = time.time() - t0
     got = [r for r in fetched.values() if not r.skipped]
     dl_bytes = sum(r.downloaded for r in got)

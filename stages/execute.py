@@ -9,7 +9,7 @@
     outcomes = walk(steps, run_step)      # the walker both runners share: a failure stops only its dependents
 
 No Prefect here (flows/ wraps the same calls): the store is the only source of truth. A cache hit
-is a committed manifest whose files pass the size check; anything else is (re)built. The work dir
+is a committed manifest whose files match it (size and sha256); anything else is (re)built. The work dir
 is the same on every attempt, so a stage that failed half-way resumes from what it left there.
 Plan files for `nanorun plan FILE` (JSON or YAML):
     steps:
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from artifacts.code import stage_code_identity
 from artifacts.errors import StoreError
-from artifacts.lease import DEFAULT_TTL, Lease, live_holder
+from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
@@ -122,10 +122,11 @@ def _check_call(mod: ModuleType, cfg, inputs: dict) -> None:
 
 
 def _cached(store, ref: ArtifactRef) -> Manifest | None:
-    """The committed manifest at ref if its files pass the size check, else None (with a warning
-    when something is there but damaged: it will be rebuilt and replaced)."""
+    """The committed manifest at ref if its files match it (size and sha256; unchanged files checked
+    before are not rehashed), else None (with a warning when something is there but damaged: it
+    will be rebuilt and replaced)."""
     try:
-        v = store.verify(ref)
+        v = store.verify(ref, recheck=False)
     except CorruptManifestError as e:
         log.warning("%s: %s; rebuilding", ref, e)
         return None
@@ -196,7 +197,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
         try:
-            with mirror_checkpoints_to(staging):
+            # building(): launch() kills the trainer if the lease is lost (issue 19 §3)
+            with mirror_checkpoints_to(staging), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,

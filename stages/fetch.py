@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from artifacts.files import file_sha256
+from artifacts.redact import redact
 
 log = logging.getLogger("nanorun.fetch")
 
@@ -50,7 +51,7 @@ class FetchError(RuntimeError):
     opposed to a permanent answer (404/403, a host name that does not resolve: offline or a typo)."""
 
     def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
+        super().__init__(redact(message))  # the URL without its credentials (issue 19 §5)
         self.transient = transient
 
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from artifacts.errors import LeaseLostError
+from artifacts.lease import lost_lease
+
 log = logging.getLogger("nanorun.launch")
 
 _ERROR_MARKERS = ("Error", "Exception", "Traceback", "error:", "FAILED", "Killed", "RuntimeError")
@@ -163,6 +166,9 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     eof = False
     try:
         while True:
+            if (lost := lost_lease()) is not None:  # another builder owns the work dir now (issue 19 §3)
+                _kill_group(proc, 0)  # at once: no checkpoint may land in someone else's work dir
+                raise LeaseLostError(lost.lost_message())
             try:
                 line = lines.get(timeout=0.5)
                 if line is None:

@@ -6,6 +6,7 @@ tests/conftest.py (a real HTTP S3 endpoint on 127.0.0.1).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +55,23 @@ def tamper(store, ref: ArtifactRef, path: str, data: bytes | None) -> None:
     """Overwrite (or delete, data=None) one stored file behind the store's back."""
     if hasattr(store, "root"):
         p = store.root / ref.key / path
-        p.unlink() if data is None else p.write_bytes(data)
+        if data is None:
+            p.unlink()
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
     else:
         key = store._key(f"{ref.key}/{path}")
         if data is None:
             store.client.delete_object(Bucket=store.bucket, Key=key)
         else:
             store.client.put_object(Bucket=store.bucket, Key=key, Body=data)
+
+
+def forget_local_copy(store, ref: ArtifactRef) -> None:
+    """S3: drop this machine's copy of an artifact (as if another machine consumed it)."""
+    if not hasattr(store, "root"):
+        shutil.rmtree(store._cache_dir(ref), ignore_errors=True)
 
 
 def subprocess_env(**extra) -> dict:

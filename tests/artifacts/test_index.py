@@ -1,6 +1,7 @@
 """The run index: updated on commit, rebuilt from manifests, never blocking a commit."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -75,3 +76,29 @@ def test_busy_index_never_blocks_a_commit(tmp_path, nanorun_home, monkeypatch):
     idx.ensure(store)
     assert [r["ref"] for r in idx.artifacts(store=store.url)] == [str(ref)]
     assert not list(idx.journal.glob("*.json"))
+
+
+def test_ls_follows_the_store_not_a_stale_index(nanorun_home, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.delenv("NANORUN_STORE", raising=False)
+    store = open_store()  # the local root is $NANORUN_HOME, where the Prefect home lives too
+    (nanorun_home / "prefect" / "storage").mkdir(parents=True)
+    gone, bad, kept = make_ref("gone"), make_ref("bad"), make_ref("kept")
+    for r in (gone, bad, kept):
+        put(store, r, {"x": r.label.encode()})
+    assert main(["ls"]) == 0
+    assert sorted(line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]) == sorted(
+        map(str, (gone, bad, kept)))
+    assert store.stages() == ["toy"]  # prefect/ is not a stage
+    store._remove(store._manifest_key(gone))  # uncommitted and corrupted behind the index's back
+    broken = json.loads(store._read(store._manifest_key(bad)))
+    broken["files"][0]["size"] = "big"
+    store._write(store._manifest_key(bad), json.dumps(broken).encode())
+    elsewhere = make_ref("elsewhere")
+    put(open_store(index=False), elsewhere, {"x": b"e"})  # committed by another machine
+    assert main(["ls"]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [str(elsewhere), str(kept)]
+    assert "2 artifact(s)" in err and "prefect" not in out
+    assert sorted(r["ref"] for r in RunIndex().artifacts(store=store.url)) == sorted([str(elsewhere), str(kept)])

@@ -106,3 +106,27 @@ def test_gc_removes_staging_of_committed_and_abandoned_builds(store, tmp_path): 
         report = store.gc(dry_run=False, grace_s=0)
         assert all(i.bytes > 1000 for i in report.items if i.kind == "staging")
     assert store._dirs(f"{STAGING}/toy") == [running.name]
+
+
+def test_a_lost_lease_stops_writing_the_area(tmp_path):
+    """Once this builder lost the lease the area is the new builder's: no upload, no prune, from any
+    thread (the checkpoint uploader runs on its own) (issue 19 §3)."""
+    import threading
+
+    from artifacts.lease import building
+
+    store = open_store(str(tmp_path / "store"), index=False)
+    ref = make_ref("fenced")
+    area = CheckpointStaging(store, ref)
+    _upload(area, tmp_path, 4)
+    lease = Lease(store, ref, ttl=30)
+    assert lease.try_acquire()
+    with building(lease):
+        lease._lose("taken over by another builder that presumed us dead")
+        got = []
+        t = threading.Thread(target=lambda: got.append(_upload(area, tmp_path, 8)))
+        t.start()
+        t.join()
+        area.prune(keep=())
+        assert got == [None] and [s.step for s in area.snapshots()] == [4]
+    lease.release()

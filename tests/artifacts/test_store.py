@@ -48,9 +48,9 @@ def test_verify_reports_damage(store):
     ref = make_ref("v")
     put(store, ref, FILES)
     tamper(store, ref, "a.txt", b"HELLO\n")  # same size, different bytes
-    assert store.verify(ref).ok
-    deep = store.verify(ref, deep=True)
-    assert not deep.ok and "sha256 mismatch a.txt" in deep.problems[0]
+    assert store.verify(ref, fast=True).ok
+    full = store.verify(ref)
+    assert not full.ok and "sha256 mismatch a.txt" in full.problems[0] and full.check == "size and sha256"
     tamper(store, ref, "sub/b.bin", b"short")
     tamper(store, ref, "empty", None)
     problems = store.verify(ref).problems

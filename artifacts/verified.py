@@ -1,0 +1,120 @@
+"""The machine's memory of files whose sha256 it has checked, so that consuming an unchanged
+artifact again does not rehash it: $NANORUN_HOME/verified.sqlite, one row per file path.
+
+Every artifact file is checked against its manifest's sha256 before it is used (a cache hit, an
+input of a stage, chat, serve, export): same-size damage (a flipped 4 KiB block) passes any size
+check. A row remembers the digest together with the file's (size, mtime_ns, ctime_ns, inode, dev);
+a file whose stat still matches all of them has not been written since (ctime cannot be set back by
+a user, unlike mtime), so its digest is reused. Two cautions:
+- a file modified less than RACY_NS before it was hashed could change again within the same
+  timestamp tick without its stat changing, so such a digest is not remembered (git's "racily
+  clean" rule); the next check hashes it again.
+- bit rot does not change the stat: `nanorun verify` rehashes everything (recheck=True).
+The table is a cache: losing it costs a rehash, never a wrong answer. Failing to read or write it
+(read-only home, a locked database) only logs at debug level.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from artifacts.files import HASH_THREADS, sha256_file
+
+log = logging.getLogger("nanorun.store")
+
+RACY_NS = 2_000_000_000
+MISSING = "(missing)"
+SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+          "ctime_ns INTEGER, inode INTEGER, dev INTEGER, sha256 TEXT)")
+
+
+def _db_path() -> Path:
+    from artifacts.store import nanorun_home  # store.py imports this module
+
+    return nanorun_home() / "verified.sqlite"
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _connect() -> sqlite3.Connection:
+    path = _db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=5.0)
+    con.execute(SCHEMA)
+    return con
+
+
+def _remembered(keys: list[str]) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    try:
+        con = _connect()
+        try:
+            for i in range(0, len(keys), 500):
+                batch = keys[i:i + 500]
+                rows = con.execute(f"SELECT * FROM files WHERE path IN ({','.join('?' * len(batch))})", batch)
+                out.update((r[0], tuple(r[1:])) for r in rows)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as e:
+        log.debug("verified-file cache unreadable (%s); hashing everything", e)
+    return out
+
+
+def _remember(rows: list[tuple]) -> None:
+    if not rows:
+        return
+    try:
+        con = _connect()
+        try:
+            with con:
+                con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as e:
+        log.debug("verified-file cache not updated (%s)", e)
+
+
+def digests(paths: list[Path], recheck: bool = False) -> tuple[dict[Path, str], int]:
+    """({path: sha256 hex, or MISSING}, number of files actually hashed). Files whose stat matches a
+    remembered check are not read again unless recheck=True."""
+    keys = {p: str(Path(p).absolute()) for p in paths}
+    known = {} if recheck else _remembered(list(keys.values()))
+    out: dict[Path, str] = {}
+    todo: list[tuple[Path, os.stat_result]] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            out[p] = MISSING
+            continue
+        row = known.get(keys[p])
+        if row is not None and row[:5] == _stamp(st):
+            out[p] = row[5]
+        else:
+            todo.append((p, st))
+
+    def one(item):
+        p, before = item
+        try:
+            digest = sha256_file(p)[1]
+            after = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            return p, MISSING, None
+        stable = _stamp(after) == _stamp(before) and time.time_ns() - after.st_mtime_ns > RACY_NS
+        return p, digest, (keys[p], *_stamp(after), digest) if stable else None
+
+    new = []
+    if todo:
+        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(todo)))) as pool:
+            for p, digest, row in pool.map(one, sorted(todo, key=lambda t: -t[1].st_size)):
+                out[p] = digest
+                if row is not None:
+                    new.append(row)
+    _remember(new)
+    return out, len(todo)

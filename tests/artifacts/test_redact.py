@@ -1,0 +1,60 @@
+"""Credentials inside URLs never reach a manifest, the run index, provenance, a fingerprint or a log
+line (issue 19 §5)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+from artifacts import open_store
+from artifacts.index import RunIndex
+from artifacts.redact import redact, redact_value
+from stages.execute import artifact_ref, execute
+from stages.fetch import FetchError
+from tests.artifacts import toy_fetch
+
+
+@pytest.mark.parametrize("text, clean", [
+    ("https://user:pw@host/x.parquet", "https://***@host/x.parquet"),
+    ("http://TOKEN@host:8080/a", "http://***@host:8080/a"),
+    ("s3://AKIAEXAMPLE:wJal/rXUtn+FEMI@bucket/key", "s3://***@bucket/key"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&x=1",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&x=1"),
+    ("get https://h/f?token=s3cr3t#frag and 'http://u:p@h/'", "get https://h/f?token=***#frag and 'http://***@h/'"),
+    ("s3://bucket/key/with@sign", "s3://bucket/key/with@sign"),
+    ("https://host:8080/path@x?page=2", "https://host:8080/path@x?page=2"),
+    ("step 10 loss=2.5 lr=0.02", "step 10 loss=2.5 lr=0.02"),
+])
+def test_redact(text, clean):
+    assert redact(text) == clean
+    assert redact_value({"a": [text, 1, None], "b": (text,)}) == {"a": [clean, 1, None], "b": (clean,)}
+
+
+def test_no_credentials_in_manifest_index_provenance_or_logs(tmp_path, nanorun_home, monkeypatch, caplog):
+    secret_url = "https://alice:HUNTER2@data.example/shard.parquet?X-Amz-Signature=SIGSECRET"
+    monkeypatch.setattr(sys, "argv", ["nanorun", "stage", "toy_fetch", "--set", f"url={secret_url}"])
+    store = open_store(str(tmp_path / "store"))  # with the run index
+    cfg = toy_fetch.Config(url=secret_url, mirror="s3://AKIA:TOPSECRET@bucket/m")
+    with caplog.at_level(logging.INFO):
+        m = execute(toy_fetch, cfg, {}, store)
+    text = store._read(store._manifest_key(m.ref)).decode() + str(RunIndex().artifacts(store=store.url))
+    text += "\n".join(r.getMessage() for r in caplog.records)
+    assert "fetching https://***@data.example" in text and "HUNTER2" not in text
+    assert "SIGSECRET" not in text and "TOPSECRET" not in text and "alice" not in text
+    assert m.identity["url"] == "https://***@data.example/shard.parquet?X-Amz-Signature=***"
+    # The identity is the redacted URL: other credentials, same artifact.
+    other = toy_fetch.Config(url="https://bob:other@data.example/shard.parquet?X-Amz-Signature=x")
+    assert artifact_ref(toy_fetch, other, {}) == m.ref == artifact_ref(toy_fetch, toy_fetch.Config(url=m.identity["url"]), {})
+    assert artifact_ref(toy_fetch, toy_fetch.Config(url="https://data.example/other.parquet"), {}) != m.ref
+
+
+def test_fetch_errors_and_tracebacks_are_redacted(caplog):
+    e = FetchError("shard_00000.parquet: HTTP 403 for https://u:HUNTER2@h/x")
+    assert "HUNTER2" not in str(e) and "https://***@h/x" in str(e)
+    with caplog.at_level(logging.ERROR):
+        try:
+            raise RuntimeError("cannot open s3://AKIA:SEC/RET@bucket/k")
+        except RuntimeError:
+            logging.getLogger("nanorun.test").exception("failed")
+    assert caplog.records[-1].exc_text and "SEC/RET" not in caplog.text
