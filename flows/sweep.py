@@ -198,6 +198,11 @@ def sweep_steps(sw: Sweep, *, eval_bundle: str | None = None, data_source: str |
             reset["num_iterations"] = -1  # it would win over target_flops / the ratio
         if "target_param_data_ratio" in sw.grid and "target_flops" not in {**sw.grid, **layer.get("base", {})}:
             reset["target_flops"] = -1.0
+        fixed = layer.get("base", {}).get("num_iterations", -1)
+        if reset.get("num_iterations") is None and fixed > 0 and set(sw.grid) & set(HORIZON_FIELDS):
+            raise ConfigError(f"sweep {sw.name}: duplicate points: num_iterations={fixed} wins over "
+                              f"{' and '.join(sorted(set(sw.grid) & set(HORIZON_FIELDS)))}, so every value on that axis "
+                              "trains the same model; drop base.num_iterations")
         for combo in itertools.product(*sw.grid.values(), *([sw.seeds] if sw.seeds else [])):
             values = dict(zip(sw.grid, combo))
             seed = combo[-1] if sw.seeds else base.cfg.seed
