@@ -127,3 +127,18 @@ def test_regression_is_judged_against_measured_noise():
     assert regression_check([1.0], 5.0, lower_is_better=True) == {
         "judged": False, "n": 1, "mean": 1.0, "sd": None, "limit": None, "regressed": False}
     assert math.isfinite(regression_check([2.0, 2.0], 2.0, lower_is_better=True)["limit"])
+
+
+def test_leaderboard_mean_and_spread_per_recipe():
+    from flows.board import format_stats, recipe_stats
+
+    runs = [{"preset": "tiny", "val_bpb": b, "core": c, "total_seconds": t, "time_to_gpt2_s": None, "cost": 0.0}
+            for b, c, t in ((2.0, 0.1, 60), (2.2, 0.3, 80), (2.1, None, 70))] + \
+           [{"preset": "d20", "val_bpb": 0.8, "core": 0.22, "total_seconds": 3600, "time_to_gpt2_s": None, "cost": 72.0}]
+    stats = {e["preset"]: e for e in recipe_stats(runs)}
+    tiny = stats["tiny"]
+    assert tiny["runs"] == 3 and tiny["val_bpb"] == pytest.approx(2.1) and tiny["val_bpb_sd"] == pytest.approx(0.1)
+    assert tiny["core_n"] == 2 and tiny["core"] == pytest.approx(0.2) and stats["d20"]["val_bpb_sd"] is None
+    md = format_stats(recipe_stats(runs))
+    assert "| tiny | 3 | 2.1000 ± 0.1000 | 0.2000 ± 0.1414 | 0:01:10 ± 10s |" in md
+    assert "| d20 | 1 | 0.8000 | 0.2200 | 1:00:00 |" in md
