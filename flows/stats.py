@@ -234,7 +234,7 @@ def isoflop_optimum(params, bpb, tokens) -> tuple[float, float, float, str]:
         a, b, c = np.polyfit(ln, l, 2)
         if a > 0 and ln[0] <= -b / (2 * a) <= ln[-1]:
             x = -b / (2 * a)
-            return 10 ** x, 10 ** float(np.interp(x, ln, ld)), float(a * x * x + b * x + c), "parabola"
+            return float(10 ** x), float(10 ** np.interp(x, ln, ld)), float(a * x * x + b * x + c), "parabola"
     i = int(np.argmin(l))
     return float(n[i]), float(d[i]), float(l[i]), "best point"
 

@@ -148,7 +148,7 @@ def _fit_line(label: str, fit: dict) -> str:
     if fit["slope_se"] is None:
         return f"- {label}: exponent {fit['slope']:.3f} (2 budgets: no uncertainty; add a budget)"
     lo, hi = fit["slope_ci95"]
-    return f"- {label}: exponent {fit['slope']:.3f} ± {fit['slope_se']:.3f} (SE; 95% CI [{lo:.3f}, {hi:.3f}], n={fit['n']})"
+    return f"- {label}: exponent {fit['slope']:.3f} ± {fit['slope_se']:.2g} (SE; 95% CI [{lo:.3f}, {hi:.3f}], n={fit['n']})"
 
 
 def sweep_markdown(name: str, rows, a: dict, images: list[str]) -> str:
@@ -201,7 +201,8 @@ def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
                          f"**{w['verdict']}** |")
     lines += ["", "Verdicts:", ""]
     for c in a["cells"]:
-        parts = [f"{m}: {B} {c[m]['verdict']}" for m in ("val_bpb", "core") if c.get(m)]
+        parts = [f"{m}: " + (f"{B} {c[m]['verdict']} than {A}" if c[m]["verdict"] in ("better", "worse")
+                             else c[m]["verdict"]) for m in ("val_bpb", "core") if c.get(m)]
         lines.append(f"- {c['cell']}: " + ("; ".join(parts) if parts else "no finished pair"))
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
@@ -220,24 +221,35 @@ def _figure(ncols: int, width: float = 6.0):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
+def _per_depth(ax, cs: list[dict], metric: str) -> None:
+    """One line per depth across FLOPs, error bars = sd over seeds."""
+    for depth in sorted({c["depth"] for c in cs}):
+        pts = sorted((c for c in cs if c["depth"] == depth), key=lambda c: c["flops"])
+        ax.errorbar([c["flops"] for c in pts], [c[metric] for c in pts], yerr=[c[f"{metric}_sd"] or 0 for c in pts],
+                    fmt="o-", capsize=3, label=f"d{depth}")
+
+
+def _save(fig, out: Path, name: str, written: list[str]) -> None:
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / name)
+    written.append(name)
+
+
 def plot_sweep(out: Path, a: dict) -> list[str]:
     cs, written = a["cells"], []
     fig, (ax,) = _figure(1, 7)
-    for depth in sorted({c["depth"] for c in cs}):
-        pts = sorted((c for c in cs if c["depth"] == depth), key=lambda c: c["flops"])
-        ax.plot([c["flops"] for c in pts], [c["val_bpb"] for c in pts], "o-", label=f"d{depth}")
-    front = [c for c in cs if c["cell"] in a["frontier"]]
-    front.sort(key=lambda c: c["flops"])
+    _per_depth(ax, cs, "val_bpb")
+    front = sorted((c for c in cs if c["cell"] in a["frontier"]), key=lambda c: c["flops"])
     ax.plot([c["flops"] for c in front], [c["val_bpb"] for c in front], "k--", lw=1.5, label="compute-optimal frontier")
     if a["optima"]:
         ax.scatter([o["flops"] for o in a["optima"]], [o["val_bpb"] for o in a["optima"]], marker="*", s=180,
                    c="gold", edgecolors="black", zorder=5, label="isoFLOP optimum")
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="val bits per byte", title="val bpb vs FLOPs per depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bpb_vs_flops.png")
-    written.append("bpb_vs_flops.png")
+    _save(fig, out, "bpb_vs_flops.png", written)
     if "n_opt_fit" in a:
         fig, axes = _figure(2)
         flops = [o["flops"] for o in a["optima"]]
@@ -246,28 +258,17 @@ def plot_sweep(out: Path, a: dict) -> list[str]:
             ax.loglog(flops, [o[key] for o in a["optima"]], "o", ms=8)
             lo, hi = math.log10(min(flops)) - 0.2, math.log10(max(flops)) + 0.2
             xs = [10 ** (lo + (hi - lo) * i / 50) for i in range(51)]
-            se = f" ± {fit['slope_se']:.3f}" if fit["slope_se"] is not None else ""
+            se = f" ± {fit['slope_se']:.2g}" if fit["slope_se"] is not None else ""
             ax.plot(xs, [10 ** (fit["intercept"] + fit["slope"] * math.log10(x)) for x in xs], "r--",
                     label=f"∝ C^{fit['slope']:.3f}{se}")
             ax.set(xlabel="FLOP budget C", ylabel=what, title=f"{what} vs compute")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "scaling_fits.png")
-        written.append("scaling_fits.png")
+        _save(fig, out, "scaling_fits.png", written)
     with_core = [c for c in cs if c["core"] is not None]
     if with_core:
         fig, (ax,) = _figure(1, 7)
-        for depth in sorted({c["depth"] for c in with_core}):
-            pts = sorted((c for c in with_core if c["depth"] == depth), key=lambda c: c["flops"])
-            ax.errorbar([c["flops"] for c in pts], [c["core"] for c in pts],
-                        yerr=[c["core_sd"] or 0 for c in pts], fmt="o-", capsize=3, label=f"d{depth}")
+        _per_depth(ax, with_core, "core")
         ax.set(xscale="log", xlabel="training FLOPs", ylabel="CORE", title="CORE vs FLOPs per depth")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "core_vs_flops.png")
-        written.append("core_vs_flops.png")
+        _save(fig, out, "core_vs_flops.png", written)
     return written
 
 
@@ -288,9 +289,7 @@ def plot_compare(out: Path, a: dict) -> str | None:
         ax.set_xticks(xs, [c["cell"] for c in cs], rotation=30, fontsize=8)
         better = "lower is better" if metric == "val_bpb" else "higher is better"
         ax.set(ylabel=f"Δ {metric} ({B} − {A})", title=f"{metric}: {B} − {A}, {a['confidence']:.0%} CI ({better})")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png")
+    _save(fig, out, "compare.png", [])
     return "compare.png"
 
 

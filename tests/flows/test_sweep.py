@@ -124,7 +124,7 @@ def test_report_stage_writes_table_fits_and_plots(tmp_path):
     c = execute("sweep_report", Config(name="ab", kind="compare", rows=_rows("compare")), {}, store)
     assert c.metrics["verdicts"] == {"d1": {"val_bpb": "no detectable difference"}, "d2": {"val_bpb": "better"}}
     text = (store.materialize(c.ref) / "report.md").read_text()
-    assert "| d2 | val_bpb | 3 / 3 |" in text and "- d2: val_bpb: B better" in text
+    assert "| d2 | val_bpb | 3 / 3 |" in text and "- d2: val_bpb: B better than A" in text and "- d1: val_bpb: no detectable difference" in text
     with pytest.raises(ConfigError, match="no rows"):
         Config(name="x", rows=())
 
@@ -174,4 +174,5 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
     assert len(launched) == 3 + 3  # A-s42 is the sweep's d1 model
     out = capsys.readouterr().out
     assert "# Compare tiny-compare: B vs A" in out and "| d1-F2.5e09 | val_bpb | 2 / 2 |" in out
-    assert any(line.startswith("- d1-F2.5e09: val_bpb: B ") for line in out.splitlines())
+    verdict = next(line for line in out.splitlines() if line.startswith("- d1-F2.5e09: val_bpb: "))
+    assert verdict.split(": ")[-1] in ("B better than A", "B worse than A", "no detectable difference")
