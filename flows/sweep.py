@@ -113,7 +113,9 @@ PRESETS: dict[str, dict] = {
     # runs/miniseries.sh: d12..d26 at the default tokens:params ratio, 8 GPUs (d26's device batch)
     "miniseries": dict(recipe="d26", grid={"depth": (12, 14, 16, 18, 20, 22, 24, 26), "target_param_data_ratio": (12.0,)},
                        overrides={"data": {"train_shards": 1000}, "base": {"core_metric_every": -1, "sample_every": -1}}),
-    # 3 depths x 2 budgets of the `tiny` speedrun (chitchat, 1024-token vocab): ~10 s a point on a CPU
+    # 3 depths x 2 budgets of the `tiny` speedrun (chitchat, 1024-token vocab): ~10 s a point on a CPU.
+    # Far below 1 token per parameter, so the smallest model wins every budget: it exercises the
+    # machinery (points, cache, fits, plots), not the science.
     "tiny": dict(recipe="tiny", grid={"depth": (1, 2, 3), "target_flops": (1e10, 3e10)},
                  overrides={"base": {"save_every": -1}}, max_parallel=2),
 }

@@ -176,3 +176,17 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
     assert "# Compare tiny-compare: B vs A" in out and "| d1-F2.5e09 | val_bpb | 2 / 2 |" in out
     verdict = next(line for line in out.splitlines() if line.startswith("- d1-F2.5e09: val_bpb: "))
     assert verdict.split(": ")[-1] in ("B better than A", "B worse than A", "no detectable difference")
+
+
+def test_compare_two_sweeps_results_csv(tmp_path, capsys):
+    """Two commits: each worktree runs the same sweep into its own store; compare their tables."""
+    from stages.sweep_report import write_csv
+
+    rows = _rows("compare")
+    for arm in "AB":
+        write_csv(tmp_path / f"{arm}.csv", [{**r, "arm": ""} for r in rows if r["arm"] == arm])
+    assert cli.main(["compare", "--csv", str(tmp_path / "A.csv"), "--csv", str(tmp_path / "B.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "- d1: val_bpb: no detectable difference" in out and "- d2: val_bpb: B better than A" in out
+    assert cli.main(["compare", "--csv", str(tmp_path / "A.csv")]) == 2
+    assert "give exactly two results.csv files" in capsys.readouterr().err
