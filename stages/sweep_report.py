@@ -13,9 +13,9 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
 grid cell with its confidence interval). Method: flows/stats.py.
 
-The rows are in the run index too (the artifact's identity), one per point:
-    RunIndex().query("SELECT r->>'point' AS point, TRY_CAST(r->>'val_bpb' AS DOUBLE) AS bpb FROM (SELECT "
-                     "unnest(from_json(identity->'rows', '[\"JSON\"]')) AS r FROM artifacts WHERE stage = 'sweep_report')")
+The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
+    SELECT r->>'point' AS point, TRY_CAST(r->>'val_bpb' AS DOUBLE) AS val_bpb FROM (SELECT
+        unnest(from_json(identity->'rows', '["JSON"]')) AS r FROM artifacts WHERE stage = 'sweep_report')
 """
 from __future__ import annotations
 
