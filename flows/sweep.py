@@ -191,7 +191,7 @@ def sweep_steps(sw: Sweep, *, eval_bundle: str | None = None, data_source: str |
             refs[nm] = artifact_ref(s.stage, s.cfg, {k: refs[v] for k, v in s.inputs.items()})
             if refs[nm].fingerprint not in shared_by_fp:
                 name = nm if not any(x.name == nm for x in shared) else f"{nm}-{arm}"
-                shared.append(Step(name, s.stage, s.cfg, {k: names[v] for k, v in s.inputs.items()}))
+                shared.append(Step(name, s.stage, s.cfg, {k: names[v] for k, v in s.inputs.items()}, s.optional))
                 shared_by_fp[refs[nm].fingerprint] = name
             names[nm] = shared_by_fp[refs[nm].fingerprint]
         base = rec["base"]
