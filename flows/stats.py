@@ -162,7 +162,8 @@ def regression_check(history, value: float, *, lower_is_better: bool, alpha: flo
     The noise is measured, not assumed: a one-sided (1 - alpha) prediction interval for one new run
     from n earlier ones, mean ± t(1-alpha, n-1) · s · sqrt(1 + 1/n) (the t prediction interval for a
     normal sample). Needs n >= 2; returns {"judged": False, ...} otherwise. A regression is a value
-    beyond the interval's worse end."""
+    beyond the interval's worse end; after identical earlier runs (a deterministic recipe) that is
+    any worse value at all."""
     mean, sd, n = mean_spread(history)
     if n < 2 or value is None:
         return {"judged": False, "n": n, "mean": mean, "sd": sd, "limit": None, "regressed": False}
