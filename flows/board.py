@@ -1,6 +1,7 @@
 """The leaderboard: one row per completed speedrun, from the run index (DuckDB). No Prefect here.
 
     nanorun leaderboard [--format md|csv|json] [--preset cpu-demo] [--store URL] [--limit N]
+    nanorun leaderboard --stats                 # per recipe: runs, mean ± sd of bpb, CORE, time, cost
 
 A completed speedrun is a committed `report` artifact: its metrics are the row (stages/report.py,
 summarize). Sorted like the public leaderboard: time to GPT-2 (CORE >= 0.256525 on the full
@@ -101,6 +102,49 @@ def format_rows(rows: list[dict], fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- mean ± spread per recipe -----------------------------------------------------------------------
+STAT_COLUMNS = (("val_bpb", "val bpb", 4), ("core", "CORE", 4), ("total_seconds", "total", None),
+                ("time_to_gpt2_s", "to GPT-2", None), ("cost", "cost", 2))
+
+
+def recipe_stats(rows: list[dict]) -> list[dict]:
+    """Per recipe (preset): the number of runs and, per metric, mean, sample sd and count (flows.stats)."""
+    from flows.stats import mean_spread
+
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r.get("preset") or "?", []).append(r)
+    out = []
+    for preset, rs in sorted(by.items()):
+        entry = {"preset": preset, "runs": len(rs)}
+        for key, _, _ in STAT_COLUMNS:
+            mean, sd, n = mean_spread([r.get(key) for r in rs])
+            entry.update({key: mean, f"{key}_sd": sd, f"{key}_n": n})
+        out.append(entry)
+    return out
+
+
+def _pm(mean, sd, digits) -> str:
+    if mean is None:
+        return "–"
+    if digits is None:  # seconds
+        return _hms(mean) + (f" ± {sd:.0f}s" if sd is not None else "")
+    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def format_stats(stats: list[dict], fmt: str = "md") -> str:
+    if fmt in ("json", "csv"):
+        return format_rows(stats, fmt)
+    head = ["recipe", "runs", *[label for _, label, _ in STAT_COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for e in stats:
+        lines.append("| " + " | ".join([e["preset"], str(e["runs"]),
+                                         *[_pm(e[k], e[f"{k}_sd"], d) for k, _, d in STAT_COLUMNS]]) + " |")
+    if not stats:
+        lines.append("(no completed speedrun in the run index yet)")
+    return "\n".join(lines) + "\n"
+
+
 class Leaderboard:
     """`nanorun leaderboard`"""
 
@@ -109,6 +153,8 @@ class Leaderboard:
         p.add_argument("--format", choices=("md", "csv", "json"), default="md")
         p.add_argument("--preset", help="only this recipe")
         p.add_argument("--limit", type=int, help="at most N rows")
+        p.add_argument("--stats", action="store_true", help="mean ± sd per recipe over its runs instead of one "
+                                                            "row per run")
         p.add_argument("--this-store", action="store_true", help="only runs of --store (default: every store "
                                                                  "this machine's run index knows)")
 
@@ -120,6 +166,7 @@ class Leaderboard:
         index = RunIndex()
         store = open_store(args.store)
         index.ensure(store)  # a fresh machine: rebuild the index from the store's manifests
-        print(format_rows(rows(index, store=store.url if args.this_store else None, preset=args.preset,
-                               limit=args.limit), args.format), end="")
+        found = rows(index, store=store.url if args.this_store else None, preset=args.preset,
+                     limit=None if args.stats else args.limit)
+        print(format_stats(recipe_stats(found), args.format) if args.stats else format_rows(found, args.format), end="")
         return 0

@@ -14,6 +14,8 @@
     nanorun leaderboard [--format F]      completed speedruns, fastest to GPT-2 CORE first
     nanorun chat [REF] [-p PROMPT]        chat with an export / sft artifact (streamed)
     nanorun serve [REF] [--port N]        the web chat UI on 127.0.0.1
+    nanorun sweep --preset P [--plan]     a grid of pretrain runs with scaling fits and plots
+    nanorun compare --b STEP.FIELD=V      A/B across depths x seeds: mean differences, CIs, verdicts
 Global: --store URL (default $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
 REF = stage/label-fingerprint, a unique fingerprint prefix (>= 4 hex chars), or stage@alias.
 
@@ -49,6 +51,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("chat", "flows.chat_commands:Chat", "chat with a model in the terminal (interactive, or -p for one shot)"),
     ("serve", "flows.chat_commands:Serve", "serve the web chat UI and API for a model"),
     ("bench-infer", "flows.bench_commands:BenchInfer", "inference benchmark of a model: TTFT, TPOT, tok/s, MFU/MBU"),
+    ("sweep", "flows.sweep_commands:Sweep", "a grid of pretrain runs (depth x FLOPs or ratio x seeds), fits and plots"),
+    ("compare", "flows.sweep_commands:Compare", "A/B of two recipes across depths and seeds: differences, CIs, verdicts"),
 ]
 
 

@@ -3,10 +3,12 @@
 Each night the pinned recipe runs from scratch into its own store root,
 `{store}/@nightly/{preset}/{YYYY-MM-DD}` (a reproduction must not be a cache hit on yesterday's
 artifacts), its report is copied into the main store under the alias
-`report@nightly-{preset}-{date}` (so it lands on `nanorun leaderboard`), and it is compared with
-the previous night's: CORE or bpb worse than the noise threshold, or a run slower by more than the
-allowed fraction, is a regression. The comparison is published as a Markdown artifact; with
-fail_on_regression the flow run then fails so that notifications fire.
+`report@nightly-{preset}-{date}` (so it lands on `nanorun leaderboard`), and it is judged against
+the earlier nights: CORE, val bpb or wall time worse than the run-to-run noise those nights measure
+(a prediction limit from their mean and spread, flows/stats.py) is a regression; until two earlier
+nights exist, fixed tolerances against the last night stand in. The comparison and the recipe's
+mean ± spread are published as a Markdown artifact; with fail_on_regression the flow run then
+fails so that notifications fire.
 
     prefect deployment run 'nightly-leaderboard/nightly-leaderboard' --param commit=<sha>
 """
@@ -19,38 +21,54 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.provenance import git_state
-from flows.board import format_rows, rows
+from flows.board import format_rows, format_stats, recipe_stats, rows
 from flows.retention import keep_nights_default, night_store_url, prune_nights
 from flows.speedrun import speedrun
+from flows.stats import regression_check
 
 
-def compare(tonight: dict, previous: dict | None, *, core_noise: float, bpb_noise: float, slowdown: float) -> list[str]:
-    """Regressions of tonight's summary against the previous night's (empty: none)."""
-    if previous is None:
-        return []
-    out = []
-    if tonight.get("core") is not None and previous.get("core") is not None:
-        if tonight["core"] < previous["core"] - core_noise:
-            out.append(f"CORE {tonight['core']:.4f} < {previous['core']:.4f} - {core_noise} (noise)")
-    if tonight.get("val_bpb") is not None and previous.get("val_bpb") is not None:
-        if tonight["val_bpb"] > previous["val_bpb"] + bpb_noise:
-            out.append(f"val bpb {tonight['val_bpb']:.4f} > {previous['val_bpb']:.4f} + {bpb_noise} (noise)")
-    t, p = tonight.get("total_seconds"), previous.get("total_seconds")
-    if t and p and t > p * (1 + slowdown):
-        out.append(f"wall time {t:.0f}s > {p:.0f}s x {1 + slowdown:.2f}")
-    return out
+# (summary key, lower is better, the flow parameter holding its fallback tolerance)
+CHECKED = (("core", False, "core_noise"), ("val_bpb", True, "bpb_noise"), ("total_seconds", True, "slowdown"))
 
 
-def previous_night(store, preset: str, night: str) -> tuple[str, dict] | None:
-    """(date, report summary) of the latest night before `night` with a report alias in `store`."""
+def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noise: float, bpb_noise: float,
+            slowdown: float) -> tuple[list[str], list[dict]]:
+    """(regressions, one judgement row per metric) of tonight's summary against earlier nights'
+    (oldest first).
+
+    A regression is a value outside the run-to-run noise measured from the earlier nights: beyond
+    the one-sided (1 - alpha) prediction limit of their mean and spread (flows.stats.
+    regression_check). Until two earlier nights exist the spread is unknown, and the fixed
+    tolerances stand in against the last night (CORE - core_noise, bpb + bpb_noise, time x (1 +
+    slowdown)); the judgement row says which rule was used."""
+    tolerance = {"core_noise": core_noise, "bpb_noise": bpb_noise, "slowdown": slowdown}
+    out, table = [], []
+    for key, lower, fallback in CHECKED:
+        value, earlier = tonight.get(key), [h[key] for h in history if h.get(key) is not None]
+        if value is None or not earlier:
+            continue
+        r = regression_check(earlier, value, lower_is_better=lower, alpha=alpha)
+        if r["judged"]:
+            rule = f"mean {r['mean']:.4g} ± {r['sd']:.2g} over {r['n']} nights, {1 - alpha:.0%} limit {r['limit']:.4g}"
+        else:
+            tol, prev = tolerance[fallback], earlier[-1]
+            r["limit"] = prev * (1 + tol) if key == "total_seconds" else (prev + tol if lower else prev - tol)
+            r["regressed"] = value > r["limit"] if lower else value < r["limit"]
+            rule = f"last night {prev:.4g}, fixed tolerance {fallback}={tol} (noise needs 2+ earlier nights)"
+        table.append({"metric": key, "tonight": value, **r, "rule": rule})
+        if r["regressed"]:
+            out.append(f"{key} {value:.4g} {'>' if lower else '<'} {r['limit']:.4g} ({rule})")
+    return out, table
+
+
+def previous_nights(store, preset: str, night: str, limit: int = 14) -> list[tuple[str, dict]]:
+    """(date, report summary) of the last `limit` nights before `night` with a report alias in `store`,
+    oldest first."""
     prefix = f"nightly-{preset}-"
     dates = sorted(name.split("@", 1)[1][len(prefix):] for name in store.aliases("report")
                    if name.split("@", 1)[1].startswith(prefix))
-    earlier = [d for d in dates if d < night]
-    if not earlier:
-        return None
-    ref = store.get_alias("report", prefix + earlier[-1])
-    return earlier[-1], store.require(ref).metrics
+    earlier = [d for d in dates if d < night][-limit:]
+    return [(d, store.require(store.get_alias("report", prefix + d)).metrics) for d in earlier]
 
 
 @flow(name="nightly-leaderboard", log_prints=True, validate_parameters=True)
@@ -58,13 +76,16 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
                         commit: str | None = None, eval_bundle: str | None = None, chat_data: str | None = None,
                         nproc: int | None = None,
                         date: str | None = None, core_noise: float = 0.02, bpb_noise: float = 0.02,
-                        slowdown: float = 0.25, fail_on_regression: bool = True,
-                        keep_nights: int | None = None) -> dict:
-    """Reproduce the pinned recipe, append it to the leaderboard, flag regressions vs last night.
+                        slowdown: float = 0.25, alpha: float = 0.01, history: int = 14,
+                        fail_on_regression: bool = True, keep_nights: int | None = None) -> dict:
+    """Reproduce the pinned recipe, append it to the leaderboard, flag regressions against the
+    run-to-run noise of the last `history` nights.
 
     commit: the git commit the reproduction must run at (the worker's checkout is checked; pin the
-    deployment's code to it). date: the night (YYYY-MM-DD, default today in UTC). keep_nights: how many
-    nights' store roots to keep (default $NANORUN_KEEP_NIGHTS or 7; their reports stay regardless)."""
+    deployment's code to it). date: the night (YYYY-MM-DD, default today in UTC). alpha: the false
+    alarm rate per metric per night. core_noise / bpb_noise / slowdown: the tolerances used only
+    until two earlier nights measure the noise. keep_nights: how many nights' store roots to keep
+    (default $NANORUN_KEEP_NIGHTS or 7; their reports stay regardless)."""
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
@@ -93,20 +114,20 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     for key in prune_nights(main, keep_nights):
         logger.info("retention: removed %s (keeping the newest %d nights)", key, keep_nights)
 
-    prev = previous_night(main, preset, night)
-    regressions = compare(summary, prev[1] if prev else None, core_noise=core_noise, bpb_noise=bpb_noise,
-                          slowdown=slowdown)
+    prev = previous_nights(main, preset, night, history)
+    regressions, table = compare(summary, [m for _, m in prev], alpha=alpha, core_noise=core_noise,
+                                 bpb_noise=bpb_noise, slowdown=slowdown)
     lines = [f"# Nightly {preset} — {night}", "", f"commit `{code['commit']}`, report `{report_ref}` in {night_store}", ""]
     if prev:
-        p = prev[1]
-        lines += [f"Compared with {prev[0]}:", "", "| metric | previous | tonight |", "|---|---:|---:|"]
-        for key in ("core", "val_bpb", "total_seconds"):
-            lines.append(f"| {key} | {p.get(key)} | {summary.get(key)} |")
+        lines += [f"Compared with {len(prev)} earlier night(s) ({prev[0][0]} … {prev[-1][0]}):", "",
+                  "| metric | tonight | limit | regressed | rule |", "|---|---:|---:|---|---|"]
+        lines += [f"| {t['metric']} | {t['tonight']:.4g} | {t['limit']:.4g} | {'**yes**' if t['regressed'] else 'no'} | "
+                  f"{t['rule']} |" for t in table]
         lines.append("")
     else:
         lines += ["No earlier night to compare with.", ""]
-    lines += ["**Regressions:** " + ("; ".join(regressions) if regressions else "none"), "",
-              "## Leaderboard", "", format_rows(rows(preset=preset, limit=20), "md")]
+    lines += ["**Regressions:** " + ("; ".join(regressions) if regressions else "none"), "", "## Leaderboard", "",
+              format_stats(recipe_stats(rows(preset=preset)), "md"), "", format_rows(rows(preset=preset, limit=20), "md")]
     key = "nightly-" + "".join(c if c.isalnum() else "-" for c in preset.lower())
     create_markdown_artifact(markdown="\n".join(lines), key=key, description=f"nightly {preset} {night}")
     for r in regressions:
@@ -114,4 +135,4 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     if regressions and fail_on_regression:
         raise RuntimeError(f"nightly {preset} {night} regressed: {'; '.join(regressions)}")
     return {"night": night, "report": str(report_ref), "store": night_store, "regressions": regressions,
-            "previous": prev[0] if prev else None}
+            "previous": prev[-1][0] if prev else None, "nights_compared": len(prev), "checks": table}

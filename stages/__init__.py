@@ -14,6 +14,7 @@ STAGE_MODULES = {
     "chat_eval": "stages.chat_eval",
     "export": "stages.export",
     "report": "stages.report",
+    "sweep_report": "stages.sweep_report",
 }
 
 

@@ -44,7 +44,7 @@ def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     _seed(tiny_run, main_root, "tiny", "2026-11-22")
     state = nightly_leaderboard(date="2026-11-22", return_state=True, **common)
     assert state.is_failed()
-    with pytest.raises(RuntimeError, match=r"tiny 2026-11-22 regressed: CORE"):
+    with pytest.raises(RuntimeError, match=r"tiny 2026-11-22 regressed: core"):
         state.result()
     tonight = main.get_alias("report", "nightly-tiny-2026-11-22")
     assert tonight is not None and tonight != prev_ref  # the tag keeps the nights apart
@@ -59,8 +59,19 @@ def test_pinned_commit_is_enforced(tmp_path):
 
 
 def test_compare():
-    prev = {"core": 0.20, "val_bpb": 1.00, "total_seconds": 100}
-    assert compare({"core": 0.19, "val_bpb": 1.01, "total_seconds": 110}, prev, core_noise=0.02, bpb_noise=0.02, slowdown=0.25) == []
-    regs = compare({"core": 0.10, "val_bpb": 1.10, "total_seconds": 200}, prev, core_noise=0.02, bpb_noise=0.02, slowdown=0.25)
-    assert [r.split()[0] for r in regs] == ["CORE", "val", "wall"]
-    assert compare({"core": None, "val_bpb": 2.0, "total_seconds": 1}, None, core_noise=0, bpb_noise=0, slowdown=0) == []
+    """With one earlier night the fixed tolerances stand in; with several, their measured noise rules."""
+    tol = dict(core_noise=0.02, bpb_noise=0.02, slowdown=0.25)
+    prev = [{"core": 0.20, "val_bpb": 1.00, "total_seconds": 100}]
+    assert compare({"core": 0.19, "val_bpb": 1.01, "total_seconds": 110}, prev, **tol)[0] == []
+    regs, table = compare({"core": 0.10, "val_bpb": 1.10, "total_seconds": 200}, prev, **tol)
+    assert [r.split()[0] for r in regs] == ["core", "val_bpb", "total_seconds"]
+    assert all("fixed tolerance" in t["rule"] for t in table)
+    assert compare({"core": None, "val_bpb": 2.0, "total_seconds": 1}, [], core_noise=0, bpb_noise=0, slowdown=0) == ([], [])
+
+    # quiet nights: a 0.01 bpb rise (inside the fixed 0.02 tolerance) is far outside their noise
+    quiet = [{"core": 0.2 + e, "val_bpb": 1.0 + e / 10, "total_seconds": 100 + 100 * e} for e in (0, 0.001, -0.001, 0.0005)]
+    regs, table = compare({"core": 0.2, "val_bpb": 1.01, "total_seconds": 100}, quiet, **tol)
+    assert [r.split()[0] for r in regs] == ["val_bpb"] and "over 4 nights" in table[1]["rule"]
+    # noisy nights: a 0.05 CORE drop (beyond the fixed 0.02) is within their noise
+    noisy = [{"core": c} for c in (0.20, 0.28, 0.14, 0.24, 0.17)]
+    assert compare({"core": 0.16}, noisy, **tol)[0] == []

@@ -1,0 +1,78 @@
+"""The Prefect flow of a sweep or an A/B comparison (the grid and its Steps: flows/sweep.py).
+
+    nanorun sweep --preset tiny --eval-bundle ../shared/data/eval_bundle [--max-parallel 2]
+    nanorun compare --preset tiny --depths 1 2 --seeds 1 2 3 --b base.matrix_lr=0.4
+
+    from flows.sweep import preset
+    from flows.sweep_flow import sweep
+    result = sweep(spec=preset("tiny").to_dict(), store="/tmp/store", eval_bundle="../shared/data/eval_bundle")
+
+Shared artifacts (data, tokenizer, CORE bundle) are built first, then every point's pretrain step
+and its core_eval, at most `max_parallel` stage runs at once (stages.execute.walk, as the speedrun
+flow). A failed point is reported and the others go on; the sweep_report stage then writes the
+table, fits and plots of what finished (a Markdown artifact in the UI), and only then does the flow
+fail, naming the failed points. The CORE bundle is optional evidence, as in the speedrun: without
+it the points train and the report has no CORE. Every step is an ordinary cached stage: a rerun
+builds only the points not yet committed.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from artifacts import open_store
+from flows.speedrun import _log_outcome, _prefect_step
+from flows.sweep import Sweep, point_row, report_config, sweep_steps
+from flows.tasks import run_stage
+from stages.execute import format_outcomes, walk
+
+
+@flow(name="sweep", log_prints=True, validate_parameters=True)
+def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, data_source: str | None = None,
+          nproc: int | None = None) -> dict:
+    """Build every point of a sweep or comparison (flows.sweep.Sweep as a dict) and its report; returns
+    {"report": ref, "path": local dir of the report, "markdown": report.md, "points": {key: pretrain
+    ref or None}, "failed": {key: error}}.
+
+    store: a directory or s3://bucket/prefix. eval_bundle: the CORE bundle (local dir/zip or URL;
+    without it CORE is not run and the points still are). The flow run fails after the report is
+    written if any point failed."""
+    logger = get_run_logger()
+    sw = Sweep.from_dict(spec)
+    plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
+    st = open_store(store)
+    logger.info("%s %s -> %s: %d points, %d stage runs at a time", sw.kind, sw.name, st.url, len(plan.points),
+                sw.max_parallel)
+    # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
+    # point takes all its GPUs: 1); a failed point stops only its own CORE step
+    outcomes = walk(plan.steps, _prefect_step(st.url, []), max_parallel=sw.max_parallel,
+                    on_outcome=lambda o: _log_outcome(logger, o))
+    logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
+    rows, errors = [], {}
+    for p in plan.points:
+        pre, core = outcomes[p.pretrain], outcomes.get(p.core)
+        if pre.manifest is None:
+            errors[p.key] = pre.detail or pre.status
+        elif core is not None and core.status == "failed":  # "not run": no bundle, CORE is optional
+            errors[p.key] = f"CORE failed: {core.detail}"
+        rows.append(point_row(p, pre.manifest, core.manifest if core else None, errors.get(p.key)))
+    report = run_stage.with_options(task_run_name=f"{sw.kind} report")("sweep_report", report_config(sw, rows), {},
+                                                                       st.url)
+    ref = st.resolve(report)
+    path = st.materialize(ref)
+    markdown = (path / "report.md").read_text()
+    _publish(markdown, st.url, ref, path, key=f"{sw.kind}-{sw.name}")
+    if errors:
+        raise RuntimeError(f"{sw.kind} {sw.name}: {len(errors)} of {len(rows)} point(s) failed "
+                           f"({'; '.join(f'{k}: {v}' for k, v in errors.items())[:800]}); the report of the others is "
+                           f"{ref} in {st.url}; run the same command again to retry only the failed points")
+    return {"report": str(ref), "path": str(path), "markdown": markdown, "failed": errors,
+            "points": {r["point"]: r["pretrain"] for r in rows}}
+
+
+def _publish(markdown: str, store_url: str, ref, path, key: str) -> None:
+    """The report as a Markdown artifact on the flow run's page, its images linked into the store."""
+    from prefect.artifacts import create_markdown_artifact
+
+    base = f"{store_url}/{ref.key}/" if "://" in store_url else f"file://{path}/"
+    create_markdown_artifact(markdown=markdown.replace("](", "](" + base),
+                             key="".join(c if c.isalnum() else "-" for c in key.lower()), description=str(ref))
