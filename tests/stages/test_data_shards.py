@@ -129,11 +129,18 @@ def test_s3_pattern_and_listing(s3_bucket, blobs, corpus_files, tmp_path, monkey
     assert len(train) == 7 and val[0].read_bytes() == corpus_files[7].read_bytes() and m["download"]["fetched"] == 8
 
 
-def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path):
+def local_copy(files, tmp_path):
+    """A writable local source folder holding copies of `files`."""
     src = tmp_path / "corpus"
     src.mkdir()
-    for f in corpus_files[:4]:
+    for f in files:
         shutil.copy(f, src / f.name)
+        (src / f.name).chmod(0o644)
+    return src
+
+
+def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path):
+    src = local_copy(corpus_files[:4], tmp_path)
     other = tmp_path / "copy"
     shutil.copytree(src, other)
     a, b = _config(source=str(src)), _config(source=str(other))
@@ -244,12 +251,8 @@ def test_a_bad_local_parquet_is_refused_before_any_work_naming_the_source(kind, 
     import flows.cli as cli
     from tests.flows.test_cli import one_line_error
 
-    src = tmp_path / "corpus"
-    src.mkdir()
-    for f in corpus_files[:3]:
-        shutil.copy(f, src / f.name)
+    src = local_copy(corpus_files[:3], tmp_path)
     bad = src / "shard_00001.parquet"
-    bad.chmod(0o644)
     bad.write_bytes(_damage(kind, bad.read_bytes()))
     with pytest.raises(ConfigError, match=why) as err:
         stage.Config(source=str(src))
@@ -261,15 +264,11 @@ def test_a_bad_local_parquet_is_refused_before_any_work_naming_the_source(kind, 
 
 
 def test_a_damaged_page_is_refused_by_run_before_anything_is_copied(corpus_files, tmp_path):
-    src = tmp_path / "corpus"
-    src.mkdir()
-    for f in corpus_files[:3]:
-        shutil.copy(f, src / f.name)
+    src = local_copy(corpus_files[:3], tmp_path)
     bad = src / "shard_00002.parquet"
     data = bytearray(bad.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])   # same size, footer intact
-    bad.chmod(0o644)
     bad.write_bytes(bytes(data))
     cfg = stage.Config(source=str(src))                  # footers are fine: the config builds
     with pytest.raises(ConfigError, match=f"data source {bad} is not usable: Corrupt"):
@@ -279,10 +278,7 @@ def test_a_damaged_page_is_refused_by_run_before_anything_is_copied(corpus_files
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_source_file_is_refused_naming_it(corpus_files, tmp_path):
-    src = tmp_path / "corpus"
-    src.mkdir()
-    for f in corpus_files[:3]:
-        shutil.copy(f, src / f.name)
+    src = local_copy(corpus_files[:3], tmp_path)
     (src / "shard_00000.parquet").chmod(0)
     with pytest.raises(ConfigError, match=f"data source {src / 'shard_00000.parquet'} is not usable"):
         stage.Config(source=str(src))
