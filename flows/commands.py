@@ -93,7 +93,7 @@ def _run_interruptible(what: str, flow, params: dict):
     stages.launch's shutdown flag (every supervised trainer stops within its grace period), the
     flow gets UNWIND_S to fail its tasks and release its leases, then the temporary server is
     stopped and the command exits; a watchdog makes sure of it at HARD_EXIT_S."""
-    from stages.launch import request_shutdown
+    from stages.launch import request_shutdown, supervising
 
     if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
         return flow(**params)
@@ -120,8 +120,13 @@ def _run_interruptible(what: str, flow, params: dict):
     worker = threading.Thread(target=body, name="nanorun-flow", daemon=True)
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
     worker.start()
-    while worker.is_alive() and not (received and time.monotonic() - received[0][1] > UNWIND_S):
+    while worker.is_alive():
         worker.join(0.2)
+        since = time.monotonic() - received[0][1] if received else 0.0
+        # the server died with the process group and the trainers are stopped: the flow thread
+        # only retries its API calls now (its leases went with the stages' exceptions)
+        if since > UNWIND_S or (since > 2.0 and _temporary_server_gone() and not supervising()):
+            break
     if not received:
         for s, handler in previous.items():
             signal.signal(s, handler)

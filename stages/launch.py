@@ -60,6 +60,11 @@ def request_shutdown() -> None:
     SHUTDOWN.set()
 
 
+def supervising() -> bool:
+    """Whether a launch() of this process still has a child running (or being stopped)."""
+    return bool(_RUNNING)
+
+
 def kill_running() -> None:
     """KILL every supervised process group at once: the last resort of a process about to exit."""
     for pgid in list(_RUNNING):

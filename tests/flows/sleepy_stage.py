@@ -25,7 +25,7 @@ with open({pid_file!r} + ".tmp", "w") as f:
     f.write(f"{{os.getpid()}} {{worker.pid}}")
 os.replace({pid_file!r} + ".tmp", {pid_file!r})
 print("training", flush=True)
-time.sleep(600)
+time.sleep({seconds})
 """
 
 
@@ -39,6 +39,7 @@ class Config(StageConfig):
 def run(cfg: Config, inputs: dict, out: Path) -> dict:
     from stages.launch import launch
 
-    launch([sys.executable, "-c", CHILD.format(ignore_term=cfg.ignore_term, pid_file=cfg.pid_file)],
+    launch([sys.executable, "-c", CHILD.format(ignore_term=cfg.ignore_term, pid_file=cfg.pid_file,
+                                                  seconds=cfg.seconds)],
            log_path=out / "train.log", name="sleepy")
     return {}
