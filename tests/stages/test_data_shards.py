@@ -255,10 +255,10 @@ def test_a_bad_local_parquet_is_refused_before_any_work_naming_the_source(kind, 
     bad = src / "shard_00001.parquet"
     bad.write_bytes(_damage(kind, bad.read_bytes()))
     with pytest.raises(ConfigError, match=why) as err:
-        stage.Config(source=str(src))
+        _config(source=str(src))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=why):      # a single file (re-sharded) too
-        stage.Config(source=str(bad))
+        _config(source=str(bad))
     code = cli.main(["stage", "data_shards", "--set", f"source={src}"])   # no Prefect, no staging copy
     one_line_error(code, capsys.readouterr().err, f"data source {bad} is not usable", why)
 
@@ -270,7 +270,7 @@ def test_a_damaged_page_is_refused_by_run_before_anything_is_copied(corpus_files
     mid = len(data) // 2
     data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])   # same size, footer intact
     bad.write_bytes(bytes(data))
-    cfg = stage.Config(source=str(src))                  # footers are fine: the config builds
+    cfg = _config(source=str(src))                  # footers are fine: the config builds
     with pytest.raises(ConfigError, match=f"data source {bad} is not usable: Corrupt"):
         stage.run(cfg, {}, tmp_path / "out")
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
@@ -281,4 +281,4 @@ def test_an_unreadable_source_file_is_refused_naming_it(corpus_files, tmp_path):
     src = local_copy(corpus_files[:3], tmp_path)
     (src / "shard_00000.parquet").chmod(0)
     with pytest.raises(ConfigError, match=f"data source {src / 'shard_00000.parquet'} is not usable"):
-        stage.Config(source=str(src))
+        _config(source=str(src))
