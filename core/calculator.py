@@ -11,7 +11,9 @@ the main thread (the web server evaluates tool calls from worker threads):
   (2**2**2**99 would never finish), so is everything else: names, attributes other than the one
   .count call, calls, subscripts, lambdas, comprehensions, f-strings, bytes, complex numbers.
 - parsed with `ast` and walked over a whitelist of node types; nothing is ever compiled or run.
-- the work is bounded structurally: at most MAX_CHARS characters and MAX_DEPTH nesting, ints at
+- the work is bounded structurally: at most MAX_CHARS characters and MAX_DEPTH nesting (a flat
+  chain like 1+2+3+... is one level however long: the parser builds it as a left-leaning tree,
+  which is walked as a loop, not by recursion; parentheses and unary signs nest), ints at
   most MAX_INT_BITS bits (without ** a product of n short literals only grows linearly), floats
   finite. A deadline (checked at every node) backs that up and works on any thread.
 
@@ -53,14 +55,20 @@ class CalculatorError(ValueError):
 
 
 def _depth(tree: ast.AST) -> int:
-    """Nesting depth of an AST, computed without recursion (so a hostile tree cannot overflow)."""
+    """Nesting depth of an AST, computed without recursion (so a hostile tree cannot overflow).
+
+    The left operand of a binary operation that is itself a binary operation stays at its parent's
+    level: `1+1+...+1` (500 terms) is a 500-deep left-leaning tree but a flat sum, evaluated by a
+    loop (_Evaluator.binop), so it costs no recursion. Right operands and everything else nest."""
     deepest, stack = 0, [(tree, 1)]
     while stack:
         node, d = stack.pop()
         deepest = max(deepest, d)
         if deepest > MAX_DEPTH:
             return deepest
-        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+        for child in ast.iter_child_nodes(node):
+            chained = isinstance(node, ast.BinOp) and child is node.left and isinstance(child, ast.BinOp)
+            stack.append((child, d if chained else d + 1))
     return deepest
 
 
@@ -97,19 +105,31 @@ class _Evaluator:
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARYOPS:
             return self.check(_UNARYOPS[type(node.op)](self.eval(node.operand)))
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = self.eval(node.left), self.eval(node.right)
-            try:
-                return self.check(_BINOPS[type(node.op)](left, right))
-            except ZeroDivisionError:
-                raise CalculatorError("division by zero") from None
-            except OverflowError:
-                raise CalculatorError("result is too large for a float") from None
+            return self.binop(node)
         if _is_count_call(node):
             return node.func.value.value.count(node.args[0].value)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             raise CalculatorError("the power operator ** is not allowed")
         raise CalculatorError(f"{type(node).__name__} is not allowed: only numbers, + - * / // %, "
                               "parentheses and 'text'.count('x')")
+
+
+    def binop(self, node: ast.BinOp):
+        """A left-leaning chain a op b op c ... as a loop: its length costs no recursion depth."""
+        chain = []
+        while isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            chain.append(node)
+            node = node.left
+        value = self.eval(node)             # the innermost left operand (** is refused there)
+        for link in reversed(chain):
+            right = self.eval(link.right)
+            try:
+                value = self.check(_BINOPS[type(link.op)](value, right))
+            except ZeroDivisionError:
+                raise CalculatorError("division by zero") from None
+            except OverflowError:
+                raise CalculatorError("result is too large for a float") from None
+        return value
 
 
 def evaluate(expr: str, timeout: float = DEFAULT_TIMEOUT) -> int | float:

@@ -17,6 +17,16 @@ Endpoints (the reference's API, so its clients work unchanged):
   GET  /health             {"status", "ready", "model", "num_gpus", "available_workers", ...}
   GET  /stats              per-worker counters, queue length, rejected requests
 
+Guards (one ASGI middleware, before anything is parsed; see _Guard):
+  - the Host header must name this server (DNS rebinding): loopback names, IP literals, and the
+    names given in allowed_hosts ("*" turns the check off); else 400.
+  - an optional bearer token: `Authorization: Bearer T`, or the cookie set by opening
+    /?token=T once (the browser page then works unchanged); else 401. /health stays open.
+  - request bodies over max_body bytes are 413, announced (Content-Length) or streamed (chunked),
+    before any parsing; JSON parsing and validation of what passes are bounded (a message count
+    over the limit is refused before pydantic walks the list), so /health stays responsive.
+  - /docs and /openapi.json exist only with docs=True.
+
 Concurrency: generation runs on one thread per replica, never on the event loop. Requests wait in
 a bounded queue (max_queue beyond the requests being served); when it is full the answer is 503
 at once, so a busy server says so instead of piling up work. A client that disconnects (the
@@ -27,22 +37,26 @@ says which limit was hit.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
+import ipaddress
 import json
 import logging
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from core.engine import Engine, TextStreamer, render_chat
 
@@ -56,7 +70,11 @@ MAX_TOTAL_CHARS = 32000
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (0, 200)          # 0 = no top-k filtering
 MAX_TOKENS_RANGE = (1, 4096)
+SEED_RANGE = (0, 2**64 - 1)     # what torch.Generator.manual_seed takes
 ROLES = ("user", "assistant", "system")
+MAX_BODY = 1 << 20              # bytes of a request body; a full conversation at the limits is ~0.2 MB
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+TOKEN_COOKIE = "nanorun_token"
 
 
 class ChatMessage(BaseModel):
@@ -94,9 +112,132 @@ def validate_request(req: ChatRequest) -> None:
         bad(f"conversation is too long: {total} characters, at most {MAX_TOTAL_CHARS} in total")
     for name, value, (lo, hi) in (("temperature", req.temperature, TEMPERATURE_RANGE),
                                   ("top_k", req.top_k, TOP_K_RANGE),
-                                  ("max_tokens", req.max_tokens, MAX_TOKENS_RANGE)):
+                                  ("max_tokens", req.max_tokens, MAX_TOKENS_RANGE),
+                                  ("seed", req.seed, SEED_RANGE)):
         if value is not None and not lo <= value <= hi:
             bad(f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """The request from raw JSON, bounded: json.loads of at most MAX_BODY bytes takes ~10 ms, and
+    a message list over the limit is refused before pydantic validates it item by item (30,000
+    one-letter messages in 1 MB took 0.2 s of event loop otherwise). 422 like FastAPI's own."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise HTTPException(status_code=422, detail=f"the body is not JSON: {str(e)[:100]}") from None
+    messages = data.get("messages") if isinstance(data, dict) else None
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise HTTPException(status_code=422, detail=f"too many messages: {len(messages)}, at most "
+                                                    f"{MAX_MESSAGES} per request")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    validate_request(req)
+    return req
+
+
+def is_loopback(host: str) -> bool:
+    """True for a name or address that only this machine can reach."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name part of a Host header: example.com:8000 -> example.com, [::1]:8000 -> ::1."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """ASGI middleware: Host allow-list, bearer token, body limit; all before the app parses a byte.
+
+    DNS rebinding makes a page on evil.example talk to this server with `Host: evil.example`; an IP
+    literal in Host means the browser's origin *is* that address, so those pass, as do the names
+    in `hosts`. The body is read here (at most max_body bytes, whatever Content-Length claims,
+    chunked too) and replayed to the app; later receive() calls (disconnects) go straight through."""
+
+    def __init__(self, app, *, max_body: int, hosts: frozenset[str] | None, token: str | None):
+        self.app, self.max_body, self.hosts, self.token = app, max_body, hosts, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = _host_name(headers.get(b"host", ""))
+        if self.hosts is not None and host not in self.hosts and not _is_ip(host):
+            return await _reply(send, 400, f"Host {host!r} is not served here: start the server with "
+                                           f"--allow-host {host or 'NAME'} if that name is this machine's")
+        if self.token is not None and scope["path"] != "/health":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if scope["path"] == "/" and query.get("token"):
+                if not self._valid(query["token"][0]):
+                    return await _reply(send, 401, "wrong token")
+                # trade the token in the address bar for a cookie the page's requests carry
+                cookie = f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                return await _reply(send, 303, "see /", [(b"location", b"/"), (b"set-cookie", cookie.encode())])
+            if not self._authorized(headers):
+                return await _reply(send, 401, "a token is required: send 'Authorization: Bearer TOKEN', or "
+                                               "open /?token=TOKEN in the browser", [(b"www-authenticate", b"Bearer")])
+        announced = headers.get(b"content-length")
+        if announced is not None and (not announced.strip().isdigit() or int(announced) > self.max_body):
+            return await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _valid(self, candidate: str) -> bool:
+        return hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    def _authorized(self, headers: dict[bytes, str]) -> bool:
+        scheme, _, value = headers.get(b"authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self._valid(value.strip()):
+            return True
+        for part in headers.get(b"cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == TOKEN_COOKIE and self._valid(value):
+                return True
+        return False
+
+
+async def _reply(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,8 +383,12 @@ def _sse(payload: dict) -> str:
 
 def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Engine, object]], *,
                model_name: str, num_workers: int = 1, max_queue: int = 8,
-               temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512) -> FastAPI:
-    """The chat app. temperature/top_k/max_tokens are the defaults when a request omits them."""
+               temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512, max_body: int = MAX_BODY,
+               allowed_hosts: Iterable[str] = (), token: str | None = None, docs: bool = False) -> FastAPI:
+    """The chat app. temperature/top_k/max_tokens are the defaults when a request omits them.
+
+    allowed_hosts: Host names served besides loopback names and IP literals ("*": any). token: if
+    set, every request but /health must carry it. docs: serve /docs and /openapi.json."""
     if not callable(load_engine):
         replicas = list(load_engine)
         if not replicas:
@@ -253,6 +398,11 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if max_queue < 0:
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+    if max_body < 1:
+        raise ValueError(f"max_body must be >= 1 byte, got {max_body}")
+    if token is not None and not token.strip():
+        raise ValueError("token is empty: pass None for no token")
+    hosts = {_host_name(h) if h.startswith("[") else h.lower() for h in allowed_hosts}
     pool = WorkerPool(max_queue)
 
     def load_all() -> None:
@@ -280,7 +430,10 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
             loader.join(timeout=60)
             await asyncio.to_thread(pool.close)
 
-    app = FastAPI(title=f"nanorun chat: {model_name}", lifespan=lifespan)
+    app = FastAPI(title=f"nanorun chat: {model_name}", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.add_middleware(_Guard, max_body=max_body, token=token,
+                       hosts=None if "*" in hosts else frozenset({*LOOPBACK_NAMES, *hosts}))
     app.state.pool = pool
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     page = page.replace("{{MODEL_NAME}}", html.escape(model_name))
@@ -309,9 +462,14 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
                 "busy_workers": s["busy"], "queued": s["waiting"], "max_queue": max_queue,
                 "completed": pool.completed, "rejected": pool.rejected, "workers": workers}
 
-    @app.post("/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        validate_request(req)
+    # The body is parsed by parse_request (bounded) rather than by FastAPI; /docs shows its schema.
+    schema = ChatRequest.model_json_schema()
+    schema["properties"]["messages"]["items"] = schema.pop("$defs")["ChatMessage"]  # inline: one small model
+
+    @app.post("/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}}}})
+    async def chat_completions(request: Request):
+        req = parse_request(await request.body())
         if not pool.ready:
             why = pool.load_error or "the model is still loading, retry in a moment"
             return JSONResponse({"detail": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"})
@@ -358,9 +516,11 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
     return app
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          token: bool = False) -> None:
     """Run the app with uvicorn (blocking). Binds loopback unless a host is given explicitly."""
     import uvicorn
 
-    print(f"nanorun chat on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    where = f"[{host}]" if ":" in host else host
+    print(f"nanorun chat on http://{where}:{port}/{'?token=TOKEN' if token else ''}  (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

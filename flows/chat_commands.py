@@ -6,6 +6,7 @@
     nanorun chat ./my-model                             # a bundle folder (nanorun pull export@latest --to my-model)
     nanorun --store s3://bucket/runs chat export@latest # pulled from S3 on first use, sha256-verified
     nanorun serve [REF] [--host 127.0.0.1] [--port 8000] [--workers 1] [--max-queue 8] [--device cuda]
+    NANORUN_SERVE_TOKEN=... nanorun serve --host 0.0.0.0 --allow-host chat.example.org   # others may connect
 
 REF is anything the store resolves (stage/label-fp, a fingerprint prefix, stage@alias) naming an
 export bundle, an sft or a pretrain artifact, or a local bundle folder. Both commands load through
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,15 +273,29 @@ class Serve:
         p.add_argument("--workers", type=int, default=1, help="model replicas generating in parallel (default 1)")
         p.add_argument("--max-queue", type=int, default=8,
                        help="requests that may wait for a worker; more get 503 at once (default 8)")
+        p.add_argument("--token", default=os.environ.get("NANORUN_SERVE_TOKEN"),
+                       help="require this bearer token (API: 'Authorization: Bearer T'; browser: open /?token=T "
+                            "once); required with a non-loopback --host (default: env NANORUN_SERVE_TOKEN)")
+        p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="a Host name clients use to reach the server, besides loopback names, IP addresses "
+                            "and --host (repeatable; '*' accepts any: no DNS-rebinding protection)")
+        p.add_argument("--max-body", type=int, metavar="BYTES",
+                       help="largest request body; larger is 413 (default 1 MiB, core.web.MAX_BODY)")
+        p.add_argument("--docs", action="store_true", help="also serve the API docs at /docs and /openapi.json")
 
     @staticmethod
     def run(args) -> int:
-        from core.web import create_app, serve
+        from core.web import MAX_BODY, create_app, is_loopback, serve
         from stages.base import ConfigError
 
-        if args.workers < 1 or args.max_queue < 0 or not 0 < args.port < 65536:
-            raise ConfigError(f"--workers {args.workers} (>= 1), --max-queue {args.max_queue} (>= 0) and --port "
-                              f"{args.port} (1-65535): one of them is out of range")
+        if args.workers < 1 or args.max_queue < 0 or not 0 < args.port < 65536 or (args.max_body is not None and args.max_body < 1):
+            raise ConfigError(f"--workers {args.workers} (>= 1), --max-queue {args.max_queue} (>= 0), --port "
+                              f"{args.port} (1-65535) and --max-body {args.max_body} (>= 1): one of them is out "
+                              "of range")
+        token = (args.token or "").strip() or None
+        if token is None and not is_loopback(args.host):
+            raise ConfigError(f"--host {args.host} lets other machines reach the model: give a token (--token or "
+                              "env NANORUN_SERVE_TOKEN, e.g. $(openssl rand -hex 16)), or bind 127.0.0.1")
         _check_port_free(args.host, args.port)  # before loading a model for a server that cannot start
         found = find_chat_model(args.ref, _store_for(args))
         gen = _sampling(args, found)
@@ -291,10 +307,10 @@ class Serve:
             i = next(counter)
             return first if i == 0 else found.load(devices[i])
 
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("binding %s: anyone who can reach this machine can use the model (there is no "
-                        "authentication)", args.host)
         app = create_app(load_engine, model_name=found.name, num_workers=args.workers, max_queue=args.max_queue,
-                         temperature=gen["temperature"], top_k=gen["top_k"] or 0, max_tokens=gen["max_tokens"])
-        serve(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+                         temperature=gen["temperature"], top_k=gen["top_k"] or 0, max_tokens=gen["max_tokens"],
+                         max_body=args.max_body or MAX_BODY, allowed_hosts=[args.host, *args.allow_host], token=token,
+                         docs=args.docs)
+        serve(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+              token=token is not None)
         return 0

@@ -6,12 +6,26 @@
 Without PREFECT_API_URL the flow runs against a temporary local Prefect server (started for the
 run); with it, the run appears on that server's UI like a deployment run. `--plan` prints what
 would be cached / run / waited for and runs nothing (no Prefect either).
+
+One SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the run: trainers get TERM, then KILL after
+stages.launch.INTERRUPT_GRACE; the temporary Prefect server is stopped; the command exits within
+30 s with a line saying how to resume, code 128 + the signal (130 for Ctrl-C, 143 for TERM). A
+second signal exits at once. See _run_interruptible for why the flow runs on a thread of its own.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
+
+UNWIND_S = 18.0     # after a signal, how long the flow may take to unwind (trainers: 10 s grace)
+HARD_EXIT_S = 27.0  # after a signal, the process exits whatever it is doing
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RESUME_HINT = ("run the same command again to resume (committed stages are reused; training resumes from its "
+               "newest checkpoint)")
 
 
 def _prefect_env() -> None:
@@ -34,7 +48,7 @@ def _run_flow(flow, what: str, **params):
 
     _check_prefect_server()
     try:
-        return flow(**params)
+        return _run_interruptible(what, flow, params)
     except Exception as e:
         if isinstance(e, user_error_types()):
             raise
@@ -61,6 +75,108 @@ def _check_prefect_server() -> None:
         raise StoreError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}): "
                          "start it (bash deploy/server.sh) or unset PREFECT_API_URL to run on a temporary "
                          "local server") from None
+
+
+def _print_refs(refs: dict[str, str]) -> None:
+    width = max(map(len, refs))
+    for name, ref in refs.items():
+        print(f"{name.ljust(width)}  {ref}")
+
+
+def _run_interruptible(what: str, flow, params: dict):
+    """flow(**params) on a thread of its own, the main thread keeping the signals.
+
+    On the main thread Prefect's flow engine takes SIGTERM for itself (a handler raising
+    TerminationSignal there) while submitted tasks run on worker threads that no signal reaches:
+    one TERM then waited for the running stage to end, and a process-group TERM, which also stops
+    the temporary server, left the engine retrying its API calls for minutes. Here a signal sets
+    stages.launch's shutdown flag (every supervised trainer stops within its grace period), the
+    flow gets UNWIND_S to fail its tasks and release its leases, then the temporary server is
+    stopped and the command exits; a watchdog makes sure of it at HARD_EXIT_S."""
+    from stages.launch import request_shutdown, supervising
+
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        return flow(**params)
+    outcome: dict = {}
+    received: list[tuple[int, float]] = []
+
+    def body():
+        try:
+            outcome["value"] = flow(**params)
+        except BaseException as e:  # handed to the main thread below
+            outcome["error"] = e
+
+    def on_signal(signum, frame):
+        if received:  # a second signal: the user means it
+            _exit_now(what, signum)
+        received.append((signum, time.monotonic()))
+        print(f"nanorun: {signal.Signals(signum).name}: stopping the run (again to stop at once)",
+              file=sys.stderr, flush=True)
+        request_shutdown()
+        watchdog = threading.Timer(HARD_EXIT_S, _exit_now, (what, signum))
+        watchdog.daemon = True  # it must not be what the interpreter waits for at exit
+        watchdog.start()
+
+    worker = threading.Thread(target=body, name="nanorun-flow", daemon=True)
+    previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        since = time.monotonic() - received[0][1] if received else 0.0
+        # the server died with the process group and the trainers are stopped: the flow thread
+        # only retries its API calls now (its leases went with the stages' exceptions)
+        if since > UNWIND_S or (since > 2.0 and _temporary_server_gone() and not supervising()):
+            break
+    if not received:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+    signum = received[0][0]
+    if worker.is_alive() or _temporary_server_gone():  # Prefect would retry its API calls for minutes
+        _exit_now(what, signum)
+    print(_interrupted_line(what, signum), file=sys.stderr, flush=True)
+    # atexit: Prefect ships the run's last logs, then stops its temporary server; the watchdog
+    # (a Timer thread) still runs meanwhile
+    raise SystemExit(128 + signum)
+
+
+def _interrupted_line(what: str, signum: int) -> str:
+    return f"nanorun {what}: interrupted by {signal.Signals(signum).name}: {RESUME_HINT}"
+
+
+def _temporary_servers() -> list:
+    """The subprocesses of the temporary Prefect servers this process started."""
+    server = sys.modules.get("prefect.server.api.server")
+    instances = getattr(getattr(server, "SubprocessASGIServer", None), "_instances", {})
+    return [i.server_process for i in list(instances.values()) if getattr(i, "server_process", None) is not None]
+
+
+def _temporary_server_gone() -> bool:
+    """A process-group signal stopped the temporary server too."""
+    return any(proc.poll() is not None for proc in _temporary_servers())
+
+
+def _stop_temporary_servers() -> None:
+    """Stop them (atexit would, but a hard exit must not leave them running)."""
+    for proc in _temporary_servers():
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(3)
+            except Exception:
+                proc.kill()
+
+
+def _exit_now(what: str, signum: int) -> None:
+    """The last resort: kill trainers and temporary servers, say how to resume, exit."""
+    from stages.launch import kill_running
+
+    kill_running()
+    _stop_temporary_servers()
+    print(_interrupted_line(what, signum), file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def _print_refs(refs: dict[str, str]) -> None:

@@ -73,8 +73,11 @@ SOURCES_FILE = "sources.json"
 _RAW = "raw"  # scratch dir in `out` for files that are rewritten (removed on success)
 
 
-def check_parquet(path: Path) -> None:
-    """Raise unless path is a readable parquet file with a string column `text` and >= 1 row."""
+def check_parquet(path: Path, deep: bool = True) -> None:
+    """Raise unless path is a readable parquet file with a string column `text` and >= 1 row.
+
+    deep=False reads the footer only (milliseconds: catches zero-byte, truncated, non-parquet and
+    wrong-schema files); deep=True also decodes every page (a damaged page fails here, not in training)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,11 +85,27 @@ def check_parquet(path: Path) -> None:
     schema = pf.schema_arrow
     if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type)
                                           or pa.types.is_large_string(schema.field("text").type)):
-        raise ValueError(f"no string column 'text' (schema: {schema})")
+        raise ValueError(f"no string column 'text' (columns: {', '.join(schema.names) or 'none'})")
     if pf.metadata.num_rows == 0:
         raise ValueError("no rows")
-    for rg in range(pf.num_row_groups):  # decode every page: a damaged page fails here, not in training
-        pf.read_row_group(rg, columns=["text"])
+    if deep:
+        for rg in range(pf.num_row_groups):
+            pf.read_row_group(rg, columns=["text"])
+
+
+def check_source(path: Path, deep: bool) -> None:
+    """ConfigError naming a local source file that cannot be used (before any work is done on it)."""
+    import pyarrow as pa
+
+    try:
+        if path.name.endswith(".parquet"):
+            check_parquet(path, deep=deep)
+        else:
+            with open(path, "rb"):
+                pass
+    except (OSError, ValueError, pa.ArrowException) as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"data source {path} is not usable: {why[:300]} -- fix or remove the file") from None
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -262,6 +281,8 @@ class Config(StageConfig):
             if not self.local_path:
                 raise ConfigError("data_shards.source='local' needs local_path (a directory or glob)")
             root, files = _local_files(self.local_path)
+            for f in files:  # footers only here (ms per file); run() decodes every page before any work
+                check_source(f, deep=False)
             names = [(f.relative_to(root).as_posix(), f.stat().st_size, f) for f in files]
         if not names:
             raise ConfigError(f"data_shards.source={self.local_path or self.source!r}: no {', '.join(TEXT_EXTS)} "
@@ -306,11 +327,9 @@ def _plan(cfg: Config) -> tuple[str, list[_Item]]:
         return ("filter" if filters else "direct"), items
     if kind == "chitchat":
         return "reshard", [_Item(str(_chitchat_file()), "", "chitchat.json")]
-    # A listed source: re-list and prove the files are the ones the config was built from.
-    try:
-        fresh = dataclasses.replace(cfg, content_digest="").resolve().content_digest
-    except ConfigError as e:
-        fresh = f"unusable now: {e}"
+    # A listed source: re-list and prove the files are the ones the config was built from (a file
+    # now missing or unusable is the ConfigError that names it).
+    fresh = dataclasses.replace(cfg, content_digest="").resolve().content_digest
     if fresh != cfg.content_digest:
         raise RuntimeError(f"{cfg.local_path or cfg.source} changed since the config was built (digest "
                            f"{fresh}, config {cfg.content_digest}): rebuild the config to take the new files")
@@ -348,8 +367,7 @@ def _docs(path: Path, name: str) -> Iterator[str]:
     if name.endswith("chitchat.json"):
         for conv in json.loads(path.read_text()).values():
             yield _render_chitchat(conv)
-    elif name.endswith(".parquet"):
-        check_parquet(path)
+    elif name.endswith(".parquet"):  # checked already: local sources by run(), downloads by fetch
         for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=ROW_GROUP):
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
     elif name.endswith((".jsonl", ".jsonl.gz")):
@@ -465,13 +483,16 @@ def _clear_unexpected(out: Path, keep: set[str]) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    from stages.fetch import fetch_many
+    from stages.fetch import PARTIAL_SUFFIX, fetch_many
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mode, items = _plan(cfg)
     t0 = time.time()
     remote = [it for it in items if it.uri.startswith(("http://", "https://", "s3://"))]
+    for it in items:  # every page of every local source, before anything is copied or rewritten
+        if it not in remote:
+            check_source(Path(it.uri), deep=True)
     target = {it: (out / it.split / it.name) if mode == "direct" else out / _RAW / it.name for it in items}
     _clear_unexpected(out, {target[it].relative_to(out).as_posix() for it in remote})
     log.info("%s: %d file(s) (%d to download), mode %s", cfg.source if cfg.source != "local" else cfg.local_path,
@@ -487,7 +508,10 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
                      f"{r.size / 2**20:.1f} MiB in {r.seconds:.1f}s" + (f" (resumed at {r.resumed_from})" if r.resumed_from else ""))
             progress(done[0], len(remote), phase="download", file=r.path.name)
 
-        validate = check_parquet if all(it.name.endswith(".parquet") for it in remote) else None
+        def validate(path: Path) -> None:  # parquet downloads (a mixed listing holds others too)
+            if path.name.removesuffix(PARTIAL_SUFFIX).endswith(".parquet"):
+                check_parquet(path)
+
         results = fetch_many([(it.uri, target[it]) for it in remote], workers=cfg.workers, validate=validate,
                              retries=cfg.retries, timeout=cfg.timeout, backoff=cfg.backoff, on_done=on_done)
         fetched = {it: r for it, r in zip(remote, results)}

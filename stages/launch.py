@@ -10,6 +10,11 @@ the launcher enforces the timeout itself by signalling the whole process group (
 Every output line goes to the log file and to the `nanorun.launch` logger (the Prefect wrapper
 forwards that logger to the run log); when the child is silent for `heartbeat` seconds a
 "still running" line is logged; a non-zero exit raises LaunchError naming the last error lines.
+
+Shutdown: request_shutdown() (the CLI calls it on SIGTERM / Ctrl-C) makes every launch() in the
+process, on whatever thread (Prefect runs submitted tasks on worker threads, which never see a
+signal), stop its child within INTERRUPT_GRACE seconds (TERM to the group, then KILL) and raise
+Interrupted. An exception reaching launch() (KeyboardInterrupt on the main thread) does the same.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ from artifacts.lease import lost_lease
 
 log = logging.getLogger("nanorun.launch")
 
+INTERRUPT_GRACE = 10.0  # seconds between TERM and KILL when the run is interrupted (timeouts: kill_grace)
+SHUTDOWN = threading.Event()  # set by request_shutdown(): every launch() in this process stops its child
+
 _ERROR_MARKERS = ("Error", "Exception", "Traceback", "error:", "FAILED", "Killed", "RuntimeError")
 
 
@@ -41,6 +49,32 @@ class LaunchError(RuntimeError):
         super().__init__(message)
         self.returncode = returncode
         self.tail = tail
+
+
+class Interrupted(LaunchError):
+    """The run was interrupted (request_shutdown()): the child was stopped before it finished."""
+
+
+_RUNNING: set[int] = set()  # process groups (= leader pids) of the children being supervised now
+
+
+def request_shutdown() -> None:
+    """Stop every supervised child of this process (called from a signal handler: only sets a flag)."""
+    SHUTDOWN.set()
+
+
+def supervising() -> bool:
+    """Whether a launch() of this process still has a child running (or being stopped)."""
+    return bool(_RUNNING)
+
+
+def kill_running() -> None:
+    """KILL every supervised process group at once: the last resort of a process about to exit."""
+    for pgid in list(_RUNNING):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass
@@ -128,6 +162,8 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
            kill_grace: float = 30.0, name: str = "process",
            on_line: Callable[[str], None] | None = None) -> LaunchResult:
     """Run `cmd` in its own process group, streaming its output; raise LaunchError on failure."""
+    if SHUTDOWN.is_set():
+        raise Interrupted(f"{name} was not started: the run is being interrupted", None, [])
     log.info("[%s] launching: %s", name, " ".join(cmd))
     t0 = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -135,6 +171,7 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     logf = open(log_path, "a", encoding="utf-8", errors="replace") if log_path else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                             start_new_session=True)  # own process group: we can signal all of it
+    _RUNNING.add(proc.pid)
 
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -169,13 +206,12 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
             if (lost := lost_lease()) is not None:  # another builder owns the work dir now (issue 19 §3)
                 _kill_group(proc, 0)  # at once: no checkpoint may land in someone else's work dir
                 raise LeaseLostError(lost.lost_message())
-            try:
+            try:  # no `continue` after a line: a chatty child must not starve the checks below
                 line = lines.get(timeout=0.5)
                 if line is None:
                     eof = True
                 else:
                     handle(line)
-                    continue
             except queue.Empty:
                 pass
             if proc.poll() is not None:
@@ -185,6 +221,11 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
                 if eof or time.monotonic() - exited_at > 3.0:
                     break
             now = time.monotonic()
+            if SHUTDOWN.is_set():
+                log.warning("[%s] the run is being interrupted: stopping the process group (pid %d)", name, proc.pid)
+                _kill_group(proc, min(kill_grace, INTERRUPT_GRACE))
+                raise Interrupted(f"{name} was stopped after {now - t0:.0f} s: the run was interrupted",
+                                  proc.returncode, list(tail))
             if timeout is not None and now - t0 > timeout:
                 timed_out = True
                 log.error("[%s] timeout after %.0f s: sending SIGTERM to the process group", name, now - t0)
@@ -194,12 +235,16 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
                 log.info("[%s] still running (pid %d, %.0f s elapsed, silent for %.0f s)",
                          name, proc.pid, now - t0, now - state["last_output"])
                 state["last_output"] = now
+    except Interrupted:
+        raise
     except BaseException:
-        # The caller is going away (Ctrl-C, task cancelled): never leave orphaned trainers behind.
-        _kill_group(proc, kill_grace)
+        # The caller is going away (Ctrl-C, task cancelled): never leave orphaned trainers behind,
+        # and be quick about it (the CLI promises to exit within 30 s).
+        _kill_group(proc, min(kill_grace, INTERRUPT_GRACE))
         raise
     finally:
-        reader.join(timeout=10)
+        _RUNNING.discard(proc.pid)
+        reader.join(timeout=1 if SHUTDOWN.is_set() else 10)
         while True:  # whatever arrived after the loop stopped (a timeout's last words)
             try:
                 line = lines.get_nowait()

@@ -115,3 +115,24 @@ def test_deadline_works_off_the_main_thread():
     t.start()
     t.join(5)
     assert results == {"ok": "7", "timeout": "timed out"}
+
+
+def test_long_flat_sums_are_one_level_deep():
+    """A chain of 500 terms is a flat sum (the parser's left-leaning tree is not nesting); the same
+    length nested through parentheses or unary signs is still refused."""
+    flat = "+".join(["1"] * 500)                      # 999 characters, under MAX_CHARS
+    assert evaluate(flat) == 500
+    assert evaluate("-".join(["2"] * 400)) == 2 - 2 * 399
+    assert evaluate("*".join(["1"] * 300) + "+7//2%5") == 4
+    assert evaluate("(" + "+".join(["3"] * 200) + ")*2") == 1200
+    assert use_calculator("+".join(["0.5"] * 200)) == "100.0"
+    with pytest.raises(CalculatorError, match="nested too deeply"):
+        evaluate("1+(" * 120 + "1" + ")" * 120)           # right-nested: real nesting
+    with pytest.raises(CalculatorError, match="nested too deeply"):
+        evaluate("-" * 150 + "1+1")          # unary signs nest
+    with pytest.raises(CalculatorError, match=r"\*\*"):
+        evaluate("+".join(["1"] * 300) + "+2**3")
+    with pytest.raises(CalculatorError, match="not allowed"):
+        evaluate("+".join(["1"] * 200) + "+'a'.count('a').real")
+    with pytest.raises(CalculatorError, match="too large"):
+        evaluate("*".join(["99999999"] * 60))              # still bounded along a flat chain

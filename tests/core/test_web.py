@@ -293,3 +293,93 @@ def test_create_app_checks_its_arguments(tok, model):
         create_app(lambda: None, model_name="x", num_workers=0)
     with pytest.raises(ValueError, match="max_queue"):
         create_app([(Engine(model, tok), tok)], model_name="x", max_queue=-1)
+
+
+# ---- guards (issue 19 §4): body limit, Host allow-list, token, /docs, seed ----------------------
+def test_body_over_the_limit_is_413_before_parsing_announced_or_chunked(url, tok, model):
+    big = json.dumps({"messages": [user("x" * 100)] * 12000}).encode()          # ~1.4 MB > 1 MiB
+    r = httpx.post(url + "/chat/completions", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "over 1048576 bytes" in r.json()["detail"]
+
+    def chunks():                            # no Content-Length: streamed with chunked encoding
+        for _ in range(40):
+            yield b"x" * 65536
+    r = httpx.post(url + "/chat/completions", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413
+    # a body just under the limit whose message list is over MAX_MESSAGES: refused before pydantic
+    # walks it, and /health answers promptly meanwhile
+    many = json.dumps({"messages": [user("x")] * 30000}).encode()
+    assert len(many) < 1 << 20
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/chat/completions", content=many, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "too many messages: 30000" in r.json()["detail"]
+    assert time.perf_counter() - t0 < 2.0
+    with running(create_app([(Engine(model, tok), tok)], model_name="small-body", max_body=200)) as base:
+        ok = {"messages": [user("hi")], "max_tokens": 1, "seed": 0}
+        assert httpx.post(base + "/chat/completions", json=ok, timeout=30).status_code == 200
+        r = httpx.post(base + "/chat/completions", json={**ok, "messages": [user("x" * 300)]}, timeout=30)
+        assert r.status_code == 413 and "over 200 bytes" in r.json()["detail"]
+        assert httpx.get(base + "/health").status_code == 200          # the connection-level refusal did no harm
+
+
+def test_host_header_must_name_this_server(url, tok, model):
+    port = url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example"):
+        r = httpx.get(url + "/health", headers={"host": host})
+        assert r.status_code == 400 and "--allow-host" in r.json()["detail"], host
+        assert httpx.post(url + "/chat/completions", json={"messages": [user("hi")]},
+                          headers={"host": host}).status_code == 400
+    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}", "10.1.2.3:8000"):
+        assert httpx.get(url + "/health", headers={"host": host}).status_code == 200, host
+    with running(create_app([(Engine(model, tok), tok)], model_name="named", allowed_hosts=["Chat.Example"])) as base:
+        assert httpx.get(base + "/health", headers={"host": "chat.example:80"}).status_code == 200
+        assert httpx.get(base + "/health", headers={"host": "other.example"}).status_code == 400
+    with running(create_app([(Engine(model, tok), tok)], model_name="any", allowed_hosts=["*"])) as base:
+        assert httpx.get(base + "/health", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_token_guards_everything_but_health_and_the_page_trades_it_for_a_cookie(tok, model):
+    app = create_app([(Engine(model, tok), tok)], model_name="locked", token="s3cret-t0ken")
+    body = {"messages": [user("hi")], "max_tokens": 2, "seed": 0}
+    with running(app) as base:
+        assert httpx.get(base + "/health").json()["ready"] is True
+        for path in ("/", "/stats", "/static/app.js"):
+            r = httpx.get(base + path)
+            assert r.status_code == 401 and "/?token=" in r.json()["detail"], path
+        assert httpx.post(base + "/chat/completions", json=body).status_code == 401
+        assert httpx.post(base + "/chat/completions", json=body,
+                          headers={"authorization": "Bearer wrong"}).status_code == 401
+        r = httpx.post(base + "/chat/completions", json=body, headers={"authorization": "Bearer s3cret-t0ken"},
+                       timeout=30)
+        assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
+        assert httpx.get(base + "/?token=wrong").status_code == 401
+        with httpx.Client(base_url=base, timeout=30) as browser:     # keeps cookies, like the page
+            r = browser.get("/?token=s3cret-t0ken")
+            assert r.status_code == 303 and r.headers["location"] == "/"
+            assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in r.headers["set-cookie"]
+            assert browser.get("/").status_code == 200
+            assert browser.get("/static/app.js").status_code == 200
+            r = browser.post("/chat/completions", json=body)
+            assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}
+    with pytest.raises(ValueError, match="token is empty"):
+        create_app([(Engine(model, tok), tok)], model_name="x", token=" ")
+
+
+def test_docs_only_when_asked_for(url, tok, model):
+    assert httpx.get(url + "/docs").status_code == 404
+    assert httpx.get(url + "/openapi.json").status_code == 404
+    with running(create_app([(Engine(model, tok), tok)], model_name="docs", docs=True)) as base:
+        assert httpx.get(base + "/docs").status_code == 200
+        spec = httpx.get(base + "/openapi.json").json()
+        schema = spec["paths"]["/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["properties"]["messages"]["items"]["properties"]["role"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 10**30])
+def test_out_of_range_seed_is_422_not_an_error_event(url, seed):
+    r = httpx.post(url + "/chat/completions", json={"messages": [user("hi")], "seed": seed}, timeout=30)
+    assert r.status_code == 422 and "seed must be between 0 and" in r.json()["detail"]
+    r = httpx.post(url + "/chat/completions", json={"messages": [user("hi")], "seed": 2**64 - 1, "max_tokens": 2},
+                   timeout=30)
+    assert r.status_code == 200 and sse_events(r)[-1] == {"done": True}

@@ -257,3 +257,19 @@ def test_serve_refuses_a_port_in_use_before_loading_a_model(capsys, tmp_path):
         # the store is empty: the port is checked first, so the error is about the port, not the model
         code, _, err = run(capsys, "--store", str(tmp_path / "empty"), "serve", "--port", str(port))
     one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_serve_refuses_a_non_loopback_host_without_a_token(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NANORUN_SERVE_TOKEN", raising=False)
+    empty = str(tmp_path / "empty")
+    for host in ("0.0.0.0", "::", "192.0.2.7"):
+        code, _, err = run(capsys, "--store", empty, "serve", "--host", host, "--port", "1")
+        one_line_error(code, err, f"--host {host} lets other machines reach the model", "--token")
+    code, _, err = run(capsys, "--store", empty, "serve", "--host", "0.0.0.0", "--token", "  ")
+    one_line_error(code, err, "give a token")
+    code, _, err = run(capsys, "--store", empty, "serve", "--max-body", "0")
+    one_line_error(code, err, "--max-body 0 (>= 1)")
+    # with a token (flag or environment) the host is accepted: the next error is the empty store's
+    monkeypatch.setenv("NANORUN_SERVE_TOKEN", "t0ken")
+    code, _, err = run(capsys, "--store", empty, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    one_line_error(code, err, "no model to chat with")

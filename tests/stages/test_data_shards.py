@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import shutil
 
@@ -128,11 +129,18 @@ def test_s3_pattern_and_listing(s3_bucket, blobs, corpus_files, tmp_path, monkey
     assert len(train) == 7 and val[0].read_bytes() == corpus_files[7].read_bytes() and m["download"]["fetched"] == 8
 
 
-def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path):
+def local_copy(files, tmp_path):
+    """A writable local source folder holding copies of `files`."""
     src = tmp_path / "corpus"
     src.mkdir()
-    for f in corpus_files[:4]:
+    for f in files:
         shutil.copy(f, src / f.name)
+        (src / f.name).chmod(0o644)
+    return src
+
+
+def test_local_folder_is_copied_and_identified_by_content(corpus_files, tmp_path):
+    src = local_copy(corpus_files[:4], tmp_path)
     other = tmp_path / "copy"
     shutil.copytree(src, other)
     a, b = _config(source=str(src)), _config(source=str(other))
@@ -215,3 +223,62 @@ def test_config_errors():
     assert _config().identity_dict() == {"source": "climbmix", "train_shards": 8, "shard_indices": (),
                                               "val_shard": 6542, "min_doc_chars": 0, "max_doc_chars": 0,
                                               "val_docs": 0, "shard_chars": 0, "content_digest": ""}
+
+
+# ---- bad source files are refused up front, naming the source (issue 19 §5) ------------------------
+def _damage(kind: str, good: bytes) -> bytes:
+    import io
+
+    import pyarrow as pa
+
+    if kind == "zero-byte":
+        return b""
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "not parquet":
+        return b"PAR1 this is not a parquet file at all"
+    buf = io.BytesIO()
+    table = pa.table({"body": ["a", "b"]}) if kind == "wrong schema" else pa.table({"text": pa.array([], pa.string())})
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind, why", [("zero-byte", "0 bytes"), ("truncated", "magic bytes"),
+                                       ("not parquet", "not usable"), ("wrong schema", "no string column 'text'"),
+                                       ("no rows", "no rows")])
+def test_a_bad_local_parquet_is_refused_before_any_work_naming_the_source(kind, why, corpus_files, tmp_path,
+                                                                         capsys, nanorun_home):
+    import flows.cli as cli
+    from tests.flows.test_cli import one_line_error
+
+    src = local_copy(corpus_files[:3], tmp_path)
+    bad = src / "shard_00001.parquet"
+    bad.write_bytes(_damage(kind, bad.read_bytes()))
+    with pytest.raises(ConfigError, match=why) as err:
+        _config(source=str(src))
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=why):      # a single file (re-sharded) too
+        _config(source=str(bad))
+    code = cli.main(["stage", "data_shards", "--set", f"source={src}"])   # no Prefect, no staging copy
+    one_line_error(code, capsys.readouterr().err, f"data source {bad} is not usable", why)
+
+
+def test_a_damaged_page_is_refused_by_run_before_anything_is_copied(corpus_files, tmp_path):
+    src = local_copy(corpus_files[:3], tmp_path)
+    bad = src / "shard_00002.parquet"
+    data = bytearray(bad.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])   # same size, footer intact
+    bad.write_bytes(bytes(data))
+    cfg = _config(source=str(src))                  # footers are fine: the config builds
+    with pytest.raises(ConfigError, match=f"data source {bad} is not usable: Corrupt"):
+        stage.run(cfg, {}, tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_source_file_is_refused_naming_it(corpus_files, tmp_path):
+    src = local_copy(corpus_files[:3], tmp_path)
+    (src / "shard_00000.parquet").chmod(0)
+    with pytest.raises(ConfigError, match=f"data source {src / 'shard_00000.parquet'} is not usable"):
+        _config(source=str(src))

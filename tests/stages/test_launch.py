@@ -156,3 +156,94 @@ def test_failure_summary_skips_torchruns_own_traceback():
                                      "Traceback (most recent call last):"])
     assert killed.splitlines()[-1].endswith("failed (exitcode: -9) local_rank: 0")
     assert failure_summary([]) == "  | (no output)"
+
+
+# ---- interruption (issue 19 §2) -------------------------------------------------------------------
+@pytest.fixture
+def shutdown(monkeypatch):
+    import stages.launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "INTERRUPT_GRACE", 1.0)
+    yield launch_mod
+    launch_mod.SHUTDOWN.clear()
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_shutdown_stops_a_child_running_on_another_thread(shutdown, tmp_path, ignore_term):
+    """Prefect runs submitted tasks on worker threads, which a signal never reaches: the CLI's
+    request_shutdown() must stop their children all the same (TERM, then KILL after the grace)."""
+    import threading
+
+    pidfile = tmp_path / "pids"
+    code = f"""
+        import os, signal, subprocess, sys, time
+        if {ignore_term}:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pidfile)!r}, "w").write(f"{{os.getpid()}} {{p.pid}}")
+        while True:                                   # chatty: lines must not starve the checks
+            print("step", flush=True)
+            time.sleep(0.001)
+    """
+    raised = []
+
+    def run():
+        try:
+            launch(_py(code), kill_grace=30, name="worker-thread")
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and len(pidfile.read_text().split()) == 2):
+        assert time.monotonic() < deadline and thread.is_alive(), raised
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    shutdown.request_shutdown()
+    thread.join(15)
+    assert not thread.is_alive() and time.monotonic() - t0 < 5      # grace 1 s, not kill_grace's 30 s
+    assert isinstance(raised[0], shutdown.Interrupted) and "the run was interrupted" in str(raised[0])
+    assert all(_gone(int(pid)) for pid in pidfile.read_text().split())
+    with pytest.raises(shutdown.Interrupted, match="not started"):   # nothing new starts afterwards
+        launch(_py("print('never')"), name="late")
+
+
+def test_an_exception_on_the_callers_thread_kills_quickly(shutdown, tmp_path):
+    """Ctrl-C on the main thread lands in launch(): TERM, then KILL after INTERRUPT_GRACE."""
+    import threading
+
+    code = """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(600)
+    """
+    seen = threading.Event()
+
+    def on_line(line):
+        if line == "ready":
+            seen.set()
+            raise_later.start()
+
+    def interrupt():
+        import _thread
+
+        _thread.interrupt_main()
+
+    raise_later = threading.Timer(0.2, interrupt)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch(_py(code), kill_grace=30, name="main-thread", on_line=on_line)
+    assert seen.is_set() and time.monotonic() - t0 < 10
