@@ -20,7 +20,7 @@ from pathlib import Path
 from artifacts.redact import redact_value
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the nanorun source tree
-PACKAGES = ("nanorun", "torch", "numpy", "prefect", "tokenizers", "pyarrow", "duckdb", "boto3", "wandb")
+PACKAGES = ("nanorun", "torch", "numpy", "prefect", "tokenizers", "pyarrow", "duckdb", "boto3", "wandb", "flash-attn")
 
 
 @lru_cache(maxsize=1)
@@ -86,6 +86,9 @@ def collect(start: float, end: float, extra: dict | None = None) -> dict:
                     torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
         except Exception:
             pass
+    attention = sys.modules.get("core.attention")  # the backend this process used (flash-attn 3/2, SDPA)
+    if attention is not None:
+        prov["attention_backend"] = attention.BACKEND
     if extra:
         prov.update(extra)
     return redact_value(prov)  # a command line may hold a URL with credentials

@@ -108,8 +108,8 @@ STAT_COLUMNS = (("val_bpb", "val bpb", 4), ("core", "CORE", 4), ("total_seconds"
 
 
 def recipe_stats(rows: list[dict]) -> list[dict]:
-    """Per recipe (preset): the number of runs and, per metric, mean, sample sd and count (flows.stats)."""
-    from flows.stats import mean_spread
+    """Per recipe (preset): the number of runs and, per metric, mean, sample sd and count (core.stats)."""
+    from core.stats import mean_spread
 
     by: dict[str, list[dict]] = {}
     for r in rows:

@@ -380,7 +380,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())  # whatever the exception text holds
+    """The exception text on one line, credentials in any URL it quotes masked."""
+    from artifacts.redact import redact
+
+    return redact(" ".join(str(e).split()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ Each night the pinned recipe runs from scratch into its own store root,
 artifacts), its report is copied into the main store under the alias
 `report@nightly-{preset}-{date}` (so it lands on `nanorun leaderboard`), and it is judged against
 the earlier nights: CORE, val bpb or wall time worse than the run-to-run noise those nights measure
-(a prediction limit from their mean and spread, flows/stats.py) is a regression; until two earlier
+(a prediction limit from their mean and spread, core/stats.py) is a regression; until two earlier
 nights exist, fixed tolerances against the last night stand in. The comparison and the recipe's
 mean ± spread are published as a Markdown artifact; with fail_on_regression the flow run then
 fails so that notifications fire.
@@ -24,7 +24,7 @@ from artifacts.provenance import git_state
 from flows.board import format_rows, format_stats, recipe_stats, rows
 from flows.retention import keep_nights_default, night_store_url, prune_nights
 from flows.speedrun import speedrun
-from flows.stats import regression_check
+from core.stats import regression_check
 
 
 # (summary key, lower is better, the flow parameter holding its fallback tolerance)
@@ -37,7 +37,7 @@ def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noi
     (oldest first).
 
     A regression is a value outside the run-to-run noise measured from the earlier nights: beyond
-    the one-sided (1 - alpha) prediction limit of their mean and spread (flows.stats.
+    the one-sided (1 - alpha) prediction limit of their mean and spread (core.stats.
     regression_check). Until two earlier nights exist the spread is unknown, and the fixed
     tolerances stand in against the last night (CORE - core_noise, bpb + bpb_noise, time x (1 +
     slowdown)); the judgement row says which rule was used."""

@@ -10,7 +10,10 @@ between them run concurrently (the CORE bundle is fetched while the tokenizer tr
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
+import re
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 
@@ -51,7 +54,7 @@ def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | No
         raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
     store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
-    outcomes = walk(steps, _prefect_step(store_url, force), on_outcome=lambda o: _log_outcome(logger, o))
+    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o))
     logger.info("speedrun %s:\n%s", preset, format_outcomes(outcomes))
     refs = {name: str(o.ref) for name, o in outcomes.items() if o.ref is not None}
     if "report" in refs:
@@ -60,7 +63,7 @@ def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | No
     return refs
 
 
-def _prefect_step(store_url: str, force: list[str]):
+def prefect_step(store_url: str, force: list[str]):
     """walk()'s run_step for a flow: each step is a run_stage task run named after the step, waiting
     for its upstream task runs (so the UI draws the graph's edges)."""
     futures: dict[str, object] = {}
@@ -78,7 +81,7 @@ def _prefect_step(store_url: str, force: list[str]):
     return run_step
 
 
-def _log_outcome(logger, o) -> None:
+def log_outcome(logger, o) -> None:
     if o.status == "skipped":
         logger.warning("%s skipped (optional evidence): %s; what needs it is not run, the rest goes on",
                        o.step, o.detail)
@@ -90,19 +93,34 @@ def _log_outcome(logger, o) -> None:
 
 def publish_report(refs: dict[str, str], store_url: str, preset: str) -> None:
     """The run report, as a Markdown artifact on the flow run's page in the Prefect UI."""
-    from prefect.artifacts import create_markdown_artifact
-
     report = [ref for ref in refs.values() if ref.startswith("report/")]
     if not report:
         return
     st = open_store(store_url)
     ref = st.resolve(report[0])
-    markdown = (st.materialize(ref) / "report.md").read_text()
-    # images are files of the report artifact: point at them instead of leaving broken links
-    markdown = markdown.replace("](", f"]({store_url}/{ref.key}/") if "://" in store_url else \
-        markdown.replace("](", f"](file://{st.materialize(ref)}/")
-    key = "speedrun-report-" + "".join(c if c.isalnum() else "-" for c in preset.lower())
-    create_markdown_artifact(markdown=markdown, key=key, description=f"speedrun {preset}: {ref}")
+    path = st.materialize(ref)
+    publish_markdown((path / "report.md").read_text(), path, key=f"speedrun-report-{preset}",
+                     description=f"speedrun {preset}: {ref}")
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([A-Za-z0-9_./-]+\.(png|svg))\)")
+
+
+def publish_markdown(markdown: str, artifact_dir: Path, *, key: str, description: str) -> None:
+    """A report of a committed artifact as a Markdown artifact in the Prefect UI. Its images are
+    files of the artifact, which the UI's browser cannot fetch from a local or S3 store (file://
+    and s3:// links render broken): they are embedded as data URIs instead."""
+    from prefect.artifacts import create_markdown_artifact
+
+    def embed(m: re.Match) -> str:
+        f = Path(artifact_dir) / m.group(2)
+        if not f.is_file():
+            return m.group(0)
+        mime = "image/svg+xml" if m.group(3) == "svg" else "image/png"
+        return f"![{m.group(1)}](data:{mime};base64,{base64.b64encode(f.read_bytes()).decode()})"
+
+    create_markdown_artifact(markdown=_IMAGE.sub(embed, markdown), description=description,
+                             key="".join(c if c.isalnum() else "-" for c in key.lower()))
 
 
 @flow(name="stage", log_prints=True, validate_parameters=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
-from flows.speedrun import _log_outcome, _prefect_step
+from flows.speedrun import log_outcome, prefect_step, publish_markdown
 from flows.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
 from stages.execute import format_outcomes, walk
@@ -44,8 +44,8 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
                 sw.max_parallel)
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
     # point takes all its GPUs: 1); a failed point stops only its own CORE step
-    outcomes = walk(plan.steps, _prefect_step(st.url, []), max_parallel=sw.max_parallel,
-                    on_outcome=lambda o: _log_outcome(logger, o))
+    outcomes = walk(plan.steps, prefect_step(st.url, []), max_parallel=sw.max_parallel,
+                    on_outcome=lambda o: log_outcome(logger, o))
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
     rows, errors = [], {}
     for p in plan.points:
@@ -60,7 +60,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     ref = st.resolve(report)
     path = st.materialize(ref)
     markdown = (path / "report.md").read_text()
-    _publish(markdown, st.url, ref, path, key=f"{sw.kind}-{sw.name}")
+    publish_markdown(markdown, path, key=f"{sw.kind}-{sw.name}", description=str(ref))
     if errors:
         raise RuntimeError(f"{sw.kind} {sw.name}: {len(errors)} of {len(rows)} point(s) failed "
                            f"({'; '.join(f'{k}: {v}' for k, v in errors.items())[:800]}); the report of the others is "
@@ -69,10 +69,3 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
             "points": {r["point"]: r["pretrain"] for r in rows}}
 
 
-def _publish(markdown: str, store_url: str, ref, path, key: str) -> None:
-    """The report as a Markdown artifact on the flow run's page, its images linked into the store."""
-    from prefect.artifacts import create_markdown_artifact
-
-    base = f"{store_url}/{ref.key}/" if "://" in store_url else f"file://{path}/"
-    create_markdown_artifact(markdown=markdown.replace("](", "](" + base),
-                             key="".join(c if c.isalnum() else "-" for c in key.lower()), description=str(ref))

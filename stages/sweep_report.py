@@ -11,7 +11,7 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (val bpb vs FLOPs per depth, the compute-optimal frontier, the isoFLOP optima), scaling_fits.png
 (N_opt(C) and D_opt(C) with fitted exponents ± standard error; 2+ FLOP budgets), core_vs_flops.png
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
-grid cell with its confidence interval). Method: flows/stats.py.
+grid cell with its confidence interval). Method: core/stats.py.
 
 The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
     SELECT r->>'point' AS point, TRY_CAST(r->>'val_bpb' AS DOUBLE) AS val_bpb FROM (SELECT
@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, verdict, welch
+from core.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, verdict, welch
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "sweep_report"

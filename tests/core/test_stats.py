@@ -1,4 +1,4 @@
-"""flows/stats.py: the t distribution against tables, Welch's test on data with and without an
+"""core/stats.py: the t distribution against tables, Welch's test on data with and without an
 effect, power-law fits that recover known exponents, and the noise-based regression check."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from flows.stats import (betainc, isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit,
+from core.stats import (betainc, isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit,
                          regression_check, t_ppf, t_sf, verdict, welch)
 
 

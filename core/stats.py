@@ -1,6 +1,6 @@
 """Statistics for sweeps, A/B comparisons and the nightly check: plain numpy, no Prefect, no scipy.
 
-    from flows.stats import welch, verdict, power_law_fit, isoflop_optimum, regression_check
+    from core.stats import welch, verdict, power_law_fit, isoflop_optimum, regression_check
     r = welch(bpb_a, bpb_b)                   # B - A: diff, CI, p-value over seeds (Welch's t-test)
     verdict(r, lower_is_better=True)          # "better" | "worse" | "no detectable difference"
     fit = power_law_fit(flops, n_opt)         # N_opt = k * C^a: a, its standard error and CI
