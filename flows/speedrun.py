@@ -14,12 +14,13 @@ import base64
 import dataclasses
 import re
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
-from flows.recipes import speedrun_steps
+from flows.recipes import PRESETS, speedrun_steps
 from flows.tasks import join_stage, run_stage
 from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
@@ -28,22 +29,33 @@ def config_dict(cfg) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
+# the UI's run form shows a dropdown of the known recipes (a typed parameter, checked before the run)
+Preset = Literal[tuple(PRESETS)]
+
+
 @flow(name="speedrun", log_prints=True, validate_parameters=True)
-def speedrun(preset: str = "cpu-demo", store: str | None = None, depth: int | None = None,
+def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int | None = None,
              data_source: str | None = None, nproc: int | None = None, eval_bundle: str | None = None,
              chat_data: str | None = None, overrides: dict[str, dict] | None = None,
              force: list[str] | None = None) -> dict[str, str]:
     """The whole speedrun for a preset; returns {step: artifact ref} of the steps that have one.
 
-    preset: cpu-demo | tiny | d12 | d20 | d24-speedrun | d26. store: a directory or s3://bucket/prefix
-    (default $NANORUN_STORE or $NANORUN_HOME). eval_bundle: the CORE bundle (local dir/zip or URL;
-    default its public URL; when it cannot be had, CORE is skipped and the run still succeeds).
-    chat_data: a directory with SFT/chat-eval files (identity conversations, GSM8K jsonl); offline
-    presets use what it holds. overrides: {step: {field: value}}, e.g. {"base": {"num_iterations": 50}}.
-    force: step names to rebuild even if committed.
-
     Every step whose inputs are available runs, even after another step failed; the run log ends
     with one table (committed / cached / failed / skipped / not run) and the flow fails if a step did.
+
+    Args:
+        preset: the recipe: cpu-demo (d4, minutes on 2 CPU cores), tiny (seconds, tests), d12, d20,
+            d24-speedrun, d26 (8 GPUs).
+        store: artifact store, a directory or s3://bucket/prefix (default $NANORUN_STORE, else the
+            local root $NANORUN_HOME).
+        depth: model depth, overriding the preset's.
+        data_source: data source for the data step (climbmix, fineweb-edu, chitchat, a directory).
+        nproc: training processes per node.
+        eval_bundle: the CORE bundle, a local directory/zip or a URL (default: its public URL; when it
+            cannot be had, CORE is skipped and the run still succeeds).
+        chat_data: directory of SFT / chat-eval files (identity conversations, GSM8K jsonl).
+        overrides: config fields per step, {step: {field: value}}, e.g. {"base": {"num_iterations": 50}}.
+        force: step names to rebuild even if committed (data, tokenizer, base, sft, ...).
     """
     logger = get_run_logger()
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,

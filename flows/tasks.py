@@ -93,8 +93,12 @@ def _is_transient(task, task_run, state) -> bool:
         return False
     from stages.fetch import FetchError
 
-    if isinstance(exc, FetchError):  # 404s and unresolvable hosts fail at once; connection errors retry
-        return exc.transient
+    if isinstance(exc, FetchError):
+        # never retried here: a 404 or an unresolvable host is permanent, and connection errors
+        # were already retried by fetch() within its own bounded budget (retries x backoff,
+        # ~30 s by default; raise the stage's retries/backoff for unattended runs). Retrying the
+        # task on top multiplied that into minutes (5 attempts x 3 task tries: 2m26s refused).
+        return False
     return isinstance(exc, (StoreUnreachableError, ConnectionError, TimeoutError))
 
 

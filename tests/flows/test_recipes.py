@@ -69,3 +69,13 @@ def test_pretrain_takes_the_core_bundle_only_when_it_scores_core_during_training
     assert "eval_bundle" not in steps["base"].inputs
     steps = {s.name: s for s in speedrun_steps("tiny", {"base": {"core_metric_every": 8}})}
     assert steps["base"].inputs["eval_bundle"] == "eval_bundle"
+
+
+def test_the_run_form_offers_the_presets_and_describes_every_parameter():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.speedrun import speedrun
+
+    props = parameter_schema(speedrun.fn).model_dump()["properties"]
+    assert props["preset"]["enum"] == list(PRESETS)
+    assert all(p.get("description") for p in props.values()), [k for k, p in props.items() if not p.get("description")]
