@@ -179,12 +179,6 @@ def _exit_now(what: str, signum: int) -> None:
     os._exit(128 + signum)
 
 
-def _print_refs(refs: dict[str, str]) -> None:
-    width = max(map(len, refs))
-    for name, ref in refs.items():
-        print(f"{name.ljust(width)}  {ref}")
-
-
 class Speedrun:
     @staticmethod
     def add_arguments(p):
@@ -236,12 +230,18 @@ class Speedrun:
 class Stage:
     @staticmethod
     def add_arguments(p):
-        p.add_argument("name", help="stage name (data_shards, tokenizer, pretrain, ...)")
+        p.add_argument("name", help="stage name (data_shards, tokenizer, pretrain, ...), or with --recipe also a "
+                                    "step name (base, base_eval, ...)")
         p.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=REF",
                        help="an upstream artifact: stage/label-fp, a fingerprint prefix or stage@alias")
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                        help="a config field (repeatable); values parse as JSON when they can")
         p.add_argument("--preset", help="the stage's own preset (e.g. pretrain: tiny, cpu-demo, d20)")
+        p.add_argument("--recipe", metavar="SPEEDRUN_PRESET",
+                       help="build the step exactly as `nanorun speedrun --preset SPEEDRUN_PRESET` does (same "
+                            "config, its upstream artifacts as inputs): a single-stage rerun hits the same fingerprint")
+        p.add_argument("--eval-bundle", help="with --recipe: as `nanorun speedrun --eval-bundle`")
+        p.add_argument("--chat-data", help="with --recipe: as `nanorun speedrun --chat-data`")
         p.add_argument("--force", action="store_true", help="rebuild even if committed")
         p.add_argument("--join", action="store_true", help="multi-node: run this node's share of the run node 0 "
                                                            "builds (pretrain, node_rank >= 1); commits nothing")
@@ -254,17 +254,21 @@ class Stage:
         from stages.base import ConfigError
         from stages.execute import load_stage
 
-        mod = load_stage(args.name)
         fields = parse_set([f"x.{s}" for s in args.sets]).get("x", {})
-        inputs = {}
+        if args.recipe and args.preset:
+            raise ConfigError("--recipe and --preset both say where the config comes from: give one")
+        store = open_store(args.store)
+        if args.recipe:
+            mod, cfg, refs = _recipe_step(args, fields, store)
+        else:
+            mod = load_stage(args.name)
+            cfg = mod.Config.from_preset(args.preset, **fields) if args.preset else mod.Config.from_dict(fields).resolve()
+            refs = {}
         for item in args.inputs:
             name, eq, ref = item.partition("=")
             if not eq or not name or not ref:
                 raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
-            inputs[name] = ref
-        store = open_store(args.store)
-        cfg = mod.Config.from_preset(args.preset, **fields) if args.preset else mod.Config.from_dict(fields).resolve()
-        refs = {k: store.resolve(v) for k, v in inputs.items()}
+            refs[name] = store.resolve(ref)
         if args.plan:
             from stages.execute import status
 
@@ -278,3 +282,34 @@ class Stage:
                         inputs={k: str(v) for k, v in refs.items()}, store=args.store, force=args.force,
                         join=args.join))
         return 0
+
+
+def _recipe_step(args, fields: dict, store):
+    """(stage module, Config, input refs) of one step of a speedrun recipe, built exactly as the
+    speedrun builds it; its inputs are the recipe's upstream artifacts, which must be in the store
+    (optional ones that are not are left out, as the speedrun leaves them out when missing)."""
+    from flows.recipes import speedrun_steps
+    from stages.base import ConfigError, optional_inputs
+    from stages.execute import load_stage, plan
+
+    def build(overrides=None):
+        return speedrun_steps(args.recipe, overrides, eval_bundle=args.eval_bundle, chat_data=args.chat_data)
+
+    matches = [s for s in build() if s.name == args.name or load_stage(s.stage).NAME == args.name]
+    if len(matches) != 1:
+        names = ", ".join(f"{s.name} ({load_stage(s.stage).NAME})" for s in build())
+        raise ConfigError(f"recipe {args.recipe} has {'no' if not matches else 'more than one'} step {args.name!r}; "
+                          f"its steps: {names}")
+    steps = build({matches[0].name: fields})
+    rows = {r.step: r for r in plan(steps, store)}
+    step = next(s for s in steps if s.name == matches[0].name)
+    mod = load_stage(step.stage)
+    refs = {}
+    for name, upstream in step.inputs.items():
+        row = rows[upstream]
+        if row.status == "cached":
+            refs[name] = row.ref
+        elif name not in optional_inputs(mod):
+            raise ConfigError(f"step {step.name}: its input {name} ({row.ref}) is not committed in {store.url}: "
+                              f"run `nanorun speedrun --preset {args.recipe}` (or that step) first, or pass --input")
+    return mod, step.cfg, refs

@@ -136,3 +136,21 @@ def test_a_fully_cached_speedrun_answers_from_the_store_without_prefect(tiny_run
     out = capsys.readouterr()
     assert code == 0 and "all 9 steps are committed and verified: nothing to run" in out.err
     assert dict(line.split() for line in out.out.splitlines()) == {name: str(m.ref) for name, m in run.items()}
+
+
+def test_stage_with_recipe_hits_the_speedruns_fingerprint(tiny_run, shared_data, capsys):
+    """`nanorun stage NAME --recipe PRESET` builds the step exactly as the speedrun does, upstream
+    artifacts included, without copying its config out of `nanorun show`."""
+    import flows.cli as cli
+
+    store, run = tiny_run
+    common = ["--recipe", "tiny", "--eval-bundle", str(shared_data / "eval_bundle"), "--chat-data",
+              str(shared_data / "chat"), "--plan"]
+    for name, step in (("base", "base"), ("sft", "sft"), ("core_eval", "base_eval")):
+        assert cli.main(["--store", store.url, "stage", name, *common]) == 0
+        assert capsys.readouterr().out.split() == [str(run[step].ref), "cached"]
+    assert cli.main(["--store", store.url, "stage", "base", *common, "--set", "seed=5"]) == 0
+    ref, state = capsys.readouterr().out.split()
+    assert ref != str(run["base"].ref) and state == "run"
+    assert cli.main(["--store", store.url, "stage", "nope", *common]) == 2
+    assert "recipe tiny has no step 'nope'; its steps: data (data_shards)" in capsys.readouterr().err
