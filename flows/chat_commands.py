@@ -92,7 +92,6 @@ def _from_bundle(path: Path, name: str) -> ChatModel:
 
 
 def _from_ref(ref, store) -> ChatModel:
-    from core.checkpoint import load_checkpoint
     from core.export import CONFIG_FILE, WEIGHTS_FILE
     from core.layouts import CHECKPOINT_POINTER, model_checkpoint, tokenizer_dir
 
@@ -109,8 +108,39 @@ def _from_ref(ref, store) -> ChatModel:
         raise ModelLoadError(f"{ref} does not name the tokenizer it was trained with (no 'tokenizer' input): "
                              "export it with `nanorun stage export --input model=... --input tokenizer=...`")
     # S3: both are downloaded (resumably) and sha256-verified into the machine's cache on first use.
-    ckpt = model_checkpoint(store.materialize(ref))
-    tok_dir = tokenizer_dir(store.materialize(tok_ref))
+    return _trainer_model(name, model_checkpoint(store.materialize(ref)), tokenizer_dir(store.materialize(tok_ref)),
+                          tok_ref.fingerprint)
+
+
+def _from_pulled(path: Path, tokenizer: str | None, store) -> ChatModel:
+    """A trainer artifact (sft, rl, pretrain) copied out with `nanorun pull`: its checkpoint from the
+    folder, its tokenizer from --tokenizer (a folder or a ref), else the one its manifest names,
+    from the store."""
+    from artifacts import StoreError
+    from artifacts.manifest import MANIFEST_NAME, Manifest
+    from core.layouts import model_checkpoint, tokenizer_dir
+
+    m = Manifest.from_json((path / MANIFEST_NAME).read_text(), where=str(path / MANIFEST_NAME))
+    tok_ref = m.inputs.get("tokenizer")
+    if tokenizer and Path(tokenizer).expanduser().is_dir():
+        tok_dir = tokenizer_dir(Path(tokenizer).expanduser())
+    else:
+        if store is None:
+            from artifacts import open_store
+
+            store = open_store()
+        try:
+            tok_dir = tokenizer_dir(store.materialize(store.resolve(tokenizer) if tokenizer else tok_ref))
+        except (StoreError, TypeError) as e:
+            raise ModelLoadError(f"{path} is a pulled {m.stage} artifact whose tokenizer ({tok_ref}) is not in "
+                                 f"{store.url}: pull it too (`nanorun pull {tok_ref} --to DIR`) and pass --tokenizer "
+                                 f"DIR ({e})") from None
+    return _trainer_model(path.name, model_checkpoint(path), tok_dir, tok_ref.fingerprint if tok_ref else None)
+
+
+def _trainer_model(name: str, ckpt: Path, tok_dir: Path, tok_fingerprint: str | None) -> ChatModel:
+    from core.checkpoint import load_checkpoint
+
     meta = load_checkpoint(ckpt).meta
     n = None
     if "model_config" in meta:
@@ -118,14 +148,18 @@ def _from_ref(ref, store) -> ChatModel:
 
         n = count_params(GPTConfig.from_dict(meta["model_config"]))["total"]
     return ChatModel(name=name, kind=meta.get("kind", "base"), path=ckpt, bundle=False, tokenizer_dir=tok_dir,
-                     tokenizer_fingerprint=tok_ref.fingerprint, num_params=n)
+                     tokenizer_fingerprint=tok_fingerprint, num_params=n)
 
 
-def find_chat_model(text: str | None, store) -> ChatModel:
-    """Resolve REF (None: export@latest, then sft@latest) or a bundle folder to a loadable model."""
+def find_chat_model(text: str | None, store, tokenizer: str | None = None) -> ChatModel:
+    """Resolve REF (None: export@latest, then sft@latest), an export bundle folder or a pulled
+    trainer artifact folder (sft, rl, pretrain; tokenizer: see _from_pulled) to a loadable model."""
+    from core.layouts import CHECKPOINT_POINTER
+
     if text is not None and Path(text).expanduser().exists():
         path = Path(text).expanduser().absolute()
-        found = _from_bundle(path, path.name)
+        pulled = (path / CHECKPOINT_POINTER).is_file()
+        found = _from_pulled(path, tokenizer, store) if pulled else _from_bundle(path, path.name)
     else:
         if store is None:
             from artifacts import open_store
@@ -167,8 +201,10 @@ def load_chat_model(text: str | None, store, device: str = "cpu"):
 # ---- the subcommands ---------------------------------------------------------------------------------
 def _common_arguments(p) -> None:
     p.add_argument("ref", nargs="?", metavar="REF",
-                   help="export/sft/pretrain artifact (ref, fingerprint prefix, stage@alias) or a bundle folder "
-                        "(default: export@latest, else sft@latest)")
+                   help="export/sft/rl/pretrain artifact (ref, fingerprint prefix, stage@alias), an export bundle "
+                        "folder or a folder from `nanorun pull` (default: export@latest, else sft@latest)")
+    p.add_argument("--tokenizer", metavar="DIR|REF",
+                   help="for a pulled trainer folder: its tokenizer (default: the one its manifest names, from the store)")
     p.add_argument("--device", default="", help="cpu | cuda | mps (default: autodetect)")
     p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default: the model's)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens, 0 = off (default: the model's)")
@@ -178,8 +214,11 @@ def _common_arguments(p) -> None:
 def _store_for(args):
     from artifacts import open_store
 
-    if args.ref and Path(args.ref).expanduser().exists():
-        return None  # a bundle folder needs no store
+    from core.layouts import CHECKPOINT_POINTER
+
+    folder = Path(args.ref).expanduser() if args.ref else None
+    if folder is not None and folder.exists() and not (folder / CHECKPOINT_POINTER).is_file():
+        return None  # an export bundle folder needs no store (a pulled trainer folder may: its tokenizer)
     return open_store(args.store)
 
 
@@ -217,7 +256,7 @@ class Chat:
         from core.chat_cli import run_chat
         from stages.base import ConfigError
 
-        found = find_chat_model(args.ref, _store_for(args))
+        found = find_chat_model(args.ref, _store_for(args), args.tokenizer)
         gen = _sampling(args, found)
         device = _device(args.device)
         engine, tokenizer = found.load(device)
@@ -297,7 +336,7 @@ class Serve:
             raise ConfigError(f"--host {args.host} lets other machines reach the model: give a token (--token or "
                               "env NANORUN_SERVE_TOKEN, e.g. $(openssl rand -hex 16)), or bind 127.0.0.1")
         _check_port_free(args.host, args.port)  # before loading a model for a server that cannot start
-        found = find_chat_model(args.ref, _store_for(args))
+        found = find_chat_model(args.ref, _store_for(args), args.tokenizer)
         gen = _sampling(args, found)
         devices = replica_devices(_device(args.device), args.workers)
         first = found.load(devices[0])  # fail here, as one line, rather than in a server that never gets ready

@@ -273,3 +273,22 @@ def test_serve_refuses_a_non_loopback_host_without_a_token(capsys, tmp_path, mon
     monkeypatch.setenv("NANORUN_SERVE_TOKEN", "t0ken")
     code, _, err = run(capsys, "--store", empty, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
     one_line_error(code, err, "no model to chat with")
+
+
+@pytest.mark.slow
+def test_a_pulled_sft_folder_chats_like_its_ref(models, tmp_path, capsys):
+    """`nanorun pull sft@... --to DIR` then `nanorun chat DIR`: the tokenizer comes from the store
+    (its manifest names it), or from --tokenizer when the store does not have it."""
+    store, sft, _ = models
+    expected = reference_reply(str(sft), store)
+    assert run(capsys, "--store", store.url, "pull", str(sft), "--to", str(tmp_path / "sft"))[0] == 0
+    code, out, err = run(capsys, "--store", store.url, "chat", str(tmp_path / "sft"), "-p", PROMPT, *SAMPLING)
+    assert code == 0 and out == expected, err
+    tok = store.require(sft).inputs["tokenizer"]
+    assert run(capsys, "--store", store.url, "pull", str(tok), "--to", str(tmp_path / "tok"))[0] == 0
+    elsewhere = ["--store", str(tmp_path / "empty-store")]
+    code, _, err = run(capsys, *elsewhere, "chat", str(tmp_path / "sft"), "-p", PROMPT, *SAMPLING)
+    one_line_error(code, err, "pulled sft artifact whose tokenizer", "--tokenizer DIR")
+    code, out, err = run(capsys, *elsewhere, "chat", str(tmp_path / "sft"), "--tokenizer", str(tmp_path / "tok"),
+                         "-p", PROMPT, *SAMPLING)
+    assert code == 0 and out == expected, err
