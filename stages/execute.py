@@ -418,8 +418,8 @@ def walk(steps: list[Step], run_step: RunStep, *, max_parallel: int | None = Non
                     manifest, was_cached = fut.result()
                     record(Outcome(step.name, "cached" if was_cached else "committed", manifest))
                 except Exception as e:
-                    record(Outcome(step.name, "skipped" if step.optional else "failed",
-                                   detail=f"{type(e).__name__}: {' '.join(str(e).split())}", error=e))
+                    reason = getattr(e, "headline", "") or f"{type(e).__name__}: {' '.join(str(e).split())}"
+                    record(Outcome(step.name, "skipped" if step.optional else "failed", detail=reason, error=e))
     finally:  # an interrupt: do not wait for running stages here (their launcher stops them)
         pool.shutdown(wait=not running, cancel_futures=True)
     return {s.name: outcomes[s.name] for s in steps}

@@ -22,6 +22,7 @@ import collections
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -39,16 +40,32 @@ log = logging.getLogger("nanorun.launch")
 INTERRUPT_GRACE = 10.0  # seconds between TERM and KILL when the run is interrupted (timeouts: kill_grace)
 SHUTDOWN = threading.Event()  # set by request_shutdown(): every launch() in this process stops its child
 
+_WORKER_SIGNAL = re.compile(r"exitcode\s*:\s*-(\d+)")
 _ERROR_MARKERS = ("Error", "Exception", "Traceback", "error:", "FAILED", "Killed", "RuntimeError")
 
 
 class LaunchError(RuntimeError):
     """The supervised process failed (non-zero exit, timeout or signal)."""
 
-    def __init__(self, message: str, returncode: int | None, tail: list[str]):
+    def __init__(self, message: str, returncode: int | None, tail: list[str], headline: str = ""):
         super().__init__(message)
         self.returncode = returncode
         self.tail = tail
+        self.headline = headline or message.split("\n", 1)[0]  # the one line for tables and the CLI
+
+
+def signal_name(returncode: int | None, tail: list[str]) -> str | None:
+    """The signal that killed the process, or (torchrun exits 1 when a worker dies) one of its
+    workers ("exitcode: -9" in the agent's summary): "SIGKILL", or None for a plain failure."""
+    num = -returncode if returncode is not None and returncode < 0 else None
+    if num is None:
+        num = next((int(m.group(1)) for line in reversed(tail) if (m := _WORKER_SIGNAL.search(line))), None)
+    if num is None:
+        return None
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 class Interrupted(LaunchError):
@@ -261,9 +278,11 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
         raise LaunchError(f"{name} timed out after {timeout:.0f} s and was killed; "
                           f"last lines:\n{failure_summary(tail)}", rc, list(tail))
     if rc != 0:
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        sig = signal_name(rc, list(tail))
+        how = f"was killed by {sig}" if rc < 0 else f"exited with code {rc}" + (f" (a worker was killed by {sig})" if sig else "")
+        headline = f"{name} killed by {sig} after {seconds:.0f} s" if sig else f"{name} exited with code {rc} after {seconds:.0f} s"
         raise LaunchError(f"{name} {how} after {seconds:.0f} s; last error lines:\n{failure_summary(tail)}",
-                          rc, list(tail))
+                          rc, list(tail), headline)
     log.info("[%s] finished in %.1f s", name, seconds)
     return LaunchResult(returncode=rc, seconds=seconds, lines=state["lines"])
 

@@ -247,3 +247,18 @@ def test_an_exception_on_the_callers_thread_kills_quickly(shutdown, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         launch(_py(code), kill_grace=30, name="main-thread", on_line=on_line)
     assert seen.is_set() and time.monotonic() - t0 < 10
+
+
+def test_a_signal_is_reported_as_such():
+    with pytest.raises(LaunchError) as ei:
+        launch(_py("""
+            import os, signal
+            print("step 3", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """), name="pretrain")
+    assert ei.value.headline.startswith("pretrain killed by SIGKILL after ")
+    assert str(ei.value).startswith("pretrain was killed by SIGKILL after ")
+    # torchrun's leader exits 1 when a worker dies; its summary names the worker's signal
+    from stages.launch import signal_name
+
+    assert signal_name(1, ["  exitcode  : -9 (pid: 123)"]) == "SIGKILL" and signal_name(1, ["error: x"]) is None
