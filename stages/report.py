@@ -11,19 +11,18 @@ Files: report.md, loss.png (train loss + val bpb), core.png (CORE per task vs GP
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
+from stages.reporting import fmt, hms, render_markdown, summarize
 
 NAME = "report"
 code_version = "3"
 INPUTS = ("base",)
 # role -> the stage that fills it in the speedrun graph (the order is the report's order)
 OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "chat_eval", "export")
-GPT2_CORE = {"GPT-2 124M": 0.113891, "GPT-2 1.5B": 0.256525}
 log = stage_logger(NAME)
 
 
@@ -40,128 +39,6 @@ class Config(StageConfig):
 
     def label(self) -> str:
         return "".join(c if c.isalnum() or c in "_." else "_" for c in "_".join(filter(None, (self.recipe, self.tag))))
-
-
-def _fmt(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def stage_seconds(m: Manifest) -> float | None:
-    """How long building this artifact took (training stages: every attempt, resumes included)."""
-    if m.metrics.get("wall_time_s") is not None:
-        return float(m.metrics["wall_time_s"])
-    return m.provenance.get("duration_s")
-
-
-def _chat_scores(metrics: dict) -> dict:
-    """ChatCORE (chatcore: all five tasks ran; else chatcore_partial, the mean over those that did,
-    shown under its label) and each chat task's accuracy (not the evaluation's own bookkeeping)."""
-    key = "chatcore" if metrics.get("chatcore") is not None else "chatcore_partial"
-    scores = {key: metrics[key]} if metrics.get(key) is not None else {}
-    for task, r in (metrics.get("tasks") or {}).items():
-        if isinstance(r, dict) and r.get("accuracy") is not None:
-            scores[f"{task} accuracy"] = r["accuracy"]
-    return scores
-
-
-def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
-    """The leaderboard row of a run from the manifests of its stages (role -> manifest)."""
-    base = manifests["base"]
-    bm = base.metrics
-    seconds = {role: stage_seconds(m) for role, m in manifests.items()}
-    core = manifests.get("base_eval")
-    chat = manifests.get("chat_eval")
-    core_score = core.metrics.get("core") if core else None
-    complete = bool(core and core.metrics.get("n_tasks") == core.metrics.get("total_tasks")
-                    and (core.metrics.get("max_per_task") or -1) <= 0)
-    total = sum(s for s in seconds.values() if s is not None)
-    costs = [m.metrics.get("cost_estimate") for m in manifests.values() if m.metrics.get("cost_estimate") is not None]
-    prov = base.provenance
-    return {
-        "preset": preset,
-        "depth": base.identity.get("depth"),
-        "date": prov.get("end_time") or prov.get("committed_at"),
-        "commit": prov.get("git_commit"),
-        "dirty": prov.get("git_dirty"),
-        "hardware": f"{bm.get('device', '?')} x{bm.get('world_size', '?')} ({prov.get('host', '?')})",
-        "stage_seconds": {k: (round(v, 3) if v is not None else None) for k, v in seconds.items()},
-        "total_seconds": round(total, 3),
-        "cost": round(sum(costs), 4) if costs else None,
-        "val_bpb": bm.get("final_val_bpb"),
-        "min_val_bpb": bm.get("min_val_bpb"),
-        "core": core_score,
-        "core_label": core.metrics.get("label") if core else None,
-        "core_n_tasks": core.metrics.get("n_tasks") if core else None,
-        "core_complete": complete,
-        # the leaderboard's headline: wall time to reach GPT-2 1.5B's CORE, on the full metric only
-        "time_to_gpt2_s": round(total, 3) if complete and core_score is not None and core_score >= GPT2_CORE["GPT-2 1.5B"] else None,
-        "chat": _chat_scores(chat.metrics) if chat else {},
-        "chatcore_label": chat.metrics.get("chatcore_label") if chat else None,
-        "tok_per_s": bm.get("tok_per_s"),
-        "mfu_percent": bm.get("mfu_percent"),
-        "num_params": bm.get("num_params"),
-        "iterations": bm.get("iterations"),
-        "tokens": bm.get("tokens"),
-        "artifacts": {role: str(m.ref) for role, m in manifests.items()},
-    }
-
-
-def _core_not_run(manifests: dict[str, Manifest]) -> str:
-    # the speedrun skips CORE when the bundle cannot be had (offline): say so instead of a bare "-"
-    return "not run" + ("" if "eval_bundle" in manifests else " (no eval bundle)")
-
-
-def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, images: dict[str, str] | None = None,
-                    core_table: str | None = None) -> str:
-    """The report (also the model card of an export) as Markdown."""
-    images = images or {}
-    s = summary
-    out = [f"# {title}", ""]
-    out += [f"- preset **{s['preset']}**, depth {s['depth']}, {_fmt(s['num_params'])} parameters, "
-            f"{_fmt(s['iterations'])} iterations over {_fmt(s['tokens'])} tokens",
-            f"- code {s['commit'] or 'unknown'}{' (dirty)' if s['dirty'] else ''}, finished {s['date']}",
-            f"- hardware {s['hardware']}; total wall time {_hms(s['total_seconds'])}"
-            + (f", estimated cost ${s['cost']:.2f}" if s["cost"] else ""), ""]
-    out += ["## Results", "", "| metric | value |", "|---|---:|",
-            f"| val bits-per-byte (final / min) | {_fmt(s['val_bpb'])} / {_fmt(s['min_val_bpb'])} |",
-            f"| {s['core_label'] or 'CORE'} | {_fmt(s['core']) if 'base_eval' in manifests else _core_not_run(manifests)} |"]
-    out += [f"| {name} CORE | {v:.6f} |" for name, v in GPT2_CORE.items()]
-    chat_tasks = (manifests["chat_eval"].metrics.get("tasks") or {}) if "chat_eval" in manifests else {}
-    for k, v in s["chat"].items():
-        task = chat_tasks.get(k.removesuffix(" accuracy")) or {}
-        beside = " (not in ChatCORE)" if "chatcore_task" in task and not task["chatcore_task"] else ""
-        name = (s.get("chatcore_label") or "ChatCORE") if k.startswith("chatcore") else f"chat: {k}{beside}"
-        out.append(f"| {name} | {_fmt(v)} |")
-    out += [f"| throughput (tok/s, MFU %) | {_fmt(s['tok_per_s'], 0)}, {_fmt(s['mfu_percent'], 2)} |", ""]
-    out += ["## Stages", "", "| step | artifact | wall time | built |", "|---|---|---:|---|"]
-    for role, m in manifests.items():
-        resumed = " (resumed)" if m.provenance.get("resumed") else ""
-        out.append(f"| {role} | `{m.ref}` | {_hms(s['stage_seconds'].get(role))} | {m.provenance.get('end_time', '?')}{resumed} |")
-    out.append("")
-    if "loss" in images:
-        out += ["## Training", "", f"![loss]({images['loss']})", ""]
-    if "throughput" in images:
-        out += [f"![throughput]({images['throughput']})", ""]
-    if core_table:
-        out += ["## CORE per task", "", core_table.rstrip(), ""]
-    if "core" in images:
-        out += [f"![core]({images['core']})", ""]
-    samples = manifests["base"].metrics.get("samples") or []
-    if samples:
-        out += ["## Samples (base model, greedy)", ""] + [f"- `{x!r}`" for x in samples[:8]] + [""]
-    return "\n".join(out)
 
 
 def _plot_loss(path: Path, base: Manifest) -> bool:
@@ -263,6 +140,6 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     title = cfg.title or f"nanorun speedrun {cfg.recipe}"
     (out / "report.md").write_text(render_markdown(summary, manifests, title, images, core_table))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("report: %s, val bpb %s, %s %s, total %s", cfg.recipe, _fmt(summary["val_bpb"]),
-             summary["core_label"] or "CORE", _fmt(summary["core"]), _hms(summary["total_seconds"]))
+    log.info("report: %s, val bpb %s, %s %s, total %s", cfg.recipe, fmt(summary["val_bpb"]),
+             summary["core_label"] or "CORE", fmt(summary["core"]), hms(summary["total_seconds"]))
     return summary
