@@ -36,7 +36,7 @@ from pathlib import Path
 
 from core.tasks.mixture import REFERENCE_SOURCES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.sft import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
+from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
 code_version = "2"

@@ -11,7 +11,7 @@ import pytest
 
 from core.checkpoint import check_tokenizer, load_model
 from core.layouts import model_checkpoint
-from stages import pretrain, sft
+from stages import pretrain, sft, sources
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute
 from tests.stages._http_server import FileServer
@@ -58,7 +58,7 @@ def test_identity_is_the_mixture_and_the_file_contents_not_their_paths(chat, tmp
                                   "source_digests": ident["source_digests"]})
     assert stale.resolve() is stale  # given digests are taken as they are (no I/O); the run refuses changed files
     with pytest.raises(RuntimeError, match="source 'gsm8k_test.jsonl' .* changed since the config was built"):
-        sft.resolve_sources([*stale.train_mixture, *stale.val_mixture], stale.data_dir, stale.source_digests, tmp_path)
+        sources.resolve_sources([*stale.train_mixture, *stale.val_mixture], stale.data_dir, stale.source_digests, tmp_path)
     assert sft.preset("tiny", data_dir=str(chat), matrix_lr=0.01).identity_dict() != ident
     assert sft.preset("tiny", data_dir=str(chat)).label() == "identity_gsm8k_spelling_bee_simple_spelling"
 
@@ -107,10 +107,10 @@ def test_url_sources_are_fetched_and_verified(chat, tmp_path):
     with FileServer({"/ident.jsonl": body}) as srv:
         url = srv.url("/ident.jsonl")
         specs = [{"task": "conversations", "source": url, "sha256": hashlib.sha256(body).hexdigest()}]
-        paths = sft.resolve_sources(specs, "", {}, tmp_path)
-        assert open(paths[url], "rb").read() == body and paths[url].startswith(str(tmp_path / sft.SOURCES_DIR))
+        paths = sources.resolve_sources(specs, "", {}, tmp_path)
+        assert open(paths[url], "rb").read() == body and paths[url].startswith(str(tmp_path / sources.SOURCES_DIR))
         with pytest.raises(Exception, match="does not match the expected"):
-            sft.resolve_sources([{**specs[0], "sha256": "0" * 64}], "", {}, tmp_path / "other", retries=1)
+            sources.resolve_sources([{**specs[0], "sha256": "0" * 64}], "", {}, tmp_path / "other", retries=1)
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
     assert {"checkpoint.json", "run.json", "mixture.json", "train.log", "metrics.jsonl", "attempts.jsonl",
             "loss_curve.png"} <= paths
     assert sorted({p.split("/")[1] for p in paths if p.startswith("checkpoints/")}) == [f"step_{total:06d}"]
-    assert not any(p.startswith(sft.SOURCES_DIR + "/") for p in paths)  # downloads are not part of the artifact
+    assert not any(p.startswith(sources.SOURCES_DIR + "/") for p in paths)  # downloads are not part of the artifact
     assert any(p.startswith("wandb/") and p.endswith(".wandb") for p in paths)  # the offline run, files only
     art = store.materialize(m.ref)
     mixture = json.loads((art / "mixture.json").read_text())
