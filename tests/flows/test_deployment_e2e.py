@@ -67,6 +67,17 @@ def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
         page.get_by_text("Completed").first.wait_for(timeout=30_000)
         shot = tmp_path / "speedrun-run-page.png"
         page.screenshot(path=str(shot), full_page=True)
+        # the run report's charts render in the UI (embedded: the UI cannot fetch file:// links)
+        arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [first["id"]]},
+                                                                         "type": {"any_": ["markdown"]}}},
+                          timeout=10).json()
+        (report,) = [a for a in arts if (a.get("key") or "").startswith("speedrun-report-")]
+        page.goto(f"{ui}/artifacts/artifact/{report['id']}", wait_until="networkidle", timeout=60_000)
+        page.locator("img[alt=loss]").first.wait_for(timeout=30_000)
+        widths = page.evaluate("Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+                               ".map(i => i.complete ? i.naturalWidth : 0)")
+        page.screenshot(path=str(tmp_path / "speedrun-report.png"), full_page=True)
         page.close()
+        assert len(widths) >= 2 and all(w > 0 for w in widths), widths
         width, height = png_size(shot)
         assert width >= 1000 and height >= 600 and shot.stat().st_size > 30_000

@@ -6,6 +6,7 @@ import pytest
 from flows.recipes import PRESETS, SPEEDRUN_GRAPH, merge, parse_set, speedrun_steps
 from stages.base import ConfigError
 from stages.execute import artifact_ref
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -79,3 +80,16 @@ def test_the_run_form_offers_the_presets_and_describes_every_parameter():
     props = parameter_schema(speedrun.fn).model_dump()["properties"]
     assert props["preset"]["enum"] == list(PRESETS)
     assert all(p.get("description") for p in props.values()), [k for k, p in props.items() if not p.get("description")]
+
+
+def test_data_locations_come_from_the_environment_when_not_given(monkeypatch, tmp_path):
+    """An offline worker sets NANORUN_EVAL_BUNDLE / NANORUN_CHAT_DATA once; runs that name no bundle
+    (the scheduled nightly one) use them; an explicit parameter still wins."""
+    bundle = REPO.parent / "shared" / "data" / "eval_bundle"
+    monkeypatch.setenv("NANORUN_EVAL_BUNDLE", str(bundle))
+    monkeypatch.setenv("NANORUN_CHAT_DATA", str(tmp_path))
+    steps = {s.name: s for s in speedrun_steps("tiny")}
+    assert steps["eval_bundle"].cfg.local_path == str(bundle.resolve())
+    assert steps["sft"].cfg.data_dir == str(tmp_path.resolve())
+    explicit = {s.name: s for s in speedrun_steps("tiny", eval_bundle="https://example.invalid/b.zip")}
+    assert explicit["eval_bundle"].cfg.url == "https://example.invalid/b.zip"
