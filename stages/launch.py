@@ -18,6 +18,7 @@ Interrupted. An exception reaching launch() (KeyboardInterrupt on the main threa
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -92,6 +93,17 @@ def kill_running() -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# A process that exits while launch() still supervises a child (a flow run a worker TERMs when the
+# run is cancelled from the UI: Prefect turns the signal into an exception on the main thread and
+# the task threads are abandoned) must not leave trainers running in their own sessions. At
+# interpreter shutdown, threading joins executor threads (blocked in launch()) before atexit
+# handlers run, so the stop request goes on threading's own exit hooks, which run first (newest
+# first: after concurrent.futures' join hook was registered, so before it); atexit kills what is left.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(request_shutdown)
+atexit.register(kill_running)
 
 
 @dataclass

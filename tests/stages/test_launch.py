@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -10,6 +11,16 @@ import time
 import pytest
 
 from stages.launch import LaunchError, Rendezvous, failure_summary, launch, torchrun_cmd, worker_env
+from tests.conftest import REPO
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
+        return f.read().split(") ")[1][0] != "Z"
 
 
 def _py(code: str) -> list[str]:
@@ -262,3 +273,31 @@ def test_a_signal_is_reported_as_such():
     from stages.launch import signal_name
 
     assert signal_name(1, ["  exitcode  : -9 (pid: 123)"]) == "SIGKILL" and signal_name(1, ["error: x"]) is None
+
+
+def test_a_process_exiting_while_a_thread_supervises_a_child_stops_it(tmp_path):
+    """A flow run cancelled from the UI: its process exits with launch() still running on a task
+    thread; the trainer (in its own session) must not outlive it."""
+    pidfile = tmp_path / "child.pid"
+    script = f"""
+        import sys, time
+        from concurrent.futures import ThreadPoolExecutor
+        from stages.launch import launch
+        child = "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+        ThreadPoolExecutor(1).submit(launch, [sys.executable, "-c", child], name="child")
+        while True:
+            time.sleep(0.1)
+            try:
+                open({str(pidfile)!r}).read()
+                break
+            except OSError:
+                pass
+    """
+    t0 = time.monotonic()
+    subprocess.run(_py(script), cwd=REPO, timeout=60, check=True)
+    assert time.monotonic() - t0 < 30
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    assert not _alive(pid)
