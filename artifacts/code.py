@@ -30,6 +30,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import json
+import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,8 +68,16 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 @lru_cache(maxsize=None)
 def _parse(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """(normalised hash, imported names, string constants) of one source file (cached by stat)."""
-    tree = _strip_docstrings(ast.parse(path.read_bytes(), filename=str(path)))
+    """(normalised hash, imported names, string constants) of one source file: cached in this
+    process by stat, across processes by content (parsing the ~50 modules of a closure costs about
+    half a second; a `--plan` should not pay it every time)."""
+    source = path.read_bytes()
+    key = hashlib.sha256(source).hexdigest()
+    cache = _disk_cache()
+    if key in cache:
+        digest, imports, strings = cache[key]
+        return digest, tuple(imports), tuple(strings)
+    tree = _strip_docstrings(ast.parse(source, filename=str(path)))
     digest = hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
     imports: list[str] = []
     strings: list[str] = []
@@ -82,7 +92,49 @@ def _parse(path: Path, mtime_ns: int, size: int) -> tuple[str, tuple[str, ...], 
         elif isinstance(node, ast.Call):  # launch("core.train.pretrain", ...): a module run elsewhere
             strings += [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
                         and "." in a.value]
+    cache[key] = [digest, imports, strings]
+    global _DIRTY
+    _DIRTY = True
     return digest, tuple(imports), tuple(strings)
+
+
+_CACHE: dict | None = None
+_DIRTY = False
+_CACHE_VERSION = 1  # bump when the normalisation changes: old entries then no longer match
+
+
+def _cache_path() -> Path:
+    from artifacts.store import nanorun_home
+
+    return nanorun_home() / f"code-identity-v{_CACHE_VERSION}.json"
+
+
+def _disk_cache() -> dict:
+    global _CACHE
+    if _CACHE is None:
+        try:
+            _CACHE = json.loads(_cache_path().read_text())
+        except (OSError, ValueError):
+            _CACHE = {}
+        if not isinstance(_CACHE, dict):
+            _CACHE = {}
+    return _CACHE
+
+
+def _save_disk_cache() -> None:
+    """Best effort, atomic (a rename): a reader sees the old file or the new one, never half."""
+    global _DIRTY
+    if not _DIRTY:
+        return
+    _DIRTY = False
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_disk_cache()))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -155,6 +207,7 @@ def code_identity(root_module: str, root: Path | None = None) -> CodeIdentity:
     for name, path in sorted(files.items()):
         st = path.stat()
         modules[name] = _parse(path, st.st_mtime_ns, st.st_size)[0]
+    _save_disk_cache()
     h = hashlib.sha256("".join(f"{n}={d}\n" for n, d in modules.items()).encode()).hexdigest()
     deps = {dist: v for mod, dist in NUMERIC_DEPS.items() if mod in external and (v := _major_minor(dist))}
     return CodeIdentity(h, {n: d[:12] for n, d in modules.items()}, deps)
