@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stages.base import ConfigError, Input, StageConfig, identity, runtime, stage_logger
+from core.tasks.mixture import REFERENCE_VAL, SFT_MIXTURES
 from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
 from stages.training import launch_trainer, read_training, seal_training_dir
 
@@ -141,32 +142,9 @@ class Config(StageConfig):
 
 # ---- presets --------------------------------------------------------------------------------------------------
 _TINY_LRS = dict(embedding_lr=0.1, unembedding_lr=0.004, matrix_lr=0.005, scalar_lr=0.01)
-HF = "https://huggingface.co/datasets"
-REFERENCE_SOURCES = {  # the reference mixture's files (fetched on a machine with internet access)
-    "smoltalk_train": f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/train-00000-of-00001.parquet",
-    "smoltalk_test": f"{HF}/HuggingFaceTB/smol-smoltalk/resolve/main/data/test-00000-of-00001.parquet",
-    "mmlu_aux": f"{HF}/cais/mmlu/resolve/main/auxiliary_train/train-00000-of-00001.parquet",
-    "mmlu_test": f"{HF}/cais/mmlu/resolve/main/all/test-00000-of-00001.parquet",
-    "gsm8k_train": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
-    "gsm8k_test": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
-    "identity": "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
-    "words": "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
-}
-_R = REFERENCE_SOURCES
-REFERENCE_MIXTURE = (  # nanochat scripts/chat_sft.py
-    {"task": "smoltalk", "source": _R["smoltalk_train"]},
-    {"task": "conversations", "source": _R["identity"], "epochs": 2, "name": "identity"},
-    {"task": "multiple_choice", "source": _R["mmlu_aux"], "layout": "mmlu", "epochs": 3, "name": "mmlu"},
-    {"task": "gsm8k", "source": _R["gsm8k_train"], "epochs": 4},
-    {"task": "simple_spelling", "source": _R["words"], "size": 200_000},
-    {"task": "spelling_bee", "source": _R["words"], "size": 80_000},
-)
-REFERENCE_VAL = (
-    {"task": "smoltalk", "source": _R["smoltalk_test"]},
-    {"task": "multiple_choice", "source": _R["mmlu_test"], "layout": "mmlu", "stop": 5200, "name": "mmlu"},
-    {"task": "gsm8k", "source": _R["gsm8k_test"], "stop": 420},
-)
-_GPU = dict(train_mixture=REFERENCE_MIXTURE, val_mixture=REFERENCE_VAL, nproc=8, eval_every=200,
+# The reference's recipes (core/tasks/mixture.py): its current one (HEAD) is the GPU presets'
+# default; the older one with the identity and spelling tasks is the `d20-identity-spelling` preset.
+_GPU = dict(train_mixture=SFT_MIXTURES["nanochat"], val_mixture=REFERENCE_VAL, nproc=8, eval_every=200,
             eval_tokens=40 * 524288, save_every=200)
 
 
@@ -196,6 +174,8 @@ PRESETS: dict[str, dict] = {
     "d20": dict(**_GPU, device_batch_size=32),
     "d24": dict(**_GPU, device_batch_size=16),
     "d26": dict(**_GPU, device_batch_size=16),
+    "d20-identity-spelling": {**_GPU, "train_mixture": SFT_MIXTURES["nanochat-identity-spelling"],
+                              "device_batch_size": 32},
 }
 
 

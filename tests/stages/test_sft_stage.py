@@ -92,12 +92,15 @@ def test_presets(chat):
     offline = sft.preset("cpu-demo")  # without the chat data: package sources only
     assert [s["task"] for s in offline.train_mixture] == ["chitchat", "simple_spelling", "spelling_bee"]
     assert set(offline.source_digests) == {"chitchat-dataset", "english-words"}
-    for name in ("d12", "d20", "d24", "d26"):
+    for name in ("d12", "d20", "d24", "d26", "d20-identity-spelling"):
         cfg = sft.preset(name)
         assert cfg.nproc == 8 and cfg.source_digests == {}  # URLs identify themselves
         epochs = {s.get("name") or s["task"]: s.get("epochs", 1) for s in cfg.train_mixture}
-        assert epochs == {"smoltalk": 1, "identity": 2, "mmlu": 3, "gsm8k": 4, "simple_spelling": 1,
-                          "spelling_bee": 1}
+        if name == "d20-identity-spelling":  # the reference's earlier recipe, as a named preset
+            assert epochs == {"smoltalk": 1, "identity": 2, "mmlu": 3, "gsm8k": 4, "simple_spelling": 1,
+                              "spelling_bee": 1}
+        else:  # its current recipe (HEAD) is the default
+            assert epochs == {"smoltalk": 1, "mmlu": 3, "gsm8k": 4}
 
 
 def test_url_sources_are_fetched_and_verified(chat, tmp_path):
