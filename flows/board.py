@@ -13,6 +13,8 @@ import csv
 import io
 import json
 
+from core.stats import regression_check
+
 STAGE_COLUMNS = ("data", "tokenizer", "base", "base_eval", "sft", "chat_eval", "export")
 
 SQL = """
@@ -29,7 +31,8 @@ SELECT store, ref, committed_at,
        TRY_CAST(metrics->>'$.core' AS DOUBLE)            AS core,
        TRY_CAST(metrics->>'$.core_n_tasks' AS INTEGER)   AS core_n_tasks,
        metrics->>'$.core_label'                          AS core_label,
-       metrics->'$.stage_seconds'                        AS stage_seconds
+       metrics->'$.stage_seconds'                        AS stage_seconds,
+       identity->>'$.tag'                                AS tag
 FROM artifacts
 WHERE stage = 'report' {where}
 -- a report copied into another store (the nightly flow does) is the same run: count it once
@@ -37,6 +40,61 @@ QUALIFY row_number() OVER (PARTITION BY ref ORDER BY committed_at) = 1
 ORDER BY time_to_gpt2_s ASC NULLS LAST, core DESC NULLS LAST, committed_at DESC
 {limit}
 """
+
+
+# The nightly check (also what the leaderboard's `regressed` column says of each night): the fixed
+# tolerances stand in only until two earlier nights measure the noise.
+DEFAULT_TOLERANCES = {"core_noise": 0.02, "bpb_noise": 0.02, "slowdown": 0.25}
+# (summary key, lower is better, the flow parameter holding its fallback tolerance)
+CHECKED = (("core", False, "core_noise"), ("val_bpb", True, "bpb_noise"), ("total_seconds", True, "slowdown"))
+
+
+def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noise: float = DEFAULT_TOLERANCES["core_noise"],
+            bpb_noise: float = DEFAULT_TOLERANCES["bpb_noise"], slowdown: float = DEFAULT_TOLERANCES["slowdown"]) -> tuple[list[str], list[dict]]:
+    """(regressions, one judgement row per metric) of tonight's summary against earlier nights'
+    (oldest first).
+
+    A regression is a value outside the run-to-run noise measured from the earlier nights: beyond
+    the one-sided (1 - alpha) prediction limit of their mean and spread (core.stats.
+    regression_check). Until two earlier nights exist the spread is unknown, and the fixed
+    tolerances stand in against the last night (CORE - core_noise, bpb + bpb_noise, time x (1 +
+    slowdown)); the judgement row says which rule was used."""
+    tolerance = {"core_noise": core_noise, "bpb_noise": bpb_noise, "slowdown": slowdown}
+    out, table = [], []
+    for key, lower, fallback in CHECKED:
+        value, earlier = tonight.get(key), [h[key] for h in history if h.get(key) is not None]
+        if value is None or not earlier:
+            continue
+        r = regression_check(earlier, value, lower_is_better=lower, alpha=alpha)
+        if r["judged"]:
+            rule = f"mean {r['mean']:.4g} ± {r['sd']:.2g} over {r['n']} nights, {1 - alpha:.0%} limit {r['limit']:.4g}"
+        else:
+            tol, prev = tolerance[fallback], earlier[-1]
+            r["limit"] = prev * (1 + tol) if key == "total_seconds" else (prev + tol if lower else prev - tol)
+            r["regressed"] = value > r["limit"] if lower else value < r["limit"]
+            rule = f"last night {prev:.4g}, fixed tolerance {fallback}={tol} (noise needs 2+ earlier nights)"
+        table.append({"metric": key, "tonight": value, **r, "rule": rule})
+        if r["regressed"]:
+            out.append(f"{key} {value:.4g} {'>' if lower else '<'} {r['limit']:.4g} ({rule})")
+    return out, table
+
+
+def _mark_nights(out: list[dict]) -> None:
+    """Nightly rows (their report carries the night as its tag): the night as the date, and which
+    metrics regressed against the earlier nights of the same recipe (compare(), as the flow judged)."""
+    nights: dict[str, list[dict]] = {}
+    for r in out:
+        tag = r.pop("tag") or ""
+        r["run"] = "nightly" if len(tag) == 8 and tag.isdigit() else "manual"
+        r["regressed"] = ""
+        if r["run"] == "nightly":
+            r["date"] = f"{tag[:4]}-{tag[4:6]}-{tag[6:]}"
+            nights.setdefault(r["preset"] or "?", []).append(r)
+    for rs in nights.values():
+        rs.sort(key=lambda r: r["date"])
+        for i, r in enumerate(rs):
+            regressions, _ = compare(r, rs[max(0, i - 14):i])
+            r["regressed"] = ", ".join(x.split()[0] for x in regressions)
 
 
 def rows(index=None, *, store: str | None = None, preset: str | None = None, limit: int | None = None) -> list[dict]:
@@ -61,6 +119,7 @@ def rows(index=None, *, store: str | None = None, preset: str | None = None, lim
             r[f"{stage}_s"] = secs.get(stage)
         r["committed_at"] = str(r["committed_at"])
         out.append(r)
+    _mark_nights(out)
     return out
 
 
@@ -87,15 +146,15 @@ def format_rows(rows: list[dict], fmt: str = "md") -> str:
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}: md, csv or json")
-    head = ["#", "date", "commit", "preset", "depth", "hardware", "to GPT-2", "total",
-            *[s for s in STAGE_COLUMNS], "cost", "val bpb", "CORE", "tasks"]
+    head = ["#", "date", "run", "commit", "preset", "depth", "hardware", "to GPT-2", "total",
+            *[s for s in STAGE_COLUMNS], "cost", "val bpb", "CORE", "tasks", "regressed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), (r["date"] or r["committed_at"])[:16], (r["git_commit"] or "?")[:8], r["preset"] or "?",
+        cells = [str(i), (r["date"] or r["committed_at"])[:16], r["run"], (r["git_commit"] or "?")[:8], r["preset"] or "?",
                  str(r["depth"]), r["hardware"] or "?", _hms(r["time_to_gpt2_s"]), _hms(r["total_seconds"]),
                  *[_hms(r[f"{s}_s"]) for s in STAGE_COLUMNS],
                  "–" if r["cost"] is None else f"${r['cost']:.2f}", _num(r["val_bpb"], 4), _num(r["core"], 4),
-                 f"{r['core_n_tasks']}/22" if r["core_n_tasks"] is not None else "–"]
+                 f"{r['core_n_tasks']}/22" if r["core_n_tasks"] is not None else "–", r["regressed"] or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     if not rows:
         lines.append("(no completed speedrun in the run index yet: run `nanorun speedrun`)")

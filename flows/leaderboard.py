@@ -24,41 +24,7 @@ from artifacts.provenance import git_state
 from flows.board import format_rows, format_stats, recipe_stats, rows
 from flows.retention import keep_nights_default, night_store_url, prune_nights
 from flows.speedrun import speedrun
-from core.stats import regression_check
-
-
-# (summary key, lower is better, the flow parameter holding its fallback tolerance)
-CHECKED = (("core", False, "core_noise"), ("val_bpb", True, "bpb_noise"), ("total_seconds", True, "slowdown"))
-
-
-def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noise: float, bpb_noise: float,
-            slowdown: float) -> tuple[list[str], list[dict]]:
-    """(regressions, one judgement row per metric) of tonight's summary against earlier nights'
-    (oldest first).
-
-    A regression is a value outside the run-to-run noise measured from the earlier nights: beyond
-    the one-sided (1 - alpha) prediction limit of their mean and spread (core.stats.
-    regression_check). Until two earlier nights exist the spread is unknown, and the fixed
-    tolerances stand in against the last night (CORE - core_noise, bpb + bpb_noise, time x (1 +
-    slowdown)); the judgement row says which rule was used."""
-    tolerance = {"core_noise": core_noise, "bpb_noise": bpb_noise, "slowdown": slowdown}
-    out, table = [], []
-    for key, lower, fallback in CHECKED:
-        value, earlier = tonight.get(key), [h[key] for h in history if h.get(key) is not None]
-        if value is None or not earlier:
-            continue
-        r = regression_check(earlier, value, lower_is_better=lower, alpha=alpha)
-        if r["judged"]:
-            rule = f"mean {r['mean']:.4g} ± {r['sd']:.2g} over {r['n']} nights, {1 - alpha:.0%} limit {r['limit']:.4g}"
-        else:
-            tol, prev = tolerance[fallback], earlier[-1]
-            r["limit"] = prev * (1 + tol) if key == "total_seconds" else (prev + tol if lower else prev - tol)
-            r["regressed"] = value > r["limit"] if lower else value < r["limit"]
-            rule = f"last night {prev:.4g}, fixed tolerance {fallback}={tol} (noise needs 2+ earlier nights)"
-        table.append({"metric": key, "tonight": value, **r, "rule": rule})
-        if r["regressed"]:
-            out.append(f"{key} {value:.4g} {'>' if lower else '<'} {r['limit']:.4g} ({rule})")
-    return out, table
+from flows.board import DEFAULT_TOLERANCES, compare  # noqa: F401 (compare: the nightly judgement)
 
 
 def previous_nights(store, preset: str, night: str, limit: int = 14) -> list[tuple[str, dict]]:
@@ -75,8 +41,9 @@ def previous_nights(store, preset: str, night: str, limit: int = 14) -> list[tup
 def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, store: str | None = None,
                         commit: str | None = None, eval_bundle: str | None = None, chat_data: str | None = None,
                         nproc: int | None = None,
-                        date: str | None = None, core_noise: float = 0.02, bpb_noise: float = 0.02,
-                        slowdown: float = 0.25, alpha: float = 0.01, history: int = 14,
+                        date: str | None = None, core_noise: float = DEFAULT_TOLERANCES["core_noise"],
+                        bpb_noise: float = DEFAULT_TOLERANCES["bpb_noise"],
+                        slowdown: float = DEFAULT_TOLERANCES["slowdown"], alpha: float = 0.01, history: int = 14,
                         fail_on_regression: bool = True, keep_nights: int | None = None) -> dict:
     """Reproduce the pinned recipe, append it to the leaderboard, flag regressions against the
     run-to-run noise of the last `history` nights.

@@ -50,6 +50,23 @@ def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     assert tonight is not None and tonight != prev_ref  # the tag keeps the nights apart
     listed = [r["ref"] for r in rows(preset="tiny")]
     assert str(prev_ref) in listed and str(tonight) in listed and len(listed) == len(set(listed))
+    by_ref = {r["ref"]: r for r in rows(preset="tiny")}
+    assert by_ref[str(tonight)]["run"] == "nightly" and by_ref[str(tonight)]["date"] == "2026-11-22"
+
+
+def test_the_leaderboard_marks_nightly_rows_and_their_regressions():
+    from flows.board import _mark_nights
+
+    def night(tag, core, preset="tiny"):
+        return {"tag": tag, "preset": preset, "core": core, "val_bpb": 1.0, "total_seconds": 100.0, "date": "x"}
+
+    board = [night("20261121", 0.30), night("20261122", 0.10), night("20261122", 0.10, "d20"),
+             {**night("", 0.05), "date": "2026-11-23T10:00"}]
+    _mark_nights(board)
+    assert [r["run"] for r in board] == ["nightly", "nightly", "nightly", "manual"]
+    assert [r["date"] for r in board] == ["2026-11-21", "2026-11-22", "2026-11-22", "2026-11-23T10:00"]
+    # CORE fell by far more than the fixed tolerance stands in for (one earlier night: no measured noise yet)
+    assert [r["regressed"] for r in board] == ["", "core", "", ""]
 
 
 def test_pinned_commit_is_enforced(tmp_path):
