@@ -95,9 +95,9 @@ def load_file(path: Path, device: str | torch.device = "cpu"):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
-        raise CheckpointError(f"checkpoint file {path} cannot be loaded: {reason[:200]}; it is corrupt, from an older nanorun, or not "
-                              f"written by nanorun: delete {Path(path).parent} (or use another output directory) "
-                              "to start over") from None
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded: {reason[:200]}; it is corrupt, from an "
+                              f"older nanorun, or not written by nanorun: delete {Path(path).parent} (or use another "
+                              "output directory) to start over") from None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
