@@ -129,8 +129,8 @@ class PretrainConfig:
     loader_buffer: int = identity_opt(1000, "documents kept tokenized for best-fit packing (the reference's "
                                             "1000; it decides which documents share a row: part of the recipe)")
     seed: int = identity_opt(42, "model init and RNG seed")
-    dtype: str = identity_opt("auto", "compute dtype: auto (bf16 on SM80+ GPUs, fp32 elsewhere) | bfloat16 | "
-                                      "float32 | float16")
+    dtype: str = identity_opt("auto", "compute dtype: auto (bf16 on SM80+ GPUs and CPUs with native bf16, fp32 "
+                                      "elsewhere) | bfloat16 | float32 | float16")
     fp8: bool = identity_opt(False, "FP8 matmuls in the transformer blocks (H100+ GPUs only)")
     fp8_recipe: str = identity_opt("tensorwise", "FP8 scaling: tensorwise | rowwise")
     # runtime: how the run is executed, not what it computes
@@ -198,7 +198,7 @@ class SFTConfig:
     load_optimizer: bool = identity_opt(True, "warm-start the optimizer state from the base checkpoint")
     buffer_size: int = identity_opt(100, "conversations kept rendered for best-fit packing (reference: 100)")
     seed: int = identity_opt(42, "RNG seed")
-    dtype: str = identity_opt("auto", "compute dtype: auto | bfloat16 | float32 | float16")
+    dtype: str = identity_opt("auto", "compute dtype: auto (as pretraining) | bfloat16 | float32 | float16")
     # runtime
     device_type: str = opt("", "cuda | cpu | mps (empty = autodetect)")
     device_batch_size: int = opt(-1, "rows per micro-batch per process (-1 = the base run's)")
