@@ -73,35 +73,40 @@ def stage_config(a, dtype: str, compile_: bool | None):
 
 
 class CpuSampler(threading.Thread):
-    """CPU seconds of the trainer vs every other process of the launch (this one included)."""
+    """CPU seconds of the trainer (with its own children: compile workers) vs torchrun and this
+    launcher process (streaming the log; the sampling itself is counted too)."""
 
     def __init__(self):
         super().__init__(daemon=True)
         import psutil
         self.me = psutil.Process()
         self.stop = threading.Event()
-        self.last: dict[int, tuple[bool, float]] = {}
+        self.last: dict[int, tuple[str, float]] = {}
         self.me_start = sum(self.me.cpu_times()[:2])
         self.me_end = self.me_start
 
     def run(self):
         import psutil
         while not self.stop.is_set():
+            trainers = set()
             for p in self.me.children(recursive=True):
                 try:
-                    cmd = p.cmdline()
-                    t = p.cpu_times()
+                    cmd, parents, t = p.cmdline(), {q.pid for q in p.parents()}, p.cpu_times()
                 except psutil.Error:
                     continue
-                trainer = "core.train.pretrain" in cmd and "torch.distributed.run" not in cmd
-                self.last[p.pid] = (trainer, t.user + t.system)  # not children_*: torchrun reaps the trainer
+                if "core.train.pretrain" in cmd and "torch.distributed.run" not in cmd:
+                    trainers.add(p.pid)
+                role = "trainer" if p.pid in trainers or parents & trainers else \
+                    "torchrun" if "torch.distributed.run" in cmd else "other"
+                self.last[p.pid] = (role, t.user + t.system)  # not children_*: torchrun reaps the trainer
             self.me_end = sum(self.me.cpu_times()[:2])
             self.stop.wait(1.0)
 
-    def result(self) -> tuple[float, float]:
-        trainer = sum(c for t, c in self.last.values() if t)
-        others = sum(c for t, c in self.last.values() if not t) + (self.me_end - self.me_start)
-        return trainer, others
+    def result(self) -> dict[str, float]:
+        out = {"trainer": 0.0, "torchrun": 0.0, "other": 0.0, "launcher": self.me_end - self.me_start}
+        for role, cpu in self.last.values():
+            out[role] += cpu
+        return out
 
 
 def run_pipeline(a, name: str, data: Path, tok: Path) -> dict:
@@ -135,12 +140,14 @@ def run_pipeline(a, name: str, data: Path, tok: Path) -> dict:
     start = next(r for r in rows if r["kind"] == "start")
     train = [r for r in rows if r["kind"] == "train"]
     val = [r for r in rows if r["kind"] == "val"]
-    trainer_cpu, others_cpu = sampler.result()
+    cpu = sampler.result()
+    others = cpu["torchrun"] + cpu["launcher"] + cpu["other"]
     return {"variant": name, "dtype": start["derived"]["dtype"], "compile": start["derived"]["compile"],
             "tok_s": [r["tok_per_s"] for r in train[1:]], "mfu": statistics.median(r["mfu"] for r in train[1:]),
             "first_step_s": train[0]["dt"], "val_bpb": val[-1]["val_bpb"],
             "eval0_s": val[0]["time"] - start["time"], "wall_s": wall,
-            "overhead_pct": 100 * others_cpu / trainer_cpu if trainer_cpu else None}
+            "overhead_pct": 100 * others / cpu["trainer"] if cpu["trainer"] else None,
+            "cpu_s": {k: round(v, 1) for k, v in cpu.items()}}
 
 
 def run_reference(a, data: Path, tok: Path) -> dict:
@@ -254,6 +261,9 @@ def print_table(rows: list[dict]) -> None:
               f"{max(r['tok_s']):>7,.0f} {vs:>6} {r['mfu']:>5.2f} {r['first_step_s']:>10.1f} "
               f"{fmt(r['eval0_s'], '10.1f'):>10} {r['val_bpb']:>7.4f} {fmt(r['overhead_pct'], '9.2f'):>9} "
               f"{r['load']:>5.1f}")
+    for r in rows:
+        if r.get("cpu_s"):
+            print(f"CPU seconds while {r['variant']} trained: " + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()))
 
 
 if __name__ == "__main__":
