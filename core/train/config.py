@@ -28,7 +28,6 @@ DEVICE_TYPES = ("", "cuda", "cpu", "mps")
 # state), 8 bytes per parameter; the largest accelerators hold 192 GB. A depth whose weights and
 # gradients exceed this cannot train anywhere: refuse it before any allocation.
 MAX_REPLICATED_BYTES = 2 ** 40
-VOCAB_FOR_ESTIMATE = 32768  # the tokenizer is not known here; the embeddings barely matter at such depths
 
 
 def opt(default, help: str, kind: str = "runtime"):
@@ -85,16 +84,12 @@ def _check_common(cfg, positive: tuple[str, ...]) -> None:
         raise ValueError("eval_tokens must be >= 1 when eval_every is on")
 
 
-def replicated_bytes(depth: int, aspect_ratio: int, head_dim: int, max_seq_len: int) -> int:
-    """fp32 weights + gradients one process holds for this depth (core.scaling's model_dims and
-    core.gpt's parameter count)."""
-    from core.gpt import GPTConfig, count_params  # torch: only when a config is validated
-    from core.scaling import model_dims
-
-    dim, heads = model_dims(depth, aspect_ratio, head_dim)
-    config = GPTConfig(sequence_len=max_seq_len, vocab_size=VOCAB_FOR_ESTIMATE, n_layer=depth, n_head=heads,
-                       n_kv_head=heads, n_embd=dim)
-    return 8 * count_params(config)["total"]
+def replicated_bytes(depth: int, aspect_ratio: int, head_dim: int) -> int:
+    """A lower bound of the fp32 weights + gradients one process holds at this depth: the transformer
+    matrices alone, 12 x depth x model_dim^2 (attention 4 d^2 + MLP 8 d^2 per layer, as
+    core.gpt.count_params), model_dim as core.scaling.model_dims. Arithmetic only: no torch here."""
+    model_dim = -(-depth * aspect_ratio // head_dim) * head_dim
+    return 8 * 12 * depth * model_dim * model_dim
 
 
 @dataclass
@@ -163,7 +158,7 @@ class PretrainConfig:
             raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
         if self.fp8_recipe not in ("tensorwise", "rowwise"):
             raise ValueError(f"fp8_recipe={self.fp8_recipe!r}: use tensorwise or rowwise")
-        need = replicated_bytes(self.depth, self.aspect_ratio, self.head_dim, self.max_seq_len)
+        need = replicated_bytes(self.depth, self.aspect_ratio, self.head_dim)
         if need > MAX_REPLICATED_BYTES:
             raise ValueError(f"depth={self.depth} (aspect_ratio {self.aspect_ratio}) needs ~{need / 2 ** 30:,.0f} GiB "
                              f"of fp32 weights and gradients on every process, more than the "
