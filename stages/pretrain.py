@@ -43,7 +43,7 @@ from stages.base import ConfigError, Input, progress, runtime, stage_logger
 from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "pretrain"
-code_version = "2"  # 2: dtype=auto trains in bf16 on CPUs with native bf16 (core.train.common.resolve_dtype)
+code_version = "1"
 INPUTS = ("data", "tokenizer")
 OPTIONAL_INPUTS = ("eval_bundle",)
 

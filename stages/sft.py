@@ -42,7 +42,7 @@ from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolv
 from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "sft"
-code_version = "2"  # 2: dtype=auto trains in bf16 on CPUs with native bf16 (core.train.common.resolve_dtype)
+code_version = "1"
 INPUTS = ("base", "tokenizer")
 
 log = stage_logger(NAME)
