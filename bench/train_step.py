@@ -1,4 +1,6 @@
 """Training-step throughput on CPU: tokens/s, ms/step, GFLOP/s, MFU and peak RSS per config.
+A hand-assembled step (model-level experiments); what the pretrain stage runs is measured by
+bench/pretrain_path.py.
 
     python -m bench.train_step                                   # d4 + d6, fp32 + bf16, our defaults
     python -m bench.train_step --depths 4 --dtypes bf16 --steps 8

@@ -57,11 +57,16 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain types, so that it loads with weights_only=True (a
+    checkpoint file can then never run code when it is loaded)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
 
 
@@ -69,8 +74,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be loaded (corrupt, truncated, or not plain tensors and values)."""
+
+
+def load_file(path: Path, device: str | torch.device = "cpu"):
+    """torch.load with weights_only=True: tensors and plain values only, never code. A file that is
+    truncated, corrupt or holds anything else (a crafted pickle) is refused with one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # UnpicklingError, a broken zip (RuntimeError), EOFError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds objects other than tensors and plain values (refused: loading them could run code)"
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded: {reason[:200]}; it is corrupt, from an "
+                              f"older nanorun, or not written by nanorun: delete {Path(path).parent} (or use another "
+                              "output directory) to start over") from None
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -149,7 +176,7 @@ class Checkpoint:
     meta: dict
 
     def model_state(self, device: str | torch.device = "cpu") -> dict:
-        return torch.load(self.path / MODEL, map_location=device, weights_only=True)
+        return load_file(self.path / MODEL, device)
 
     def optim_state(self, rank: int, device: str | torch.device = "cpu") -> dict:
         p = self.path / f"optim_rank{rank}.pt"
@@ -158,11 +185,10 @@ class Checkpoint:
                 f"checkpoint {self.path} has no optimizer state for rank {rank} (saved with "
                 f"world_size={self.meta.get('world_size')}); resume with the same number of processes"
             )
-        return torch.load(p, map_location=device, weights_only=True)
+        return load_file(p, device)
 
     def rank_state(self, rank: int) -> dict:
-        # python/numpy RNG states are tuples with numpy arrays: not loadable with weights_only
-        return torch.load(self.path / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+        return load_file(self.path / f"rank{rank}.pt")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -195,8 +221,9 @@ def load_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ValueError(f"checkpoint {path} has no model_config in its {META}: not a model checkpoint")
     config = GPTConfig.from_dict(ck.meta["model_config"])
     model = build_model(config, device=device, dtype=dtype, init=False)
+    state = ck.model_state(device)  # a corrupt file: CheckpointError naming it
     try:
-        model.load_state_dict(ck.model_state(device), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not match its own model config: {e}") from e
     model.eval()

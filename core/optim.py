@@ -347,3 +347,58 @@ def apply_schedule(optimizer, plan, step: int) -> float:
     lrm = plan.lr_multiplier(step)
     optimizer.set_schedule(lrm, plan.muon_momentum(step), plan.muon_weight_decay(step))
     return lrm
+
+
+# ---- re-sharding the optimizer state across process counts (ZeRO-2 layout of DistMuonAdamW) ----------
+
+
+def unshard_state(states: list[dict], groups: list[dict]) -> dict[int, dict]:
+    """Per-rank optimizer state dicts (ZeRO-2 shards, or one full state) -> full single-process state."""
+    full, idx = {}, 0
+    for g in groups:
+        params = g["params"]
+        if g["kind"] == "adamw":
+            for p in params:
+                per = [s["state"].get(idx) for s in states]
+                if per[0] is not None:
+                    st = dict(per[0])
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if st[key].shape != p.shape:  # row shards: rank r holds rows [r*rows, (r+1)*rows)
+                            st[key] = torch.cat([s[key] for s in per], 0)
+                    full[idx] = st
+                idx += 1
+        else:  # a Muon group's state lives on its first param: rank r owns matrices [r*chunk, (r+1)*chunk)
+            per = [s["state"].get(idx) for s in states]
+            if per[0] is not None:
+                full[idx] = {k: torch.cat([s[k] for s in per], 0)[:len(params)] for k in per[0]}
+            idx += len(params)
+    return full
+
+
+def shard_state(full: dict[int, dict], groups: list[dict], rank: int, world: int) -> dict[int, dict]:
+    """Full state -> this rank's shard in the layout of core.optim (MuonAdamW or DistMuonAdamW)."""
+    out, idx = {}, 0
+    for g in groups:
+        params = g["params"]
+        if g["kind"] == "adamw":
+            for p in params:
+                if idx in full:
+                    st = dict(full[idx])
+                    if world > 1 and not (p.numel() < SMALL_PARAM or p.shape[0] % world):
+                        rows = p.shape[0] // world
+                        st = {k: (v[rank * rows:(rank + 1) * rows].clone() if k != "step" else v) for k, v in st.items()}
+                    out[idx] = st
+                idx += 1
+        else:
+            if idx in full:
+                n = len(params)
+                chunk = -(-n // world)
+                lo, owned = rank * chunk, max(0, min(chunk, n - rank * chunk))
+                st = {}
+                for k, v in full[idx].items():
+                    buf = torch.zeros((chunk, *v.shape[1:]), dtype=v.dtype)
+                    buf[:owned] = v[lo:lo + owned]
+                    st[k] = buf
+                out[idx] = st
+            idx += len(params)
+    return out

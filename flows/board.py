@@ -25,6 +25,7 @@ SELECT store, ref, committed_at,
        metrics->>'$.commit'                              AS git_commit,
        metrics->>'$.hardware'                            AS hardware,
        TRY_CAST(metrics->>'$.total_seconds' AS DOUBLE)   AS total_seconds,
+       TRY_CAST(metrics->>'$.training_time_s' AS DOUBLE) AS training_time_s,
        TRY_CAST(metrics->>'$.time_to_gpt2_s' AS DOUBLE)  AS time_to_gpt2_s,
        TRY_CAST(metrics->>'$.cost' AS DOUBLE)            AS cost,
        TRY_CAST(metrics->>'$.val_bpb' AS DOUBLE)         AS val_bpb,
@@ -146,12 +147,13 @@ def format_rows(rows: list[dict], fmt: str = "md") -> str:
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}: md, csv or json")
-    head = ["#", "date", "run", "commit", "preset", "depth", "hardware", "to GPT-2", "total",
+    head = ["#", "date", "run", "commit", "preset", "depth", "hardware", "to GPT-2", "total", "pretrain time",
             *[s for s in STAGE_COLUMNS], "cost", "val bpb", "CORE", "tasks", "regressed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), (r["date"] or r["committed_at"])[:16], r["run"], (r["git_commit"] or "?")[:8], r["preset"] or "?",
-                 str(r["depth"]), r["hardware"] or "?", _hms(r["time_to_gpt2_s"]), _hms(r["total_seconds"]),
+        cells = [str(i), (r["date"] or r["committed_at"])[:16], r["run"], (r["git_commit"] or "?")[:8],
+                 r["preset"] or "?", str(r["depth"]), r["hardware"] or "?", _hms(r["time_to_gpt2_s"]),
+                 _hms(r["total_seconds"]), _hms(r["training_time_s"]),
                  *[_hms(r[f"{s}_s"]) for s in STAGE_COLUMNS],
                  "–" if r["cost"] is None else f"${r['cost']:.2f}", _num(r["val_bpb"], 4), _num(r["core"], 4),
                  f"{r['core_n_tasks']}/22" if r["core_n_tasks"] is not None else "–", r["regressed"] or "–"]

@@ -34,12 +34,13 @@ runs this stage with its own node_rank and the checkpoint directory must be on s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
 from core.layouts import tokenizer_dir
-from stages.training import launch_trainer, read_training, seal_training_dir
+from core.train.config import PretrainConfig
+from stages.base import ConfigError, Input, progress, runtime, stage_logger
+from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "pretrain"
 code_version = "1"
@@ -48,92 +49,30 @@ OPTIONAL_INPUTS = ("eval_bundle",)
 
 log = stage_logger(NAME)
 
-WANDB_MODES = ("disabled", "offline", "online")
-DTYPES = ("auto", "bfloat16", "float32", "float16")
-
-
 @dataclass(frozen=True)
-class Config(StageConfig):
-    # ---- identity: the recipe (core.scaling.derive turns the depth into everything else)
-    depth: int = identity(20, help="transformer layers (the depth dial)")
-    aspect_ratio: int = identity(64, help="model_dim = depth x aspect_ratio, rounded up to head_dim")
-    head_dim: int = identity(128, help="attention head dimension")
-    max_seq_len: int = identity(2048, help="context length")
-    window_pattern: str = identity("SSSL", help="sliding-window pattern tiled over layers (S short, L full)")
-    target_param_data_ratio: float = identity(12.0, help="tokens = ratio x scaling params (sets batch and WD too)")
-    target_flops: float = identity(-1.0, help="train for this many FLOPs instead (-1 = off)")
-    num_iterations: int = identity(-1, help="explicit optimizer steps (-1 = off; wins over flops and ratio)")
-    total_batch_size: int = identity(-1, help="tokens per optimizer step (-1 = auto, Power Lines rule)")
-    embedding_lr: float = identity(0.3, help="AdamW lr of wte (before batch/width scaling)")
-    unembedding_lr: float = identity(0.008, help="AdamW lr of lm_head (before batch/width scaling)")
-    matrix_lr: float = identity(0.02, help="Muon lr (before batch scaling)")
-    scalar_lr: float = identity(0.5, help="AdamW lr of the per-layer scalars (before batch scaling)")
-    weight_decay: float = identity(0.28, help="Muon weight decay at d12 (scaled by batch and horizon)")
-    warmup_steps: int = identity(40, help="linear LR warmup steps")
-    warmdown_ratio: float = identity(0.65, help="fraction of the run with a linear LR decay at the end")
-    final_lr_frac: float = identity(0.05, help="LR at the end, as a fraction of the peak")
-    loader_buffer: int = identity(1000, help="documents kept tokenized for best-fit packing (reference: 1000)")
-    seed: int = identity(42, help="init and RNG seed")
-    dtype: str = identity("auto", help="compute dtype: auto | bfloat16 | float32 | float16")
-    fp8: bool = identity(False, help="FP8 matmuls in the blocks (H100+ only)")
-    fp8_recipe: str = identity("tensorwise", help="tensorwise | rowwise")
-    # ---- runtime: how it runs
-    nproc: int = runtime(1, help="processes per node (GPUs, or CPU processes with gloo)")
-    nnodes: int = runtime(1, help="nodes (multi-node needs rdzv_endpoint and shared storage)")
-    node_rank: int = runtime(0, help="this node's rank")
-    rdzv_endpoint: str = runtime("", help="host:port of node 0's rendezvous (multi-node)")
+class Config(LaunchConfig, stage_fields(PretrainConfig, "Pretrain")):
+    """The trainer's fields (core/train/config.py PretrainConfig: identity = the recipe, runtime = how
+    it runs) plus how it is launched (LaunchConfig) and the stage's own runtime fields."""
     rdzv_id: str = runtime("nanorun-pretrain", help="rendezvous id shared by the nodes of one job")
-    device_type: str = runtime("", help="cuda | cpu | mps (empty = autodetect)")
-    device_batch_size: int = runtime(32, help="sequences per micro-batch per process")
-    eval_every: int = runtime(250, help="val bpb every N steps (-1 = off)")
-    eval_tokens: int = runtime(20 * 524288, help="validation tokens per evaluation")
-    core_metric_every: int = runtime(2000, help="CORE every N steps when an eval_bundle input is given (-1 = off)")
-    core_metric_max_per_task: int = runtime(500, help="CORE examples per task during training")
-    sample_every: int = runtime(2000, help="greedy samples every N steps (-1 = off)")
-    save_every: int = runtime(250, help="checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = runtime(2, help="checkpoints kept while training")
-    compile: bool | None = runtime(None, help="torch.compile (None = on CUDA only)")
-    wandb: str = runtime("offline", help="disabled | offline | online")
-    omp_threads: int = runtime(0, help="CPU threads per process (0 = cores / nproc)")
-    timeout: float = runtime(0.0, help="kill the run after this many seconds (0 = never)")
-    heartbeat: float = runtime(60.0, help="log a 'still running' line after this many silent seconds")
     gpu_hour_price: float = runtime(0.0, help="price per GPU-hour (per process-hour on CPU) for the cost estimate")
     extra_args: tuple = runtime((), help="extra flags for core.train.pretrain (experiments)")
 
     def __post_init__(self):
         object.__setattr__(self, "extra_args", tuple(str(a) for a in self.extra_args))
         object.__setattr__(self, "window_pattern", str(self.window_pattern).upper())
-        for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "nproc", "nnodes", "device_batch_size",
-                     "keep_checkpoints", "loader_buffer"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"pretrain.{name}={getattr(self, name)!r}: expected an integer >= 1")
-        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
-            raise ConfigError(f"pretrain.window_pattern={self.window_pattern!r}: use only S (short) and L (full)")
-        if self.target_param_data_ratio <= 0:
-            raise ConfigError("pretrain.target_param_data_ratio must be > 0: it sets the batch size and weight "
-                              "decay even when num_iterations or target_flops sets the horizon")
-        if not 0 <= self.warmdown_ratio <= 1 or not 0 <= self.final_lr_frac <= 1 or self.warmup_steps < 0:
-            raise ConfigError("pretrain: warmdown_ratio and final_lr_frac must be in [0, 1], warmup_steps >= 0")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"pretrain.dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.fp8_recipe not in ("tensorwise", "rowwise"):
-            raise ConfigError(f"pretrain.fp8_recipe={self.fp8_recipe!r}: use tensorwise or rowwise")
-        if self.wandb not in WANDB_MODES:
-            raise ConfigError(f"pretrain.wandb={self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ConfigError(f"pretrain.node_rank={self.node_rank} must be in [0, nnodes={self.nnodes})")
-        if self.nnodes > 1 and ":" not in self.rdzv_endpoint:
-            raise ConfigError("pretrain: nnodes > 1 needs rdzv_endpoint host:port (node 0's rendezvous)")
-        if self.eval_every > 0 and self.eval_tokens < 1:
-            raise ConfigError("pretrain.eval_tokens must be >= 1 when eval_every is on")
-        if self.timeout < 0 or self.heartbeat <= 0 or self.gpu_hour_price < 0 or self.omp_threads < 0:
-            raise ConfigError("pretrain: timeout, gpu_hour_price and omp_threads must be >= 0, heartbeat > 0")
+        self.check_launch(NAME)
+        if self.gpu_hour_price < 0:
+            raise ConfigError("pretrain.gpu_hour_price must be >= 0")
+        self.trainer_config(data_dir="-", tok_dir="-", out="-", tokenizer_fingerprint="", eval_bundle_dir=None)
         if self.total_batch_size > 0:
             self.grad_accum_steps(self.total_batch_size)
 
-    @property
-    def world_size(self) -> int:
-        return self.nproc * self.nnodes
+    def trainer_config(self, *, data_dir, tok_dir, out, tokenizer_fingerprint: str, eval_bundle_dir) -> dict:
+        """The run.json for core.train.pretrain: every trainer field as is, plus the paths."""
+        return trainer_values(self, PretrainConfig, NAME, data_dir=str(data_dir), tokenizer_dir=str(tok_dir),
+                              out=str(out), tokenizer_fingerprint=tokenizer_fingerprint,
+                              eval_bundle_dir=str(eval_bundle_dir) if eval_bundle_dir else "",
+                              run_name=self.run_name or f"pretrain-{self.label()}")
 
     def grad_accum_steps(self, total_batch_size: int) -> int:
         per_step = self.device_batch_size * self.max_seq_len * self.world_size
@@ -177,20 +116,6 @@ PRESETS: dict[str, dict] = {
 preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a preset + overrides
 
 
-def trainer_config(cfg: Config, *, data_dir: Path, tok_dir: Path, out: Path, tokenizer_fingerprint: str,
-                   eval_bundle_dir: Path | None) -> dict:
-    """The run.json for core.train.pretrain: every Config field the trainer knows, plus the paths."""
-    from core.train.pretrain import PretrainConfig
-
-    known = {f.name for f in fields(PretrainConfig)}
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in known}
-    values.update(data_dir=str(data_dir), tokenizer_dir=str(tok_dir), out=str(out),
-                  tokenizer_fingerprint=tokenizer_fingerprint, run_name=f"pretrain-{cfg.label()}",
-                  eval_bundle_dir=str(eval_bundle_dir) if eval_bundle_dir else "")
-    PretrainConfig(**values)  # the trainer's own validation, before paying for a launch
-    return values
-
-
 def _plan(cfg: Config, vocab_size: int):
     from core.scaling import derive
 
@@ -225,7 +150,6 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
     """Launch (or resume) the trainer under torchrun on this node; returns the total step count."""
     from core.checkpoint import list_checkpoints
     from core.tokenizer import Tokenizer
-    from stages.launch import Rendezvous
 
     out.mkdir(parents=True, exist_ok=True)
     node = f"-node{cfg.node_rank}" if cfg.node_rank else ""  # joined nodes keep their own config and log
@@ -236,8 +160,8 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
     total = plan.num_iterations
     bundle = inputs.get("eval_bundle")
     run_json = out / f"run{node}.json"
-    run_json.write_text(json.dumps(trainer_config(
-        cfg, data_dir=inputs["data"].path, tok_dir=tok_dir, out=out, tokenizer_fingerprint=inputs["tokenizer"].ref.fingerprint,
+    run_json.write_text(json.dumps(cfg.trainer_config(
+        data_dir=inputs["data"].path, tok_dir=tok_dir, out=out, tokenizer_fingerprint=inputs["tokenizer"].ref.fingerprint,
         eval_bundle_dir=bundle.path if bundle else None), indent=1) + "\n")
     ckpts = list_checkpoints(out / "checkpoints")
     start = ckpts[-1][0] if ckpts else 0
@@ -245,7 +169,7 @@ def _train(cfg: Config, inputs: dict[str, Input], out: Path) -> int:
              f"{plan.total_batch_size:,}", cfg.world_size,
              f"; resuming from the checkpoint at step {start} in the work dir" if ckpts else "")
     progress(start, total, phase="train")
-    rdzv = Rendezvous(cfg.nnodes, cfg.node_rank, cfg.rdzv_endpoint, cfg.rdzv_id) if cfg.nnodes > 1 else None
+    rdzv = cfg.rendezvous()
     launch_trainer("core.train.pretrain", run_json, out, name=f"pretrain{node}", nproc=cfg.nproc,
                    omp_threads=cfg.omp_threads, timeout=cfg.timeout, heartbeat=cfg.heartbeat,
                    extra_args=cfg.extra_args, resumed_from=start, rdzv=rdzv, log_path=out / f"train{node}.log",

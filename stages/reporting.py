@@ -71,6 +71,8 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
         "hardware": f"{bm.get('device', '?')} x{bm.get('world_size', '?')} ({prov.get('host', '?')})",
         "stage_seconds": {k: (round(v, 3) if v is not None else None) for k, v in seconds.items()},
         "total_seconds": round(total, 3),
+        # pretraining's own training time (the reference's total_training_time, its "time to GPT-2")
+        "training_time_s": bm.get("training_time_s"),
         "cost": round(sum(costs), 4) if costs else None,
         "val_bpb": bm.get("final_val_bpb"),
         "min_val_bpb": bm.get("min_val_bpb"),
@@ -105,7 +107,8 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
     out += [f"- preset **{s['preset']}**, depth {s['depth']}, {fmt(s['num_params'])} parameters, "
             f"{fmt(s['iterations'])} iterations over {fmt(s['tokens'])} tokens",
             f"- code {s['commit'] or 'unknown'}{' (dirty)' if s['dirty'] else ''}, finished {s['date']}",
-            f"- hardware {s['hardware']}; total wall time {hms(s['total_seconds'])}"
+            f"- hardware {s['hardware']}; total wall time {hms(s['total_seconds'])}, pretraining time "
+            f"{hms(s.get('training_time_s'))}"
             + (f", estimated cost ${s['cost']:.2f}" if s["cost"] else ""), ""]
     out += ["## Results", "", "| metric | value |", "|---|---:|",
             f"| val bits-per-byte (final / min) | {fmt(s['val_bpb'])} / {fmt(s['min_val_bpb'])} |",

@@ -32,13 +32,14 @@ import dataclasses
 import json
 import re
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from stages.base import ConfigError, Input, StageConfig, identity, runtime, stage_logger
 from core.tasks.mixture import REFERENCE_VAL, SFT_MIXTURES
+from core.train.config import SFTConfig
+from stages.base import ConfigError, Input, identity, runtime, stage_logger
 from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
-from stages.training import launch_trainer, read_training, seal_training_dir
+from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "sft"
 code_version = "1"
@@ -48,43 +49,18 @@ log = stage_logger(NAME)
 
 # ---- config -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Config(StageConfig):
-    # ---- identity: the mixture and the recipe (-1 = inherit from the base run, as the reference)
+class Config(LaunchConfig, stage_fields(SFTConfig, "SFT")):
+    """The trainer's fields (core/train/config.py SFTConfig: the recipe as identity, -1 = inherit from
+    the base run; runtime = how it runs), how it is launched (LaunchConfig), and the mixture."""
+    # ---- identity: the mixture
     train_mixture: tuple = identity((), help="TaskSpec dicts (core.tasks.mixture): task, source, epochs, start, "
                                              "stop, size, split, layout, name, sha256")
     val_mixture: tuple = identity((), help="TaskSpec dicts for the validation loss (held-out data)")
     mixture_seed: int = identity(42, help="seed of the mixture's shuffle")
     source_digests: dict = identity(None, help="sha256 per local/package source (computed; a value given must match)")
-    max_seq_len: int = identity(-1, help="row length (-1 = the base model's context)")
-    total_batch_size: int = identity(-1, help="tokens per optimizer step (-1 = the base run's)")
-    num_iterations: int = identity(-1, help="optimizer steps (-1 = one pass over the mixture)")
-    embedding_lr: float = identity(-1.0, help="raw AdamW lr of wte (-1 = the base run's)")
-    unembedding_lr: float = identity(-1.0, help="raw AdamW lr of lm_head (-1 = the base run's)")
-    matrix_lr: float = identity(-1.0, help="raw Muon lr (-1 = the base run's)")
-    scalar_lr: float = identity(-1.0, help="raw AdamW lr of the per-layer scalars (-1 = the base run's)")
-    init_lr_frac: float = identity(0.8, help="LRs start at this fraction")
-    warmup_ratio: float = identity(0.0, help="fraction of steps with a linear warmup")
-    warmdown_ratio: float = identity(0.5, help="fraction of steps at the end with a linear decay")
-    final_lr_frac: float = identity(0.0, help="LR at the end, as a fraction of the initial LR")
-    weight_decay: float = identity(0.0, help="Muon weight decay")
-    load_optimizer: bool = identity(True, help="warm-start the optimizer from the base checkpoint")
-    buffer_size: int = identity(100, help="conversations kept for best-fit packing")
-    seed: int = identity(42, help="RNG seed")
-    dtype: str = identity("auto", help="compute dtype: auto | bfloat16 | float32 | float16")
     # ---- runtime
     data_dir: str = runtime("", help="directory of the file sources (e.g. ../shared/data/chat)")
-    nproc: int = runtime(1, help="processes (GPUs, or CPU processes with gloo)")
-    device_type: str = runtime("", help="cuda | cpu | mps (empty = autodetect)")
-    device_batch_size: int = runtime(-1, help="rows per micro-batch per process (-1 = the base run's)")
-    eval_every: int = runtime(200, help="val loss every N steps (-1 = only at the end)")
-    eval_tokens: int = runtime(40 * 524288, help="validation tokens per evaluation")
-    save_every: int = runtime(200, help="checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = runtime(2, help="checkpoints kept while training")
-    compile: bool | None = runtime(None, help="torch.compile (None = on CUDA only)")
-    wandb: str = runtime("offline", help="disabled | offline | online")
-    omp_threads: int = runtime(0, help="CPU threads per process (0 = cores / nproc)")
-    timeout: float = runtime(0.0, help="kill the run after this many seconds (0 = never)")
-    heartbeat: float = runtime(60.0, help="log a 'still running' line after this many silent seconds")
+    rdzv_id: str = runtime("nanorun-sft", help="rendezvous id shared by the nodes of one job")
     fetch_retries: int = runtime(5, help="attempts per URL source download")
     extra_args: tuple = runtime((), help="extra flags for core.train.sft (experiments)")
 
@@ -97,17 +73,12 @@ class Config(StageConfig):
         set_("val_mixture", normalise_specs(self.val_mixture, "sft.val_mixture", self.data_dir))
         if not self.train_mixture:
             raise ConfigError("sft.train_mixture is empty: list the tasks to train on (see the presets)")
-        for name in ("nproc", "buffer_size", "keep_checkpoints", "fetch_retries"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"sft.{name}={getattr(self, name)!r}: expected an integer >= 1")
-        if self.wandb not in ("disabled", "offline", "online"):
-            raise ConfigError(f"sft.wandb={self.wandb!r}: use disabled, offline or online")
-        if self.timeout < 0 or self.heartbeat <= 0 or self.omp_threads < 0:
-            raise ConfigError("sft: timeout and omp_threads must be >= 0, heartbeat > 0")
-        try:
-            self.trainer_config(base_checkpoint="-", tokenizer_dir="-", mixture="-", out="-", tokenizer_fingerprint="")
-        except (TypeError, ValueError) as e:  # the trainer's own validation, before any launch
-            raise ConfigError(f"sft: {e}") from None
+        self.check_launch(NAME)
+        if self.nnodes > 1:
+            raise ConfigError("sft: nnodes > 1 is not supported yet (SFT runs on one node; use nproc)")
+        if not isinstance(self.fetch_retries, int) or self.fetch_retries < 1:
+            raise ConfigError(f"sft.fetch_retries={self.fetch_retries!r}: expected an integer >= 1")
+        self.trainer_config(base_checkpoint="-", tokenizer_dir="-", mixture="-", out="-", tokenizer_fingerprint="")
         if self.total_batch_size > 0 and self.max_seq_len > 0 and self.device_batch_size > 0:
             per_step = self.device_batch_size * self.max_seq_len * self.nproc
             if self.total_batch_size % per_step:
@@ -123,13 +94,8 @@ class Config(StageConfig):
             [*self.train_mixture, *self.val_mixture], self.data_dir, "sft"))
 
     def trainer_config(self, **paths) -> dict:
-        from core.train.sft import SFTConfig
-
-        known = {f.name for f in fields(SFTConfig)}
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in known}
-        values.update(paths, run_name=f"sft-{self.label()}")
-        SFTConfig(**values)
-        return values
+        """The run.json for core.train.sft: every trainer field as is, plus the paths."""
+        return trainer_values(self, SFTConfig, NAME, **paths, run_name=self.run_name or f"sft-{self.label()}")
 
     def label(self) -> str:
         names = []

@@ -9,17 +9,77 @@ Work dir of a trainer stage (= the artifact once sealed):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 from core.layouts import CHECKPOINT_POINTER
-from stages.base import checkpoint_mirror, progress
+from stages.base import ConfigError, StageConfig, checkpoint_mirror, identity, progress, runtime
 
 CURVE_POINTS = 200  # points kept in the manifest's loss curve
 ATTEMPTS = "attempts.jsonl"
+
+
+def stage_fields(trainer_config: type, name: str) -> type:
+    """A frozen StageConfig dataclass with the trainer config's fields (core/train/config.py): its
+    identity and runtime fields with their defaults and help, without its input paths (the stage
+    fills those in). A stage Config derives from it, so the two cannot disagree."""
+    made = {"identity": identity, "runtime": runtime}
+    specs = [(f.name, f.type, made[f.metadata["kind"]](f.default, help=f.metadata["help"]))
+             for f in dataclasses.fields(trainer_config) if f.metadata["kind"] != "input"]
+    return dataclasses.make_dataclass(f"{name}Fields", specs, bases=(StageConfig,), frozen=True)
+
+
+def trainer_values(cfg, trainer_config: type, stage: str, **paths) -> dict:
+    """The trainer's config (run.json) from a stage Config and the input paths, validated by the
+    trainer's own rules; a bad value is a ConfigError naming the stage field."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(trainer_config) if f.name not in paths}
+    values.update(paths)
+    try:
+        trainer_config(**values)
+    except (TypeError, ValueError) as e:
+        first = re.match(r"(\w+)=", str(e))
+        named = first is not None and first.group(1) in values  # "depth=0: ..." -> "pretrain.depth=0: ..."
+        raise ConfigError(f"{stage}.{e}" if named else f"{stage}: {e}") from None
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How a trainer stage launches torchrun: the same fields for every trainer (all runtime)."""
+    nproc: int = runtime(1, help="processes per node (GPUs, or CPU processes with gloo)")
+    nnodes: int = runtime(1, help="nodes (multi-node needs rdzv_endpoint and shared storage)")
+    node_rank: int = runtime(0, help="this node's rank")
+    rdzv_endpoint: str = runtime("", help="host:port of node 0's rendezvous (multi-node)")
+    rdzv_id: str = runtime("nanorun", help="rendezvous id shared by the nodes of one job")
+    omp_threads: int = runtime(0, help="CPU threads per process (0 = cores / nproc)")
+    timeout: float = runtime(0.0, help="kill the run after this many seconds (0 = never)")
+    heartbeat: float = runtime(60.0, help="log a 'still running' line after this many silent seconds")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    def check_launch(self, stage: str) -> None:
+        for name in ("nproc", "nnodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{stage}.{name}={v!r}: expected an integer >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"{stage}.node_rank={self.node_rank} must be in [0, nnodes={self.nnodes})")
+        if self.nnodes > 1 and ":" not in self.rdzv_endpoint:
+            raise ConfigError(f"{stage}: nnodes > 1 needs rdzv_endpoint host:port (node 0's rendezvous)")
+        if self.timeout < 0 or self.heartbeat <= 0 or self.omp_threads < 0:
+            raise ConfigError(f"{stage}: timeout and omp_threads must be >= 0, heartbeat > 0")
+
+    def rendezvous(self):
+        from stages.launch import Rendezvous
+
+        return Rendezvous(self.nnodes, self.node_rank, self.rdzv_endpoint, self.rdzv_id) if self.nnodes > 1 else None
 
 
 def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: int, omp_threads: int,

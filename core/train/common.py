@@ -1,22 +1,23 @@
-"""What every trainer needs besides the model: the step log line, MFU, metrics.jsonl, wandb, seeding
-and the resume checks. Used by core/train/pretrain.py (and the SFT trainer).
+"""What every trainer shares: the skeleton of its phases (start_run, resume_model, resume_state,
+open_log, save, optimizer_step, log_step, log_eval, finish_run), the step log line, MFU, metrics.jsonl,
+wandb, seeding and the resume checks. Used by core/train/pretrain.py and core/train/sft.py.
 
-    from core.train.common import (StepClock, format_step_line, parse_step_line, peak_flops, MetricsLog,
-                                   setup_wandb, seed_everything, check_resume)
-    peak, source = peak_flops(device, dtype)          # GPU table, or a measured matmul peak on CPU
-    clock = StepClock(total_steps, done=start_step)
-    ...one step of dt seconds...
-    clock.tick(dt)
-    print0(format_step_line(step, total, loss, lrm, dt, tok_per_s, mfu, clock.training_time, clock.eta(step)))
-    metrics.append("train", step=step, loss=loss, ...)     # one JSON line (rank 0)
+    run = start_run(cfg, val_bpb=None)                 # process group, threads, out dir, loop state
+    model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
+    optimizer = build...; loader_state = resume_state(run, optimizer)
+    open_log(run, total_steps=..., rows=[...], ...)    # start-up table, metrics "start" row, wandb
+    while True: evals; save(run, step, ...); lrm = schedule; loss, dt = optimizer_step(run, ...);
+                step += 1; log_step(run, step, loss, lrm, dt, ...)
+    return finish_run(run, summary, message)           # the "done" row, wandb, process group
 
-The step line is the contract with the stages: stages/pretrain.py parses it with parse_step_line to
+The step line is the contract with the stages: stages/training.py parses it with parse_step_line to
 report progress while torchrun runs, so change both together. The metrics.jsonl file is the
 machine-readable record (one object per line with "kind": "train" | "val" | "core" | "sample" |
 "start" | "done"); after a resume from step s, rows past s are dropped so the file reads as one run.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -25,13 +26,18 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from core.common import cleanup_distributed
+from core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.common import (DistInfo, cleanup_distributed, compute_dtype, init_distributed, parse_dtype, print0,
+                         set_num_threads)
+from core.train.config import WANDB_MODES
 
 # ---- the per-step log line -------------------------------------------------------------------------
 
@@ -202,8 +208,6 @@ def _json_default(o):
 
 # ---- wandb -----------------------------------------------------------------------------------------
 
-WANDB_MODES = ("disabled", "offline", "online")
-
 
 class _NoWandb:
     id = None
@@ -300,6 +304,239 @@ def check_resume(meta: dict, *, where: Path | str, identity: dict, tokenizer: di
                      "(the packed row stream does not depend on it) with a different micro-batch split, so "
                      "the result equals an uninterrupted run up to float rounding, not bit for bit")
     return notes
+
+
+# ---- the trainer skeleton: the phases every trainer shares -------------------------------------------
+# A trainer is a flat script: start_run -> build its model -> resume_model -> build its optimizer ->
+# resume_state -> its data -> open_log -> loop {evals; save; optimizer_step; log_step} -> finish_run.
+# What differs (data, schedule, evals, the meta record) stays in the trainer.
+
+
+@dataclass
+class Run:
+    """One trainer process: where it runs, where it writes, and the loop state saved in checkpoints."""
+    info: DistInfo
+    dtype: torch.dtype
+    out: Path
+    metrics: "MetricsLog"
+    loop: dict                           # carried across resumes (meta.json "loop_state")
+    t_process: float = field(default_factory=time.time)
+    ck: Checkpoint | None = None         # the checkpoint this process resumed from
+    start_step: int = 0
+    total_steps: int = 0
+    wandb: object = None
+    clock: "StepClock | None" = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+    @property
+    def master(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def barrier(self) -> None:
+        if self.info.ddp:
+            dist.barrier()
+
+    def resumed_at(self, step: int) -> bool:
+        """The step this process resumed at: its evals and its save happened before that save."""
+        return self.ck is not None and step == self.start_step
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Read from /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `name` on `device`. auto = bf16 on SM80+ GPUs and on CPUs with native bf16,
+    fp32 elsewhere (NANORUN_DTYPE overrides). Why bf16 on such CPUs: the pretrain stage's cpu-demo
+    setup ran 2.9x faster than fp32 at the same val bpb (3,261 vs 1,130 tok/s, bpb 2.4389 vs 2.4390
+    after 20 steps; bench/pretrain_path.py), the step-0 evaluation included."""
+    if name != "auto":
+        return parse_dtype(name)
+    if device.type == "cpu" and not os.environ.get("NANORUN_DTYPE", "").strip() and cpu_has_native_bf16():
+        return torch.bfloat16
+    return compute_dtype(device)
+
+
+def start_run(cfg, **loop_fields) -> Run:
+    """Join the process group, set CPU threads, make the output directory. loop_fields: the trainer's
+    own loop state (what it must carry across a resume besides the shared fields)."""
+    info = init_distributed(cfg.device_type or None)
+    if info.device.type == "cpu":
+        set_num_threads()  # OMP_NUM_THREADS, else the cores we may use (torchrun would default to 1)
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            print0("note: OMP_WAIT_POLICY is not PASSIVE (the stages set it): on a busy CPU OpenMP's spin-waiting "
+                   "made training steps many times slower here (bf16 63 s/step instead of ~1 s)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loop = {"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "wandb_id": None,
+            **loop_fields}
+    return Run(info=info, dtype=resolve_dtype(cfg.dtype, info.device), out=out,
+               metrics=MetricsLog(out / "metrics.jsonl", enabled=info.rank == 0), loop=loop)
+
+
+def resume_model(run: Run, model: torch.nn.Module, *, identity: dict, tokenizer: dict,
+                 device_batch_size: int | None) -> list[str]:
+    """Load the newest complete checkpoint in run.out/checkpoints into `model` (initialised as a fresh
+    run first, so a missing checkpoint changes nothing) after check_resume; returns its notes."""
+    latest = latest_checkpoint(run.ckpt_root)
+    if latest is None:
+        return []
+    run.ck = load_checkpoint(latest)
+    notes = check_resume(run.ck.meta, where=latest, identity=identity, tokenizer=tokenizer, world_size=run.world,
+                         device_batch_size=device_batch_size)
+    model.load_state_dict(run.ck.model_state(run.device), strict=True)
+    return notes
+
+
+def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """(the model to call in the loop, whether it is compiled). Default: compile on CUDA only."""
+    use = device.type == "cuda" if flag is None else flag
+    return (torch.compile(model, dynamic=False) if use else model), use
+
+
+def resume_state(run: Run, optimizer) -> dict | None:
+    """After resume_model: this rank's optimizer shard, RNG and the loop state; returns the loader
+    state to continue from (None for a fresh run)."""
+    if run.ck is None:
+        return None
+    optimizer.load_state_dict(run.ck.optim_state(run.rank, run.device))
+    rank_state = run.ck.rank_state(run.rank)
+    set_rng_state(rank_state["rng"])
+    run.loop.update(run.ck.meta["loop_state"])
+    run.start_step = run.ck.step
+    return rank_state["loader"]
+
+
+def open_log(run: Run, *, total_steps: int, rows: list[tuple[str, str]], notes: list[str], config: dict,
+             identity: dict, derived: dict, tokenizer: dict, wandb_mode: str, wandb_project: str, wandb_name: str,
+             wandb_config: dict) -> None:
+    """Print the start-up table, start metrics.jsonl (dropping what an interrupted attempt recorded
+    after the checkpoint) and wandb, and start the clock. The loop starts right after."""
+    run.total_steps = total_steps
+    rows = rows + [("start", f"resuming from {run.ck.path} (step {run.start_step})" if run.ck else
+                             f"fresh (no checkpoint in {run.ckpt_root})")]
+    width = max(len(k) for k, _ in rows) + 1
+    print0("\n".join(f"{k:<{width}} : {v}" for k, v in rows))
+    for note in notes:
+        print0(f"note: {note}")
+    dropped = run.metrics.truncate_after(run.start_step if run.ck is not None else -1)
+    if dropped:
+        print0(f"metrics.jsonl: dropped {dropped} row(s) an interrupted attempt recorded after step {run.start_step}")
+    run.metrics.append("start", step=run.start_step, resumed=run.ck is not None, config=config, identity=identity,
+                       derived=derived, tokenizer=tokenizer)
+    run.wandb = setup_wandb(wandb_mode, project=wandb_project, name=wandb_name, config=wandb_config,
+                            directory=run.out, rank=run.rank, run_id=run.loop.get("wandb_id"))
+    run.loop["wandb_id"] = getattr(run.wandb, "id", None)
+    run.clock = StepClock(total_steps, training_time=run.loop["training_time"], timed_steps=run.loop["timed_steps"])
+    mark_loop_started()
+
+
+def save(run: Run, step: int, *, model: torch.nn.Module, optimizer, loader_state: dict, meta: dict | None,
+         keep: int) -> None:
+    """A checkpoint of everything needed to continue exactly (collective: every rank calls it)."""
+    run.loop["wall_time"] += time.time() - run.t_process
+    run.t_process = time.time()
+    path = save_checkpoint(run.ckpt_root, step, rank=run.rank, world_size=run.world,
+                           model_state=model.state_dict() if run.master else None, optim_state=optimizer.state_dict(),
+                           rank_state={"loader": loader_state, "rng": rng_state()},
+                           meta=meta if run.master else None, keep_last=keep, barrier=run.barrier)
+    print0(f"step {step:05d}/{run.total_steps:05d} | saved checkpoint {path}")
+
+
+def optimizer_step(run: Run, model: torch.nn.Module, optimizer, batches: Iterator, grad_accum: int) -> tuple[float, float]:
+    """grad_accum micro-batches, then optimizer.step() (the LR schedule set before): (mean loss, seconds)."""
+    run.sync()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=run.device)
+    for _ in range(grad_accum):
+        x, y = next(batches)
+        loss = model(x, y)
+        loss_sum += loss.detach()
+        (loss / grad_accum).backward()  # .backward() sums: divide for the mean over micro-batches
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = (loss_sum / grad_accum).item()  # also the sync point for the timing
+    run.sync()
+    return train_loss, time.perf_counter() - t0
+
+
+def log_step(run: Run, step: int, train_loss: float, lrm: float, dt: float, *, tokens_per_step: int,
+             flops_per_token: float, peak: float, epoch: float | None = None) -> None:
+    """After optimizer step `step` (1-based): divergence check, clock, the step line, metrics.jsonl,
+    wandb (every 10 steps, with the reference's keys) and the reference's GC trick."""
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(f"training loss is {train_loss} at step {step}: the run diverged; lower the "
+                                 "learning rates or check the data (resuming would diverge the same way)")
+    clock, loop = run.clock, run.loop
+    clock.tick(dt, step)
+    beta = 0.9  # EMA of the loss for a readable log, debiased for the first steps
+    loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * train_loss
+    smooth = loop["smooth_train_loss"] / (1 - beta ** step)
+    loop["training_time"], loop["timed_steps"] = clock.training_time, clock.timed_steps
+    tok_per_s = tokens_per_step / dt
+    mfu = 100 * flops_per_token * tokens_per_step / dt / (peak * run.world)
+    print0(format_step_line(step, run.total_steps, smooth, lrm, dt, tok_per_s, mfu, clock.training_time,
+                            clock.eta(step)))
+    run.metrics.append("train", step=step, loss=smooth, raw_loss=train_loss, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
+                       mfu=mfu, training_time=clock.training_time, tokens=step * tokens_per_step)
+    if step % 10 == 0 or step == run.total_steps:
+        row = {"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_s,
+               "train/mfu": mfu, "tokens": step * tokens_per_step, "total_training_time": clock.training_time,
+               "total_training_flops": flops_per_token * tokens_per_step * step}
+        if epoch is not None:
+            row["train/epoch"] = epoch
+        run.wandb.log(row)
+    # The reference's GC trick: after the first step, freeze the setup's objects and stop the cyclic
+    # collector, which otherwise spends ~0.5 s scanning them every few steps.
+    if step == run.start_step + 1:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
+
+
+def log_eval(run: Run, step: int, wandb_row: dict, **fields) -> None:
+    """An eval's row in metrics.jsonl (kind = fields["kind"]) and in wandb, with the reference's totals."""
+    kind = fields.pop("kind")
+    run.metrics.append(kind, step=step, **fields)
+    run.wandb.log({"step": step, "total_training_time": run.loop["training_time"], **wandb_row})
+
+
+def finish_run(run: Run, summary: dict, message: str) -> dict:
+    """The done row (also after a resume at the last step: the attempt that finished may have died
+    before writing it), the closing line, wandb and the process group."""
+    if run.start_step < run.total_steps or not any(r["kind"] == "done" for r in read_metrics(run.metrics.path)):
+        run.metrics.append("done", **summary)
+    if run.start_step < run.total_steps:
+        print0(f"done: {message} | training time {run.loop['training_time'] / 60:.2f}m")
+    run.wandb.finish()
+    cleanup_distributed()
+    return summary
 
 
 _loop_started = False  # set by the trainer once its loop starts: errors before it are configuration problems

@@ -28,22 +28,14 @@ or process count is refused with the reason (core.train.common.check_resume).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import gc
-import json
 import math
 import os
-import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from core.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from core.common import cleanup_distributed, compute_dtype, dtype_name, init_distributed, parse_dtype, print0, \
-    set_num_threads
+from core.common import dtype_name, print0
 from core.dataloader import PackingLoader
 from core.eval.bpb import evaluate_bpb
 from core.fp8 import convert_to_fp8, disable_fp8
@@ -51,9 +43,11 @@ from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
-from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line,
-                               mark_loop_started, peak_flops, read_metrics, run_entry_point, seed_everything,
-                               setup_wandb, tokenizer_record)
+from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, peak_flops,
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
+                               tokenizer_record)
+from core.train.config import PretrainConfig, identity_fields
+from core.train.config import parse_config as _parse_config
 
 SAMPLE_PROMPTS = (  # the reference's prompts: facts, a little reasoning, a little arithmetic
     "The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -63,121 +57,12 @@ SAMPLE_PROMPTS = (  # the reference's prompts: facts, a little reasoning, a litt
 VAL_CACHE_BYTES = 256 * 2 ** 20  # keep the validation batches in memory when they fit in this
 
 
-def _opt(default, help: str, identity: bool = False):
-    return field(default=default, metadata={"help": help, "identity": identity})
-
-
-@dataclass
-class PretrainConfig:
-    # inputs and output
-    data_dir: str = _opt("", "data_shards artifact: train/ and val/ shard_*.parquet")
-    tokenizer_dir: str = _opt("", "tokenizer artifact (tokenizer.json, token_bytes.npy)")
-    out: str = _opt("", "output directory: checkpoints/, metrics.jsonl, wandb/ (resumes from its checkpoints)")
-    tokenizer_fingerprint: str = _opt("", "the tokenizer artifact's fingerprint (stored in checkpoints; "
-                                          "default: a hash of tokenizer.json)")
-    eval_bundle_dir: str = _opt("", "CORE eval bundle directory (enables --core-metric-every)")
-    # model: the depth dial (identity: these change the weights)
-    depth: int = _opt(20, "number of transformer layers; everything else derives from it", True)
-    aspect_ratio: int = _opt(64, "model_dim = depth x aspect_ratio, rounded up to head_dim", True)
-    head_dim: int = _opt(128, "attention head dimension", True)
-    max_seq_len: int = _opt(2048, "context length", True)
-    window_pattern: str = _opt("SSSL", "sliding windows tiled over layers: S = quarter context, L = full", True)
-    # horizon: num_iterations > target_flops > target_param_data_ratio
-    target_param_data_ratio: float = _opt(12.0, "tokens = ratio x scaling params (also sets batch and WD)", True)
-    target_flops: float = _opt(-1.0, "train for this many FLOPs (-1 = off)", True)
-    num_iterations: int = _opt(-1, "explicit number of optimizer steps (-1 = off)", True)
-    # optimisation
-    total_batch_size: int = _opt(-1, "tokens per optimizer step (-1 = auto from the Power Lines rule)", True)
-    embedding_lr: float = _opt(0.3, "AdamW lr of the token embedding (before batch/width scaling)", True)
-    unembedding_lr: float = _opt(0.008, "AdamW lr of lm_head (before batch/width scaling)", True)
-    matrix_lr: float = _opt(0.02, "Muon lr of the transformer matrices (before batch scaling)", True)
-    scalar_lr: float = _opt(0.5, "AdamW lr of the per-layer scalars (before batch scaling)", True)
-    weight_decay: float = _opt(0.28, "Muon cautious weight decay at d12 (scaled by batch and horizon)", True)
-    warmup_steps: int = _opt(40, "linear LR warmup steps", True)
-    warmdown_ratio: float = _opt(0.65, "fraction of steps at the end with a linear LR decay", True)
-    final_lr_frac: float = _opt(0.05, "LR at the end of the warmdown, as a fraction of the peak", True)
-    loader_buffer: int = _opt(1000, "documents kept tokenized for best-fit packing (the reference's 1000; it "
-                                    "decides which documents share a row, so it is part of the recipe)", True)
-    seed: int = _opt(42, "model init and RNG seed", True)
-    dtype: str = _opt("auto", "compute dtype: auto (bf16 on SM80+ GPUs, fp32 elsewhere) | bfloat16 | float32 "
-                              "| float16", True)
-    fp8: bool = _opt(False, "FP8 matmuls in the transformer blocks (H100+ GPUs only)", True)
-    fp8_recipe: str = _opt("tensorwise", "FP8 scaling: tensorwise | rowwise", True)
-    # runtime: how the run is executed, not what it computes
-    device_type: str = _opt("", "cuda | cpu | mps (empty = autodetect)")
-    device_batch_size: int = _opt(32, "sequences per micro-batch per process")
-    eval_every: int = _opt(250, "val bits-per-byte every N steps and at the end (-1 = off)")
-    eval_tokens: int = _opt(20 * 524288, "validation tokens per evaluation (a fixed slice of the val shard)")
-    core_metric_every: int = _opt(2000, "CORE every N steps and at the end (-1 = off; needs --eval-bundle-dir)")
-    core_metric_max_per_task: int = _opt(500, "CORE examples per task during training (-1 = all)")
-    sample_every: int = _opt(2000, "greedy samples every N steps and at the end (-1 = off)")
-    save_every: int = _opt(-1, "checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = _opt(2, "keep the newest K checkpoints")
-    compile: bool | None = _opt(None, "torch.compile the model (default: on CUDA only)")
-    wandb: str = _opt("offline", "wandb mode: disabled | offline (default: no network; `wandb sync` later) | online")
-    wandb_project: str = _opt("nanorun", "wandb project")
-    run_name: str = _opt("", "wandb run name (default: d{depth})")
-
-    def __post_init__(self):
-        positive = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "keep_checkpoints",
-                    "loader_buffer")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)  # raises with the valid names
-        if self.wandb not in WANDB_MODES:
-            raise ValueError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
-        if self.fp8_recipe not in ("tensorwise", "rowwise"):
-            raise ValueError(f"--fp8-recipe {self.fp8_recipe!r}: use tensorwise or rowwise")
-        if self.eval_every > 0 and self.eval_tokens < 1:
-            raise ValueError("--eval-tokens must be >= 1 when --eval-every is on")
-        if not set(self.window_pattern.upper()) <= {"S", "L"} or not self.window_pattern:
-            raise ValueError(f"--window-pattern {self.window_pattern!r}: use only S and L")
-
-    def identity(self) -> dict:
-        """The settings that change the weights; a checkpoint is resumable only with the same ones."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
-
-
-IDENTITY_FIELDS = tuple(f.name for f in fields(PretrainConfig) if f.metadata["identity"])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m core.train.pretrain", description="Pretrain the base model "
-                                "(run under torchrun for several processes)")
-    p.add_argument("--config", help="JSON file with any of the options below (underscored keys); "
-                                    "options given on the command line win")
-    for f in fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
-        if isinstance(f.default, bool) or f.default is None:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=type(f.default), **kw)
-    return p
+IDENTITY_FIELDS = identity_fields(PretrainConfig)
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    values = {}
-    config_file = args.pop("config", None)
-    if config_file:
-        values = json.loads(Path(config_file).read_text())
-        known = {f.name for f in fields(PretrainConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"{config_file}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-    values.update(args)
-    try:
-        cfg = PretrainConfig(**values)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
-    for name in ("data_dir", "tokenizer_dir", "out"):
-        if not getattr(cfg, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or give it in --config)")
-    return cfg
+    return _parse_config(PretrainConfig, argv, prog="python -m core.train.pretrain",
+                         description="Pretrain the base model (run under torchrun for several processes)")
 
 
 def shard_files(data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -187,9 +72,6 @@ def shard_files(data_dir: Path) -> tuple[list[Path], list[Path]]:
         raise FileNotFoundError(f"--data-dir {data_dir}: expected train/ and val/ shard_*.parquet (found {len(train)} "
                                 f"train, {len(val)} val); point it at a data_shards artifact")
     return train, val
-
-
-# ---- FP8 ---------------------------------------------------------------------------------------
 
 
 # ---- samples -------------------------------------------------------------------------------------
@@ -221,27 +103,15 @@ def greedy_samples(model, tokenizer, max_tokens: int = 16) -> list[str]:
 
 
 def train(cfg: PretrainConfig) -> dict:
-    t_process = time.time()
-    info = init_distributed(cfg.device_type or None)
-    device, rank, world = info.device, info.rank, info.world_size
-    master = rank == 0
-    if device.type == "cpu":
-        set_num_threads()  # OMP_NUM_THREADS, else the cores we may use (torchrun would default to 1)
-    dtype = compute_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    barrier = dist.barrier if info.ddp else (lambda: None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=master)
-
+    run = start_run(cfg, min_val_bpb=math.inf, val_bpb=None)
+    device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
     tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
     tok_rec = tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint or None)
     token_bytes = tokenizer.token_bytes().to(device)
     train_files, val_files = shard_files(Path(cfg.data_dir))
     plan = derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, tokenizer.vocab_size,
                   cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
-                  window_pattern=cfg.window_pattern.upper(), embedding_lr=cfg.embedding_lr,
+                  window_pattern=cfg.window_pattern, embedding_lr=cfg.embedding_lr,
                   unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
                   weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
                   final_lr_frac=cfg.final_lr_frac)
@@ -251,27 +121,12 @@ def train(cfg: PretrainConfig) -> dict:
     # model: built and initialised exactly as a fresh run, then overwritten by the checkpoint if any
     seed_everything(cfg.seed)
     orig_model = build_model(plan.model_config(), device, dtype, seed=cfg.seed)
-    latest = latest_checkpoint(ckpt_root)
-    ck, notes = None, []
-    if latest is not None:
-        ck = load_checkpoint(latest)
-        notes = check_resume(ck.meta, where=latest, identity=cfg.identity(), tokenizer=tok_rec, world_size=world,
-                             device_batch_size=cfg.device_batch_size)
-        orig_model.load_state_dict(ck.model_state(device), strict=True)
+    notes = resume_model(run, orig_model, identity=cfg.identity(), tokenizer=tok_rec,
+                         device_batch_size=cfg.device_batch_size)
     n_fp8 = convert_to_fp8(orig_model, cfg.fp8_recipe) if cfg.fp8 else 0
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
-    optimizer = build_optimizer(orig_model, plan, distributed=info.ddp)
-    loop = {"smooth_train_loss": 0.0, "min_val_bpb": math.inf, "val_bpb": None, "training_time": 0.0,
-            "timed_steps": 0, "wall_time": 0.0, "wandb_id": None}
-    loader_state, start_step = None, 0
-    if ck is not None:
-        optimizer.load_state_dict(ck.optim_state(rank, device))
-        rank_state = ck.rank_state(rank)
-        loader_state = rank_state["loader"]
-        set_rng_state(rank_state["rng"])
-        loop.update(ck.meta["loop_state"])
-        start_step = ck.step
+    model, use_compile = maybe_compile(orig_model, cfg.compile, device)
+    optimizer = build_optimizer(orig_model, plan, distributed=run.info.ddp)
+    loader_state = resume_state(run, optimizer)
     train_loader = PackingLoader(train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len, rank, world,
                                  state=loader_state, device=device, buffer_size=cfg.loader_buffer)
 
@@ -280,30 +135,18 @@ def train(cfg: PretrainConfig) -> dict:
                "grad_accum_steps": grad_accum, "tokens_per_micro_batch": cfg.device_batch_size * cfg.max_seq_len,
                "device": str(device), "dtype": dtype_name(dtype), "compile": use_compile, "fp8_layers": n_fp8,
                "peak_flops": peak, "peak_flops_source": peak_source}
-    rows = [("processes / device / dtype", f"{world} / {device} / {dtype_name(dtype)}"),
-            ("micro-batch x grad accum", f"{cfg.device_batch_size} x {cfg.max_seq_len} tokens x {world} ranks x "
-                                         f"{grad_accum} = {batch:,} tokens"),
-            ("peak FLOP/s per process", f"{peak:.3e} ({peak_source})"),
-            ("compile / fp8 / wandb", f"{use_compile} / {f'{cfg.fp8_recipe}, {n_fp8} layers' if cfg.fp8 else 'off'} / "
-                                      f"{cfg.wandb}"),
-            ("tokenizer", f"{tok_rec['fingerprint']} (vocab {tok_rec['vocab_size']:,})"),
-            ("data", f"{len(train_files)} train / {len(val_files)} val shard(s) in {cfg.data_dir}"),
-            ("start", f"resuming from {latest} (step {start_step})" if ck else "fresh (no checkpoint in "
-                                                                              f"{ckpt_root})")]
     print0(plan.table())
-    print0("\n".join(f"{k:<31} : {v}" for k, v in rows))
-    for note in notes:
-        print0(f"note: {note}")
-    # rows past the checkpoint belong to an attempt that died; they are recorded again
-    dropped = metrics.truncate_after(start_step if ck is not None else -1)
-    if dropped:
-        print0(f"metrics.jsonl: dropped {dropped} row(s) an interrupted attempt recorded after step {start_step}")
-    metrics.append("start", step=start_step, resumed=ck is not None, config=dataclasses.asdict(cfg),
-                   identity=cfg.identity(), derived=derived, tokenizer=tok_rec)
-    wandb_run = setup_wandb(cfg.wandb, project=cfg.wandb_project, name=cfg.run_name or f"d{cfg.depth}",
-                            config={**dataclasses.asdict(cfg), **derived}, directory=out, rank=rank,
-                            run_id=loop.get("wandb_id"))
-    loop["wandb_id"] = getattr(wandb_run, "id", None)
+    open_log(run, total_steps=total_steps, notes=notes, config=dataclasses.asdict(cfg), identity=cfg.identity(),
+             derived=derived, tokenizer=tok_rec, wandb_mode=cfg.wandb, wandb_project=cfg.wandb_project,
+             wandb_name=cfg.run_name or f"d{cfg.depth}", wandb_config={**dataclasses.asdict(cfg), **derived}, rows=[
+                 ("processes / device / dtype", f"{world} / {device} / {dtype_name(dtype)}"),
+                 ("micro-batch x grad accum", f"{cfg.device_batch_size} x {cfg.max_seq_len} tokens x {world} ranks x "
+                                              f"{grad_accum} = {batch:,} tokens"),
+                 ("peak FLOP/s per process", f"{peak:.3e} ({peak_source})"),
+                 ("compile / fp8 / wandb", f"{use_compile} / "
+                                           f"{f'{cfg.fp8_recipe}, {n_fp8} layers' if cfg.fp8 else 'off'} / {cfg.wandb}"),
+                 ("tokenizer", f"{tok_rec['fingerprint']} (vocab {tok_rec['vocab_size']:,})"),
+                 ("data", f"{len(train_files)} train / {len(val_files)} val shard(s) in {cfg.data_dir}")])
 
     # validation batches: a fixed slice of the val shard, the same at every evaluation
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world))
@@ -337,26 +180,24 @@ def train(cfg: PretrainConfig) -> dict:
                 "data": {"train": [f.name for f in train_files], "val": [f.name for f in val_files]},
                 "val_bpb": loop["val_bpb"], "loop_state": loop}
 
-    clock = StepClock(total_steps, training_time=loop["training_time"], timed_steps=loop["timed_steps"])
-    step = start_step
-    mark_loop_started()
-    if start_step == total_steps:
-        print0(f"the checkpoint at step {start_step} is the end of this run: nothing left to train")
+    step = run.start_step
+    if step == total_steps:
+        print0(f"the checkpoint at step {step} is the end of this run: nothing left to train")
     while True:
         last = step == total_steps
-        resumed_here = ck is not None and step == start_step  # its evals and save were done before the save
-        tokens_seen = step * batch
-        if cfg.eval_every > 0 and (last or step % cfg.eval_every == 0) and not resumed_here:
+        fresh = not run.resumed_at(step)  # a resumed step's evals and save happened before its save
+        due = lambda every: fresh and every > 0 and (last or (step > 0 and step % every == 0))  # noqa: E731
+        flops = plan.flops_per_token * batch * step
+        if cfg.eval_every > 0 and fresh and (last or step % cfg.eval_every == 0):  # step 0 too: the baseline
             model.eval()
             with disable_fp8(orig_model):
                 bpb = evaluate_bpb(orig_model if cfg.fp8 else model, val_batches(), token_bytes, steps=eval_steps)
             model.train()
             loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
             print0(f"step {step:05d}/{total_steps:05d} | val bpb {bpb:.6f} (min {loop['min_val_bpb']:.6f})")
-            metrics.append("val", step=step, val_bpb=bpb, tokens=tokens_seen)
-            wandb_run.log({"step": step, "val/bpb": bpb, "tokens": tokens_seen})
-        if cfg.core_metric_every > 0 and cfg.eval_bundle_dir and not resumed_here and \
-                (last or (step > 0 and step % cfg.core_metric_every == 0)):
+            log_eval(run, step, {"val/bpb": bpb, "tokens": step * batch, "total_training_flops": flops},
+                     kind="val", val_bpb=bpb, tokens=step * batch)
+        if cfg.eval_bundle_dir and due(cfg.core_metric_every):
             from core.eval.core import evaluate_core
             # like the reference, prompts are not cut to the training context (few-shot prompts may be
             # longer); only to what the rotary table covers (10x the context)
@@ -365,89 +206,37 @@ def train(cfg: PretrainConfig) -> dict:
                                     world_size=world, max_per_task=cfg.core_metric_max_per_task,
                                     max_seq_len=orig_model.rotary_len)
             print0(f"step {step:05d}/{total_steps:05d} | {res.label}: {res.core:.4f}")
-            metrics.append("core", step=step, core=res.core, label=res.label,
-                           tasks={k: t.centered for k, t in res.tasks.items()})
-            wandb_run.log({"step": step, "core_metric": res.core})
-        if cfg.sample_every > 0 and master and not resumed_here and \
-                (last or (step > 0 and step % cfg.sample_every == 0)):
+            centered = {k: t.centered for k, t in res.tasks.items()}
+            log_eval(run, step, {"core_metric": res.core, "centered_results": centered, "total_training_flops": flops},
+                     kind="core", core=res.core, label=res.label, tasks=centered)
+        if run.master and due(cfg.sample_every):
             orig_model.eval()
             with disable_fp8(orig_model):
                 samples = greedy_samples(orig_model, tokenizer)
             orig_model.train()
             for s in samples:
                 print0(f"sample | {s!r}")
-            metrics.append("sample", step=step, samples=samples)
-        if not resumed_here and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
-            loop["wall_time"] += time.time() - t_process
-            t_process = time.time()
-            path = save_checkpoint(ckpt_root, step, rank=rank, world_size=world,
-                                   model_state=orig_model.state_dict() if master else None,
-                                   optim_state=optimizer.state_dict(),
-                                   rank_state={"loader": train_loader.state_dict(), "rng": rng_state()},
-                                   meta=meta_record() if master else None, keep_last=cfg.keep_checkpoints,
-                                   barrier=barrier)
-            print0(f"step {step:05d}/{total_steps:05d} | saved checkpoint {path}")
+            run.metrics.append("sample", step=step, samples=samples)
+        if fresh and (last or due(cfg.save_every)):
+            save(run, step, model=orig_model, optimizer=optimizer, loader_state=train_loader.state_dict(),
+                 meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:
             break
-
-        # ---- one optimizer step: grad_accum micro-batches, then Muon + AdamW ----
-        sync()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = next(train_loader)
-            loss = model(x, y)
-            loss_sum += loss.detach()
-            (loss / grad_accum).backward()  # .backward() sums: divide for the mean over micro-batches
-        lrm = apply_schedule(optimizer, plan, step)
-        optimizer.step()
-        orig_model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / grad_accum).item()  # also the sync point for the timing
-        sync()
-        dt = time.perf_counter() - t0
+        lrm = apply_schedule(optimizer, plan, step)  # Muon + AdamW with the reference's schedules
+        train_loss, dt = optimizer_step(run, model, optimizer, train_loader, grad_accum)
         step += 1
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {step}: the run diverged; lower the "
-                                     "learning rates or check the data (resuming would diverge the same way)")
-        clock.tick(dt, step)
-        beta = 0.9  # EMA of the loss for a readable log, debiased for the first steps
-        loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * train_loss
-        smooth = loop["smooth_train_loss"] / (1 - beta ** step)
-        loop["training_time"], loop["timed_steps"] = clock.training_time, clock.timed_steps
-        tok_per_s = batch / dt
-        mfu = 100 * plan.flops_per_token * batch / dt / (peak * world)
-        print0(format_step_line(step, total_steps, smooth, lrm, dt, tok_per_s, mfu, clock.training_time,
-                                clock.eta(step)))
-        metrics.append("train", step=step, loss=smooth, raw_loss=train_loss, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
-                       mfu=mfu, training_time=clock.training_time, tokens=step * batch)
-        if step % 10 == 0 or step == total_steps:
-            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
-                           "train/tok_per_sec": tok_per_s, "train/mfu": mfu, "tokens": step * batch})
-        # The reference's GC trick: after the first step, freeze the setup's objects and stop the
-        # cyclic collector, which otherwise spends ~0.5 s scanning them every few steps.
-        if step == start_step + 1:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        log_step(run, step, train_loss, lrm, dt, tokens_per_step=batch, flops_per_token=plan.flops_per_token,
+                 peak=peak, epoch=train_loader.stats()["epoch"])
 
     summary = {"step": total_steps, "val_bpb": loop["val_bpb"],
                "min_val_bpb": None if math.isinf(loop["min_val_bpb"]) else loop["min_val_bpb"],
-               "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** total_steps),
+               "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** max(total_steps, 1)),
                "training_time": loop["training_time"], "wall_time": loop["wall_time"],
                "tokens": total_steps * batch, "num_params": plan.num_params,
                "num_scaling_params": plan.num_scaling_params, "world_size": world}
-    # (a resume at the last step means an earlier attempt finished; it may have died before this row)
-    if start_step < total_steps or not any(r["kind"] == "done" for r in read_metrics(metrics.path)):
-        metrics.append("done", **summary)
-    if start_step < total_steps:
-        print0(f"done: {total_steps:,} steps, {total_steps * batch:,} tokens | val bpb {loop['val_bpb']} "
-               f"(min {summary['min_val_bpb']}) | training time {clock.training_time / 60:.2f}m")
-    wandb_run.finish()
     train_loader.close()
-    cleanup_distributed()
-    return summary
+    return finish_run(run, summary, f"{total_steps:,} steps, {total_steps * batch:,} tokens | val bpb "
+                                    f"{loop['val_bpb']} (min {summary['min_val_bpb']})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,120 +39,37 @@ and loop state; a killed and resumed run ends bit-identical (tests/core/test_sft
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import gc
 import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import (check_tokenizer, latest_checkpoint, load_checkpoint, load_model, rng_state,
-                             save_checkpoint, set_rng_state)
-from core.common import cleanup_distributed, compute_dtype, dtype_name, init_distributed, parse_dtype, print0, \
-    set_num_threads
-from core.optim import SMALL_PARAM, build_optimizer
+from core.checkpoint import check_tokenizer, load_checkpoint, load_model
+from core.common import dtype_name, print0
+from core.eval.bpb import evaluate_loss_bpb
+from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
 from core.tokenizer import Tokenizer
-from core.train.common import (MetricsLog, StepClock, WANDB_MODES, check_resume, format_step_line,
-                               mark_loop_started, peak_flops, run_entry_point, seed_everything, setup_wandb,
+from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, peak_flops,
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
                                tokenizer_record)
+from core.train.config import SFTConfig, identity_fields
+from core.train.config import parse_config as _parse_config
 
 
-def _opt(default, help: str, identity: bool = False):
-    return field(default=default, metadata={"help": help, "identity": identity})
-
-
-@dataclass
-class SFTConfig:
-    base_checkpoint: str = _opt("", "the base model: a complete checkpoint directory (step_NNNNNN)")
-    tokenizer_dir: str = _opt("", "tokenizer artifact the base was trained with")
-    mixture: str = _opt("", 'JSON file {"train": [specs], "val": [specs], "seed": N, "paths": {source: file}}')
-    out: str = _opt("", "output directory: checkpoints/, metrics.jsonl (resumes from its checkpoints)")
-    tokenizer_fingerprint: str = _opt("", "the tokenizer artifact's fingerprint (default: a hash of tokenizer.json)")
-    # identity: the recipe (-1 = inherit from the base run, as the reference)
-    max_seq_len: int = _opt(-1, "row length (-1 = the base model's context)", True)
-    total_batch_size: int = _opt(-1, "tokens per optimizer step (-1 = the base run's)", True)
-    num_iterations: int = _opt(-1, "optimizer steps (-1 = one pass over the mixture)", True)
-    embedding_lr: float = _opt(-1.0, "AdamW lr of wte, raw (-1 = the base run's)", True)
-    unembedding_lr: float = _opt(-1.0, "AdamW lr of lm_head, raw (-1 = the base run's)", True)
-    matrix_lr: float = _opt(-1.0, "Muon lr, raw (-1 = the base run's)", True)
-    scalar_lr: float = _opt(-1.0, "AdamW lr of the per-layer scalars, raw (-1 = the base run's)", True)
-    init_lr_frac: float = _opt(0.8, "every LR starts at this fraction of the above", True)
-    warmup_ratio: float = _opt(0.0, "fraction of the steps with a linear LR warmup", True)
-    warmdown_ratio: float = _opt(0.5, "fraction of the steps at the end with a linear LR decay", True)
-    final_lr_frac: float = _opt(0.0, "LR at the end, as a fraction of the initial LR", True)
-    weight_decay: float = _opt(0.0, "Muon weight decay", True)
-    load_optimizer: bool = _opt(True, "warm-start the optimizer state from the base checkpoint", True)
-    buffer_size: int = _opt(100, "conversations kept rendered for best-fit packing (reference: 100)", True)
-    seed: int = _opt(42, "RNG seed", True)
-    dtype: str = _opt("auto", "compute dtype: auto | bfloat16 | float32 | float16", True)
-    # runtime
-    device_type: str = _opt("", "cuda | cpu | mps (empty = autodetect)")
-    device_batch_size: int = _opt(-1, "rows per micro-batch per process (-1 = the base run's)")
-    eval_every: int = _opt(200, "val loss every N steps and at the end (-1 = only at the end)")
-    eval_tokens: int = _opt(40 * 524288, "validation tokens per evaluation (at most one pass over the val mixture)")
-    save_every: int = _opt(-1, "checkpoint every N steps (-1 = only at the end)")
-    keep_checkpoints: int = _opt(2, "keep the newest K checkpoints")
-    compile: bool | None = _opt(None, "torch.compile the model (default: on CUDA only)")
-    wandb: str = _opt("offline", "wandb mode: disabled | offline | online")
-    wandb_project: str = _opt("nanorun-sft", "wandb project")
-    run_name: str = _opt("", "wandb run name (default: sft-d{depth})")
-
-    def __post_init__(self):
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
-        if self.wandb not in WANDB_MODES:
-            raise ValueError(f"--wandb {self.wandb!r}: use one of {', '.join(WANDB_MODES)}")
-        if not (0 <= self.warmup_ratio <= 1 and 0 <= self.warmdown_ratio <= 1 and
-                self.warmup_ratio + self.warmdown_ratio <= 1 and 0 <= self.final_lr_frac <= 1):
-            raise ValueError("--warmup-ratio, --warmdown-ratio (summing to <= 1) and --final-lr-frac must be in [0, 1]")
-        if self.init_lr_frac <= 0 or self.buffer_size < 1 or self.keep_checkpoints < 1 or self.eval_tokens < 1:
-            raise ValueError("--init-lr-frac must be > 0; --buffer-size, --keep-checkpoints, --eval-tokens >= 1")
-
-    def identity(self, mixture: dict | None = None) -> dict:
-        ident = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
-        if mixture is not None:
-            ident["mixture"] = {k: mixture[k] for k in ("train", "val", "seed")}
-        return ident
-
-
-IDENTITY_FIELDS = tuple(f.name for f in fields(SFTConfig) if f.metadata["identity"])
+IDENTITY_FIELDS = identity_fields(SFTConfig)
 
 
 def parse_config(argv: list[str] | None = None) -> SFTConfig:
-    p = argparse.ArgumentParser(prog="python -m core.train.sft", description="Supervised fine-tuning for chat")
-    p.add_argument("--config", help="JSON file with any of the options below; command-line flags win")
-    for f in fields(SFTConfig):
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool) or f.default is None:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=type(f.default), **kw)
-    args = vars(p.parse_args(argv))
-    values = json.loads(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    args.pop("config", None)
-    unknown = sorted(set(values) - {f.name for f in fields(SFTConfig)})
-    if unknown:
-        p.error(f"config: unknown key(s) {unknown}")
-    values.update(args)
-    try:
-        cfg = SFTConfig(**values)
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
-    for name in ("base_checkpoint", "tokenizer_dir", "mixture", "out"):
-        if not getattr(cfg, name):
-            p.error(f"--{name.replace('_', '-')} is required (or give it in --config)")
-    return cfg
+    return _parse_config(SFTConfig, argv, prog="python -m core.train.sft", description="Supervised fine-tuning for chat")
 
 
 # ---- data: render, pack best-fit with padding --------------------------------------------------------
@@ -257,58 +174,6 @@ def batches_per_pass(convs: list, batch_size: int, cap: int, buffer_size: int) -
 # ---- optimizer warm start ------------------------------------------------------------------------------
 
 
-def _unshard(states: list[dict], groups: list[dict]) -> dict[int, dict]:
-    """Per-rank optimizer state dicts (ZeRO-2 shards, or one full state) -> full single-process state."""
-    full, idx = {}, 0
-    for g in groups:
-        params = g["params"]
-        if g["kind"] == "adamw":
-            for p in params:
-                per = [s["state"].get(idx) for s in states]
-                if per[0] is not None:
-                    st = dict(per[0])
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if st[key].shape != p.shape:  # row shards: rank r holds rows [r*rows, (r+1)*rows)
-                            st[key] = torch.cat([s[key] for s in per], 0)
-                    full[idx] = st
-                idx += 1
-        else:  # a Muon group's state lives on its first param: rank r owns matrices [r*chunk, (r+1)*chunk)
-            per = [s["state"].get(idx) for s in states]
-            if per[0] is not None:
-                full[idx] = {k: torch.cat([s[k] for s in per], 0)[:len(params)] for k in per[0]}
-            idx += len(params)
-    return full
-
-
-def _shard(full: dict[int, dict], groups: list[dict], rank: int, world: int) -> dict[int, dict]:
-    """Full state -> this rank's shard in the layout of core.optim (MuonAdamW or DistMuonAdamW)."""
-    out, idx = {}, 0
-    for g in groups:
-        params = g["params"]
-        if g["kind"] == "adamw":
-            for p in params:
-                if idx in full:
-                    st = dict(full[idx])
-                    if world > 1 and not (p.numel() < SMALL_PARAM or p.shape[0] % world):
-                        rows = p.shape[0] // world
-                        st = {k: (v[rank * rows:(rank + 1) * rows].clone() if k != "step" else v) for k, v in st.items()}
-                    out[idx] = st
-                idx += 1
-        else:
-            if idx in full:
-                n = len(params)
-                chunk = -(-n // world)
-                lo, owned = rank * chunk, max(0, min(chunk, n - rank * chunk))
-                st = {}
-                for k, v in full[idx].items():
-                    buf = torch.zeros((chunk, *v.shape[1:]), dtype=v.dtype)
-                    buf[:owned] = v[lo:lo + owned]
-                    st[k] = buf
-                out[idx] = st
-            idx += len(params)
-    return out
-
-
 def warm_start_optimizer(optimizer, base_ck, rank: int, world: int, device) -> str:
     """Load the base checkpoint's optimizer buffers into `optimizer` (state only: this run's LRs,
     momentum and weight decay stay). Returns what was done, for the log."""
@@ -321,7 +186,7 @@ def warm_start_optimizer(optimizer, base_ck, rank: int, world: int, device) -> s
         state = base_ck.optim_state(rank, "cpu")["state"]
         how = "same process count"
     else:
-        state = _shard(_unshard([base_ck.optim_state(r, "cpu") for r in range(base_world)], groups), groups, rank, world)
+        state = shard_state(unshard_state([base_ck.optim_state(r, "cpu") for r in range(base_world)], groups), groups, rank, world)
         how = f"re-sharded from {base_world} to {world} process(es)"
     params = [p for g in groups for p in g["params"]]
     for idx, st in state.items():
@@ -347,26 +212,6 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-@torch.no_grad()
-def evaluate_val(model, batches: list, token_bytes: torch.Tensor, device) -> tuple[float, float]:
-    """(loss in nats per trained token, bits per byte) over the batches, summed over all ranks.
-    bpb counts only targets that have bytes (not specials such as <|assistant_end|>), as core.eval.bpb."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats on byte tokens, bytes
-    table = token_bytes.to(device=device, dtype=torch.int64)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        loss = model(x, targets=y, loss_reduction="none").double()  # 0 at ignored targets
-        valid = y != -1
-        nb = torch.where(valid, table[torch.where(valid, y, 0)], 0)
-        sums += torch.stack([loss.sum(), valid.sum().double(), torch.where(nb > 0, loss, 0).sum(), nb.sum().double()])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    nats, count, byte_nats, nbytes = sums.tolist()
-    if count == 0 or nbytes == 0:
-        raise ValueError("validation: no trained-on targets in the val mixture; give it more conversations")
-    return nats / count, byte_nats / (math.log(2) * nbytes)
-
-
 # ---- the run -----------------------------------------------------------------------------------------------
 
 
@@ -386,19 +231,8 @@ def _inherit(value, base_value, fallback):
 
 
 def train(cfg: SFTConfig) -> dict:
-    t_process = time.time()
-    info = init_distributed(cfg.device_type or None)
-    device, rank, world = info.device, info.rank, info.world_size
-    master = rank == 0
-    if device.type == "cpu":
-        set_num_threads()
-    dtype = compute_dtype(device) if cfg.dtype == "auto" else parse_dtype(cfg.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    barrier = dist.barrier if info.ddp else (lambda: None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=master)
+    run = start_run(cfg, val_loss=None, val_bpb=None, min_val_loss=math.inf)
+    device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
 
     # ---- the base model and what it inherits
     tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
@@ -430,26 +264,12 @@ def train(cfg: SFTConfig) -> dict:
     seed_everything(cfg.seed)
     orig_model, _ = load_model(base_ck.path, device, dtype)
     orig_model.train()
-    latest = latest_checkpoint(ckpt_root)
-    ck, notes = None, []
-    if latest is not None:
-        ck = load_checkpoint(latest)
-        notes = check_resume(ck.meta, where=latest, identity=identity, tokenizer=tok_rec, world_size=world,
-                             device_batch_size=dbs)
-        orig_model.load_state_dict(ck.model_state(device), strict=True)
-    use_compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
-    optimizer = build_optimizer(orig_model, None, distributed=info.ddp, **lrs)
-    loop = {"smooth_train_loss": 0.0, "val_loss": None, "val_bpb": None, "min_val_loss": math.inf,
-            "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "wandb_id": None}
-    loader_state, start_step, warm = None, 0, "resumed: optimizer state from the checkpoint"
-    if ck is not None:
-        optimizer.load_state_dict(ck.optim_state(rank, device))
-        rank_state = ck.rank_state(rank)
-        loader_state = rank_state["loader"]
-        set_rng_state(rank_state["rng"])
-        loop.update(ck.meta["loop_state"])
-        start_step = ck.step
+    notes = resume_model(run, orig_model, identity=identity, tokenizer=tok_rec, device_batch_size=dbs)
+    model, use_compile = maybe_compile(orig_model, cfg.compile, device)
+    optimizer = build_optimizer(orig_model, None, distributed=run.info.ddp, **lrs)
+    loader_state = resume_state(run, optimizer)
+    if run.ck is not None:
+        warm = "resumed: optimizer state from the checkpoint"
     elif cfg.load_optimizer:
         warm = warm_start_optimizer(optimizer, base_ck, rank, world, device)
     else:
@@ -481,9 +301,13 @@ def train(cfg: SFTConfig) -> dict:
         eval_steps = max(1, cfg.eval_tokens // per_step)
         val_batches = []
         while len(val_batches) < eval_steps and (b := vp.next_batch()) is not None:
-            val_batches.append(b)
+            val_batches.append(tuple(t.to(device) for t in b))
     token_bytes = tokenizer.token_bytes().to(device)
     data_seconds = time.perf_counter() - t_data
+
+    def train_batches():
+        while True:
+            yield tuple(t.to(device, non_blocking=True) for t in packer.next_batch())
 
     peak, peak_source = peak_flops(device, dtype)
     flops_per_token = orig_model.estimate_flops()
@@ -493,31 +317,22 @@ def train(cfg: SFTConfig) -> dict:
                "lrs": lrs, "raw_lrs": raw, "flops_per_token": flops_per_token, "peak_flops": peak,
                "peak_flops_source": peak_source, "data": data_stats, "val_data": val_stats, "base_id": base_id,
                "num_params": sum(p.numel() for p in orig_model.parameters())}
-    rows = [("base", f"{base_ck.path} (kind {base.get('kind')}, d{model_cfg['n_layer']}, id {base_id})"),
-            ("processes / device / dtype", f"{world} / {device} / {dtype_name(dtype)}"),
-            ("micro-batch x grad accum", f"{dbs} x {seq} tokens x {world} ranks x {grad_accum} = {total_batch:,} tokens"),
-            ("steps", f"{total_steps:,} ({'--num-iterations' if pass_batches is None else f'one pass: {pass_batches:,} micro-batches'})"),
-            ("lr (x init_lr_frac)", " / ".join(f"{k} {v:.4g}" for k, v in lrs.items())),
-            ("mixture", ", ".join(f"{n} {c:,}" for n, c in train_mix.counts.items())),
-            ("rendered (all ranks)", f"{data_stats['conversations']:,} conversations, {data_stats['tokens']:,} tokens "
-                                     f"({data_stats['trained_tokens']:,} trained), {data_stats['truncated']} cut to "
-                                     f"{cap}, {data_stats['skipped']} skipped, in {data_seconds:.1f}s"),
-            ("val", f"{len(val_batches)} batch(es) per eval" if val_batches is not None else "none"),
-            ("peak FLOP/s per process", f"{peak:.3e} ({peak_source})"),
-            ("optimizer", warm),
-            ("start", f"resuming from {latest} (step {start_step})" if ck else f"fresh (no checkpoint in {ckpt_root})")]
-    print0("\n".join(f"{k:<27} : {v}" for k, v in rows))
-    for note in notes:
-        print0(f"note: {note}")
-    dropped = metrics.truncate_after(start_step if ck is not None else -1)
-    if dropped:
-        print0(f"metrics.jsonl: dropped {dropped} row(s) an interrupted attempt recorded after step {start_step}")
-    metrics.append("start", step=start_step, resumed=ck is not None, config=dataclasses.asdict(cfg),
-                   identity=identity, derived=derived, tokenizer=tok_rec)
-    wandb_run = setup_wandb(cfg.wandb, project=cfg.wandb_project, name=cfg.run_name or f"sft-d{model_cfg['n_layer']}",
-                            config={**dataclasses.asdict(cfg), **{k: v for k, v in derived.items() if k != "data"}},
-                            directory=out, rank=rank, run_id=loop.get("wandb_id"))
-    loop["wandb_id"] = getattr(wandb_run, "id", None)
+    open_log(run, total_steps=total_steps, notes=notes, config=dataclasses.asdict(cfg), identity=identity,
+             derived=derived, tokenizer=tok_rec, wandb_mode=cfg.wandb, wandb_project=cfg.wandb_project,
+             wandb_name=cfg.run_name or f"sft-d{model_cfg['n_layer']}",
+             wandb_config={**dataclasses.asdict(cfg), **{k: v for k, v in derived.items() if k != "data"}}, rows=[
+        ("base", f"{base_ck.path} (kind {base.get('kind')}, d{model_cfg['n_layer']}, id {base_id})"),
+        ("processes / device / dtype", f"{world} / {device} / {dtype_name(dtype)}"),
+        ("micro-batch x grad accum", f"{dbs} x {seq} tokens x {world} ranks x {grad_accum} = {total_batch:,} tokens"),
+        ("steps", f"{total_steps:,} ({'--num-iterations' if pass_batches is None else f'one pass: {pass_batches:,} micro-batches'})"),
+        ("lr (x init_lr_frac)", " / ".join(f"{k} {v:.4g}" for k, v in lrs.items())),
+        ("mixture", ", ".join(f"{n} {c:,}" for n, c in train_mix.counts.items())),
+        ("rendered (all ranks)", f"{data_stats['conversations']:,} conversations, {data_stats['tokens']:,} tokens "
+                                 f"({data_stats['trained_tokens']:,} trained), {data_stats['truncated']} cut to "
+                                 f"{cap}, {data_stats['skipped']} skipped, in {data_seconds:.1f}s"),
+        ("val", f"{len(val_batches)} batch(es) per eval" if val_batches is not None else "none"),
+        ("peak FLOP/s per process", f"{peak:.3e} ({peak_source})"),
+        ("optimizer", warm)])
 
     def meta_record() -> dict:
         return {"kind": "sft", "model_config": model_cfg, "tokenizer": tok_rec, "identity": identity,
@@ -526,82 +341,38 @@ def train(cfg: SFTConfig) -> dict:
                                                          "kind": base.get("kind"), "id": base_id},
                 "val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"], "loop_state": loop}
 
-    clock = StepClock(total_steps, training_time=loop["training_time"], timed_steps=loop["timed_steps"])
-    step = start_step
-    mark_loop_started()
+    step, batches = run.start_step, train_batches()
     while True:
         last = step == total_steps
-        resumed_here = ck is not None and step == start_step  # its eval and save happened before the save
-        if val_batches is not None and not resumed_here and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+        fresh = not run.resumed_at(step)  # a resumed step's eval and save happened before its save
+        if val_batches is not None and fresh and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             model.eval()
-            val_loss, val_bpb = evaluate_val(model, val_batches, token_bytes, device)
+            val_loss, val_bpb = evaluate_loss_bpb(model, val_batches, token_bytes)
             model.train()
             loop["val_loss"], loop["val_bpb"] = val_loss, val_bpb
             loop["min_val_loss"] = min(loop["min_val_loss"], val_loss)
             print0(f"step {step:05d}/{total_steps:05d} | val loss {val_loss:.6f} | val bpb {val_bpb:.6f}")
-            metrics.append("val", step=step, val_loss=val_loss, val_bpb=val_bpb)
-            wandb_run.log({"step": step, "val/loss": val_loss, "val/bpb": val_bpb})
-        if not resumed_here and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
-            loop["wall_time"] += time.time() - t_process
-            t_process = time.time()
-            path = save_checkpoint(ckpt_root, step, rank=rank, world_size=world,
-                                   model_state=orig_model.state_dict() if master else None,
-                                   optim_state=optimizer.state_dict(),
-                                   rank_state={"loader": packer.state_dict(), "rng": rng_state()},
-                                   meta=meta_record() if master else None, keep_last=cfg.keep_checkpoints,
-                                   barrier=barrier)
-            print0(f"step {step:05d}/{total_steps:05d} | saved checkpoint {path}")
+            log_eval(run, step, {"val/loss": val_loss, "val/bpb": val_bpb,
+                                 "total_training_flops": flops_per_token * total_batch * step},
+                     kind="val", val_loss=val_loss, val_bpb=val_bpb)
+        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
+            save(run, step, model=orig_model, optimizer=optimizer, loader_state=packer.state_dict(),
+                 meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:
             break
-
-        sync()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = packer.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = model(x, y)  # mean over this micro-batch's trained targets (each row has some)
-            loss_sum += loss.detach()
-            (loss / grad_accum).backward()
         lrm = lr_multiplier(cfg, step, total_steps)
         optimizer.set_schedule(lrm, muon_momentum(step))
-        optimizer.step()
-        orig_model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / grad_accum).item()
-        sync()
-        dt = time.perf_counter() - t0
+        # each micro-batch's loss is the mean over its trained targets (every row has some)
+        train_loss, dt = optimizer_step(run, model, optimizer, batches, grad_accum)
         step += 1
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {step}: lower the learning rates")
-        clock.tick(dt, step)
-        loop["smooth_train_loss"] = 0.9 * loop["smooth_train_loss"] + 0.1 * train_loss
-        smooth = loop["smooth_train_loss"] / (1 - 0.9 ** step)
-        loop["training_time"], loop["timed_steps"] = clock.training_time, clock.timed_steps
-        tok_per_s = total_batch / dt
-        mfu = 100 * flops_per_token * total_batch / dt / (peak * world)
-        print0(format_step_line(step, total_steps, smooth, lrm, dt, tok_per_s, mfu, clock.training_time,
-                                clock.eta(step)))
-        metrics.append("train", step=step, loss=smooth, raw_loss=train_loss, lrm=lrm, dt=dt, tok_per_s=tok_per_s,
-                       mfu=mfu, training_time=clock.training_time)
-        if step % 10 == 0 or step == total_steps:
-            wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/tok_per_sec": tok_per_s,
-                           "train/mfu": mfu})
-        if step == start_step + 1:  # the reference's GC trick (see core/train/pretrain.py)
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+        log_step(run, step, train_loss, lrm, dt, tokens_per_step=total_batch, flops_per_token=flops_per_token,
+                 peak=peak, epoch=packer.packed / len(convs))
 
     summary = {"step": total_steps, "val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"],
                "min_val_loss": None if math.isinf(loop["min_val_loss"]) else loop["min_val_loss"],
                "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** max(total_steps, 1)),
                "training_time": loop["training_time"], "wall_time": loop["wall_time"], "world_size": world}
-    if start_step < total_steps:
-        metrics.append("done", **summary)
-        print0(f"done: {total_steps:,} steps | val loss {loop['val_loss']} | training time "
-               f"{clock.training_time / 60:.2f}m")
-    wandb_run.finish()
-    cleanup_distributed()
-    return summary
+    return finish_run(run, summary, f"{total_steps:,} steps | val loss {loop['val_loss']}")
 
 
 def main(argv: list[str] | None = None) -> None:

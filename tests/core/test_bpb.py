@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.eval.bpb import evaluate_bpb
+from core.eval.bpb import evaluate_bpb, evaluate_loss_bpb
 
 TOKEN_BYTES = torch.tensor([0, 1, 2, 3, 1, 4], dtype=torch.int32)   # token 0 is a special (0 bytes)
 
@@ -47,6 +47,14 @@ def test_hand_computation():
     both = (5.0 + 4.0) / (math.log(2) * 14)
     assert evaluate_bpb(model, [B1, B2], TOKEN_BYTES) == pytest.approx(both, rel=1e-12)
     assert evaluate_bpb(model, [B1, B2], TOKEN_BYTES, steps=1) == pytest.approx(5.0 / (math.log(2) * 10))
+
+
+def test_loss_and_bpb_in_one_pass():
+    """SFT's val loss (nats per non-ignored target, specials included) and bpb from the same pass."""
+    loss, bpb = evaluate_loss_bpb(TableLoss(LOSSES), [B1, B2], TOKEN_BYTES)
+    # every target but the three ignored: 1 + 5 + 2 + 0.5 + 1.5 (batch 1), 0.25 + 0.75 + 9 + 3 (batch 2)
+    assert loss == pytest.approx((10.0 + 13.0) / 9, rel=1e-12)
+    assert bpb == evaluate_bpb(TableLoss(LOSSES), [B1, B2], TOKEN_BYTES)
 
 
 def test_steps_does_not_pull_an_extra_batch():

@@ -94,3 +94,48 @@ def test_load_model_round_trip_and_tokenizer_check(tmp_path):
         check_tokenizer(meta2, None, 512, "test")
     with pytest.raises(TokenizerMismatchError, match="trained with tokenizer abab"):
         check_tokenizer(meta2, "cd" * 8, 300, "test")
+
+
+class _Planted:
+    """What a crafted checkpoint file holds: unpickling it would create `marker` (any code could run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_every_file_loads_weights_only_and_a_crafted_pickle_is_refused(tmp_path):
+    import pickle
+
+    from core.checkpoint import CheckpointError
+
+    random.seed(3)
+    np.random.seed(3)
+    path = save_checkpoint(tmp_path, 5, rank=0, world_size=1, model_state={"w": torch.ones(2)},
+                           optim_state={"m": torch.ones(2)}, rank_state={"loader": {"epoch": 1}, "rng": rng_state()},
+                           meta={"kind": "base"})
+    for f in ("model.pt", "optim_rank0.pt", "rank0.pt"):  # RNG states are tensors and plain values
+        torch.load(path / f, weights_only=True)
+    marker = tmp_path / "planted"
+    torch.save({"loader": _Planted(marker)}, path / "rank0.pt")
+    with pytest.raises(CheckpointError, match=r"rank0\.pt cannot be loaded: it holds objects other than tensors") as e:
+        load_checkpoint(path).rank_state(0)
+    assert "\n" not in str(e.value) and not isinstance(e.value, pickle.UnpicklingError)
+    assert not marker.exists()
+
+
+def test_a_truncated_model_file_is_a_clear_error(tmp_path):
+    from core.checkpoint import CheckpointError, load_model
+    from core.gpt import GPTConfig, build_model
+
+    cfg = GPTConfig(sequence_len=32, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
+    path = save_checkpoint(tmp_path, 7, rank=0, world_size=1, optim_state=None, rank_state={},
+                           model_state=build_model(cfg, "cpu", torch.float32, seed=0).state_dict(),
+                           meta={"model_config": cfg.to_dict(), "kind": "base"})
+    data = (path / "model.pt").read_bytes()
+    (path / "model.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.pt cannot be loaded: .*corrupt") as e:
+        load_model(path)
+    assert "does not match its own model config" not in str(e.value) and "\n" not in str(e.value)

@@ -4,6 +4,7 @@ plus the helpers of core/train/common.py."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
@@ -226,3 +227,32 @@ def test_config_file_and_flags(tmp_path, capsys):
 def test_cpu_peak_flops_is_measured():
     flops = measure_matmul_flops("cpu", torch.float32, n=128, repeats=2)
     assert 1e6 < flops < 1e14
+
+
+def test_wandb_rows_carry_the_references_keys(tmp_path):
+    """total_training_time, total_training_flops and train/epoch on train rows (as nanochat logs them)."""
+    from core.common import DistInfo
+    from core.train.common import Run, log_eval, log_step
+
+    class Recorder:
+        rows = []
+
+        def log(self, row, step=None):
+            self.rows.append(row)
+
+    run = Run(info=DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+              dtype=torch.float32, out=tmp_path, metrics=MetricsLog(tmp_path / "metrics.jsonl"),
+              loop={"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0}, start_step=8,
+              total_steps=10, wandb=Recorder(), clock=StepClock(10, skip_first=0))
+    try:
+        for step in (9, 10):  # (a process's first step is never timed: warm-up)
+            log_step(run, step, 2.0, 0.5, 0.25, tokens_per_step=100, flops_per_token=6.0, peak=1e9, epoch=2)
+    finally:  # log_step's GC trick after the first step: give this test process its collector back
+        gc.unfreeze()
+        gc.enable()
+    row = Recorder.rows[-1]
+    assert row["total_training_flops"] == 6.0 * 100 * 10 and row["train/epoch"] == 2
+    assert row["total_training_time"] == 0.25 and row["train/tok_per_sec"] == 400
+    log_eval(run, 10, {"core_metric": 0.1, "centered_results": {"hellaswag": 0.2}}, kind="core", core=0.1)
+    assert Recorder.rows[-1]["total_training_time"] == 0.25 and Recorder.rows[-1]["centered_results"]
+    assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "train", "core"]

@@ -15,10 +15,10 @@ import torch
 
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.gpt import build_model
-from core.optim import build_optimizer
+from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import derive
 from core.train.common import read_metrics, tokenizer_record
-from core.train.sft import (Packer, SFTConfig, _shard, _unshard, batches_per_pass, lr_multiplier, muon_momentum,
+from core.train.sft import (Packer, SFTConfig, batches_per_pass, lr_multiplier, muon_momentum,
                             warm_start_optimizer)
 from tests.train_helpers import REPO, assert_states_equal, make_tokenizer_dir, trainer_env
 
@@ -90,7 +90,7 @@ def test_schedule():
     warm = SFTConfig(warmup_ratio=0.2, warmdown_ratio=0.0)
     assert lr_multiplier(warm, 1, 10) == pytest.approx(0.5) and lr_multiplier(warm, 9, 10) == 1.0
     assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(999) == 0.95
-    with pytest.raises(ValueError, match="warmup-ratio"):
+    with pytest.raises(ValueError, match="warmup_ratio"):
         SFTConfig(warmup_ratio=0.6, warmdown_ratio=0.6)
 
 
@@ -110,12 +110,12 @@ def test_optimizer_state_reshards_across_process_counts():
     groups = opt.param_groups
     full = opt.state_dict()["state"]
     for world in (2, 3):
-        shards = [{"state": _shard(full, groups, r, world)} for r in range(world)]
+        shards = [{"state": shard_state(full, groups, r, world)} for r in range(world)]
         muon = next(i for i, g in enumerate(groups) if g["kind"] == "muon")
         first = sum(len(g["params"]) for g in groups[:muon])
         n = len(groups[muon]["params"])
         assert shards[0]["state"][first]["momentum_buffer"].shape[0] == -(-n // world)  # DistMuonAdamW's chunk
-        back = _unshard(shards, groups)
+        back = unshard_state(shards, groups)
         assert_states_equal({k: full[k] for k in back}, back, f"world {world}")
         assert set(back) == set(full)
 
@@ -217,6 +217,14 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(inputs, 
     assert meta["model_config"]["n_layer"] == 2 and meta["base"]["step"] == 1
     val = rows(a, "val")
     assert val[-1]["val_loss"] < val[0]["val_loss"]  # it learns the chat format
+
+    # killed after the final checkpoint, before its done row: the rerun finds nothing to train and
+    # still writes the done row the stage reads its training time from
+    kept = [x for x in read_metrics(b / "metrics.jsonl") if x["kind"] != "done"]
+    (b / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+    assert run(sft_cmd(inputs, b)).returncode == 0
+    done = rows(b, "done")
+    assert len(done) == 1 and done[0]["training_time"] is not None and done[0]["val_loss"] == val[-1]["val_loss"]
 
     # another recipe in the same directory is refused with the reason
     r = run(sft_cmd(inputs, b, "--matrix-lr", "0.05"))

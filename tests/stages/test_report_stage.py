@@ -26,9 +26,10 @@ def test_report_of_the_tiny_speedrun(tiny_run):
     assert s["chatcore_label"] == chat["chatcore_label"]
     assert s["total_seconds"] == pytest.approx(sum(s["stage_seconds"].values()), abs=0.01)
     assert s["artifacts"]["base"] == str(run["base"].ref)
+    assert s["training_time_s"] == run["base"].metrics["training_time_s"] > 0  # pretraining's own time
     d = store.materialize(m.ref)
     md = (d / "report.md").read_text()
-    assert "CORE over 4/22 tasks" in md and "GPT-2 1.5B" in md and str(run["base"].ref) in md
+    assert "pretraining time " in md and "CORE over 4/22 tasks" in md and "GPT-2 1.5B" in md and str(run["base"].ref) in md
     assert f"| {chat['chatcore_label']} |" in md and "| chat: spelling_bee accuracy (not in ChatCORE) |" in md
     for name in ("loss.png", "core.png", "throughput.png"):
         assert f"]({name})" in md

@@ -74,7 +74,7 @@ def test_config_errors_say_what_to_do(chat):
                     (dict(train_mixture=({"task": "gsm8k"},)), "needs a source"),
                     (dict(train_mixture=one, data_dir=str(chat), max_seq_len=256, device_batch_size=3,
                           total_batch_size=1024), "not a multiple of device_batch_size 3"),
-                    (dict(train_mixture=one, data_dir=str(chat), warmdown_ratio=2.0), "warmdown-ratio"),
+                    (dict(train_mixture=one, data_dir=str(chat), warmdown_ratio=2.0), "sft: warmup_ratio, warmdown_ratio"),
                     (dict(train_mixture=one, data_dir=str(chat), nproc=0), "nproc=0")]:
         with pytest.raises(ConfigError, match=msg):
             sft.Config(**kw).resolve()
