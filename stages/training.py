@@ -99,9 +99,12 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
     if sync:
         resumed_from = max(resumed_from, sync.restore())
     last_report = [0.0]
+    last_step = [resumed_from]
 
     def on_line(line: str) -> None:  # launch() calls it on this thread: the stage's reporter sees it
         p = parse_step_line(line)
+        if p is not None:
+            last_step[0] = p["step"]
         if p is None or (p["step"] < p["total"] and time.monotonic() - last_report[0] < 1.0):
             return
         last_report[0] = time.monotonic()
@@ -116,9 +119,13 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
         rc = launch(cmd, log_path=log_path, env=env, timeout=timeout or None, heartbeat=heartbeat, name=name,
                     on_line=on_line).returncode
     except LaunchError as e:
+        from core.checkpoint import list_checkpoints
+
         rc = e.returncode
-        raise LaunchError(f"{e}\n(full log: {log_path}; rerunning resumes from the newest checkpoint)",
-                          rc, e.tail) from None
+        ckpts = list_checkpoints(out / "checkpoints")
+        where = f" at step {last_step[0]}; last checkpoint step {ckpts[-1][0] if ckpts else 'none'}"
+        raise type(e)(f"{e}\n(full log: {log_path}; rerunning resumes from the newest checkpoint)",
+                      rc, e.tail, e.headline.split(" after ")[0] + where) from None
     finally:
         if ledger:
             with open(out / ATTEMPTS, "a") as f:

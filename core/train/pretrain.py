@@ -40,6 +40,7 @@ from core.dataloader import PackingLoader
 from core.eval.bpb import evaluate_bpb
 from core.fp8 import convert_to_fp8, disable_fp8
 from core.gpt import build_model
+from core.layouts import shard_files
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
@@ -63,15 +64,6 @@ IDENTITY_FIELDS = identity_fields(PretrainConfig)
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     return _parse_config(PretrainConfig, argv, prog="python -m core.train.pretrain",
                          description="Pretrain the base model (run under torchrun for several processes)")
-
-
-def shard_files(data_dir: Path) -> tuple[list[Path], list[Path]]:
-    """The layout of a data_shards artifact: train/ and val/ shard_*.parquet."""
-    train, val = sorted((data_dir / "train").glob("shard_*.parquet")), sorted((data_dir / "val").glob("shard_*.parquet"))
-    if not train or not val:
-        raise FileNotFoundError(f"--data-dir {data_dir}: expected train/ and val/ shard_*.parquet (found {len(train)} "
-                                f"train, {len(val)} val); point it at a data_shards artifact")
-    return train, val
 
 
 # ---- samples -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ resumes in the same work dir, the committed layout, progress, the cache hit; a b
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -93,8 +94,10 @@ def test_crash_then_rerun_resumes_and_commits_one_final_checkpoint(built):
     killer = threading.Thread(target=_kill_trainer_after_checkpoint, args=(work, stop, killed), daemon=True)
     killer.start()
     try:
-        with pytest.raises(LaunchError, match=r"pretrain exited with code 1(.|\n)*exitcode: -9"):
+        with pytest.raises(LaunchError, match=r"pretrain exited with code 1(.|\n)*exitcode: -9") as e:
             execute(pretrain, cfg, inputs, store)
+        # the one line a table or the CLI shows: the signal, where it stopped, where a rerun resumes
+        assert re.fullmatch(r"pretrain killed by SIGKILL at step \d+; last checkpoint step [1-9]\d*", e.value.headline)
     finally:
         stop.set()
         killer.join()
