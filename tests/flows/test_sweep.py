@@ -82,7 +82,7 @@ def test_presets_reproduce_the_reference_scripts():
 
 
 def _rows(kind):
-    from tests.flows.test_stats import chinchilla_rows
+    from tests.core.test_stats import chinchilla_rows
 
     if kind == "sweep":
         rows, _, _ = chinchilla_rows([1e18, 1e19, 1e20], [-0.4, 0.0, 0.4, 0.8], noise=1e-4)
