@@ -4,6 +4,8 @@ are replaced by fakes here: a real server with one worker per node and a trainin
 minutes of CI. The training across two "hosts" itself is tests/stages/test_multinode_netns.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flows import multinode
@@ -126,3 +128,45 @@ def test_the_stage_flow_runs_node_0_through_across_nodes(monkeypatch, tmp_path):
                                   store=str(tmp_path / "store"))
     assert ref == "pretrain/d2-fake" and seen["stage"] == "pretrain"
     assert (seen["config"]["nnodes"], seen["config"]["node_rank"], seen["config"]["depth"]) == (2, 0, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NANORUN_MULTINODE_E2E"),
+                    reason="~2 minutes on 2 cores (a server, two workers, a training run): set NANORUN_MULTINODE_E2E=1")
+def test_a_stage_deployment_run_starts_node_1_on_its_queue_end_to_end(tmp_path, shared_data):
+    """The real thing, opt-in: a Prefect server, the deployments, one worker on the stage deployment's
+    queue (node 0) and one on nanorun-node-1; a 2-node pretrain triggered through the API trains on
+    both and commits once."""
+    import httpx
+
+    from stages import pretrain
+    from stages.execute import artifact_ref
+    from tests.conftest import free_port
+    from tests.flows.prefect_server import BIN, background, prefect_server, run, wait_flow_run
+    from tests.train_helpers import store_with_data_and_tokenizer
+
+    store, data, tok = store_with_data_and_tokenizer(tmp_path / "inputs", shared_data / "corpus")
+    inputs = {"data": str(data.ref), "tokenizer": str(tok.ref)}
+    config = {"seed": 31, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "rdzv_id": "e2e-2nodes",
+              "omp_threads": 1, "timeout": 300}
+    with prefect_server(tmp_path) as (api, env):
+        env = {**env, "OMP_NUM_THREADS": "1"}
+        run([str(BIN / "prefect"), "work-pool", "create", "nanorun-local", "--type", "process"], env)
+        run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+        dep = httpx.get(f"{api}/deployments/name/stage/stage", timeout=10).json()
+        workers = [background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local", "--work-queue", queue,
+                               "--name", queue], env, tmp_path / f"worker-{queue}.log")
+                   for queue in ("default", "nanorun-node-1")]
+        with workers[0], workers[1]:
+            fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={"parameters": {
+                "name": "pretrain", "preset": "tiny", "config": config, "inputs": inputs, "store": str(store.root)}})
+            done = wait_flow_run(api, fr.json()["id"], timeout=600)
+            logs = "\n".join(p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))
+            assert done["state"]["type"] == "COMPLETED", logs
+        joins = httpx.post(f"{api}/flow_runs/filter", timeout=10,
+                           json={"flow_runs": {"tags": {"all_": ["nanorun-node"]}}}).json()
+        assert [(j["name"], j["state"]["type"], j["parameters"]["join"], j["parameters"]["config"]["node_rank"])
+                for j in joins] == [("pretrain-node1", "COMPLETED", True, 1)]
+    m = store.require(artifact_ref(pretrain, pretrain.preset("tiny", **{**config, "node_rank": 0}),
+                                   {"data": data.ref, "tokenizer": tok.ref}))
+    assert m.metrics["world_size"] == 2 and "train-node1.log" in {f.path for f in m.files}
