@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("nanorun.flows")
 
-DEPLOYMENT = "stage/stage"
+DEPLOYMENT = "stage/stage"  # NANORUN_STAGE_DEPLOYMENT names another (a copy in a GPU pool, say)
 QUEUE = "nanorun-node-{rank}"
 FINISH_S = 300.0  # after node 0 is done: how long the others get to end (they end with it)
 POLL_S = 2.0
@@ -70,9 +70,9 @@ def across_nodes(stage: str, config: dict, inputs: dict[str, str], store_url: st
         for run in runs.values():
             cancel(run)
         raise NodeFailed(f"{stage}: could not start node {len(runs) + 1} of {config['nnodes']}: {_one_line(e)} (it needs "
-                         f"the `{DEPLOYMENT}` deployment; or set NANORUN_START_NODES=0 and start the nodes "
+                         f"the `{_deployment()}` deployment; or set NANORUN_START_NODES=0 and start the nodes "
                          "by hand with --join)") from e
-    log.info("%s: started nodes %s as join runs of %s on work queues %s", stage, ranks, DEPLOYMENT,
+    log.info("%s: started nodes %s as join runs of %s on work queues %s", stage, ranks, _deployment(),
              ", ".join(QUEUE.format(rank=r) for r in ranks))
     try:
         result = run_node0()
@@ -120,6 +120,10 @@ def _one_line(x: Any, limit: int = 200) -> str:
 
 
 # ---- the Prefect and store calls -------------------------------------------------------------------
+def _deployment() -> str:
+    return os.environ.get("NANORUN_STAGE_DEPLOYMENT") or DEPLOYMENT
+
+
 def _to_build(stage: str, config: dict, inputs: dict[str, str], store_url: str | None) -> bool:
     from artifacts import open_store
     from flows.tasks import build_call
@@ -132,7 +136,7 @@ def _to_build(stage: str, config: dict, inputs: dict[str, str], store_url: str |
 def _submit(stage: str, config: dict, inputs: dict[str, str], store_url: str | None, rank: int):
     from prefect.deployments import run_deployment
 
-    return run_deployment(DEPLOYMENT, parameters={"name": stage, "config": config, "inputs": inputs,
+    return run_deployment(_deployment(), parameters={"name": stage, "config": config, "inputs": inputs,
                                                   "store": store_url, "join": True},
                           work_queue_name=QUEUE.format(rank=rank), timeout=0,
                           flow_run_name=f"{stage}-node{rank}", tags=["nanorun-node"])
