@@ -79,16 +79,17 @@ def across_nodes(stage: str, config: dict, inputs: dict[str, str], store_url: st
     except BaseException as e:
         # the others fail soon after node 0 (their collectives break): wait a little for their word,
         # then stop what still runs so no node waits in a rendezvous for the rest of its timeout
-        states = _wait(runs, state_of, min(finish_s, 30.0), poll_s)
+        interrupted = not isinstance(e, Exception)  # Ctrl-C, a cancelled flow: stop the rest at once
+        states = _wait(runs, state_of, 0.0 if interrupted else min(finish_s, 30.0), poll_s)
         for rank, run in runs.items():
             if not states[rank][1]:
                 cancel(run)
-        failed = _failures(stage, runs, states)
-        if failed and isinstance(e, Exception):
+        failed = _failures(stage, states)
+        if failed and not interrupted:
             raise NodeFailed(failed) from e
         raise
     states = _wait(runs, state_of, finish_s, poll_s)
-    failed = _failures(stage, runs, states)
+    failed = _failures(stage, states)
     if failed:  # node 0 committed a verified artifact: the step stands, but say what went wrong
         log.warning("%s: committed by node 0, but %s", stage, failed)
     return result
@@ -103,7 +104,7 @@ def _wait(runs: dict, state_of: Callable, timeout: float, poll_s: float) -> dict
         time.sleep(poll_s)
 
 
-def _failures(stage: str, runs: dict, states: dict[int, tuple]) -> str:
+def _failures(stage: str, states: dict[int, tuple]) -> str:
     parts = []
     for rank, (name, final, message) in sorted(states.items()):
         queue = QUEUE.format(rank=rank)

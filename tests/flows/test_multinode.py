@@ -89,6 +89,17 @@ def test_node_0_failing_alone_keeps_its_own_error():
         across_nodes("pretrain", CONFIG, {}, None, node0, **fake.kw())
 
 
+def test_an_interrupt_stops_the_other_nodes_at_once():
+    fake = FakePrefect()
+
+    def node0():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        across_nodes("pretrain", CONFIG, {}, None, node0, **fake.kw(finish_s=60))
+    assert fake.cancelled == [1, 2]
+
+
 def test_no_submission_for_one_node_a_joining_node_a_cache_hit_or_by_hand(monkeypatch):
     fake = FakePrefect()
     assert other_nodes({"nnodes": 1}) == [] and other_nodes({"nnodes": 2, "node_rank": 1}) == []
