@@ -32,6 +32,8 @@ def host_name() -> str:
 
 
 class NodeBeacons:
+    """This node's beacon (rewritten every beat_s seconds by a thread) and its watch on the others'."""
+
     def __init__(self, out: Path, node_rank: int, nnodes: int, beat_s: float = BEAT_S):
         self.dir = Path(out) / DIR
         self.rank, self.nnodes, self.beat_s = node_rank, nnodes, beat_s
@@ -73,7 +75,8 @@ class NodeBeacons:
                 return found
             # node 0 commits the work dir next: wait for the others' last writes (their "done"
             # beacon, the end of their logs), so that nothing changes under the commit
-            if not error and (self.rank != 0 or all(_state(text) == "done" for text, _ in self.seen.values())):
+            if not error and (self.rank != 0 or all(_state(text) == "done" and text != self.before.get(r)
+                                                    for r, (text, _) in self.seen.items())):
                 return ""
             if time.monotonic() > deadline:
                 return ""
