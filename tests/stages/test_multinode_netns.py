@@ -68,15 +68,22 @@ def two_hosts():
             _ip("-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.dev)
             _ip("-n", h.ns, "link", "set", h.dev, "up")
             _ip("-n", h.ns, "link", "set", "lo", "up")  # Prefect's temporary server binds loopback
+            _ip("netns", "exec", h.ns, sys.executable, "-c", "")  # it also remounts /sys: allowed here?
     except subprocess.CalledProcessError as e:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        _remove(made, hosts[0].dev)
         pytest.skip(f"cannot create network namespaces here: {' '.join(e.cmd)}: {e.stderr.strip()}")
     try:
         yield hosts
     finally:
-        for ns in made:  # deleting a namespace deletes its end of the veth pair, and so the pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        _remove(made, hosts[0].dev)
+
+
+def _remove(namespaces: list[str], veth: str) -> None:
+    # deleting a namespace deletes the veth end inside it, and so the pair; one never moved into a
+    # namespace (a failed setup) is deleted on its own
+    for ns in namespaces:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", veth], capture_output=True)
 
 
 @pytest.fixture(scope="module")
