@@ -143,11 +143,12 @@ def test_the_stage_flow_runs_node_0_through_across_nodes(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NANORUN_MULTINODE_E2E"),
-                    reason="~2 minutes on 2 cores (a server, two workers, a training run): set NANORUN_MULTINODE_E2E=1")
+                    reason="~3 minutes on 2 cores (a server, two workers, two runs): set NANORUN_MULTINODE_E2E=1")
 def test_a_stage_deployment_run_starts_node_1_on_its_queue_end_to_end(tmp_path, shared_data):
     """The real thing, opt-in: a Prefect server, the deployments, one worker on the stage deployment's
-    queue (node 0) and one on nanorun-node-1; a 2-node pretrain triggered through the API trains on
-    both and commits once."""
+    queue (node 0) and one on nanorun-node-1. Without node 1's worker the step fails naming its
+    queue and node 1's run is cancelled; with it, a 2-node pretrain triggered through the API trains
+    on both and commits once."""
     import httpx
 
     from stages import pretrain
@@ -165,19 +166,36 @@ def test_a_stage_deployment_run_starts_node_1_on_its_queue_end_to_end(tmp_path, 
         run([str(BIN / "prefect"), "work-pool", "create", "nanorun-local", "--type", "process"], env)
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
         dep = httpx.get(f"{api}/deployments/name/stage/stage", timeout=10).json()
-        workers = [background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local", "--work-queue", queue,
+
+        def worker(queue):
+            return background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local", "--work-queue", queue,
                                "--name", queue], env, tmp_path / f"worker-{queue}.log")
-                   for queue in ("default", "nanorun-node-1")]
-        with workers[0], workers[1]:
+
+        def trigger(**overrides):
             fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={"parameters": {
-                "name": "pretrain", "preset": "tiny", "config": config, "inputs": inputs, "store": str(store.root)}})
-            done = wait_flow_run(api, fr.json()["id"], timeout=600)
-            logs = "\n".join(p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))
-            assert done["state"]["type"] == "COMPLETED", logs
-        joins = httpx.post(f"{api}/flow_runs/filter", timeout=10,
-                           json={"flow_runs": {"tags": {"all_": ["nanorun-node"]}}}).json()
-        assert [(j["name"], j["state"]["type"], j["parameters"]["join"], j["parameters"]["config"]["node_rank"])
-                for j in joins] == [("pretrain-node1", "COMPLETED", True, 1)]
+                "name": "pretrain", "preset": "tiny", "config": {**config, **overrides}, "inputs": inputs,
+                "store": str(store.root)}})
+            return wait_flow_run(api, fr.json()["id"], timeout=600)
+
+        def joins():
+            return [(j["name"], j["state"]["type"], j["parameters"]["join"], j["parameters"]["config"]["node_rank"])
+                    for j in httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+                        "flow_runs": {"tags": {"all_": ["nanorun-node"]}}, "sort": "EXPECTED_START_TIME_ASC"}).json()]
+
+        with worker("default"):
+            # nobody listens on node 1's queue: node 0 gives up (its launcher's timeout here), the
+            # step fails naming the queue, and node 1's run is cancelled instead of left waiting
+            failed = trigger(timeout=20, rdzv_id="e2e-nobody")
+            assert failed["state"]["type"] == "FAILED"
+            message = failed["state"]["message"]  # its join run is Scheduled, or Late by now
+            assert "NodeFailed: pretrain: node 1 never started (its join run is " in message, message
+            assert message.endswith(": is a worker listening on work queue nanorun-node-1?)"), message
+            assert joins() == [("pretrain-node1", "CANCELLED", True, 1)]
+            with worker("nanorun-node-1"):
+                done = trigger()
+                logs = "\n".join(p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))
+                assert done["state"]["type"] == "COMPLETED", logs
+        assert joins()[1:] == [("pretrain-node1", "COMPLETED", True, 1)]
     m = store.require(artifact_ref(pretrain, pretrain.preset("tiny", **{**config, "node_rank": 0}),
                                    {"data": data.ref, "tokenizer": tok.ref}))
     assert m.metrics["world_size"] == 2 and "train-node1.log" in {f.path for f in m.files}
