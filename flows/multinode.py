@@ -69,9 +69,9 @@ def across_nodes(stage: str, config: dict, inputs: dict[str, str], store_url: st
     except Exception as e:
         for run in runs.values():
             cancel(run)
-        raise NodeFailed(f"{stage}: could not start node {len(runs) + 1} of {config['nnodes']}: {_one_line(e)} (it needs "
-                         f"the `{_deployment()}` deployment; or set NANORUN_START_NODES=0 and start the nodes "
-                         "by hand with --join)") from e
+        raise NodeFailed(f"{stage}: could not start node {len(runs) + 1} of {config['nnodes']}: {_one_line(e)} "
+                         f"(it needs the `{_deployment()}` deployment; or set NANORUN_START_NODES=0 and start "
+                         "the nodes by hand with --join)") from e
     log.info("%s: started nodes %s as join runs of %s on work queues %s", stage, ranks, _deployment(),
              ", ".join(QUEUE.format(rank=r) for r in ranks))
     try:
@@ -109,7 +109,8 @@ def _failures(stage: str, states: dict[int, tuple]) -> str:
     for rank, (name, final, message) in sorted(states.items()):
         queue = QUEUE.format(rank=rank)
         if name in ("Scheduled", "Pending", "Late"):
-            parts.append(f"node {rank} never started (its join run is {name}: is a worker listening on work queue {queue}?)")
+            parts.append(f"node {rank} never started (its join run is {name}: is a worker listening on work queue "
+                         f"{queue}?)")
         elif final and name not in ("Completed", "Cancelled"):  # cancelled: stopped because of another
             parts.append(f"node {rank} {name.lower()}: {_one_line(message)}")
     return f"{stage}: " + "; ".join(parts) if parts else ""

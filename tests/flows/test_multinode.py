@@ -168,8 +168,8 @@ def test_a_stage_deployment_run_starts_node_1_on_its_queue_end_to_end(tmp_path, 
         dep = httpx.get(f"{api}/deployments/name/stage/stage", timeout=10).json()
 
         def worker(queue):
-            return background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local", "--work-queue", queue,
-                               "--name", queue], env, tmp_path / f"worker-{queue}.log")
+            return background([str(BIN / "prefect"), "worker", "start", "--pool", "nanorun-local",
+                               "--work-queue", queue, "--name", queue], env, tmp_path / f"worker-{queue}.log")
 
         def trigger(**overrides):
             fr = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10, json={"parameters": {
