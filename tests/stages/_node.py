@@ -1,7 +1,7 @@
 """One node of a multi-node pretrain without Prefect, for the namespace tests (a temporary Prefect
 server costs ~30 s per start on the CI box): `python -m tests.stages._node STORE RANK CONFIG INPUTS`
 runs stages.execute.execute (rank 0: lease, train, commit) or join (rank >= 1) and ends a failure
-with the stage's own error message on stderr, exit 1."""
+with the stage's one-line error (`error: ...`) and its full message on stderr, exit 1."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,8 @@ def main(store_url: str, rank: str, config: str, inputs: str) -> int:
         else:
             join(pretrain, cfg, refs, store)
     except Exception as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # the one line the CLI and the run's table show (a LaunchError's headline), then the rest
+        print(f"error: {type(e).__name__}: {getattr(e, 'headline', '') or e}\n{e}", file=sys.stderr, flush=True)
         return 1
     return 0
 
