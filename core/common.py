@@ -100,6 +100,9 @@ def init_distributed(device_type: str | None = None, timeout_s: float = 1800.0) 
         device = torch.device(device_type)
     if info.ddp and info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
+        # how long a collective waits for a silent peer (a lost node) before failing the step;
+        # multi-node runs and their tests shorten it without a new flag in every trainer
+        timeout_s = float(os.environ.get("NANORUN_DIST_TIMEOUT") or timeout_s)
         kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if backend == "nccl":
             kwargs["device_id"] = device

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
+from flows.multinode import across_nodes
 from flows.recipes import PRESETS, speedrun_steps
 from flows.tasks import join_stage, run_stage
 from stages.execute import check_outcomes, format_outcomes, load_stage, walk
@@ -84,12 +85,15 @@ def prefect_step(store_url: str, force: list[str]):
         # only upstreams that produced what this step takes: Prefect never starts a task whose
         # wait_for holds a failed run (an optional input the walker left out, say)
         upstream = [futures[v] for k, v in step.inputs.items() if isinstance(v, str) and k in inputs and v in futures]
-        fut = run_stage.with_options(task_run_name=step.name).submit(
-            load_stage(step.stage).NAME, config_dict(step.cfg), {k: str(r) for k, r in inputs.items()},
-            store_url, step.name in force, wait_for=upstream)
-        futures[step.name] = fut
-        ref = fut.result()  # raises the task's own exception when it failed
-        return open_store(store_url).require(ArtifactRef.parse(ref)), fut.state.name == "Cached"
+        name, config, refs = load_stage(step.stage).NAME, config_dict(step.cfg), {k: str(r) for k, r in inputs.items()}
+
+        def node0():
+            fut = futures[step.name] = run_stage.with_options(task_run_name=step.name).submit(
+                name, config, refs, store_url, step.name in force, wait_for=upstream)
+            return fut.result()  # raises the task's own exception when it failed
+
+        ref = across_nodes(name, config, refs, store_url, node0)  # nnodes > 1: the other nodes join
+        return open_store(store_url).require(ArtifactRef.parse(ref)), futures[step.name].state.name == "Cached"
     return run_step
 
 
@@ -145,7 +149,8 @@ def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None =
     fields that differ from it, so a rerun from the UI does not mean retyping the whole config.
 
     join: this node's share of a multi-node run that node 0 runs (pretrain with nnodes > 1 and
-    node_rank >= 1): trains in the shared work dir, commits nothing."""
+    node_rank >= 1): trains in the shared work dir, commits nothing. Node 0's run started from a
+    deployment submits the other nodes' join runs itself (flows/multinode.py)."""
     st = open_store(store)
     mod = load_stage(name)
     fields = dict(config or {})  # validated and resolved before any task starts
@@ -153,4 +158,6 @@ def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None =
     refs = {k: str(st.resolve(v)) for k, v in (inputs or {}).items()}
     if join:
         return join_stage.with_options(task_run_name=f"{mod.NAME}-join")(mod.NAME, config_dict(cfg), refs, st.url)
-    return run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, config_dict(cfg), refs, st.url, force)
+    return across_nodes(mod.NAME, config_dict(cfg), refs, st.url,  # nnodes > 1: the other nodes join
+                        lambda: run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, config_dict(cfg), refs,
+                                                                                st.url, force))

@@ -9,6 +9,7 @@ Work dir of a trainer stage (= the artifact once sealed):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -92,6 +93,7 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
     from core.train.common import parse_step_line
     from stages.checkpoint_sync import CheckpointSync
     from stages.launch import LaunchError, launch, torchrun_cmd, worker_env
+    from stages.nodes import NodeBeacons, cause_line
 
     log_path = log_path or out / "train.log"
     staging = checkpoint_mirror()
@@ -115,17 +117,22 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
     t0, rc = time.time(), None
     if sync:
         sync.start()
+    # multi-node: beacons in the shared work dir name the node that failed or went silent (nodes.py)
+    beacons = NodeBeacons(out, rdzv.node_rank, rdzv.nnodes) if rdzv is not None and rdzv.nnodes > 1 else None
     try:
-        rc = launch(cmd, log_path=log_path, env=env, timeout=timeout or None, heartbeat=heartbeat, name=name,
-                    on_line=on_line).returncode
+        with beacons or contextlib.nullcontext():
+            rc = launch(cmd, log_path=log_path, env=env, timeout=timeout or None, heartbeat=heartbeat, name=name,
+                        on_line=on_line).returncode
     except LaunchError as e:
         from core.checkpoint import list_checkpoints
 
         rc = e.returncode
         ckpts = list_checkpoints(out / "checkpoints")
         where = f" at step {last_step[0]}; last checkpoint step {ckpts[-1][0] if ckpts else 'none'}"
-        raise type(e)(f"{e}\n(full log: {log_path}; rerunning resumes from the newest checkpoint)",
-                      rc, e.tail, e.headline.split(" after ")[0] + where) from None
+        lost = beacons.finish(cause_line(e.tail)) if beacons else ""  # multi-node: who failed or went silent
+        lost = f"{name}: {lost}; rerun every node: " if lost else ""
+        raise type(e)(f"{lost}{e}\n(full log: {log_path}; rerunning resumes from the newest checkpoint)",
+                      rc, e.tail, lost + e.headline.split(" after ")[0] + where) from None
     finally:
         if ledger:
             with open(out / ATTEMPTS, "a") as f:
