@@ -1,6 +1,6 @@
 """What every trainer shares: the skeleton of its phases (start_run, resume_model, resume_state,
 open_log, save, optimizer_step, log_step, log_eval, finish_run), the step log line, MFU, metrics.jsonl,
-wandb, seeding and the resume checks. Used by core/train/pretrain.py and core/train/sft.py.
+wandb, seeding and the resume checks. Used by core/train/pretrain.py, core/train/sft.py and core/train/rl.py.
 
     run = start_run(cfg, val_bpb=None)                 # process group, threads, out dir, loop state
     model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
@@ -467,14 +467,16 @@ def save(run: Run, step: int, *, model: torch.nn.Module, optimizer, loader_state
     print0(f"step {step:05d}/{run.total_steps:05d} | saved checkpoint {path}")
 
 
-def optimizer_step(run: Run, model: torch.nn.Module, optimizer, batches: Iterator, grad_accum: int) -> tuple[float, float]:
-    """grad_accum micro-batches, then optimizer.step() (the LR schedule set before): (mean loss, seconds)."""
+def optimizer_step(run: Run, model: torch.nn.Module, optimizer, batches: Iterator, grad_accum: int,
+                   loss_fn: Callable | None = None) -> tuple[float, float]:
+    """grad_accum micro-batches, then optimizer.step() (the LR schedule set before): (mean loss, seconds).
+    loss_fn(x, y): the micro-batch's loss when it is not model(x, y) (the RL trainer's policy gradient)."""
     run.sync()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
     for _ in range(grad_accum):
         x, y = next(batches)
-        loss = model(x, y)
+        loss = (loss_fn or model)(x, y)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()  # .backward() sums: divide for the mean over micro-batches
     optimizer.step()
