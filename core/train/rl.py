@@ -230,7 +230,7 @@ def train(cfg: RLConfig) -> dict:
             passk = evaluate_passk()
             loop["passk"] = passk
             row = {f"pass@{k}": v for k, v in enumerate(passk, 1)}
-            print0(f"step {step:05d}/{total_steps:05d} | " + ", ".join(f"pass@{k} {v:.4f}" for k, v in row.items()))
+            print0(f"step {step:05d}/{total_steps:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             log_eval(run, step, row, kind="passk", **row)
         if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
             save(run, step, model=model, optimizer=optimizer, loader_state=dict(loader_state), meta=meta_record(),

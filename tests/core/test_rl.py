@@ -60,19 +60,46 @@ def test_pass_at_k_seeds_and_schedule():
 # ---- the real trainer ------------------------------------------------------------------------------
 
 
+def _teach_the_answer_format(model, tokenizer, steps: int = 60) -> None:
+    """A few Adam steps on '#### 5' / '#### 7' replies, so that sampled replies are graded right about
+    half of the time: mixed rewards in every group, non-zero advantages, real gradients."""
+    from core.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_directory(tokenizer)
+    prompt = tok.render_for_completion(QUESTION)
+    end = tok.encode_special("<|assistant_end|>")
+    rows = [prompt + tok.encode(f"#### {n}") + [end] for n in (5, 7)]
+    ids = torch.tensor(rows)
+    targets = ids[:, 1:].clone()
+    targets[:, :len(prompt) - 1] = -1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(ids[:, :-1], targets).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+QUESTION = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
+                         {"role": "assistant", "content": "2 + 3 = <<2+3=5>>5\n#### 5"}]}
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, shared_data):
-    """A tiny 'sft' checkpoint (d2, random weights: rewards are ~0, which is fine for exactness) and
-    a real tokenizer."""
+    """A tiny 'sft' checkpoint (d2) that answers '#### 5' or '#### 7' at random, a real tokenizer, and
+    GSM8K-format files of one question whose answer is 5."""
     root = tmp_path_factory.mktemp("rl-inputs")
     tok_dir = make_tokenizer_dir(root / "tok", shared_data / "corpus")
     plan = derive(2, head_dim=64, max_seq_len=64, vocab_size=1024, num_iterations=2, total_batch_size=256)
     model = build_model(plan.model_config(), "cpu", torch.float32, seed=0)
+    _teach_the_answer_format(model, tok_dir)
     base = save_checkpoint(root / "sft", 3, rank=0, world_size=1, model_state=model.state_dict(), optim_state={},
                            rank_state={}, meta={"kind": "sft", "model_config": plan.model_config().to_dict(),
                                                 "tokenizer": tokenizer_record(tok_dir, 1024, "tok-fp"),
                                                 "identity": {"depth": 2}})
-    return base, tok_dir, shared_data / "chat"
+    row = json.dumps({"question": QUESTION["messages"][0]["content"], "answer": "2 + 3 = <<2+3=5>>5\n#### 5"})
+    for split in ("train", "test"):
+        (root / f"gsm8k_{split}.jsonl").write_text((row + "\n") * 8)
+    return base, tok_dir, root
 
 
 def rl_cmd(inputs, out, *flags):
@@ -98,6 +125,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(inputs, 
     assert [x["step"] for x in rows(a, "passk")] == [0, 2, 3] and set(rows(a, "passk")[0]) >= {"pass@1", "pass@2"}
     assert [x["lrm"] for x in rows(a, "rollout")] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert all(x["sequence_length"] > 0 for x in rows(a, "rollout"))
+    assert 0 < sum(x["reward"] for x in rows(a, "rollout")) < 3  # mixed rewards ...
+    assert any(x["raw_loss"] != 0 for x in rows(a, "train"))  # ... within a group: a real gradient
 
     b = tmp_path / "b"
     first = b / "checkpoints" / "step_000001" / "meta.json"
