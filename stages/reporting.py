@@ -90,6 +90,8 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
         "iterations": bm.get("iterations"),
         "tokens": bm.get("tokens"),
         "artifacts": {role: str(m.ref) for role, m in manifests.items()},
+        **({"rl": {k: manifests["rl"].metrics.get(k) for k in ("final_reward", "final_passk", "iterations")}}
+           if "rl" in manifests else {}),
     }
 
 
@@ -130,6 +132,11 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
         out += ["## Training", "", f"![loss]({images['loss']})", ""]
     if "throughput" in images:
         out += [f"![throughput]({images['throughput']})", ""]
+    if "rl" in s:
+        passk = ", ".join(f"{k} {fmt(v)}" for k, v in (s["rl"]["final_passk"] or {}).items())
+        out += ["## RL (GSM8K)", "", f"- {fmt(s['rl']['iterations'])} steps, final mean reward "
+                f"{fmt(s['rl']['final_reward'])}; held-out {passk or 'pass@k not run'}", ""]
+        out += [f"![rl]({images['rl']})", ""] if "rl" in images else []
     if core_table:
         out += ["## CORE per task", "", core_table.rstrip(), ""]
     if "core" in images:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from core.checkpoint import check_tokenizer, load_checkpoint, load_model
 from core.common import dtype_name, print0
 from core.engine import Engine
+from core.layouts import CHAT_KINDS
 from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
@@ -46,9 +47,6 @@ from core.train.common import (finish_run, log_eval, log_step, open_log, optimiz
                                resume_state, run_entry_point, save, seed_everything, start_run, tokenizer_record)
 from core.train.config import RLConfig
 from core.train.config import parse_config as _parse_config
-
-CHAT_KINDS = ("sft", "rl")  # checkpoint kinds that answer as a chat model
-
 
 def parse_config(argv: list[str] | None = None) -> RLConfig:
     return _parse_config(RLConfig, argv, prog="python -m core.train.rl", description="Reinforcement learning on GSM8K")
