@@ -264,6 +264,25 @@ def tokenizer_record(tokenizer_dir: Path | str, vocab_size: int, fingerprint: st
     return {"fingerprint": fingerprint, "vocab_size": int(vocab_size)}
 
 
+def load_base(cfg) -> tuple:
+    """A fine-tuning trainer's starting point (cfg: base_checkpoint, tokenizer_dir, tokenizer_fingerprint):
+    (tokenizer, base Checkpoint, the tokenizer record for its checkpoints, the base's id). The
+    tokenizer must be the one the base was trained with; the id (a hash of the base's step, model
+    config and identity) goes into the run's identity, so a resume refuses another base."""
+    from core.checkpoint import check_tokenizer
+    from core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    base_ck = load_checkpoint(Path(cfg.base_checkpoint))
+    base = base_ck.meta
+    check_tokenizer(base, cfg.tokenizer_fingerprint or None, tokenizer.vocab_size, f"--base-checkpoint {base_ck.path}")
+    tok_rec = (tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint)
+               if cfg.tokenizer_fingerprint or not base.get("tokenizer") else dict(base["tokenizer"]))
+    base_id = hashlib.sha256(json.dumps({"step": base_ck.step, "model_config": base["model_config"],
+                                         "identity": base.get("identity")}, sort_keys=True).encode()).hexdigest()[:16]
+    return tokenizer, base_ck, tok_rec, base_id
+
+
 class ResumeError(ValueError):
     """A checkpoint cannot be continued by this run; the message says why and what to do."""
 

@@ -27,24 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import check_tokenizer, load_checkpoint, load_model
+from core.checkpoint import load_model
 from core.common import dtype_name, print0
 from core.engine import Engine
 from core.layouts import CHAT_KINDS
 from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
-from core.tokenizer import Tokenizer
-from core.train.common import (finish_run, log_eval, log_step, open_log, optimizer_step, peak_flops, resume_model,
-                               resume_state, run_entry_point, save, seed_everything, start_run, tokenizer_record)
+from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, peak_flops,
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run)
 from core.train.config import RLConfig
 from core.train.config import parse_config as _parse_config
 
@@ -109,13 +105,8 @@ def train(cfg: RLConfig) -> dict:
     run = start_run(cfg, reward=None, passk=None)
     device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
 
-    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
-    base_ck = load_checkpoint(Path(cfg.base_checkpoint))
-    base = base_ck.meta
-    check_tokenizer(base, cfg.tokenizer_fingerprint or None, tokenizer.vocab_size, f"--base-checkpoint {base_ck.path}")
-    tok_rec = (tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint)
-               if cfg.tokenizer_fingerprint or not base.get("tokenizer") else dict(base["tokenizer"]))
-    model_cfg = base["model_config"]
+    tokenizer, base_ck, tok_rec, base_id = load_base(cfg)
+    base, model_cfg = base_ck.meta, base_ck.meta["model_config"]
     if cfg.examples_per_step % world:
         raise ValueError(f"examples_per_step={cfg.examples_per_step} is not a multiple of the {world} process(es): "
                          "every rank takes the same number of questions per step")
@@ -134,8 +125,6 @@ def train(cfg: RLConfig) -> dict:
     lrs = reference_lrs(model_cfg["n_embd"], 1.0, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
                         matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay)
     lrs = {k: (v * cfg.init_lr_frac if k.endswith("_lr") else v) for k, v in lrs.items()}
-    base_id = hashlib.sha256(json.dumps({"step": base_ck.step, "model_config": model_cfg,
-                                         "identity": base.get("identity")}, sort_keys=True).encode()).hexdigest()[:16]
     identity = {**cfg.identity(), "base": base_id}
     notes = [] if base.get("kind") in CHAT_KINDS else [
         f"the base model is a {base.get('kind')!r} checkpoint, not chat-tuned: expect ~0 reward (RL after SFT is "
