@@ -4,10 +4,8 @@ tiny chat checkpoint: SIGKILL after its first checkpoint and resume -> bit-ident
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from core.scaling import derive
 from core.train.common import read_metrics, tokenizer_record
 from core.train.config import RLConfig
 from core.train.rl import group_advantages, lr_multiplier, pass_at_k, pg_loss, rollout_seed, rollout_tensors
-from tests.train_helpers import REPO, assert_states_equal, make_tokenizer_dir, trainer_env
+from tests.train_helpers import REPO, assert_states_equal, kill_after, make_tokenizer_dir, trainer_env
 
 
 def test_advantage_is_reward_minus_group_mean_without_std():
@@ -129,16 +127,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(inputs, 
     assert any(x["raw_loss"] != 0 for x in rows(a, "train"))  # ... within a group: a real gradient
 
     b = tmp_path / "b"
-    first = b / "checkpoints" / "step_000001" / "meta.json"
-    with open(tmp_path / "b.log", "w") as log:
-        proc = subprocess.Popen(rl_cmd(inputs, b), cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 200
-        while not first.exists():
-            assert proc.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    assert kill_after(rl_cmd(inputs, b), b / "checkpoints" / "step_000001" / "meta.json", tmp_path / "b.log") == -9
     assert not (b / "checkpoints" / "step_000003").exists()
     r = run(rl_cmd(inputs, b))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
