@@ -91,7 +91,7 @@ def test_stage_rl_commits_an_rl_model_and_bad_inputs(rl_store, shared_data, tmp_
     assert b.metrics["base_kind"] == "base" and any("not chat-tuned" in m for m in seen), seen
 
 
-def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data):
+def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data, capsys):
     from flows.recipes import speedrun_steps
 
     store, run = rl_store
@@ -113,5 +113,10 @@ def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data):
 
     assert find_chat_model(str(out["rl"].ref), store).kind == "rl"  # `nanorun chat` / serve load it as a chat model
     assert {r.status for r in plan(steps, store)} == {"cached"}
+    import flows.cli as cli  # `stage rl --recipe tiny`: the recipe's rl step, on because it is the one asked for
+
+    assert cli.main(["--store", store.url, "stage", "rl", "--recipe", "tiny", "--eval-bundle",
+                     str(shared_data / "eval_bundle"), "--chat-data", str(shared_data / "chat"), "--plan"]) == 0
+    assert capsys.readouterr().out.split() == [str(out["rl"].ref), "cached"]
     # off by default: the graph is the one without RL
     assert "rl" not in [s.name for s in speedrun_steps("tiny", chat_data=str(shared_data / "chat"))]
