@@ -98,8 +98,8 @@ PRESETS: dict[str, dict] = {
     # the reference's values (RLConfig's defaults: 1 epoch, 16 x 16, 256 tokens, eval every 60 on 400)
     "d12": dict(_GPU),
     "d20": dict(_GPU),
-    "d24": dict(_GPU, device_batch_size=4),
-    "d26": dict(_GPU, device_batch_size=4),
+    "d24": dict(_GPU),
+    "d26": dict(_GPU),
 }
 
 preset = Config.from_preset
