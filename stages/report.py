@@ -17,7 +17,7 @@ from pathlib import Path
 
 from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
-from stages.reporting import fmt, hms, render_markdown, summarize
+from stages.reporting import fmt, hms, plot_rl_curves, render_markdown, summarize
 
 NAME = "report"
 code_version = "3"
@@ -133,8 +133,6 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     if _plot_throughput(out / "throughput.png", inputs["base"].path):
         images["throughput"] = "throughput.png"
     if "rl" in manifests:  # reward and pass@k curves from the rl manifest
-        from stages.rl import plot_rl_curves
-
         rm = manifests["rl"].metrics
         if plot_rl_curves(out / "rl.png", rm.get("reward_curve") or [], rm.get("passk_curve") or [], "rl gsm8k"):
             images["rl"] = "rl.png"

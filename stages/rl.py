@@ -31,7 +31,8 @@ from pathlib import Path
 from core.tasks.mixture import REFERENCE_SOURCES
 from core.train.config import RLConfig
 from stages.base import ConfigError, Input, identity, runtime, stage_logger
-from stages.sft import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
+from stages.reporting import plot_rl_curves
+from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
 from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "rl"
@@ -158,28 +159,3 @@ def finish(out: Path) -> dict:
 
 def _k_max(row: dict) -> int:
     return sum(1 for key in row if key.startswith("pass@"))
-
-
-def plot_rl_curves(path: Path, reward_curve: list, passk_curve: list, title: str) -> bool:
-    """Mean reward per step and pass@k per evaluation (the manifest's curves) as a PNG; False when empty."""
-    if not reward_curve and not passk_curve:
-        return False
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot([r[0] for r in reward_curve], [r[1] for r in reward_curve], lw=1, marker=".")
-    ax1.set(xlabel="step", ylabel="mean reward", title=f"{title}: reward")
-    k_max = max((len(p[1]) for p in passk_curve), default=0)
-    for k in sorted({1, k_max} - {0}):
-        ax2.plot([p[0] for p in passk_curve], [p[1][k - 1] for p in passk_curve], marker="o", label=f"pass@{k}")
-    ax2.set(xlabel="step", ylabel="GSM8K test", title="pass@k")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    if k_max:
-        ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
