@@ -180,8 +180,8 @@ def _n(v) -> str:
 def model_card(info: dict, gen: GenerationConfig, *, title: str | None = None, sections: list[str] = ()) -> str:
     """README.md of a bundle: what the model is, how to load it, then the given sections."""
     a, kind = info["architecture"], info["kind"]
-    what = "a chat model (supervised fine-tuned)" if kind == "sft" else \
-        "a base (pretrained, not chat-tuned) model" if kind == "base" else f"a {kind} model"
+    what = {"sft": "a chat model (supervised fine-tuned)", "base": "a base (pretrained, not chat-tuned) model",
+            "rl": "a chat model (supervised fine-tuned, then reinforcement learning on GSM8K)"}.get(kind, f"a {kind} model")
     title = title or f"nanorun GPT d{a['n_layer']} ({kind})"
     out = [f"# {title}", "",
            f"{what.capitalize()} in the nanochat architecture, exported by nanorun "

@@ -15,16 +15,17 @@ import json
 from pathlib import Path
 
 CHECKPOINT_POINTER = "checkpoint.json"  # trainer artifacts: {"checkpoint": "checkpoints/step_N", "step": N}
+CHAT_KINDS = ("sft", "rl")              # checkpoint meta "kind"s of a chat-tuned model (else "base")
 TOKENIZER_FILE = "tokenizer.json"
 SHARD_GLOB = "shard_*.parquet"          # data_shards artifacts: train/ and val/ hold the shards
 
 
 def model_checkpoint(artifact_dir: Path | str) -> Path:
-    """The final checkpoint directory of a trainer artifact (pretrain, sft) for core.checkpoint."""
+    """The final checkpoint directory of a trainer artifact (pretrain, sft, rl) for core.checkpoint."""
     d = Path(artifact_dir)
     pointer = d / CHECKPOINT_POINTER
     if not pointer.is_file():
-        raise FileNotFoundError(f"{d} is not a trained-model artifact (pretrain, sft): no {CHECKPOINT_POINTER}")
+        raise FileNotFoundError(f"{d} is not a trained-model artifact (pretrain, sft, rl): no {CHECKPOINT_POINTER}")
     return d / json.loads(pointer.read_text())["checkpoint"]
 
 

@@ -43,7 +43,7 @@ class ChatModel:
     """A model found in a store or folder, ready to load once per replica (files are local already)."""
 
     name: str                     # shown to the user: a short ref (sft/d4-3f2a1b2c) or the folder's name
-    kind: str                     # base | sft
+    kind: str                     # base | sft | rl
     path: Path                    # the bundle folder, or the checkpoint directory (step_NNNNNN)
     bundle: bool
     tokenizer_dir: Path | None = None          # checkpoints only: the tokenizer artifact's files
@@ -185,7 +185,9 @@ def find_chat_model(text: str | None, store, tokenizer: str | None = None) -> Ch
                     raise ModelLoadError(f"{text} is neither a folder nor an artifact ref ({e})") from None
                 raise
         found = _from_ref(ref, store)
-    if found.kind != "sft":
+    from core.layouts import CHAT_KINDS
+
+    if found.kind not in CHAT_KINDS:
         log.warning("%s is a %s model, not chat-tuned: expect it to continue text rather than answer "
                     "(chat with an sft or export artifact for a chat model)", found.name, found.kind)
     return found

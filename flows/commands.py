@@ -288,19 +288,23 @@ def _recipe_step(args, fields: dict, store):
     """(stage module, Config, input refs) of one step of a speedrun recipe, built exactly as the
     speedrun builds it; its inputs are the recipe's upstream artifacts, which must be in the store
     (optional ones that are not are left out, as the speedrun leaves them out when missing)."""
-    from flows.recipes import speedrun_steps
+    from flows.recipes import TOGGLED_STAGES, speedrun_steps
     from stages.base import ConfigError, optional_inputs
     from stages.execute import load_stage, plan
 
+    # a step the recipe leaves off (rl in cpu-demo) is on when it is the step asked for
+    toggled = {args.name: {"enabled": True}} if args.name in TOGGLED_STAGES else {}
+
     def build(overrides=None):
-        return speedrun_steps(args.recipe, overrides, eval_bundle=args.eval_bundle, chat_data=args.chat_data)
+        return speedrun_steps(args.recipe, {**toggled, **(overrides or {})}, eval_bundle=args.eval_bundle,
+                              chat_data=args.chat_data)
 
     matches = [s for s in build() if s.name == args.name or load_stage(s.stage).NAME == args.name]
     if len(matches) != 1:
         names = ", ".join(f"{s.name} ({load_stage(s.stage).NAME})" for s in build())
         raise ConfigError(f"recipe {args.recipe} has {'no' if not matches else 'more than one'} step {args.name!r}; "
                           f"its steps: {names}")
-    steps = build({matches[0].name: fields})
+    steps = build({matches[0].name: {**toggled.get(matches[0].name, {}), **fields}})
     rows = {r.step: r for r in plan(steps, store)}
     step = next(s for s in steps if s.name == matches[0].name)
     mod = load_stage(step.stage)

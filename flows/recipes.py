@@ -20,7 +20,7 @@ from stages.base import ConfigError
 from stages.execute import Step, load_stage
 
 
-# The speedrun: data -> tokenizer -> pretrain -> CORE (base) -> SFT -> chat eval -> export -> report.
+# The speedrun: data -> tokenizer -> pretrain -> CORE (base) -> SFT -> [RL] -> chat eval -> export -> report.
 # The CORE bundle has no upstream, so the flow fetches it while the tokenizer and pretraining run.
 # The bundle is optional evidence: offline, with no --eval-bundle, its fetch fails, CORE is "not run
 # (needs eval_bundle)", the stages that take it as an optional input run without it, and the run
@@ -34,15 +34,20 @@ SPEEDRUN_GRAPH: list[Step] = [
     Step("base", "pretrain", inputs={"data": "data", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
     Step("base_eval", "core_eval", inputs={"model": "base", "tokenizer": "tokenizer", "bundle": "eval_bundle"}),
     Step("sft", "sft", inputs={"base": "base", "tokenizer": "tokenizer"}),
+    # optional (a step with `enabled` off is dropped, see speedrun_steps): when on, chat_eval and
+    # export take its model instead of the sft one
+    Step("rl", "rl", inputs={"base": "sft", "tokenizer": "tokenizer"}),
     Step("chat_eval", "chat_eval", inputs={"model": "sft", "tokenizer": "tokenizer", "eval_bundle": "eval_bundle"}),
     Step("export", "export", inputs={"model": "sft", "tokenizer": "tokenizer", "base": "base",
                                      "base_eval": "base_eval", "chat_eval": "chat_eval"}),
     Step("report", "report", inputs={"base": "base", "data": "data", "tokenizer": "tokenizer",
                                      "eval_bundle": "eval_bundle", "base_eval": "base_eval", "sft": "sft",
-                                     "chat_eval": "chat_eval", "export": "export"}),
+                                     "rl": "rl", "chat_eval": "chat_eval", "export": "export"}),
 ]
 
 _GPU = {"base_eval": {"preset": "gpu"}, "chat_eval": {"preset": "reference"}}
+# Steps that a preset or `--set STEP.enabled=true|false` turns on or off (default: off).
+TOGGLED_STAGES = ("rl",)
 PRESETS: dict[str, dict[str, dict]] = {
     # The offline demo: PyPI's chitchat corpus, a small vocabulary, a d4 model, minutes on 2 cores.
     "cpu-demo": {
@@ -51,6 +56,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "base": {"preset": "cpu-demo"},
         "base_eval": {"preset": "cpu-demo"},
         "sft": {"preset": "cpu-demo"},
+        "rl": {"preset": "cpu-demo"},  # off: --set rl.enabled=true adds a few minutes of RL
         "chat_eval": {"preset": "cpu-demo"},
     },
     # Seconds on a CPU: what the end-to-end tests run.
@@ -60,17 +66,18 @@ PRESETS: dict[str, dict[str, dict]] = {
         "base": {"preset": "tiny"},
         "base_eval": {"preset": "tiny"},
         "sft": {"preset": "tiny"},
+        "rl": {"preset": "tiny"},
         "chat_eval": {"preset": "tiny"},
     },
     # The reference GPU recipes (8 GPUs; stage presets carry batch sizes and cadences).
     "d12": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d12"},
-            "sft": {"preset": "d12"}, **_GPU},
+            "sft": {"preset": "d12"}, "rl": {"preset": "d12", "enabled": True}, **_GPU},
     "d20": {"data": {"source": "climbmix", "train_shards": 240}, "base": {"preset": "d20"},
-            "sft": {"preset": "d20"}, **_GPU},
+            "sft": {"preset": "d20"}, "rl": {"preset": "d20", "enabled": True}, **_GPU},
     "d24-speedrun": {"data": {"source": "climbmix", "train_shards": 170}, "base": {"preset": "d24-speedrun"},
-                     "sft": {"preset": "d24"}, **_GPU},
+                     "sft": {"preset": "d24"}, "rl": {"preset": "d24", "enabled": True}, **_GPU},
     "d26": {"data": {"source": "climbmix", "train_shards": 370}, "base": {"preset": "d26"},
-            "sft": {"preset": "d26"}, **_GPU},
+            "sft": {"preset": "d26"}, "rl": {"preset": "d26", "enabled": True}, **_GPU},
 }
 
 
@@ -132,14 +139,14 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
         shortcuts.setdefault("data", {})["source"] = data_source
     if nproc is not None:
         for n in graph:
-            if n.stage in ("pretrain", "sft"):
+            if n.stage in ("pretrain", "sft", "rl"):
                 shortcuts.setdefault(n.name, {})["nproc"] = int(nproc)
     if eval_bundle:
         key = "url" if eval_bundle.startswith(("http://", "https://", "s3://")) else "local_path"
         shortcuts.setdefault("eval_bundle", {})[key] = str(Path(eval_bundle).expanduser()) if key == "local_path" else eval_bundle
     if chat_data:  # the directory of SFT / chat-eval files (identity conversations, GSM8K, ...)
         for n in graph:
-            if n.stage in ("sft", "chat_eval"):
+            if n.stage in ("sft", "rl", "chat_eval"):
                 shortcuts.setdefault(n.name, {})["data_dir"] = str(Path(chat_data).expanduser())
     for n in graph:  # the report names the recipe it reports on
         if n.stage == "report":
@@ -148,6 +155,7 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
     unknown = sorted(set(layers) - set(names))
     if unknown:
         raise ConfigError(f"overrides name unknown step(s) {unknown}; the speedrun's steps are {', '.join(names)}")
+    graph = _toggle(graph, layers)
     steps = []
     for n in graph:
         cfg = _config(n, layers.get(n.name, {}))
@@ -157,3 +165,29 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
             inputs.pop("eval_bundle", None)
         steps.append(dataclasses.replace(n, cfg=cfg, inputs=inputs))
     return steps
+
+
+def _toggle(graph: list[Step], layers: dict[str, dict]) -> list[Step]:
+    """The graph without the toggled steps that are off (and the inputs naming them); a step that is
+    on stands in for its `base` as the `model` of the steps after it (rl: chat_eval and export
+    evaluate and ship the RL model). Pops `enabled` from the layers (it is not a stage field)."""
+    off, replaces = set(), {}
+    for n in graph:
+        if n.stage not in TOGGLED_STAGES:
+            continue
+        on = layers.get(n.name, {}).pop("enabled", False)
+        if not isinstance(on, bool):
+            raise ConfigError(f"{n.name}.enabled={on!r}: expected true or false")
+        if on:
+            replaces[n.inputs["base"]] = n.name
+        else:
+            off.add(n.name)
+    out = []
+    for n in graph:
+        if n.name in off:
+            continue
+        inputs = {role: src for role, src in n.inputs.items() if src not in off}
+        if "model" in inputs:
+            inputs["model"] = replaces.get(inputs["model"], inputs["model"])
+        out.append(dataclasses.replace(n, inputs=inputs))
+    return out

@@ -11,6 +11,7 @@ STAGE_MODULES = {
     "pretrain": "stages.pretrain",
     "core_eval": "stages.core_eval",
     "sft": "stages.sft",
+    "rl": "stages.rl",
     "chat_eval": "stages.chat_eval",
     "export": "stages.export",
     "report": "stages.report",

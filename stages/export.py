@@ -103,9 +103,11 @@ def report_section(inputs: dict[str, Input], kind: str, out: Path, title: str) -
                 shutil.copyfile(src / name, out / REPORT_DIR / name)
                 md = md.replace(f"]({name})", f"]({REPORT_DIR}/{name})")
         return _demote(md)
-    model_role = "sft" if kind == "sft" else "base"
-    roles = {"base": inputs.get("base") if model_role == "sft" else inputs["model"],
-             "base_eval": inputs.get("base_eval"), "sft": inputs["model"] if model_role == "sft" else None,
+    from core.layouts import CHAT_KINDS
+
+    chat = kind in CHAT_KINDS  # the model is the sft or rl artifact; its pretrain base is the `base` input
+    roles = {"base": inputs.get("base") if chat else inputs["model"], "base_eval": inputs.get("base_eval"),
+             "sft": inputs["model"] if kind == "sft" else None, "rl": inputs["model"] if kind == "rl" else None,
              "chat_eval": inputs.get("chat_eval")}
     manifests = {role: i.manifest for role, i in roles.items() if i is not None}
     if "base" not in manifests or manifests["base"].stage != "pretrain":
@@ -129,7 +131,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         ckpt = model_checkpoint(model.path)
     except FileNotFoundError:
         raise ConfigError(f"export: input model={model.ref} is a {model.ref.stage} artifact without a "
-                          "checkpoint.json: give a pretrain or sft artifact") from None
+                          "checkpoint.json: give a pretrain, sft or rl artifact") from None
     kind = load_checkpoint(ckpt).meta.get("kind", "base")
     lineage = {"model": str(model.ref), "tokenizer": str(inputs["tokenizer"].ref)}
     for role, ref in sorted(model.manifest.inputs.items()):  # where the model itself came from

@@ -6,7 +6,8 @@ Reads only the manifests (and a few files) of the artifacts it is given; every i
 optional, so a partial pipeline still gets a report. The returned metrics are the leaderboard row
 (`nanorun leaderboard` reads them from the run index): preset, depth, commit, hardware, the wall time
 of each stage and in total, cost, val bpb, CORE with its task count, chat scores.
-Files: report.md, loss.png (train loss + val bpb), core.png (CORE per task vs GPT-2), throughput.png.
+Files: report.md, loss.png (train loss + val bpb), core.png (CORE per task vs GPT-2), throughput.png,
+rl.png (reward and pass@k per step, with an `rl` input).
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from pathlib import Path
 
 from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
-from stages.reporting import fmt, hms, render_markdown, summarize
+from stages.reporting import fmt, hms, plot_rl_curves, render_markdown, summarize
 
 NAME = "report"
 code_version = "3"
 INPUTS = ("base",)
 # role -> the stage that fills it in the speedrun graph (the order is the report's order)
-OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "chat_eval", "export")
+OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "rl", "chat_eval", "export")
 log = stage_logger(NAME)
 
 
@@ -123,7 +124,7 @@ def _plot_core(path: Path, core: Manifest) -> bool:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    order = ("data", "tokenizer", "eval_bundle", "base", "base_eval", "sft", "chat_eval", "export")
+    order = ("data", "tokenizer", "eval_bundle", "base", "base_eval", "sft", "rl", "chat_eval", "export")
     manifests = {role: inputs[role].manifest for role in order if role in inputs}
     summary = summarize(manifests, cfg.recipe)
     images = {}
@@ -131,6 +132,10 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         images["loss"] = "loss.png"
     if _plot_throughput(out / "throughput.png", inputs["base"].path):
         images["throughput"] = "throughput.png"
+    if "rl" in manifests:  # reward and pass@k curves from the rl manifest
+        rm = manifests["rl"].metrics
+        if plot_rl_curves(out / "rl.png", rm.get("reward_curve") or [], rm.get("passk_curve") or [], "rl gsm8k"):
+            images["rl"] = "rl.png"
     core_table = None
     if "base_eval" in inputs:
         if _plot_core(out / "core.png", manifests["base_eval"]):

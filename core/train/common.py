@@ -1,6 +1,6 @@
 """What every trainer shares: the skeleton of its phases (start_run, resume_model, resume_state,
 open_log, save, optimizer_step, log_step, log_eval, finish_run), the step log line, MFU, metrics.jsonl,
-wandb, seeding and the resume checks. Used by core/train/pretrain.py and core/train/sft.py.
+wandb, seeding and the resume checks. Used by core/train/pretrain.py, core/train/sft.py and core/train/rl.py.
 
     run = start_run(cfg, val_bpb=None)                 # process group, threads, out dir, loop state
     model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
@@ -264,6 +264,25 @@ def tokenizer_record(tokenizer_dir: Path | str, vocab_size: int, fingerprint: st
     return {"fingerprint": fingerprint, "vocab_size": int(vocab_size)}
 
 
+def load_base(cfg) -> tuple:
+    """A fine-tuning trainer's starting point (cfg: base_checkpoint, tokenizer_dir, tokenizer_fingerprint):
+    (tokenizer, base Checkpoint, the tokenizer record for its checkpoints, the base's id). The
+    tokenizer must be the one the base was trained with; the id (a hash of the base's step, model
+    config and identity) goes into the run's identity, so a resume refuses another base."""
+    from core.checkpoint import check_tokenizer
+    from core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
+    base_ck = load_checkpoint(Path(cfg.base_checkpoint))
+    base = base_ck.meta
+    check_tokenizer(base, cfg.tokenizer_fingerprint or None, tokenizer.vocab_size, f"--base-checkpoint {base_ck.path}")
+    tok_rec = (tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint)
+               if cfg.tokenizer_fingerprint or not base.get("tokenizer") else dict(base["tokenizer"]))
+    base_id = hashlib.sha256(json.dumps({"step": base_ck.step, "model_config": base["model_config"],
+                                         "identity": base.get("identity")}, sort_keys=True).encode()).hexdigest()[:16]
+    return tokenizer, base_ck, tok_rec, base_id
+
+
 class ResumeError(ValueError):
     """A checkpoint cannot be continued by this run; the message says why and what to do."""
 
@@ -467,14 +486,16 @@ def save(run: Run, step: int, *, model: torch.nn.Module, optimizer, loader_state
     print0(f"step {step:05d}/{run.total_steps:05d} | saved checkpoint {path}")
 
 
-def optimizer_step(run: Run, model: torch.nn.Module, optimizer, batches: Iterator, grad_accum: int) -> tuple[float, float]:
-    """grad_accum micro-batches, then optimizer.step() (the LR schedule set before): (mean loss, seconds)."""
+def optimizer_step(run: Run, model: torch.nn.Module, optimizer, batches: Iterator, grad_accum: int,
+                   loss_fn: Callable | None = None) -> tuple[float, float]:
+    """grad_accum micro-batches, then optimizer.step() (the LR schedule set before): (mean loss, seconds).
+    loss_fn(x, y): the micro-batch's loss when it is not model(x, y) (the RL trainer's policy gradient)."""
     run.sync()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
     for _ in range(grad_accum):
         x, y = next(batches)
-        loss = model(x, y)
+        loss = (loss_fn or model)(x, y)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()  # .backward() sums: divide for the mean over micro-batches
     optimizer.step()

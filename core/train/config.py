@@ -80,7 +80,7 @@ def _check_common(cfg, positive: tuple[str, ...]) -> None:
         raise ValueError(f"wandb={cfg.wandb!r}: use one of {', '.join(WANDB_MODES)}")
     if cfg.num_iterations < -1:
         raise ValueError(f"num_iterations={cfg.num_iterations}: expected -1 (off) or a number of steps")
-    if cfg.eval_every > 0 and cfg.eval_tokens < 1:
+    if cfg.eval_every > 0 and getattr(cfg, "eval_tokens", 1) < 1:
         raise ValueError("eval_tokens must be >= 1 when eval_every is on")
 
 
@@ -225,6 +225,64 @@ class SFTConfig:
         if mixture is not None:
             ident["mixture"] = {k: mixture[k] for k in ("train", "val", "seed")}
         return ident
+
+
+@dataclass
+class RLConfig:
+    base_checkpoint: str = input_opt("the chat model to improve: a complete checkpoint directory (an sft run's)")
+    tokenizer_dir: str = input_opt("tokenizer artifact the base was trained with")
+    train_file: str = input_opt("GSM8K train split: {question, answer} per line (.jsonl) or the HF parquet")
+    test_file: str = input_opt("GSM8K test split (held-out questions for pass@k)")
+    out: str = input_opt("output directory: checkpoints/, metrics.jsonl (resumes from its checkpoints)")
+    tokenizer_fingerprint: str = input_opt("the tokenizer artifact's fingerprint (default: a hash of "
+                                           "tokenizer.json)", required=False)
+    # identity: the recipe (reference: nanochat scripts/chat_rl.py)
+    num_epochs: int = identity_opt(1, "passes over the GSM8K train questions")
+    num_iterations: int = identity_opt(-1, "optimizer steps (-1 = num_epochs passes over the questions)")
+    train_examples: int = identity_opt(-1, "use the first N questions of the (seed-42 shuffled) train split (-1 = all)")
+    examples_per_step: int = identity_opt(16, "questions per optimizer step, across all processes")
+    num_samples: int = identity_opt(16, "sampled replies per question (the group of its advantage baseline)")
+    max_new_tokens: int = identity_opt(256, "generation budget per reply")
+    temperature: float = identity_opt(1.0, "sampling temperature of the rollouts")
+    top_k: int = identity_opt(50, "top-k sampling of the rollouts (0 = off)")
+    embedding_lr: float = identity_opt(0.2, "AdamW lr of wte (before width scaling)")
+    unembedding_lr: float = identity_opt(0.004, "AdamW lr of lm_head (before width scaling)")
+    matrix_lr: float = identity_opt(0.02, "Muon lr of the transformer matrices")
+    scalar_lr: float = identity_opt(0.5, "AdamW lr of the per-layer scalars")
+    weight_decay: float = identity_opt(0.0, "Muon weight decay")
+    init_lr_frac: float = identity_opt(0.05, "every LR starts at this fraction of the above, then decays linearly to 0")
+    seed: int = identity_opt(42, "seed of the rollouts' sampling")
+    dtype: str = identity_opt("auto", "compute dtype: auto (as pretraining) | bfloat16 | float32 | float16")
+    # runtime
+    device_type: str = opt("", "cuda | cpu | mps (empty = autodetect)")
+    device_batch_size: int = opt(8, "replies per forward/backward pass (num_samples must be a multiple)")
+    eval_every: int = opt(60, "pass@k on held-out questions every N steps and at the end (-1 = only at the end)")
+    eval_examples: int = opt(400, "held-out test questions per evaluation")
+    eval_samples: int = opt(8, "replies per test question: pass@1 ... pass@eval_samples")
+    save_every: int = opt(60, "checkpoint every N steps (-1 = only at the end)")
+    keep_checkpoints: int = opt(2, "keep the newest K checkpoints")
+    wandb: str = opt("offline", "wandb mode: disabled | offline | online")
+    wandb_project: str = opt("nanorun-rl", "wandb project")
+    run_name: str = opt("", "wandb run name (default: rl-d{depth})")
+
+    def __post_init__(self):
+        _check_common(self, ("num_epochs", "examples_per_step", "num_samples", "max_new_tokens", "device_batch_size",
+                             "eval_examples", "eval_samples", "keep_checkpoints"))
+        if self.num_samples % self.device_batch_size and self.device_batch_size < self.num_samples:
+            raise ValueError(f"num_samples={self.num_samples} is not a multiple of device_batch_size="
+                             f"{self.device_batch_size}: every question's replies are split into equal passes")
+        if self.train_examples == 0 or self.train_examples < -1:
+            raise ValueError(f"train_examples={self.train_examples}: expected -1 (all) or >= 1")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ValueError(f"temperature={self.temperature} and top_k={self.top_k} must be >= 0")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "init_lr_frac"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
+
+    def identity(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["kind"] == "identity"}
 
 
 def identity_fields(cls) -> tuple[str, ...]:

@@ -40,7 +40,6 @@ and loop state; a killed and resumed run ends bit-identical (tests/core/test_sft
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -51,16 +50,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import check_tokenizer, load_checkpoint, load_model
+from core.checkpoint import load_model
 from core.common import dtype_name, print0
 from core.eval.bpb import evaluate_loss_bpb
 from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
-from core.tokenizer import Tokenizer
-from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, peak_flops,
-                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
-                               tokenizer_record)
+from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
+                               peak_flops, resume_model, resume_state, run_entry_point, save, seed_everything,
+                               start_run)
 from core.train.config import SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 
@@ -235,12 +233,8 @@ def train(cfg: SFTConfig) -> dict:
     device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
 
     # ---- the base model and what it inherits
-    tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
-    base_ck = load_checkpoint(Path(cfg.base_checkpoint))
+    tokenizer, base_ck, tok_rec, base_id = load_base(cfg)
     base = base_ck.meta
-    check_tokenizer(base, cfg.tokenizer_fingerprint or None, tokenizer.vocab_size, f"--base-checkpoint {base_ck.path}")
-    tok_rec = (tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint)
-               if cfg.tokenizer_fingerprint or not base.get("tokenizer") else dict(base["tokenizer"]))
     run_cfg = base.get("run_config") or {}
     model_cfg = base["model_config"]
     seq = int(_inherit(cfg.max_seq_len, model_cfg.get("sequence_len"), 2048))
@@ -256,8 +250,6 @@ def train(cfg: SFTConfig) -> dict:
     lrs = reference_lrs(model_cfg["n_embd"], 1.0, weight_decay=cfg.weight_decay, **raw)
     lrs = {k: (v * cfg.init_lr_frac if k.endswith("_lr") else v) for k, v in lrs.items()}
     mixture = json.loads(Path(cfg.mixture).read_text())
-    base_id = hashlib.sha256(json.dumps({"step": base_ck.step, "model_config": model_cfg,
-                                         "identity": base.get("identity")}, sort_keys=True).encode()).hexdigest()[:16]
     identity = {**cfg.identity(mixture), "base": base_id}
 
     # ---- model, resume, optimizer

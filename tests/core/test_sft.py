@@ -4,10 +4,8 @@ subprocess on a tiny base model: SIGKILL after a checkpoint and resume -> bit-id
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from core.scaling import derive
 from core.train.common import read_metrics, tokenizer_record
 from core.train.sft import (Packer, SFTConfig, batches_per_pass, lr_multiplier, muon_momentum,
                             warm_start_optimizer)
-from tests.train_helpers import REPO, assert_states_equal, make_tokenizer_dir, trainer_env
+from tests.train_helpers import REPO, assert_states_equal, kill_after, make_tokenizer_dir, trainer_env
 
 BOS = 7
 
@@ -190,16 +188,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(inputs, 
     assert data["conversations"] + data["skipped"] == 32 and data["trained_tokens"] > 0
 
     b = tmp_path / "b"
-    first = b / "checkpoints" / "step_000003" / "meta.json"
-    with open(tmp_path / "b.log", "w") as log:
-        proc = subprocess.Popen(sft_cmd(inputs, b), cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 200
-        while not first.exists():
-            assert proc.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    assert kill_after(sft_cmd(inputs, b), b / "checkpoints" / "step_000003" / "meta.json", tmp_path / "b.log") == -9
     assert not (b / "checkpoints" / f"step_{steps:06d}").exists()
     r = run(sft_cmd(inputs, b))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

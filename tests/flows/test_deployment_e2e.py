@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from artifacts import open_store
-from flows.recipes import SPEEDRUN_GRAPH
+from flows.recipes import speedrun_steps
 from stages.execute import load_stage
 from tests.conftest import png_size
 from tests.flows.prefect_server import BIN, background, prefect_server, run, task_runs, wait_flow_run
@@ -30,6 +30,7 @@ def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
     store_dir = tmp_path / "store"
     params = {"preset": "tiny", "store": str(store_dir), "eval_bundle": str(shared_data / "eval_bundle"),
               "chat_data": str(shared_data / "chat")}
+    graph = speedrun_steps("tiny", eval_bundle=params["eval_bundle"], chat_data=params["chat_data"])  # rl off
     with prefect_server(tmp_path) as (api, env):
         run([str(BIN / "prefect"), "work-pool", "create", "nanorun-local", "--type", "process"], env)
         out = run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
@@ -46,11 +47,11 @@ def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
             first = wait_flow_run(api, _trigger(api, params), timeout=900)
             assert first["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-5000:]
             tasks = task_runs(api, first["id"])
-            assert sorted(t["name"] for t in tasks) == sorted(n.name for n in SPEEDRUN_GRAPH)
+            assert sorted(t["name"] for t in tasks) == sorted(n.name for n in graph)
             assert all(t["state"]["type"] == "COMPLETED" and t["state"]["name"] != "Cached" for t in tasks)
 
             store = open_store(str(store_dir))
-            for node in SPEEDRUN_GRAPH:  # every stage's artifact is committed and verifies deeply
+            for node in graph:  # every stage's artifact is committed and verifies deeply
                 stage = load_stage(node.stage).NAME
                 (manifest,) = store.list(stage)
                 assert store.verify(manifest.ref, deep=True).ok
@@ -58,7 +59,7 @@ def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
             second = wait_flow_run(api, _trigger(api, params), timeout=300)
             assert second["state"]["type"] == "COMPLETED"
             again = task_runs(api, second["id"])
-            assert sorted(t["state"]["name"] for t in again) == ["Cached"] * len(SPEEDRUN_GRAPH), again
+            assert sorted(t["state"]["name"] for t in again) == ["Cached"] * len(graph), again
 
         page = chromium.new_page(viewport={"width": 1400, "height": 900})
         ui = api.removesuffix("/api")

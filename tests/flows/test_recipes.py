@@ -12,7 +12,10 @@ from tests.conftest import REPO
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_builds_a_valid_pipeline(preset, shared_data):
     steps = speedrun_steps(preset, eval_bundle=str(shared_data / "eval_bundle"))
-    assert [s.name for s in steps] == [n.name for n in SPEEDRUN_GRAPH]
+    rl_on = PRESETS[preset].get("rl", {}).get("enabled", False)  # on in the GPU presets only
+    assert rl_on == (preset not in ("cpu-demo", "tiny"))
+    assert [s.name for s in steps] == [n.name for n in SPEEDRUN_GRAPH if n.name != "rl" or rl_on]
+    assert {s.inputs["model"] for s in steps if s.name in ("chat_eval", "export")} == {"rl" if rl_on else "sft"}
     refs = {}
     for s in steps:  # every step fingerprints with its upstream refs
         refs[s.name] = artifact_ref(s.stage, s.cfg, {k: refs[v] for k, v in s.inputs.items()})
@@ -53,6 +56,16 @@ def test_bad_overrides_name_the_step_and_field():
         speedrun_steps("nope")
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         speedrun_steps("tiny", {"base": {"preset": "huge"}})
+
+
+def test_rl_is_toggled_with_enabled(shared_data):
+    steps = speedrun_steps("tiny", parse_set(["rl.enabled=true"]), chat_data=str(shared_data / "chat"))
+    assert [s.name for s in steps if s.name in ("sft", "rl")] == ["sft", "rl"]
+    assert "rl" not in [s.name for s in speedrun_steps("d20", {"rl": {"enabled": False}})]
+    with pytest.raises(ConfigError, match="rl.enabled='yes': expected true or false"):
+        speedrun_steps("tiny", {"rl": {"enabled": "yes"}})
+    with pytest.raises(ConfigError, match="step 'rl': rl: .*gsm8k_train.jsonl does not exist"):  # RL needs GSM8K
+        speedrun_steps("tiny", {"rl": {"enabled": True}}, chat_data="/nonexistent")
 
 
 def test_parse_set():
