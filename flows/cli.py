@@ -386,6 +386,15 @@ def one_line(e: BaseException) -> str:
     return redact(" ".join(str(e).split()))
 
 
+def _name_the_run(record: logging.LogRecord) -> bool:
+    """Prefect's run loggers log "Finished in state Cached()" and the like: say which step (task
+    run) or flow run it is about, as the UI does."""
+    who = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+    if who and not getattr(record, "nanorun_named", False):
+        record.name, record.nanorun_named = f"{record.name} {who}", True
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -399,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for handler in logging.getLogger().handlers:  # the flow's own console handler prints those
         handler.addFilter(lambda record: not getattr(record, FORWARDED, False))
+        handler.addFilter(_name_the_run)
     try:
         return int(args._run(args) or 0)
     except Exception as e:

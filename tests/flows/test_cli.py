@@ -200,3 +200,12 @@ def test_a_configured_prefect_server_that_is_down_is_one_line(built, capsys, mon
     code, out, err = run(capsys, "--store", store.url, "stage", "eval_bundle", "--set", "url=https://example.invalid/b.zip")
     one_line_error(code, err, "Prefect server at PREFECT_API_URL=http://127.0.0.1:", "does not answer",
                    "unset PREFECT_API_URL")
+
+
+def test_prefect_run_log_lines_name_their_step():
+    import logging
+
+    record = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "Finished in state Cached()", None, None)
+    record.task_run_name = "base"
+    assert cli._name_the_run(record) and cli._name_the_run(record)  # a second handler: named once
+    assert record.name == "prefect.task_runs base"
