@@ -160,8 +160,9 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
     process is building the same artifact, waits for it and returns its result (or builds it if
     that builder fails)."""
     mod = load_stage(stage)
+    _check_call(mod, cfg, inputs)
+    cfg = cfg.resolve()  # once: what the fingerprint hashes, run() sees and the manifest records
     ref = artifact_ref(mod, cfg, inputs)
-    cfg = cfg.resolve()  # what run() sees and the manifest records: digests filled in
 
     def emit(kind: str, **info):
         if on_event is not None:
@@ -201,11 +202,12 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
             with mirror_checkpoints_to(staging), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
+            code = stage_code_identity(mod)
             manifest = Manifest(stage=mod.NAME, label=ref.label, fingerprint=ref.fingerprint,
-                                code_version=code_version(mod), identity=cfg.identity_dict(),
+                                code_version=code.version(mod.code_version), identity=cfg.identity_dict(),
                                 runtime=cfg.runtime_dict(), inputs=dict(inputs), files=[], metrics=metrics,
                                 provenance=collect_provenance(start, end, {
-                                    "resumed": leftovers, "code_modules": stage_code_identity(mod).modules}))
+                                    "resumed": leftovers, "code_modules": code.modules}))
             lease.check()
             m = store.commit(ref, work, manifest)
             if staging is not None:
