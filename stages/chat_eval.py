@@ -26,7 +26,6 @@ completions; results.json and the printed table are in the artifact.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from core.tasks.mixture import REFERENCE_SOURCES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
+from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
 code_version = "2"
@@ -47,7 +46,7 @@ log = stage_logger(NAME)
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(SourcedConfig, StageConfig):
     tasks: tuple = identity((), help="TaskSpec dicts of evaluable tasks (gsm8k, humaneval, spelling_bee, "
                                      "multiple_choice)")
     bundle_tasks: tuple = identity((), help="multiple-choice task files of the eval_bundle input (e.g. arc_easy)")
@@ -91,11 +90,8 @@ class Config(StageConfig):
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ConfigError(f"chat_eval.dtype={self.dtype!r}: use auto, bfloat16, float32 or float16")
 
-    def resolve(self) -> "Config":
-        """The sha256 of every local / package source (given digests are checked at run time)."""
-        if self.source_digests is not None:
-            return self
-        return dataclasses.replace(self, source_digests=compute_digests(list(self.tasks), self.data_dir, "chat_eval"))
+    def source_specs(self) -> list[dict]:
+        return list(self.tasks)
 
     def names(self) -> list[str]:
         return [s.get("name") or s["task"] for s in self.tasks] + list(self.bundle_tasks)

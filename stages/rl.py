@@ -22,7 +22,6 @@ rows), train.log, attempts.jsonl, rl_curve.png (reward and pass@k against steps)
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from core.tasks.mixture import REFERENCE_SOURCES
 from core.train.config import RLConfig
 from stages.base import ConfigError, Input, identity, runtime, stage_logger
 from stages.reporting import plot_rl_curves
-from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
+from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "rl"
@@ -43,7 +42,7 @@ log = stage_logger(NAME)
 
 
 @dataclass(frozen=True)
-class Config(LaunchConfig, stage_fields(RLConfig, "RL")):
+class Config(SourcedConfig, LaunchConfig, stage_fields(RLConfig, "RL")):
     """The trainer's fields (core/train/config.py RLConfig), how it is launched, and the GSM8K sources."""
     train_source: str = identity("gsm8k_train.jsonl", help="GSM8K train split: a file name in data_dir or an URL")
     test_source: str = identity("gsm8k_test.jsonl", help="GSM8K test split (pass@k): a file name in data_dir or an URL")
@@ -59,7 +58,7 @@ class Config(LaunchConfig, stage_fields(RLConfig, "RL")):
         object.__setattr__(self, "extra_args", tuple(str(a) for a in self.extra_args))
         if self.data_dir:
             object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().resolve()))
-        normalise_specs(self.specs(), "rl.train_source/test_source")
+        normalise_specs(self.source_specs(), "rl.train_source/test_source")
         self.check_launch(NAME)
         if self.nnodes > 1:
             raise ConfigError("rl: nnodes > 1 is not supported yet (RL runs on one node; use nproc)")
@@ -70,14 +69,10 @@ class Config(LaunchConfig, stage_fields(RLConfig, "RL")):
                               f"{self.world_size} process(es); change examples_per_step or nproc")
         self.trainer_config(base_checkpoint="-", tokenizer_dir="-", train_file="-", test_file="-", out="-")
 
-    def specs(self) -> list[dict]:
+    def source_specs(self) -> list[dict]:
         return [{"task": "gsm8k", "source": self.train_source, "sha256": self.train_sha256},
                 {"task": "gsm8k", "source": self.test_source, "sha256": self.test_sha256}]
 
-    def resolve(self) -> "Config":
-        if self.source_digests is not None:
-            return self
-        return dataclasses.replace(self, source_digests=compute_digests(self.specs(), self.data_dir, "rl"))
 
     def trainer_config(self, **paths) -> dict:
         return trainer_values(self, RLConfig, NAME, **{"tokenizer_fingerprint": "", **paths},
@@ -119,7 +114,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         log.warning("rl on %s, a %s model (not chat-tuned): it has not learnt the chat format or the calculator, "
                     "so its rewards stay ~0; the recipe is rl after sft (--input base=sft@latest)",
                     inputs["base"].ref, kind)
-    paths = resolve_sources(cfg.specs(), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
+    paths = resolve_sources(cfg.source_specs(), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
     run_json = out / "run.json"
     run_json.write_text(json.dumps(cfg.trainer_config(
         base_checkpoint=str(base_ckpt), tokenizer_dir=str(tokenizer_dir(inputs["tokenizer"].path)),

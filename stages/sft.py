@@ -28,7 +28,6 @@ loss_curve.png. A crashed run resumes exactly from its newest checkpoint in the 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 from core.tasks.mixture import REFERENCE_VAL, SFT_MIXTURES
 from core.train.config import SFTConfig
 from stages.base import ConfigError, Input, identity, runtime, stage_logger
-from stages.sources import SOURCES_DIR, compute_digests, normalise_specs, resolve_sources
+from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "sft"
@@ -49,7 +48,7 @@ log = stage_logger(NAME)
 
 # ---- config -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Config(LaunchConfig, stage_fields(SFTConfig, "SFT")):
+class Config(SourcedConfig, LaunchConfig, stage_fields(SFTConfig, "SFT")):
     """The trainer's fields (core/train/config.py SFTConfig: the recipe as identity, -1 = inherit from
     the base run; runtime = how it runs), how it is launched (LaunchConfig), and the mixture."""
     # ---- identity: the mixture
@@ -86,12 +85,8 @@ class Config(LaunchConfig, stage_fields(SFTConfig, "SFT")):
                                   f"device_batch_size {self.device_batch_size} x max_seq_len {self.max_seq_len} x "
                                   f"{self.nproc} process(es) = {per_step:,}; change device_batch_size or nproc")
 
-    def resolve(self) -> "Config":
-        """The sha256 of every local / package source (given digests are checked at run time)."""
-        if self.source_digests is not None:
-            return self
-        return dataclasses.replace(self, source_digests=compute_digests(
-            [*self.train_mixture, *self.val_mixture], self.data_dir, "sft"))
+    def source_specs(self) -> list[dict]:
+        return [*self.train_mixture, *self.val_mixture]
 
     def trainer_config(self, **paths) -> dict:
         """The run.json for core.train.sft: every trainer field as is, plus the paths."""
@@ -157,7 +152,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base_ckpt = model_checkpoint(inputs["base"].path)
     tok_dir = tokenizer_dir(inputs["tokenizer"].path)
-    specs = [*cfg.train_mixture, *cfg.val_mixture]
+    specs = cfg.source_specs()
     paths = resolve_sources(specs, cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
     mixture = {"train": list(cfg.train_mixture), "val": list(cfg.val_mixture), "seed": cfg.mixture_seed,
                "paths": paths}

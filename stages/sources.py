@@ -9,6 +9,7 @@ Not a stage: stages import it instead of each other.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -94,3 +95,18 @@ def resolve_sources(specs: list[dict], data_dir: str, digests: dict, work: Path,
                                "rebuild the config to take the new file")
         paths[src] = str(path.resolve())
     return paths
+
+
+class SourcedConfig:
+    """Mixin for a stage Config whose identity holds the sha256 of its data sources (fields
+    `source_digests`, `data_dir`): resolve() computes them once, when the plan is built; digests
+    already there are taken as they are (run() checks the files against them)."""
+
+    def source_specs(self) -> list[dict]:
+        raise NotImplementedError
+
+    def resolve(self):
+        if self.source_digests is not None:
+            return self
+        where = type(self).__module__.rpartition(".")[2]
+        return dataclasses.replace(self, source_digests=compute_digests(self.source_specs(), self.data_dir, where))
