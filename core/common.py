@@ -138,19 +138,13 @@ def get_num_threads() -> int:
     return torch.get_num_threads()
 
 
-# Environment for CPU worker processes, to set *before* they start (OpenMP reads it when torch loads):
-# with the default spinning wait policy, idle OpenMP threads burn the cores other processes need,
-# and on a shared 2-core machine a 2-thread training step ran 2-3x slower (KV-cache decode up to
-# 60x slower) whenever anything else was running. PASSIVE makes idle threads sleep.
-CPU_WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
 
 def set_num_threads(n: int | None = None) -> int:
     """Set intra-op threads: n, else $OMP_NUM_THREADS, else the cores this process may use.
 
     Under torchrun each process should get cores/nproc threads (torchrun sets OMP_NUM_THREADS=1 by
     default, which silently makes CPU training 2x slower on this 2-core machine). Launchers should
-    also pass CPU_WORKER_ENV to CPU workers."""
+    also give CPU workers core.openmp.wait_env."""
     if n is None:
         env = os.environ.get("OMP_NUM_THREADS")
         if env:

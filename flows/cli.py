@@ -34,6 +34,7 @@ import os
 import sys
 
 from artifacts.errors import USER_ERRORS
+from core.openmp import wait_env
 
 COMMANDS: list[tuple[str, str, str]] = [
     ("ls", "flows.cli:Ls", "list committed artifacts"),
@@ -396,6 +397,7 @@ def _name_the_run(record: logging.LogRecord) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.update(wait_env(os.environ))  # before torch loads: in-process stages, chat and serve too
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

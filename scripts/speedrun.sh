@@ -7,7 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export WANDB_MODE=${WANDB_MODE:-offline}
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # see core.common.CPU_WORKER_ENV
 args=(--preset cpu-demo)
 # Offline machines: the CORE bundle (and SFT's identity/GSM8K data) from ../shared/data when it is
 # there; otherwise the bundle is downloaded from its public URL.

@@ -16,5 +16,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 export WANDB_MODE=disabled
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # see core.common.CPU_WORKER_ENV
+# tests share a busy 2-core box with each other: no spinning at all (core/openmp.py)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

@@ -35,6 +35,7 @@ from typing import Callable
 
 from artifacts.errors import LeaseLostError
 from artifacts.lease import lost_lease
+from core.openmp import wait_env
 
 log = logging.getLogger("nanorun.launch")
 
@@ -155,10 +156,8 @@ def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str
     env["PYTHONUNBUFFERED"] = "1"
     # torchrun sets OMP_NUM_THREADS=1 for nproc > 1 unless told otherwise; on a CPU box that wastes
     # cores, on a GPU box one thread per process is right. Split the cores we are allowed to use.
-    # OpenMP's default spin-waiting makes idle threads burn the cores a neighbour needs: on the
-    # 2-core box a 2-thread training step ran 2-3x slower (decode up to 60x) whenever anything else
-    # ran (core.common.CPU_WORKER_ENV). Passive waiting costs nothing measurable when alone.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # a bounded OpenMP spin: neither the default's long spinning nor PASSIVE's wake-ups (core/openmp.py)
+    env.update(wait_env(env))
     if "OMP_NUM_THREADS" not in (extra or {}):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nproc)))

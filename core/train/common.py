@@ -37,6 +37,7 @@ import torch.distributed as dist
 from core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from core.common import (DistInfo, cleanup_distributed, compute_dtype, init_distributed, parse_dtype, print0,
                          set_num_threads)
+from core.openmp import wait_env
 from core.train.config import WANDB_MODES
 
 # ---- the per-step log line -------------------------------------------------------------------------
@@ -406,9 +407,9 @@ def start_run(cfg, **loop_fields) -> Run:
     info = init_distributed(cfg.device_type or None)
     if info.device.type == "cpu":
         set_num_threads()  # OMP_NUM_THREADS, else the cores we may use (torchrun would default to 1)
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            print0("note: OMP_WAIT_POLICY is not PASSIVE (the stages set it): on a busy CPU OpenMP's spin-waiting "
-                   "made training steps many times slower here (bf16 63 s/step instead of ~1 s)")
+        if wait_env(os.environ):
+            print0("note: neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set (the stages set a bounded spin, "
+                   "core/openmp.py): on a busy CPU OpenMP's default spin-waiting made steps many times slower here")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loop = {"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "wandb_id": None,
