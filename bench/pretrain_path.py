@@ -1,8 +1,8 @@
 """Pretraining speed on the path users run: the real trainer, launched as the pretrain stage launches
 it, against a plain reference-style step measured in the same run.
 
-    python -m bench.pretrain_path                                  # fp32 eager, fp32 compiled, bf16, reference
-    python -m bench.pretrain_path --variants fp32 reference --steps 40
+    python -m bench.pretrain_path                                  # the table below (~10 min on 2 cores)
+    python -m bench.pretrain_path --variants auto reference --steps 40 --budget 240   # + time-to-bpb
     python -m bench.pretrain_path --work /tmp/bench-pp             # keeps the 8192-token tokenizer between runs
 
 Setup (issue 13): the stage's cpu-demo preset with aspect_ratio 64 (d4, dim 256, head_dim 64, seq 256,
@@ -11,16 +11,22 @@ device batch 16, total batch 4,096 tokens), a vocab-8192 tokenizer trained on ..
 optimizer steps and one val-bpb evaluation at the end (and at step 0, as the stage does).
 
 Variants:
-- pipeline variants: stages.pretrain.Config -> cfg.trainer_config() -> run.json -> launch_trainer()
+- auto (the stage's default dtype: bf16 where the CPU has native bf16, else fp32), fp32, bf16,
+  and -compile: stages.pretrain.Config -> cfg.trainer_config() -> run.json -> launch_trainer()
   (torchrun -> core.train.pretrain), exactly the stage's launch; numbers from its metrics.jsonl.
-  While it runs, the CPU time of every other process of the launch (torchrun, this launcher
-  streaming the log) is sampled: "overhead %" = their CPU / the trainer's CPU.
+- auto-flow: the same through `nanorun stage pretrain` (CLI, Prefect flow and temporary server,
+  store), on data and tokenizer artifacts built once under --work.
 - reference: a plain nanochat-style loop in one process on the same data, tokenizer, model and
   schedule: full logits + F.cross_entropy, per-tensor AdamW (+ Muon), torch.compile of the whole
   model (what the reference does on CPU), the same val batches for bpb at the end.
 tok/s is over steps 2..N (the first step, compile included, is its own column); MFU against the
-trainer's own measured matmul peak. The machine is shared: compare rows of one run, and read the
-load average printed with each row.
+trainer's own measured matmul peak. "overhead %": CPU time of every process other than the trainer
+(torchrun, this launcher streaming the log; for auto-flow the CLI with the flow and Prefect's
+server) while the trainer runs, over the trainer's. The "fp32 ceiling" line is the roofline: the
+step's FLOPs at the measured fp32 matmul peak. --budget S: auto and the reference then train for
+the steps their measured speeds fit in S seconds (first step and compile included) and the val bpb
+each reaches is printed. The machine is shared: compare rows of one run, and read the load average
+printed with each row.
 """
 from __future__ import annotations
 
@@ -64,56 +70,87 @@ def prepare(work: Path, vocab: int) -> tuple[Path, Path]:
     return data, tok
 
 
-def stage_config(a, dtype: str, compile_: bool | None):
+def stage_config(a, dtype: str, compile_: bool | None, steps: int | None = None):
     from stages.pretrain import preset
 
-    return preset("cpu-demo", aspect_ratio=64, num_iterations=a.steps, eval_every=a.steps, eval_tokens=a.eval_tokens,
+    steps = steps or a.steps
+    return preset("cpu-demo", aspect_ratio=64, num_iterations=steps, eval_every=steps, eval_tokens=a.eval_tokens,
                   sample_every=-1, save_every=-1, dtype=dtype, compile=compile_, wandb="disabled",
-                  omp_threads=a.threads, warmup_steps=min(10, a.steps // 4))
+                  omp_threads=a.threads, warmup_steps=min(10, steps // 4))
 
 
 class CpuSampler(threading.Thread):
-    """CPU seconds of the trainer (with its own children: compile workers) vs torchrun and this
-    launcher process (streaming the log; the sampling itself is counted too)."""
+    """CPU seconds while the trainer runs: the trainer's (with its own children: compile workers)
+    and every other process's under `root` (torchrun, the launcher streaming the log, the sampling
+    itself; for the flow variant also the nanorun CLI running the Prefect flow and Prefect's
+    temporary server). The window opens when the trainer appears; the other processes count from
+    there, the trainer from its start."""
 
-    def __init__(self):
+    def __init__(self, root_pid: int | None = None):
         super().__init__(daemon=True)
         import psutil
-        self.me = psutil.Process()
+        self.root = psutil.Process(root_pid)  # None: this process
         self.stop = threading.Event()
+        self.base: dict[int, float] | None = None    # CPU of each process when the window opened
         self.last: dict[int, tuple[str, float]] = {}
-        self.me_start = sum(self.me.cpu_times()[:2])
-        self.me_end = self.me_start
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        import psutil
+        out, trainers = {}, set()
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                cmd, parents, t = p.cmdline(), {q.pid for q in p.parents()}, p.cpu_times()
+            except psutil.Error:
+                continue
+            if "core.train.pretrain" in cmd and "torch.distributed.run" not in cmd:
+                trainers.add(p.pid)
+            role = "trainer" if p.pid in trainers or parents & trainers else \
+                "torchrun" if "torch.distributed.run" in cmd else \
+                "launcher" if p.pid == self.root.pid else \
+                "prefect server" if any("prefect" in c or "uvicorn" in c for c in cmd) else "other"
+            out[p.pid] = (role, t.user + t.system)  # not children_*: torchrun reaps the trainer
+        return out
 
     def run(self):
-        import psutil
         while not self.stop.is_set():
-            trainers = set()
-            for p in self.me.children(recursive=True):
-                try:
-                    cmd, parents, t = p.cmdline(), {q.pid for q in p.parents()}, p.cpu_times()
-                except psutil.Error:
-                    continue
-                if "core.train.pretrain" in cmd and "torch.distributed.run" not in cmd:
-                    trainers.add(p.pid)
-                role = "trainer" if p.pid in trainers or parents & trainers else \
-                    "torchrun" if "torch.distributed.run" in cmd else "other"
-                self.last[p.pid] = (role, t.user + t.system)  # not children_*: torchrun reaps the trainer
-            self.me_end = sum(self.me.cpu_times()[:2])
-            self.stop.wait(1.0)
+            now = self.sample()
+            if any(role == "trainer" for role, _ in now.values()):
+                if self.base is None:
+                    self.base = {pid: cpu for pid, (role, cpu) in now.items() if role != "trainer"}
+                self.last.update(now)
+            elif self.base is not None:
+                return  # the trainer is gone: the window is closed
+            self.stop.wait(0.5)
 
     def result(self) -> dict[str, float]:
-        out = {"trainer": 0.0, "torchrun": 0.0, "other": 0.0, "launcher": self.me_end - self.me_start}
-        for role, cpu in self.last.values():
-            out[role] += cpu
+        out = dict.fromkeys(("trainer", "torchrun", "launcher", "prefect server", "other"), 0.0)
+        for pid, (role, cpu) in self.last.items():
+            out[role] += cpu - (self.base or {}).get(pid, 0.0)
         return out
 
 
-def run_pipeline(a, name: str, data: Path, tok: Path) -> dict:
+def summarise(name: str, out: Path, cpu: dict[str, float] | None, wall: float) -> dict:
+    """One table row from a trainer's metrics.jsonl (and the CPU the sampler saw)."""
+    from core.train.common import read_metrics
+    rows = read_metrics(out / "metrics.jsonl")
+    start = next(r for r in rows if r["kind"] == "start")
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    others = cpu and sum(v for k, v in cpu.items() if k != "trainer")
+    return {"variant": name, "dtype": start["derived"]["dtype"], "compile": start["derived"]["compile"],
+            "tok_s": [r["tok_per_s"] for r in train[1:]], "mfu": statistics.median(r["mfu"] for r in train[1:]),
+            "first_step_s": train[0]["dt"], "train_s": sum(r["dt"] for r in train), "steps": len(train),
+            "val_bpb": val[-1]["val_bpb"], "eval0_s": val[0]["time"] - start["time"], "wall_s": wall,
+            "peak_flops": start["derived"]["peak_flops"], "flops_per_token": start["derived"]["flops_per_token"],
+            "overhead_pct": 100 * others / cpu["trainer"] if cpu and cpu["trainer"] else None,
+            "cpu_s": cpu and {k: round(v, 1) for k, v in cpu.items()}}
+
+
+def run_pipeline(a, name: str, data: Path, tok: Path, steps: int | None = None) -> dict:
     from stages.training import launch_trainer
 
     dtype, compile_ = VARIANTS[name]
-    cfg = stage_config(a, dtype, compile_)
+    cfg = stage_config(a, dtype, compile_, steps)
     out = a.work / "runs" / name
     if out.exists():
         import shutil
@@ -135,19 +172,56 @@ def run_pipeline(a, name: str, data: Path, tok: Path) -> dict:
     wall = time.time() - t0
     sampler.stop.set()
     sampler.join()
-    from core.train.common import read_metrics
-    rows = read_metrics(out / "metrics.jsonl")
-    start = next(r for r in rows if r["kind"] == "start")
-    train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
-    cpu = sampler.result()
-    others = cpu["torchrun"] + cpu["launcher"] + cpu["other"]
-    return {"variant": name, "dtype": start["derived"]["dtype"], "compile": start["derived"]["compile"],
-            "tok_s": [r["tok_per_s"] for r in train[1:]], "mfu": statistics.median(r["mfu"] for r in train[1:]),
-            "first_step_s": train[0]["dt"], "val_bpb": val[-1]["val_bpb"],
-            "eval0_s": val[0]["time"] - start["time"], "wall_s": wall,
-            "overhead_pct": 100 * others / cpu["trainer"] if cpu["trainer"] else None,
-            "cpu_s": {k: round(v, 1) for k, v in cpu.items()}}
+    return summarise(name, out, sampler.result(), wall)
+
+
+def run_flow(a, data: Path, tok: Path) -> dict:
+    """`auto` through `nanorun stage pretrain`, as a user runs it: the CLI, the Prefect flow with its
+    temporary server, the store and the log streaming, all counted in "overhead %". The data and
+    tokenizer artifacts are built once in a store under --work (a vocab-8192 tokenizer of the stage,
+    trained on 50M characters: not the same tokens as the other rows, so compare its tok/s and
+    overhead, not its bpb)."""
+    import dataclasses
+
+    from stages.pretrain import preset
+
+    store, home = a.work / "flow-store", a.work / "flow-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(NANORUN_HOME=str(home), NANORUN_PROGRESS_BAR="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+
+    def cli(*args, check=True) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--store", str(store), "-q", *args], cwd=a.work,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc
+
+    def finish(proc: subprocess.Popen, what: str) -> str:
+        out, _ = proc.communicate(timeout=a.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} exited {proc.returncode}: {out.strip().splitlines()[-1:] or ['?']}")
+        return out
+
+    finish(cli("stage", "data_shards", "--set", f"source={SHARED / 'corpus'}"), "data_shards")
+    finish(cli("stage", "tokenizer", "--input", "data=data_shards@latest", "--set", f"vocab_size={a.vocab}",
+               "--set", "max_chars=50000000"), "tokenizer")
+    base, ours = preset("cpu-demo"), stage_config(a, "auto", None)
+    sets = [f"{f.name}={json.dumps(getattr(ours, f.name))}" for f in dataclasses.fields(ours)
+            if getattr(ours, f.name) != getattr(base, f.name)]
+    proc = cli("stage", "pretrain", "--preset", "cpu-demo", "--input", "data=data_shards@latest", "--input",
+               "tokenizer=tokenizer@latest", *[x for kv in sets for x in ("--set", kv)], "--force")
+    sampler = CpuSampler(proc.pid)
+    sampler.start()
+    t0 = time.time()
+    try:
+        finish(proc, "nanorun stage pretrain")
+    except RuntimeError as e:
+        sampler.stop.set()
+        return {"variant": "auto-flow", "error": str(e)[:160]}
+    wall = time.time() - t0
+    sampler.stop.set()
+    sampler.join()
+    newest = max((store / "pretrain").glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
+    return summarise("auto-flow", newest.parent, sampler.result(), wall)
 
 
 def run_reference(a, data: Path, tok: Path) -> dict:
@@ -164,7 +238,7 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     from core.train.common import peak_flops, seed_everything
 
     set_num_threads(a.threads)
-    cfg = stage_config(a, "float32", True)
+    cfg = stage_config(a, "float32", True)  # --steps: the budget mode passes the reference's own count
     tokenizer = Tokenizer.from_directory(tok)
     plan = derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, tokenizer.vocab_size,
                   cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
@@ -200,14 +274,66 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     tokens = plan.total_batch_size
     return {"variant": "reference", "dtype": "float32", "compile": True, "tok_s": [tokens / t for t in times[1:]],
             "mfu": 100 * plan.flops_per_token * tokens / statistics.median(times[1:]) / peak,
-            "first_step_s": times[0], "val_bpb": bpb, "eval0_s": None, "overhead_pct": None}
+            "first_step_s": times[0], "train_s": sum(times), "steps": len(times), "val_bpb": bpb, "eval0_s": None,
+            "overhead_pct": None, "peak_flops": peak, "flops_per_token": plan.flops_per_token}
+
+
+def measure(a, name: str, data: Path, tok: Path, steps: int | None = None) -> dict:
+    if name == "auto-flow":
+        row = run_flow(a, data, tok)
+    elif name == "reference":
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
+        proc = subprocess.run([sys.executable, "-m", "bench.pretrain_path", "--one-reference", "--steps",
+                               str(steps or a.steps), "--eval-tokens", str(a.eval_tokens), "--threads", str(a.threads),
+                               "--vocab", str(a.vocab), "--work", str(a.work)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=a.timeout)
+        row = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+               {"variant": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]})
+    else:
+        row = run_pipeline(a, name, data, tok, steps)
+    row["load"] = os.getloadavg()[0]
+    print(f"  {name}: " + (row["error"] if "error" in row else
+                           f"median {statistics.median(row['tok_s']):,.0f} tok/s, val bpb {row['val_bpb']:.4f}")
+          + f" (load {row['load']:.1f})", flush=True)
+    return row
+
+
+def steps_in_budget(row: dict, budget: float, tokens_per_step: int) -> int:
+    """Optimizer steps that fit in `budget` seconds of training at this row's measured speed, the
+    first step (compile included) at its own measured time."""
+    step_s = tokens_per_step / statistics.median(row["tok_s"])
+    return max(2, 1 + int((budget - row["first_step_s"]) // step_s))
+
+
+def time_to_bpb(a, rows: list[dict], data: Path, tok: Path) -> None:
+    """The fixed wall-clock comparison: the pipeline's default (auto) and the reference each get the
+    steps their measured speed fits in --budget seconds (the LR schedule set for that horizon, as a
+    user with a time budget would), then the val bpb each reaches."""
+    tokens = stage_config(a, "auto", None).total_batch_size
+    print(f"\ntime-to-bpb: {a.budget:.0f} s of training each (steps from the speeds above)", flush=True)
+    out = []
+    for name in ("auto", "reference"):
+        row = next((r for r in rows if r["variant"] == name and "error" not in r), None)
+        if row is None:
+            print(f"  {name}: not measured above, skipped")
+            continue
+        steps = steps_in_budget(row, a.budget, tokens)
+        out.append((name, steps, measure(a, name, data, tok, steps)))
+    print(f"{'variant':>12} {'steps':>6} {'tokens':>10} {'train s':>8} {'val bpb':>8}")
+    for name, steps, r in out:
+        if "error" in r:
+            print(f"{name:>12}  failed: {r['error']}")
+        else:
+            print(f"{name:>12} {steps:>6} {steps * tokens:>10,} {r['train_s']:>8.1f} {r['val_bpb']:>8.4f}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["fp32", "fp32-compile", "bf16", "reference"],
-                    choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["auto", "fp32", "fp32-compile", "bf16-compile", "reference",
+                                                      "auto-flow"], choices=[*VARIANTS, "auto-flow"])
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per variant")
+    ap.add_argument("--budget", type=float, default=0.0,
+                    help="then train auto and the reference for this many seconds each and compare val bpb")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -224,24 +350,10 @@ def main(argv=None) -> None:
     import torch
     print(f"torch {torch.__version__} | cpu {torch.backends.cpu.get_cpu_capability()} | threads {a.threads} | "
           f"steps {a.steps} | vocab {a.vocab} | load {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []
-    for name in a.variants:
-        if name == "reference":
-            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
-            proc = subprocess.run([sys.executable, "-m", "bench.pretrain_path", "--one-reference", "--steps", str(a.steps),
-                                   "--eval-tokens", str(a.eval_tokens), "--threads", str(a.threads), "--vocab",
-                                   str(a.vocab), "--work", str(a.work)], cwd=REPO, env=env, capture_output=True,
-                                  text=True, timeout=a.timeout)
-            row = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                   {"variant": name, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:160]})
-        else:
-            row = run_pipeline(a, name, data, tok)
-        row["load"] = os.getloadavg()[0]
-        rows.append(row)
-        print(f"  {name}: " + (row["error"] if "error" in row else
-                               f"median {statistics.median(row['tok_s']):,.0f} tok/s, val bpb {row['val_bpb']:.4f}")
-              + f" (load {row['load']:.1f})", flush=True)
+    rows = [measure(a, name, data, tok) for name in a.variants]
     print_table(rows)
+    if a.budget > 0:
+        time_to_bpb(a, rows, data, tok)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -264,6 +376,12 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r.get("cpu_s"):
             print(f"CPU seconds while {r['variant']} trained: " + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()))
+    fp32 = next((r for r in rows if r.get("dtype") == "float32" and r.get("peak_flops")), None)
+    if ref and fp32:  # the roofline: no fp32 step with these FLOPs can beat the measured fp32 matmul peak
+        ceiling = fp32["peak_flops"] / fp32["flops_per_token"]
+        print(f"fp32 ceiling: {ceiling:,.0f} tok/s = {ceiling / statistics.median(ref['tok_s']):.2f}x the reference "
+              f"(measured fp32 matmul peak {fp32['peak_flops'] / 1e9:.0f} GFLOP/s / "
+              f"{fp32['flops_per_token'] / 1e6:.1f} MFLOP per token, i.e. every FLOP at peak)")
 
 
 if __name__ == "__main__":
