@@ -36,10 +36,9 @@ from flows.board import DEFAULT_TOLERANCES, compare  # noqa: F401 (compare: the 
 def nightly_runs(store, preset: str) -> list[str]:
     """The nightly runs of `preset` with a report in `store` (alias report@nightly-{preset}-{run}),
     oldest first."""
-    prefix = f"nightly-{preset}-"
-    names = [name.split("@", 1)[1] for name in store.aliases("report")]
-    return sorted((n[len(prefix):] for n in names if n.startswith(prefix) and run_order(n[len(prefix):])),
-                  key=run_order)
+    prefix = f"report@nightly-{preset}-"
+    runs = [name[len(prefix):] for name in store.aliases("report") if name.startswith(prefix)]
+    return sorted((r for r in runs if run_order(r)), key=run_order)  # (nightly-cpu-demo-… is not cpu's)
 
 
 def previous_nights(store, preset: str, run: str, limit: int = 14) -> list[tuple[str, dict]]:
@@ -47,6 +46,18 @@ def previous_nights(store, preset: str, run: str, limit: int = 14) -> list[tuple
     `store`, oldest first (a night's earlier rows included: they measure the same noise)."""
     earlier = [r for r in nightly_runs(store, preset) if run_order(r) < run_order(run)][-limit:]
     return [(r, store.require(store.get_alias("report", f"nightly-{preset}-{r}")).metrics) for r in earlier]
+
+
+def replaced(main, preset: str, run: str) -> None:
+    """Delete a nightly run that another run of its night replaces: its report in the main store
+    (manifest, files, alias, run index row) and its store root (the report's copy and index row
+    there first, so no leaderboard row is left behind)."""
+    ref = main.get_alias("report", f"nightly-{preset}-{run}")
+    root = open_store(night_store_url(main.url, preset, run))
+    if root.manifest(ref) is not None:
+        root.delete(ref)
+    main.delete(ref)
+    main._remove_tree("/".join([NIGHTLY_ROOT, preset, run]))
 
 
 # What a second run for a night that already has a report does (the flow's `rerun` parameter).
@@ -114,9 +125,10 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     prev = previous_nights(main, preset, run, history)
     regressions, table = compare(summary, [m for _, m in prev], alpha=alpha, core_noise=core_noise,
                                  bpb_noise=bpb_noise, slowdown=slowdown)
-    lines = [f"# Nightly {preset} — {run}", "", f"commit `{code['commit']}`, report `{report_ref}` in {night_store}", ""]
+    lines = [f"# Nightly {preset} — {run}", "", f"commit `{code['commit']}`, report `{report_ref}` in {night_store}",
+             ""]
     if prev:
-        lines += [f"Compared with {len(prev)} earlier night(s) ({prev[0][0]} … {prev[-1][0]}):", "",
+        lines += [f"Compared with {len(prev)} earlier nightly run(s) ({prev[0][0]} … {prev[-1][0]}):", "",
                   "| metric | tonight | limit | regressed | rule |", "|---|---:|---:|---|---|"]
         lines += [f"| {t['metric']} | {t['tonight']:.4g} | {t['limit']:.4g} | {'**yes**' if t['regressed'] else 'no'} | "
                   f"{t['rule']} |" for t in table]
@@ -131,17 +143,7 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
         logger.warning("regression: %s", r)
     if regressions and fail_on_regression:
         raise RuntimeError(f"nightly {preset} {run} regressed: {'; '.join(regressions)}")
-    return {"night": night, "run": run, "report": str(report_ref), "store": night_store, "regressions": regressions,
-            "previous": prev[-1][0] if prev else None, "nights_compared": len(prev), "checks": table}
+    return {"night": night, "run": run, "report": str(report_ref), "store": night_store,
+            "regressions": regressions, "previous": prev[-1][0] if prev else None, "nights_compared": len(prev),
+            "checks": table}
 
-
-def replaced(main, preset: str, run: str) -> None:
-    """Delete a nightly run that another run of its night replaces: its report in the main store
-    (manifest, files, alias, run index row) and its store root (the report's copy and index row
-    there first, so no leaderboard row is left behind)."""
-    ref = main.get_alias("report", f"nightly-{preset}-{run}")
-    root = open_store(night_store_url(main.url, preset, run))
-    if root.manifest(ref) is not None:
-        root.delete(ref)
-    main.delete(ref)
-    main._remove_tree("/".join([NIGHTLY_ROOT, preset, run]))
