@@ -1,14 +1,14 @@
 """deploy/local.sh as an operator runs it: server, pool, deployments and worker on loopback; a speedrun
 that fails at its first step, retried the way the UI's Retry button does it; then one signal stops
-everything the script started within 15 s.
+everything the script started within 15 s, a speedrun in progress included.
 
 What it checks (issue 18): every task run of the retried flow run, in the API and in the run graph,
 is named after its step (no `stage-5e0` ghost bars); the worker's console prints each log line of
 the run once; SIGTERM to the script, or SIGINT to its process group (a terminal's Ctrl-C), leaves no
 server, worker or child of theirs behind.
 
-Slow (about a minute here): a real server and worker; the flow run costs only a failed data step
-and the CORE bundle's digest.
+Slow (about a minute and a half here): two real servers and workers; the flow runs cost a failed
+data step, the CORE bundle's copy and the first seconds of a tiny speedrun.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, free_port
-from tests.flows.prefect_server import BIN, prefect_env, task_runs, wait_flow_run
+from tests.flows.prefect_server import BIN, call, prefect_env, task_runs, wait_flow_run
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def local_sh(tmp: Path, port: int):
         while time.time() < deadline:
             assert proc.poll() is None, f"local.sh exited early ({proc.returncode}):\n{console.read_text()[-3000:]}"
             with contextlib.suppress(httpx.HTTPError):
-                workers = httpx.post(f"{api}/work_pools/nanorun-local/workers/filter", json={}, timeout=5)
+                workers = call("POST", f"{api}/work_pools/nanorun-local/workers/filter", json={})
                 if workers.status_code == 200 and workers.json():
                     break
             time.sleep(1)
@@ -93,11 +93,11 @@ def _stops_within(proc: subprocess.Popen, started: set[int], limit: float) -> fl
 
 
 def _graph_labels(api: str, flow_run_id: str) -> list[str]:
-    graph = httpx.get(f"{api}/flow_runs/{flow_run_id}/graph-v2", timeout=10).json()
+    graph = call("GET", f"{api}/flow_runs/{flow_run_id}/graph-v2").json()
     return [n["label"] for _, n in graph["nodes"]]
 
 
-def test_local_sh_retry_names_console_and_sigterm(tmp_path, shared_data):
+def test_local_sh_retry_names_console_and_ctrl_c(tmp_path, shared_data):
     from flows.recipes import speedrun_steps
 
     bad = tmp_path / "bad-corpus"  # a data source that passes the flow's checks and fails when read
@@ -108,22 +108,15 @@ def test_local_sh_retry_names_console_and_sigterm(tmp_path, shared_data):
     steps = {s.name for s in speedrun_steps("tiny", data_source=str(bad), eval_bundle=params["eval_bundle"],
                                             chat_data=params["chat_data"])}
     with local_sh(tmp_path, free_port()) as (proc, api, console):
-        deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
-        # keep the 03:00 run out of this test's worker
-        httpx.patch(f"{api}/deployments/{deployments['nightly-leaderboard']['id']}", json={"paused": True},
-                    timeout=10).raise_for_status()
-        fr = httpx.post(f"{api}/deployments/{deployments['speedrun']['id']}/create_flow_run",
-                        json={"parameters": params}, timeout=10)
-        assert fr.status_code in (200, 201), fr.text
-        run_id = fr.json()["id"]
+        run_id = _speedrun(api, params)
         first = wait_flow_run(api, run_id, timeout=300)
         assert first["state"]["type"] == "FAILED", console.read_text()[-5000:]
         attempt1 = task_runs(api, run_id)
         assert {t["name"] for t in attempt1} == {"data", "eval_bundle"}, attempt1
 
         # the UI's Retry button: AwaitingRetry, not forced (prefect-ui-library's retryFlowRun)
-        retry = httpx.post(f"{api}/flow_runs/{run_id}/set_state", json={"state": {
-            "type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False}, timeout=10)
+        retry = call("POST", f"{api}/flow_runs/{run_id}/set_state", json={"state": {
+            "type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": False})
         assert retry.json()["status"] == "ACCEPT", retry.text
         second = wait_flow_run(api, run_id, timeout=300)
         assert second["run_count"] == 2 and second["state"]["type"] == "FAILED", console.read_text()[-5000:]
@@ -132,11 +125,11 @@ def test_local_sh_retry_names_console_and_sigterm(tmp_path, shared_data):
         labels = _graph_labels(api, run_id)
         assert labels and set(labels) <= steps, labels
 
-        logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
-                          timeout=10).json()
+        query = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+        logs = call("POST", f"{api}/logs/filter", json=query).json()
 
-        # `kill PID`: only the script hears it, and must stop what it started
-        _signal_and_wait(proc, console, lambda: proc.send_signal(signal.SIGTERM), 143)
+        # a terminal's Ctrl-C: SIGINT to the whole foreground process group at once
+        _signal_and_wait(proc, console, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
 
     # each log line the run sent to the API once is on the worker's console once, not twice (the
     # stage's own logger and the task run's logger both printing it); read once the worker is gone
@@ -147,10 +140,28 @@ def test_local_sh_retry_names_console_and_sigterm(tmp_path, shared_data):
     assert {m: text.count(m) for m in once} == {m: 1 for m in once}, text[-5000:]
 
 
-def test_local_sh_stops_on_ctrl_c(tmp_path):
-    """A terminal's Ctrl-C: SIGINT to the whole foreground process group, script, server and worker at once."""
-    with local_sh(tmp_path, free_port()) as (proc, _, console):
-        _signal_and_wait(proc, console, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
+def test_local_sh_stops_a_running_speedrun_on_sigterm(tmp_path, shared_data):
+    """`kill PID` (or a service manager's TERM to the main process): only the script hears it, and
+    it must stop what it started, a flow run in progress and its stage's children included."""
+    params = {"preset": "tiny", "store": str(tmp_path / "store"), "eval_bundle": str(shared_data / "eval_bundle"),
+              "chat_data": str(shared_data / "chat")}
+    with local_sh(tmp_path, free_port()) as (proc, api, console):
+        run_id = _speedrun(api, params)
+        deadline = time.time() + 180
+        while not any(t["state"]["type"] == "RUNNING" for t in task_runs(api, run_id)):
+            assert time.time() < deadline, f"no step of the speedrun started in 180 s:\n{console.read_text()[-3000:]}"
+            time.sleep(0.5)
+        _signal_and_wait(proc, console, lambda: proc.send_signal(signal.SIGTERM), 143)
+
+
+def _speedrun(api: str, params: dict) -> str:
+    """A run of the speedrun deployment (the nightly one paused: its 03:00 run stays out of this worker)."""
+    deployments = {d["name"]: d for d in call("POST", f"{api}/deployments/filter", json={}).json()}
+    nightly = deployments["nightly-leaderboard"]["id"]
+    call("PATCH", f"{api}/deployments/{nightly}", json={"paused": True}).raise_for_status()
+    fr = call("POST", f"{api}/deployments/{deployments['speedrun']['id']}/create_flow_run", json={"parameters": params})
+    assert fr.status_code in (200, 201), fr.text
+    return fr.json()["id"]
 
 
 def _signal_and_wait(proc: subprocess.Popen, console: Path, send, returncode: int) -> None:
