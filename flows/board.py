@@ -14,6 +14,7 @@ import io
 import json
 
 from core.stats import regression_check
+from flows.retention import run_order
 
 STAGE_COLUMNS = ("data", "tokenizer", "base", "base_eval", "sft", "chat_eval", "export")
 
@@ -80,19 +81,32 @@ def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noi
     return out, table
 
 
+def nightly_tag(run: str) -> str:
+    """The report tag of a nightly run (flows/retention.py names runs): the night without dashes,
+    then the row's number from the second row of a night on (`2026-11-21-2` -> `20261121-2`). The
+    tag is part of the report's identity: every run gets a report (and a leaderboard row) of its own."""
+    night, n = run_order(run)
+    return night.replace("-", "") + (f"-{n}" if n > 1 else "")
+
+
+def _nightly_run(tag: str) -> tuple[str, int] | None:
+    """(night, n) of a nightly report's tag (nightly_tag's inverse), None for a manual run's tag."""
+    return run_order(f"{tag[:4]}-{tag[4:6]}-{tag[6:]}")
+
+
 def _mark_nights(out: list[dict]) -> None:
-    """Nightly rows (their report carries the night as its tag): the night as the date, and which
-    metrics regressed against the earlier nights of the same recipe (compare(), as the flow judged)."""
-    nights: dict[str, list[dict]] = {}
+    """Nightly rows (their report's tag names the run): the night as the date, and which metrics
+    regressed against the earlier runs of the same recipe (compare(), as the flow judged)."""
+    nights: dict[str, list[tuple[tuple[str, int], dict]]] = {}
     for r in out:
-        tag = r.pop("tag") or ""
-        r["run"] = "nightly" if len(tag) == 8 and tag.isdigit() else "manual"
+        run = _nightly_run(r.pop("tag") or "")
+        r["run"] = "nightly" if run else "manual"
         r["regressed"] = ""
-        if r["run"] == "nightly":
-            r["date"] = f"{tag[:4]}-{tag[4:6]}-{tag[6:]}"
-            nights.setdefault(r["preset"] or "?", []).append(r)
-    for rs in nights.values():
-        rs.sort(key=lambda r: r["date"])
+        if run:
+            r["date"] = run[0]
+            nights.setdefault(r["preset"] or "?", []).append((run, r))
+    for runs in nights.values():
+        rs = [r for _, r in sorted(runs, key=lambda x: x[0])]
         for i, r in enumerate(rs):
             regressions, _ = compare(r, rs[max(0, i - 14):i])
             r["regressed"] = ", ".join(x.split()[0] for x in regressions)

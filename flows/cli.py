@@ -364,6 +364,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 FORWARDED = "nanorun_forwarded"  # set on records flows.tasks handed to the Prefect run logger
 
 
+def _not_forwarded(record: logging.LogRecord) -> bool:
+    return not getattr(record, FORWARDED, False)
+
+
+def print_forwarded_once() -> None:
+    """A `nanorun.*` record that flows.tasks handed to the Prefect run logger is printed by that
+    logger (as `Task run 'base' - ...`): the root logger's console handlers (the CLI's, or Prefect's
+    in a flow run a worker started) skip it, so a worker's console shows each line once, not twice.
+    Idempotent: called by the CLI and at the start of every task."""
+    for handler in logging.getLogger().handlers:
+        if _not_forwarded not in handler.filters:
+            handler.addFilter(_not_forwarded)
+
+
 class RunFailed(Exception):
     """A flow run failed for a reason other than the user's input; its log says why."""
 
@@ -408,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    for handler in logging.getLogger().handlers:  # the flow's own console handler prints those
-        handler.addFilter(lambda record: not getattr(record, FORWARDED, False))
+    print_forwarded_once()
+    for handler in logging.getLogger().handlers:
         handler.addFilter(_name_the_run)
     try:
         return int(args._run(args) or 0)

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
-from flows.cli import FORWARDED
+from flows.cli import FORWARDED, print_forwarded_once
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute, join, load_stage, status
 
@@ -115,7 +115,7 @@ class _ForwardToRunLogger(logging.Handler):
             return  # another task running concurrently in this process owns that record
         try:
             self.run_logger.log(record.levelno, "%s", record.getMessage())
-            setattr(record, FORWARDED, True)  # the CLI's console handler skips it
+            setattr(record, FORWARDED, True)  # the console handlers skip it (print_forwarded_once)
         except Exception:
             self.handleError(record)
 
@@ -178,6 +178,7 @@ def _observed(name: str):
     """Forward the stage's logs to the task run and its progress() to a Prefect progress artifact
     (and a terminal bar when the CLI asks for one)."""
     handler = _ForwardToRunLogger(get_run_logger())
+    print_forwarded_once()  # in a flow run a worker started too, not only under the CLI
     nanorun_logger = logging.getLogger("nanorun")
     nanorun_logger.addHandler(handler)
     if nanorun_logger.level == logging.NOTSET or nanorun_logger.level > logging.INFO:

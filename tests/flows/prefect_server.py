@@ -81,11 +81,22 @@ def run(cmd: list[str], env: dict, cwd: Path = REPO, timeout: float = 180) -> st
     return res.stdout
 
 
+def call(method: str, url: str, **kwargs) -> httpx.Response:
+    """One API request, repeated while the server answers 503: Prefect's "busy, retry" (SQLite
+    locked by the scheduler or a worker a moment), which Prefect's own client retries too."""
+    for _ in range(20):
+        res = httpx.request(method, url, timeout=10, **kwargs)
+        if res.status_code != 503:
+            break
+        time.sleep(0.5)
+    return res
+
+
 def wait_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
     """Poll a flow run until it reaches a final state; returns the flow run JSON."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        fr = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        fr = call("GET", f"{api}/flow_runs/{flow_run_id}").json()
         if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return fr
         time.sleep(2)
@@ -94,4 +105,4 @@ def wait_flow_run(api: str, flow_run_id: str, timeout: float) -> dict:
 
 def task_runs(api: str, flow_run_id: str) -> list[dict]:
     body = {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
-    return httpx.post(f"{api}/task_runs/filter", json=body, timeout=10).json()
+    return call("POST", f"{api}/task_runs/filter", json=body).json()

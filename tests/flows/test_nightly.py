@@ -1,5 +1,6 @@
 """The nightly leaderboard flow: per-night stores, the report aliased in the main store, the
-comparison with the previous night, regressions failing the run, the pinned commit enforced.
+comparison with the previous night, regressions failing the run, the pinned commit enforced, a
+second run of the same night refused, added or replacing the night as asked.
 
 Each night's store is seeded with a copy of the session's tiny run, so only the report (tagged with
 the night) is built: the flow logic is what is under test here, not training."""
@@ -12,7 +13,7 @@ import pytest
 
 from artifacts import open_store
 from flows.board import rows
-from flows.leaderboard import compare, nightly_leaderboard
+from flows.leaderboard import compare, nightly_leaderboard, nightly_runs
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,41 @@ def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     assert by_ref[str(tonight)]["run"] == "nightly" and by_ref[str(tonight)]["date"] == "2026-11-22"
 
 
+def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, shared_data, tmp_path, nanorun_home):
+    main_root = tmp_path / "main"
+    main = open_store(str(main_root))
+    night = "2026-11-21"
+    common = dict(preset="tiny", store=str(main_root), eval_bundle=str(shared_data / "eval_bundle"),
+                  chat_data=str(shared_data / "chat"), date=night, fail_on_regression=False)
+
+    def board():  # the leaderboard of this test's own run index (nanorun_home)
+        return rows(preset="tiny")
+
+    _seed(tiny_run, main_root, "tiny", night)
+    first = nightly_leaderboard(**common)
+    assert first["run"] == night and [r["ref"] for r in board()] == [first["report"]]
+
+    # the default (the schedule's): a night has one row; a second run says how to get another
+    state = nightly_leaderboard(return_state=True, **common)
+    with pytest.raises(ValueError, match=r"^nightly tiny 2026-11-21 already has a report \(2026-11-21\): "
+                                         r"set rerun='add' .* or rerun='replace' to rebuild it$"):
+        state.result()
+
+    _seed(tiny_run, main_root, "tiny", f"{night}-2")
+    added = nightly_leaderboard(rerun="add", **common)
+    assert added["run"] == f"{night}-2" and added["store"].endswith(f"@nightly/tiny/{night}-2")
+    assert added["nights_compared"] == 1 and added["report"] != first["report"]  # its own row, judged
+    assert sorted(r["ref"] for r in board()) == sorted([first["report"], added["report"]])
+    assert [(r["date"], r["run"]) for r in board()] == [(night, "nightly")] * 2
+
+    _seed(tiny_run, main_root, "tiny", f"{night}-3")
+    again = nightly_leaderboard(rerun="replace", **common)
+    assert again["run"] == f"{night}-3" and again["nights_compared"] == 0
+    assert [(r["ref"], r["date"]) for r in board()] == [(again["report"], night)]  # one row for the night
+    assert nightly_runs(main, "tiny") == [f"{night}-3"] and main._dirs("@nightly/tiny") == [f"{night}-3"]
+    assert main.list("report") == [main.require(main.resolve(again["report"]))]  # the old reports are gone
+
+
 def test_the_leaderboard_marks_nightly_rows_and_their_regressions():
     from flows.board import _mark_nights
 
@@ -61,12 +97,13 @@ def test_the_leaderboard_marks_nightly_rows_and_their_regressions():
         return {"tag": tag, "preset": preset, "core": core, "val_bpb": 1.0, "total_seconds": 100.0, "date": "x"}
 
     board = [night("20261121", 0.30), night("20261122", 0.10), night("20261122", 0.10, "d20"),
-             {**night("", 0.05), "date": "2026-11-23T10:00"}]
+             {**night("", 0.05), "date": "2026-11-23T10:00"}, night("20261121-2", 0.10)]
     _mark_nights(board)
-    assert [r["run"] for r in board] == ["nightly", "nightly", "nightly", "manual"]
-    assert [r["date"] for r in board] == ["2026-11-21", "2026-11-22", "2026-11-22", "2026-11-23T10:00"]
-    # CORE fell by far more than the fixed tolerance stands in for (one earlier night: no measured noise yet)
-    assert [r["regressed"] for r in board] == ["", "core", "", ""]
+    assert [r["run"] for r in board] == ["nightly", "nightly", "nightly", "manual", "nightly"]
+    assert [r["date"] for r in board] == ["2026-11-21", "2026-11-22", "2026-11-22", "2026-11-23T10:00", "2026-11-21"]
+    # CORE fell by far more than the fixed tolerance stands in for (one earlier run: no measured noise
+    # yet); the night's second row (20261121-2) comes after its first, before the next night
+    assert [r["regressed"] for r in board] == ["", "", "", "", "core"]
 
 
 def test_pinned_commit_is_enforced(tmp_path):

@@ -33,3 +33,12 @@ def test_prune_keeps_the_newest_nights_of_each_preset_and_the_main_store(store, 
     assert "nanorun gc: error: gc: keep must be >= 1 night, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_nights(store, 0)
+
+
+def test_prune_counts_nights_not_runs(store):  # noqa: F811
+    """A night's added rows (rerun="add": 2026-11-02-2, ...) are kept or removed with their night."""
+    runs = ["2026-11-01", "2026-11-01-2", "2026-11-02", "2026-11-02-2", "2026-11-02-10", "2026-11-03"]
+    for run in runs:
+        put(open_store(night_store_url(store.url, "tiny", run)), make_ref(run.replace("-", "")), {"w.bin": b"x"})
+    assert prune_nights(store, 2) == ["@nightly/tiny/2026-11-01", "@nightly/tiny/2026-11-01-2"]
+    assert sorted(store._dirs("@nightly/tiny")) == sorted(runs[2:])
