@@ -4,27 +4,27 @@ sets them for the trainers, the CLI for its own process and the in-process stage
 
     env.update(wait_env(env))   # before starting a CPU worker
 
-Measured on the 2-core box (the d4 cpu-demo trainer, bench/pretrain_path.py, 20 steps; tok/s):
+The default is OMP_WAIT_POLICY=PASSIVE: idle threads sleep at once. Measured on the 2-core box
+(tok/s; the real d4 trainer through bench/pretrain_path.py on a quiet machine, and the cpu-demo
+shape's training step while the test suite and a speedrun ran beside it, load 4-5):
 
-    policy                         fp32    bf16   with two busy processes beside it (step only)
-    libgomp default (300k spins)   -       -      2,622 bf16: idle threads burn the cores others need
-    OMP_WAIT_POLICY=PASSIVE        3,514   6,904  5,096 bf16: no spinning at all
-    GOMP_SPINCOUNT=20000           3,988   9,247  3,823 bf16
+    policy                          quiet fp32   quiet bf16   busy bf16 (cpu-demo shape)
+    OMP_WAIT_POLICY=PASSIVE         3,514        6,904        4,962 / 5,750
+    GOMP_SPINCOUNT=20000            3,988        9,247          819 / 1,338
+    libgomp default (300k spins)    -            -            the 63 s bf16 steps of issue 13
 
-With the default policy the issue-13 bf16 run took 63 s per step while anything else ran. PASSIVE
-removes that, but every parallel region then pays a futex wake-up: -13% fp32, -34% bf16 on a quiet
-machine. A short bounded spin (libgomp's GOMP_SPINCOUNT; about a millisecond) keeps the quiet-machine
-speed and degrades gracefully under contention. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+Spinning wins 13-34% on a machine the trainer has to itself and loses 4-6x as soon as anything
+else wants the cores (each small matmul's team waits for a thread whose core a spinner holds).
+The loss is far worse than the gain, so PASSIVE is the default; on a dedicated machine set
+GOMP_SPINCOUNT=20000 (or OMP_WAIT_POLICY) yourself: a wait policy in the environment always wins.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-SPIN_COUNT = "20000"
 
 
 def wait_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables to add to `environ` (empty when the user already chose a wait policy)."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    return {"GOMP_SPINCOUNT": SPIN_COUNT}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -16,6 +16,5 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 export WANDB_MODE=disabled
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# tests share a busy 2-core box with each other: no spinning at all (core/openmp.py)
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # for pytest's own torch too (core/openmp.py)
 exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

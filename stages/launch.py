@@ -156,7 +156,7 @@ def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str
     env["PYTHONUNBUFFERED"] = "1"
     # torchrun sets OMP_NUM_THREADS=1 for nproc > 1 unless told otherwise; on a CPU box that wastes
     # cores, on a GPU box one thread per process is right. Split the cores we are allowed to use.
-    # a bounded OpenMP spin: neither the default's long spinning nor PASSIVE's wake-ups (core/openmp.py)
+    # idle OpenMP threads sleep: spinning ones take the cores a neighbour needs (core/openmp.py)
     env.update(wait_env(env))
     if "OMP_NUM_THREADS" not in (extra or {}):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

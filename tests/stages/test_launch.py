@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from core.openmp import SPIN_COUNT
 from stages.launch import LaunchError, Rendezvous, failure_summary, launch, torchrun_cmd, worker_env
 from tests.conftest import REPO
 
@@ -125,15 +124,15 @@ def test_worker_env_splits_cores():
     assert worker_env(1, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"
 
 
-def test_worker_env_bounded_openmp_spin_unless_the_user_chose(monkeypatch):
-    """Workers get a bounded OpenMP spin (core/openmp.py); a wait policy in the user's environment wins."""
+def test_worker_env_passive_openmp_unless_the_user_chose(monkeypatch):
+    """Workers' OpenMP threads sleep when idle (core/openmp.py); a wait policy in the user's environment wins."""
     for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(var, raising=False)
     env = worker_env(1)
-    assert env["GOMP_SPINCOUNT"] == SPIN_COUNT and "OMP_WAIT_POLICY" not in env
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    env = worker_env(1)
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+    monkeypatch.setenv("GOMP_SPINCOUNT", "20000")  # a dedicated machine: the user opts into spinning
+    env = worker_env(1)
+    assert env["GOMP_SPINCOUNT"] == "20000" and "OMP_WAIT_POLICY" not in env
 
 
 def test_torchrun_two_gloo_workers_really_run(tmp_path):
