@@ -6,7 +6,8 @@ wandb, seeding and the resume checks. Used by core/train/pretrain.py, core/train
     model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
     optimizer = build...; loader_state = resume_state(run, optimizer)
     open_log(run, total_steps=..., rows=[...], ...)    # start-up table, metrics "start" row, wandb
-    while True: evals; save(run, step, ...); lrm = schedule; loss, dt = optimizer_step(run, ...);
+    while True: evals; stop = run.stop_requested(); save(run, step, ...) when due or stop;
+                if stop: stop_run(run, step); lrm = schedule; loss, dt = optimizer_step(run, ...);
                 step += 1; log_step(run, step, loss, lrm, dt, ...)
     return finish_run(run, summary, message)           # the "done" row, wandb, process group
 
@@ -24,7 +25,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -375,6 +378,16 @@ class Run:
         if self.info.ddp:
             dist.barrier()
 
+    def stop_requested(self) -> bool:
+        """Whether a SIGTERM reached any rank (see run_entry_point). Collective under torchrun: every
+        rank calls it once per step, at the same point of the loop."""
+        stop = _TERM.is_set()
+        if self.info.ddp:
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
     def resumed_at(self, step: int) -> bool:
         """The step this process resumed at: its evals and its save happened before that save."""
         return self.ck is not None and step == self.start_step
@@ -408,8 +421,8 @@ def start_run(cfg, **loop_fields) -> Run:
     if info.device.type == "cpu":
         set_num_threads()  # OMP_NUM_THREADS, else the cores we may use (torchrun would default to 1)
         if wait_env(os.environ):
-            print0("note: neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set (the stages set a bounded spin, "
-                   "core/openmp.py): on a busy CPU OpenMP's default spin-waiting made steps many times slower here")
+            print0("note: neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set (the stages set PASSIVE, core/openmp.py): "
+                   "on a busy CPU OpenMP's default spin-waiting made steps many times slower here")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loop = {"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "wandb_id": None,
@@ -561,6 +574,35 @@ def finish_run(run: Run, summary: dict, message: str) -> dict:
     return summary
 
 
+class Terminated(Exception):
+    """Raised by stop_run once the checkpoint a SIGTERM asked for is saved."""
+
+
+def stop_run(run: Run, step: int) -> None:
+    """After the loop saved step `step` because stop_requested(): close wandb and leave (run_entry_point
+    exits with 128 + SIGTERM, as a process killed by the signal would)."""
+    where = f"rerun to resume from the checkpoint of step {step}" if step else "nothing trained yet"
+    print0(f"step {step:05d}/{run.total_steps:05d} | stopped by SIGTERM: {where}")
+    run.wandb.finish()
+    raise Terminated(step)
+
+
+# SIGTERM -> a checkpoint at the next step boundary, then exit. Preemption (spot nodes), a cancelled
+# Prefect run, a timeout and the CLI's Ctrl-C all reach the trainer as SIGTERM to its process group,
+# with SIGKILL after a grace period (stages/launch.py: 10 s when interrupted, 30 s on a timeout);
+# torchrun forwards one more TERM to its workers. Dying mid-step loses every step since the last
+# save_every checkpoint; finishing the step and saving loses none. Further TERMs are ignored (the
+# launcher's KILL is the backstop for a trainer stuck in a collective or a long evaluation).
+_TERM = threading.Event()
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum, frame) -> None:
+    if not _TERM.is_set():
+        _TERM.set()
+        os.write(2, b"SIGTERM: finishing this step, saving a checkpoint, then exiting\n")  # no print(): reentrancy
+
+
 _loop_started = False  # set by the trainer once its loop starts: errors before it are configuration problems
 
 
@@ -575,11 +617,20 @@ def run_entry_point(train: Callable, cfg) -> None:
     FP8 on CPU, missing inputs): one clear line and exit 2 instead of a traceback."""
     global _loop_started
     _loop_started = False  # a process may run several trainers (tests): each starts before its loop
+    _TERM.clear()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         train(cfg)
+    except Terminated:
+        cleanup_distributed()
+        sys.exit(EXIT_TERMINATED)
     except (ValueError, FileNotFoundError) as e:
         if _loop_started:
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

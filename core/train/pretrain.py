@@ -46,7 +46,7 @@ from core.scaling import derive
 from core.tokenizer import Tokenizer
 from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, peak_flops,
                                resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
-                               tokenizer_record)
+                               stop_run, tokenizer_record)
 from core.train.config import PretrainConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 
@@ -209,11 +209,15 @@ def train(cfg: PretrainConfig) -> dict:
             for s in samples:
                 print0(f"sample | {s!r}")
             run.metrics.append("sample", step=step, samples=samples)
-        if fresh and (last or due(cfg.save_every)):
+        stop = run.stop_requested()  # a SIGTERM: save this step, then leave
+        if fresh and (last or due(cfg.save_every) or (stop and step > run.start_step)):
             save(run, step, model=orig_model, optimizer=optimizer, loader_state=train_loader.state_dict(),
                  meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:
             break
+        if stop:
+            train_loader.close()
+            stop_run(run, step)
         lrm = apply_schedule(optimizer, plan, step)  # Muon + AdamW with the reference's schedules
         train_loss, dt = optimizer_step(run, model, optimizer, train_loader, grad_accum)
         step += 1

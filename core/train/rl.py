@@ -40,7 +40,8 @@ from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
 from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, peak_flops,
-                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run)
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
+                               stop_run)
 from core.train.config import RLConfig
 from core.train.config import parse_config as _parse_config
 
@@ -219,11 +220,15 @@ def train(cfg: RLConfig) -> dict:
             row = {f"pass@{k}": v for k, v in enumerate(passk, 1)}
             print0(f"step {step:05d}/{total_steps:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             log_eval(run, step, row, kind="passk", **row)
-        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
+        stop = run.stop_requested()  # a SIGTERM: save this step, then leave
+        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)
+                      or (stop and step > run.start_step)):
             save(run, step, model=model, optimizer=optimizer, loader_state=dict(loader_state), meta=meta_record(),
                  keep=cfg.keep_checkpoints)
         if last:
             break
+        if stop:
+            stop_run(run, step)
         lrm = lr_multiplier(step, total_steps)
         optimizer.set_schedule(lrm)
         stats.update(rewards=[], lengths=[], tokens=0)

@@ -58,7 +58,7 @@ from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
 from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
                                peak_flops, resume_model, resume_state, run_entry_point, save, seed_everything,
-                               start_run)
+                               start_run, stop_run)
 from core.train.config import SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 
@@ -347,11 +347,15 @@ def train(cfg: SFTConfig) -> dict:
             log_eval(run, step, {"val/loss": val_loss, "val/bpb": val_bpb,
                                  "total_training_flops": flops_per_token * total_batch * step},
                      kind="val", val_loss=val_loss, val_bpb=val_bpb)
-        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)):
+        stop = run.stop_requested()  # a SIGTERM: save this step, then leave
+        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)
+                      or (stop and step > run.start_step)):
             save(run, step, model=orig_model, optimizer=optimizer, loader_state=packer.state_dict(),
                  meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:
             break
+        if stop:
+            stop_run(run, step)
         lrm = lr_multiplier(cfg, step, total_steps)
         optimizer.set_schedule(lrm, muon_momentum(step))
         # each micro-batch's loss is the mean over its trained targets (every row has some)

@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import time
@@ -83,6 +84,60 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(
     assert meta["kind"] == "base" and meta["model_config"]["n_layer"] == 2 and meta["world_size"] == 1
     assert meta["tokenizer"]["vocab_size"] == 1024 and meta["tokenizer"]["fingerprint"].startswith("sha256:")
     assert meta["loop_state"]["min_val_bpb"] <= meta["val_bpb"]
+
+
+def _term_after_step(cmd: list[str], log_path, step: int, timeout: float = 240) -> int:
+    """Start a trainer in its own process group, SIGTERM the group (as stages/launch.py does) once it
+    has logged optimizer step `step`; its exit status."""
+    marker = f"step {step:05d}/{STEPS:05d} ("
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + timeout
+        while marker not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, f"no step {step} after {timeout} s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_reached_and_the_rerun_resumes_bitwise(inputs, uninterrupted, tmp_path):
+    """Preemption / a cancelled run: SIGTERM mid-run checkpoints at the next step boundary (not only at
+    the save_every cadence, 8 here), exits 128+15, and the rerun ends bit-identical to an uninterrupted run."""
+    out = tmp_path / "termed"
+    cmd = trainer_cmd(*inputs, out)
+    rc = _term_after_step(cmd, tmp_path / "termed.log", 2)
+    log = (tmp_path / "termed.log").read_text()
+    assert rc == 128 + signal.SIGTERM, log[-3000:]
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 8, (saved, log[-2000:])
+    assert f"stopped by SIGTERM: rerun to resume from the checkpoint of step {int(saved[0][5:])}" in log
+
+    r = run_trainer(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+    model_a, optim_a = final_state(uninterrupted, STEPS)
+    model_b, optim_b = final_state(out, STEPS)
+    assert_states_equal(model_a, model_b, "model")
+    assert_states_equal(optim_a, optim_b, "optimizer")
+    for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
+        a, b = _rows(uninterrupted, kind), _rows(out, kind)
+        assert [(r["step"], r[key]) for r in b] == [(r["step"], r[key]) for r in a]
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_both_ranks_save_the_same_step(inputs, tmp_path):
+    """Two gloo ranks agree on the step to stop at (an all-reduce of the flag), so the collective save
+    completes with both ranks' shards and both exit."""
+    out = tmp_path / "termed2"
+    rc = _term_after_step(trainer_cmd(*inputs, out, nproc=2), tmp_path / "termed2.log", 2)
+    log = (tmp_path / "termed2.log").read_text()
+    assert rc != 0 and "stopped by SIGTERM" in log, log[-3000:]
+    (ckpt,) = (out / "checkpoints").iterdir()
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"meta.json", "rank0.pt", "rank1.pt", "optim_rank0.pt", "optim_rank1.pt"} <= names, names
 
 
 @pytest.mark.slow
