@@ -62,6 +62,8 @@ def signal_name(returncode: int | None, tail: list[str]) -> str | None:
     num = -returncode if returncode is not None and returncode < 0 else None
     if num is None:
         num = next((int(m.group(1)) for line in reversed(tail) if (m := _WORKER_SIGNAL.search(line))), None)
+    if num is None and any("stopped by SIGTERM" in line for line in tail):
+        return "SIGTERM"  # the trainer saved a checkpoint and left with 128+15 (core.train.common.stop_run)
     if num is None:
         return None
     try:

@@ -284,6 +284,9 @@ def test_a_signal_is_reported_as_such():
     from stages.launch import signal_name
 
     assert signal_name(1, ["  exitcode  : -9 (pid: 123)"]) == "SIGKILL" and signal_name(1, ["error: x"]) is None
+    # a trainer that saved on SIGTERM and left with 128+15 (core.train.common.stop_run)
+    assert signal_name(143, ["step 00005/00024 | stopped by SIGTERM: rerun to resume from the checkpoint of step 5"]) \
+        == "SIGTERM"
 
 
 def test_a_process_exiting_while_a_thread_supervises_a_child_stops_it(tmp_path):
