@@ -405,8 +405,8 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The compute dtype for `name` on `device`. auto = bf16 on SM80+ GPUs and on CPUs with native bf16,
     fp32 elsewhere (NANORUN_DTYPE overrides). Why bf16 on such CPUs: the pretrain stage's cpu-demo
-    setup ran 2.9x faster than fp32 at the same val bpb (3,261 vs 1,130 tok/s, bpb 2.4389 vs 2.4390
-    after 20 steps; bench/pretrain_path.py), the step-0 evaluation included."""
+    setup ran 2.0x faster than fp32 at the same val bpb on a quiet machine (6,650 vs 3,382 tok/s, bpb
+    2.2048 vs 2.2030 after 40 steps; bench/pretrain_path.py), and reached its step-0 evaluation sooner."""
     if name != "auto":
         return parse_dtype(name)
     if device.type == "cpu" and not os.environ.get("NANORUN_DTYPE", "").strip() and cpu_has_native_bf16():

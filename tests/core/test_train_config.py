@@ -78,7 +78,7 @@ def test_stage_config_and_trainer_config_cannot_disagree(stage, trainer, shared_
 
 def test_auto_dtype_is_bf16_on_cpus_that_multiply_bf16_natively(monkeypatch):
     """bf16 is not refused on CPU: where the CPU has AVX512-BF16/AMX the pretrain stage's setup ran
-    2.9x faster than fp32 at the same val bpb (bench/pretrain_path.py), so auto picks it there."""
+    2.0x faster than fp32 at the same val bpb (bench/pretrain_path.py), so auto picks it there."""
     import torch
 
     from core.train import common
