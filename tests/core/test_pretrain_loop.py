@@ -44,6 +44,21 @@ def _rows(out, kind):
     return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == kind]
 
 
+def _resume_matches(cmd: list[str], out, uninterrupted) -> None:
+    """Rerun the interrupted command: it resumes and ends bit-identical to the uninterrupted run, and
+    the metrics read as one run (every step once, the same losses and val bpb)."""
+    r = run_trainer(cmd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from" in r.stdout
+    model_a, optim_a = final_state(uninterrupted, STEPS)
+    model_b, optim_b = final_state(out, STEPS)
+    assert_states_equal(model_a, model_b, "model")
+    assert_states_equal(optim_a, optim_b, "optimizer")
+    for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
+        a, b = _rows(uninterrupted, kind), _rows(out, kind)
+        assert [(r["step"], r[key]) for r in b] == [(r["step"], r[key]) for r in a]
+
+
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(inputs, uninterrupted, tmp_path):
     out = tmp_path / "killed"
@@ -64,19 +79,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(
     # killed mid-run: the end was not reached (else this test would not test a resume)
     assert not (out / "checkpoints" / f"step_{STEPS:06d}").exists()
 
-    r = run_trainer(cmd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resuming from" in r.stdout
-
-    model_a, optim_a = final_state(uninterrupted, STEPS)
-    model_b, optim_b = final_state(out, STEPS)
-    assert_states_equal(model_a, model_b, "model")
-    assert_states_equal(optim_a, optim_b, "optimizer")
-    # the metrics read as one run: every step once, the same losses and val bpb as the uninterrupted run
-    for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
-        a, b = _rows(uninterrupted, kind), _rows(out, kind)
-        assert [r["step"] for r in b] == [r["step"] for r in a]
-        assert [r[key] for r in b] == [r[key] for r in a]
+    _resume_matches(cmd, out, uninterrupted)
     assert [r["step"] for r in _rows(out, "val")] == [0, 8, 16, 24]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_000020", "step_000024"]  # keep-checkpoints 2
@@ -115,16 +118,7 @@ def test_sigterm_saves_the_step_it_reached_and_the_rerun_resumes_bitwise(inputs,
     assert len(saved) == 1 and 2 <= int(saved[0][5:]) < 8, (saved, log[-2000:])
     assert f"stopped by SIGTERM: rerun to resume from the checkpoint of step {int(saved[0][5:])}" in log
 
-    r = run_trainer(cmd)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resuming from" in r.stdout
-    model_a, optim_a = final_state(uninterrupted, STEPS)
-    model_b, optim_b = final_state(out, STEPS)
-    assert_states_equal(model_a, model_b, "model")
-    assert_states_equal(optim_a, optim_b, "optimizer")
-    for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
-        a, b = _rows(uninterrupted, kind), _rows(out, kind)
-        assert [(r["step"], r[key]) for r in b] == [(r["step"], r[key]) for r in a]
+    _resume_matches(cmd, out, uninterrupted)
 
 
 @pytest.mark.slow
