@@ -11,7 +11,8 @@ a user, unlike mtime), so its digest is reused. Two cautions:
   clean" rule); the next check hashes it again.
 - bit rot does not change the stat: `nanorun verify` rehashes everything (recheck=True).
 The table is a cache: losing it costs a rehash, never a wrong answer. Failing to read or write it
-(read-only home, a locked database) only logs at debug level.
+(read-only home, a locked database) only logs at debug level. `nanorun gc` drops the rows of files
+that no longer exist (forget_missing), so the table does not grow with every artifact ever read.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER
           "ctime_ns INTEGER, inode INTEGER, dev INTEGER, sha256 TEXT)")
 
 
-def _db_path() -> Path:
+def db_path() -> Path:
     from artifacts.store import nanorun_home  # store.py imports this module
 
     return nanorun_home() / "verified.sqlite"
@@ -43,7 +44,7 @@ def _stamp(st: os.stat_result) -> tuple:
 
 
 def _connect() -> sqlite3.Connection:
-    path = _db_path()
+    path = db_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=5.0)
     con.execute(SCHEMA)
@@ -78,6 +79,23 @@ def _remember(rows: list[tuple]) -> None:
             con.close()
     except (sqlite3.Error, OSError) as e:
         log.debug("verified-file cache not updated (%s)", e)
+
+
+def forget_missing(dry_run: bool = False) -> int:
+    """Drop the rows of files that are gone (deleted artifacts, removed temp stores); how many."""
+    try:
+        con = _connect()
+        try:
+            gone = [(path,) for (path,) in con.execute("SELECT path FROM files") if not os.path.exists(path)]
+            if not dry_run:
+                with con:
+                    con.executemany("DELETE FROM files WHERE path = ?", gone)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as e:
+        log.debug("verified-file cache not pruned (%s)", e)
+        return 0
+    return len(gone)
 
 
 def digests(paths: list[Path], recheck: bool = False) -> tuple[dict[Path, str], int]:

@@ -271,6 +271,7 @@ class Gc:
 
     @staticmethod
     def run(args) -> int:
+        from artifacts import verified
         from artifacts.errors import StoreError
         from flows.retention import keep_nights_default, prune_nights
 
@@ -283,6 +284,10 @@ class Gc:
         print(store.gc(dry_run=args.dry_run, grace_s=args.grace).format())
         for key in nights:
             print(f"{'would remove' if args.dry_run else 'removed'} nightly root {key} (older than the newest {keep} nights)")
+        forgotten = verified.forget_missing(dry_run=args.dry_run)
+        if forgotten:
+            print(f"{'would forget' if args.dry_run else 'forgot'} {forgotten} checked digest(s) of files that no "
+                  f"longer exist ({verified.db_path()})")
         return 0
 
 

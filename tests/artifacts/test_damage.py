@@ -141,3 +141,20 @@ def test_cli_verify_says_which_check_ran(store, capsys):
     assert "(1 files, 5 bytes, size checked)" in capsys.readouterr().out
     assert main(["--store", store.url, "verify", str(ref), "--deep"]) == 0  # old spelling still accepted
     assert "size and sha256 checked" in capsys.readouterr().out
+
+
+def test_gc_forgets_the_digests_of_files_that_are_gone(tmp_path):
+    """verified.sqlite keeps one row per file ever checked; files deleted since are dropped (nanorun gc)."""
+    kept, gone = tmp_path / "kept.bin", tmp_path / "gone.bin"
+    for f in (kept, gone):
+        f.write_bytes(WEIGHTS)
+        old = f.stat().st_mtime - 10
+        os.utime(f, (old, old))
+        verified.digests([f])
+    gone.unlink()
+    rows = lambda: {p for p in (str(kept), str(gone)) if verified._remembered([p])}  # noqa: E731
+    assert rows() == {str(kept), str(gone)}
+    assert verified.forget_missing(dry_run=True) >= 1 and rows() == {str(kept), str(gone)}
+    assert verified.forget_missing() >= 1
+    assert rows() == {str(kept)} and verified.forget_missing() == 0
+
