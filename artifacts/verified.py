@@ -20,8 +20,10 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from artifacts.files import HASH_THREADS, sha256_file
 
@@ -29,6 +31,7 @@ log = logging.getLogger("nanorun.store")
 
 RACY_NS = 2_000_000_000
 MISSING = "(missing)"
+T = TypeVar("T")
 SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
           "ctime_ns INTEGER, inode INTEGER, dev INTEGER, sha256 TEXT)")
 
@@ -43,59 +46,51 @@ def _stamp(st: os.stat_result) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def _connect() -> sqlite3.Connection:
-    path = db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=5.0)
-    con.execute(SCHEMA)
-    return con
+def _use_table(what: str, work: Callable[[sqlite3.Connection], T], default: T) -> T:
+    """work(the open table), closing it afterwards; `default` when the table cannot be opened, read
+    or written, which only logs that `what` was skipped: the table is a cache."""
+    try:
+        path = db_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=5.0)
+        try:
+            con.execute(SCHEMA)
+            return work(con)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError) as e:
+        log.debug("verified-file cache %s (%s)", what, e)
+        return default
 
 
 def _remembered(keys: list[str]) -> dict[str, tuple]:
-    out: dict[str, tuple] = {}
-    try:
-        con = _connect()
-        try:
-            for i in range(0, len(keys), 500):
-                batch = keys[i:i + 500]
-                rows = con.execute(f"SELECT * FROM files WHERE path IN ({','.join('?' * len(batch))})", batch)
-                out.update((r[0], tuple(r[1:])) for r in rows)
-        finally:
-            con.close()
-    except (sqlite3.Error, OSError) as e:
-        log.debug("verified-file cache unreadable (%s); hashing everything", e)
-    return out
+    def read(con) -> dict[str, tuple]:
+        out = {}
+        for i in range(0, len(keys), 500):
+            batch = keys[i:i + 500]
+            rows = con.execute(f"SELECT * FROM files WHERE path IN ({','.join('?' * len(batch))})", batch)
+            out.update((r[0], tuple(r[1:])) for r in rows)
+        return out
+    return _use_table("unreadable; hashing everything", read, {})
 
 
 def _remember(rows: list[tuple]) -> None:
-    if not rows:
-        return
-    try:
-        con = _connect()
-        try:
-            with con:
-                con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        finally:
-            con.close()
-    except (sqlite3.Error, OSError) as e:
-        log.debug("verified-file cache not updated (%s)", e)
+    def write(con) -> None:
+        with con:  # one transaction
+            con.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    if rows:
+        _use_table("not updated", write, None)
 
 
 def forget_missing(dry_run: bool = False) -> int:
     """Drop the rows of files that are gone (deleted artifacts, removed temp stores); how many."""
-    try:
-        con = _connect()
-        try:
-            gone = [(path,) for (path,) in con.execute("SELECT path FROM files") if not os.path.exists(path)]
-            if not dry_run:
-                with con:
-                    con.executemany("DELETE FROM files WHERE path = ?", gone)
-        finally:
-            con.close()
-    except (sqlite3.Error, OSError) as e:
-        log.debug("verified-file cache not pruned (%s)", e)
-        return 0
-    return len(gone)
+    def prune(con) -> int:
+        gone = [(path,) for (path,) in con.execute("SELECT path FROM files") if not os.path.exists(path)]
+        if not dry_run:
+            with con:
+                con.executemany("DELETE FROM files WHERE path = ?", gone)
+        return len(gone)
+    return _use_table("not pruned", prune, 0)
 
 
 def digests(paths: list[Path], recheck: bool = False) -> tuple[dict[Path, str], int]:

@@ -158,3 +158,14 @@ def test_gc_forgets_the_digests_of_files_that_are_gone(tmp_path):
     assert verified.forget_missing() >= 1
     assert rows() == {str(kept)} and verified.forget_missing() == 0
 
+
+
+def test_an_unusable_verified_table_costs_a_rehash_never_an_error(tmp_path, monkeypatch):
+    (tmp_path / "not-a-dir").write_text("a file where the table's folder should be")
+    monkeypatch.setattr(verified, "db_path", lambda: tmp_path / "not-a-dir" / "verified.sqlite")
+    f = tmp_path / "w.bin"
+    f.write_bytes(WEIGHTS)
+    old = f.stat().st_mtime - 10
+    os.utime(f, (old, old))
+    assert verified.digests([f])[1] == 1 and verified.digests([f])[1] == 1  # nothing remembered: hashed again
+    assert verified.forget_missing() == 0
