@@ -190,7 +190,7 @@ def run_flow(a, data: Path, tok: Path) -> dict:
     env.update(NANORUN_HOME=str(home), NANORUN_PROGRESS_BAR="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONPATH=str(REPO), WANDB_MODE="disabled")
 
-    def cli(*args, check=True) -> subprocess.Popen:
+    def cli(*args) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--store", str(store), "-q", *args], cwd=a.work,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return proc

@@ -6,7 +6,7 @@ wandb, seeding and the resume checks. Used by core/train/pretrain.py, core/train
     model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
     optimizer = build...; loader_state = resume_state(run, optimizer)
     open_log(run, total_steps=..., rows=[...], ...)    # start-up table, metrics "start" row, wandb
-    while True: evals; stop = run.stop_requested(); save(run, step, ...) when due or stop;
+    while True: evals; stop = run.stop_requested(); if run.save_due(step, every, last=last, stop=stop): save(...);
                 if stop: stop_run(run, step); lrm = schedule; loss, dt = optimizer_step(run, ...);
                 step += 1; log_step(run, step, loss, lrm, dt, ...)
     return finish_run(run, summary, message)           # the "done" row, wandb, process group
@@ -387,6 +387,12 @@ class Run:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
+
+    def save_due(self, step: int, every: int, *, last: bool, stop: bool) -> bool:
+        """Whether the loop saves a checkpoint at `step`: not the step it resumed at (saved already),
+        and the end, the `every` cadence, or a SIGTERM (stop_requested) after at least one new step."""
+        return not self.resumed_at(step) and (last or (step > 0 and every > 0 and step % every == 0)
+                                              or (stop and step > self.start_step))
 
     def resumed_at(self, step: int) -> bool:
         """The step this process resumed at: its evals and its save happened before that save."""

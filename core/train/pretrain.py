@@ -210,7 +210,7 @@ def train(cfg: PretrainConfig) -> dict:
                 print0(f"sample | {s!r}")
             run.metrics.append("sample", step=step, samples=samples)
         stop = run.stop_requested()  # a SIGTERM: save this step, then leave
-        if fresh and (last or due(cfg.save_every) or (stop and step > run.start_step)):
+        if run.save_due(step, cfg.save_every, last=last, stop=stop):
             save(run, step, model=orig_model, optimizer=optimizer, loader_state=train_loader.state_dict(),
                  meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:

@@ -221,8 +221,7 @@ def train(cfg: RLConfig) -> dict:
             print0(f"step {step:05d}/{total_steps:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             log_eval(run, step, row, kind="passk", **row)
         stop = run.stop_requested()  # a SIGTERM: save this step, then leave
-        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)
-                      or (stop and step > run.start_step)):
+        if run.save_due(step, cfg.save_every, last=last, stop=stop):
             save(run, step, model=model, optimizer=optimizer, loader_state=dict(loader_state), meta=meta_record(),
                  keep=cfg.keep_checkpoints)
         if last:

@@ -348,8 +348,7 @@ def train(cfg: SFTConfig) -> dict:
                                  "total_training_flops": flops_per_token * total_batch * step},
                      kind="val", val_loss=val_loss, val_bpb=val_bpb)
         stop = run.stop_requested()  # a SIGTERM: save this step, then leave
-        if fresh and (last or (step > 0 and cfg.save_every > 0 and step % cfg.save_every == 0)
-                      or (stop and step > run.start_step)):
+        if run.save_due(step, cfg.save_every, last=last, stop=stop):
             save(run, step, model=orig_model, optimizer=optimizer, loader_state=packer.state_dict(),
                  meta=meta_record(), keep=cfg.keep_checkpoints)
         if last:
