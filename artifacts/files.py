@@ -90,6 +90,17 @@ def open_part(path: Path, resume: bool = False) -> int:
     return os.open(path, flags, 0o644)
 
 
+def dest_path(root: Path, rel: str) -> Path:
+    """root/rel for a file a transfer writes, refused (ChecksumError) where a directory on the way
+    is a link leading out of root: a pull must not write through a link planted in its destination."""
+    path = root / rel
+    if not path.parent.resolve().is_relative_to(root.resolve()):  # checked before any mkdir through it
+        raise ChecksumError(f"{path}: a directory on its way is a link leading out of {root}; remove it (nothing "
+                            "is written through links)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def regular_size(path: Path) -> int | None:
     """The size of path if it is a regular file itself (not a link to one), else None."""
     try:

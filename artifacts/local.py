@@ -22,8 +22,8 @@ from pathlib import Path
 
 from artifacts import verified
 from artifacts.errors import ChecksumError, StoreError
-from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
-                             regular_size, sha256_file, write_atomic)
+from artifacts.files import (HASH_THREADS, copy_verified, dest_path, dir_size, flocked, fsync_dir, hash_tree,
+                             newest_mtime, regular_size, sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
 from artifacts.store import ALIASES, LEASES, GcItem, Store, VerifyResult, compare_files
 
@@ -306,7 +306,7 @@ class LocalStore(Store):
         dest.mkdir(parents=True, exist_ok=True)
 
         def copy(f):
-            d = dest / f.path
+            d = dest_path(dest, f.path)
             if regular_size(d) == f.size and sha256_file(d)[1] == f.sha256:  # a link there is replaced
                 return
             if not (src / f.path).is_file():

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from artifacts import verified
 from artifacts.errors import ChecksumError, StoreCredentialsError, StoreError, StoreUnreachableError
-from artifacts.files import (CHUNK, HASH_THREADS, PART_SUFFIX, dir_size, flocked, list_tree, newest_mtime, open_part,
-                             regular_size, sha256_file, write_atomic)
+from artifacts.files import (CHUNK, HASH_THREADS, PART_SUFFIX, dest_path, dir_size, flocked, list_tree, newest_mtime,
+                             open_part, regular_size, sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, FileEntry, Manifest
 from artifacts.store import LEASES, GcItem, Store, nanorun_home
 
@@ -341,7 +341,7 @@ class S3Store(Store):
             marker.unlink()  # the directory is not a complete copy again until we say so
 
         def fetch(f: FileEntry):
-            d = dest / f.path
+            d = dest_path(dest, f.path)
             if regular_size(d) == f.size and (  # a link there is replaced, never trusted
                     (f.path, f.size, f.sha256) in old or sha256_file(d)[1] == f.sha256):
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_a_damaged_pulled_folder_is_refused_and_checks_are_remembered(store, tmp
 
 def test_pull_never_writes_through_a_planted_link(store, tmp_path):
     ref = make_ref("planted")
-    put(store, ref, {"a.txt": b"hello\n", "sub/w.bin": WEIGHTS})
+    put(store, ref, {"a.txt": b"hello\n", "sub/w.bin": WEIGHTS, "sub/deeper/c": b"c"})
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     twin = tmp_path / "twin"
@@ -123,6 +124,12 @@ def test_pull_never_writes_through_a_planted_link(store, tmp_path):
     assert victim.read_bytes() == b"precious" and twin.read_bytes() == b"hello\n"
     assert not (dest / "a.txt").is_symlink() and (dest / "sub" / "w.bin").read_bytes() == WEIGHTS
     assert verify_folder(dest).ok
+    shutil.rmtree(dest / "sub")
+    (dest / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a directory link on the way
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ChecksumError, match="leading out of"):
+        store.pull(ref, dest)
+    assert not any((tmp_path / "elsewhere").iterdir())
 
 
 def test_push_with_inputs_survives_a_manifest_naming_itself(store, tmp_path):
