@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import shutil
+import stat
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +74,42 @@ def list_tree(root: Path) -> list[str]:
     return sorted(out)
 
 
+def open_part(path: Path, resume: bool = False) -> int:
+    """A writable fd on the partial-transfer file `path`, never through a link: whatever a directory
+    we write into may hold at that name (a symlink or hard link to a file elsewhere, a fifo) is
+    unlinked, not written through. resume=True reopens a previous attempt's own regular file;
+    otherwise the file is created afresh and exclusively."""
+    try:
+        st = os.lstat(path)
+        if not resume or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.unlink(path)  # removes the link itself, never its target
+    except FileNotFoundError:
+        pass
+    # O_NOFOLLOW|O_EXCL: a link planted between the unlink and here fails the open instead
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if resume else os.O_EXCL)
+    return os.open(path, flags, 0o644)
+
+
+def dest_path(root: Path, rel: str) -> Path:
+    """root/rel for a file a transfer writes, refused (ChecksumError) where a directory on the way
+    is a link leading out of root: a pull must not write through a link planted in its destination."""
+    path = root / rel
+    if not path.parent.resolve().is_relative_to(root.resolve()):  # checked before any mkdir through it
+        raise ChecksumError(f"{path}: a directory on its way is a link leading out of {root}; remove it (nothing "
+                            "is written through links)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def regular_size(path: Path) -> int | None:
+    """The size of path if it is a regular file itself (not a link to one), else None."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -133,9 +169,10 @@ def write_atomic(path: Path, data: bytes | str, durable: bool = True) -> None:
 def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
     """Copy src to dst and prove the bytes match `entry` (size + sha256), durably.
 
-    The copy goes through the kernel (sendfile/copy_file_range in shutil) and is fsynced in one
-    thread while this one hashes the source from the page cache, so the cost is max(copy, hash)
-    rather than their sum. The copy lands in a temp name, renamed only once size and hash match.
+    The copy goes through the kernel (sendfile) and is fsynced in one thread while this one hashes
+    the source from the page cache, so the cost is max(copy, hash) rather than their sum. The copy
+    lands in a part file created afresh (open_part: never through a link planted at that name),
+    renamed only once size and hash match.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + PART_SUFFIX)
@@ -143,8 +180,14 @@ def copy_verified(src: Path, dst: Path, entry: FileEntry) -> None:
 
     def copy():
         try:
-            shutil.copyfile(src, tmp)
-            fsync_file(tmp)
+            fd = open_part(tmp)
+            try:
+                with open(src, "rb") as f:
+                    while os.sendfile(fd, f.fileno(), None, CHUNK):  # in the kernel, as shutil.copyfile
+                        pass
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except BaseException as e:
             failed.append(e)
 

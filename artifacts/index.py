@@ -26,7 +26,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from artifacts.errors import StoreError
 from artifacts.files import write_atomic
@@ -34,6 +34,7 @@ from artifacts.manifest import ArtifactRef, Manifest
 from artifacts.store import nanorun_home
 
 log = logging.getLogger("nanorun.index")
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -47,6 +48,13 @@ CREATE TABLE IF NOT EXISTS lineage (
 CREATE TABLE IF NOT EXISTS stores (store VARCHAR PRIMARY KEY, rebuilt_at TIMESTAMP);
 """
 JSON_COLUMNS = ("identity", "runtime", "metrics", "provenance")
+
+
+# What DuckDB says of a file it cannot use as a database (garbage, truncated, a failed block
+# checksum, another storage version), as opposed to one another process holds locked.
+_CORRUPT_SIGNS = ("not a valid duckdb database", "corrupt database", "could not read enough bytes",
+                  "does not match stored checksum", "version number", "serializ")
+_BUSY_SIGNS = ("could not set lock", "conflicting lock")
 
 
 class IndexBusyError(StoreError):
@@ -100,12 +108,48 @@ class RunIndex:
                 if write:
                     con.execute(SCHEMA)
                 return con
-            except (duckdb.IOException, duckdb.ConnectionException) as e:
+            except duckdb.Error as e:
+                if self._corrupt(e):
+                    raise
                 if time.monotonic() >= deadline:
                     raise IndexBusyError(f"run index {self.path} is locked by another process ({e}); "
                                          "try again in a moment") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
+
+    def _use(self, write: bool, wait: float, work: Callable[[Any], T]) -> T:
+        """work(an open connection), closed afterwards. A database file that turns out corrupt (a
+        crash mid-write, a full disk, a newer DuckDB's format) is moved aside and replaced by an
+        empty one, once: the index is a cache of the stores' manifests, and the empty index has
+        seen no store, so ensure() rebuilds it from them. Retrying a corrupt file only ever fails."""
+        import duckdb
+
+        for attempt in (1, 2):
+            try:
+                con = self._connect(write=write or attempt == 2, wait=wait)
+                try:
+                    return work(con)
+                finally:
+                    con.close()
+            except duckdb.Error as e:
+                if attempt == 2 or not self._corrupt(e):
+                    raise
+                self._quarantine(e)
+        raise AssertionError("unreachable")
+
+    def _corrupt(self, e: BaseException) -> bool:
+        text = str(e).replace(str(self.path), "").lower()  # the path itself may hold any word
+        return not any(s in text for s in _BUSY_SIGNS) and any(s in text for s in _CORRUPT_SIGNS)
+
+    def _quarantine(self, e: BaseException) -> None:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        for src, dst in ((self.path, aside), (Path(f"{self.path}.wal"), Path(f"{aside}.wal"))):
+            try:
+                os.replace(src, dst)
+            except FileNotFoundError:  # another process moved it first
+                pass
+        log.warning("run index %s is unreadable (%s): moved it to %s; rebuilding it from the stores' manifests",
+                    self.path, " ".join(str(e).split())[:200], aside.name)
 
     # ---- writing ------------------------------------------------------------------------------
     def _enqueue(self, entry: dict) -> None:
@@ -162,20 +206,16 @@ class RunIndex:
     def flush(self, wait: float = 5.0) -> bool:
         """Apply pending journal entries; False if the database stayed busy for `wait` seconds."""
         try:
-            con = self._connect(write=True, wait=wait)
+            self._use(True, wait, self._apply_journal)
         except IndexBusyError:
             return False
-        try:
-            self._apply_journal(con)
-        finally:
-            con.close()
         return True
 
     def rebuild(self, store) -> int:
         """Replace this store's rows with what its manifests say. Returns the artifact count."""
         manifests = store.list()
-        con = self._connect(write=True, wait=30.0)
-        try:
+
+        def replace_rows(con) -> None:
             self._apply_journal(con)
             con.execute("BEGIN TRANSACTION")
             con.execute("DELETE FROM artifacts WHERE store = ?", [store.url])
@@ -185,8 +225,8 @@ class RunIndex:
             con.execute("INSERT OR REPLACE INTO stores VALUES (?, ?)",
                         [store.url, dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)])
             con.execute("COMMIT")
-        finally:
-            con.close()
+
+        self._use(True, 30.0, replace_rows)
         return len(manifests)
 
     def reconcile(self, store, stage: str | None = None) -> set[str]:
@@ -227,13 +267,12 @@ class RunIndex:
         JSON columns can be read with DuckDB's ->> operator, e.g. metrics->>'val_bpb')."""
         if not self.path.exists():
             return []
-        con = self._connect(write=False, wait=wait)
-        try:
+
+        def read(con) -> list[dict]:
             cur = con.execute(sql, params or [])
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
-        finally:
-            con.close()
+        return self._use(False, wait, read)
 
     def artifacts(self, store: str | None = None, stage: str | None = None) -> list[dict]:
         """Committed artifacts (newest first), JSON columns decoded to dicts."""

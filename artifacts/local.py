@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,15 +22,60 @@ from pathlib import Path
 
 from artifacts import verified
 from artifacts.errors import ChecksumError, StoreError
-from artifacts.files import (HASH_THREADS, copy_verified, dir_size, flocked, fsync_dir, hash_tree, newest_mtime,
-                             sha256_file, write_atomic)
+from artifacts.files import (HASH_THREADS, copy_verified, dest_path, dir_size, flocked, fsync_dir, hash_tree,
+                             newest_mtime, regular_size, sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, Manifest
-from artifacts.store import ALIASES, LEASES, GcItem, Store
+from artifacts.store import ALIASES, LEASES, GcItem, Store, VerifyResult, compare_files
 
 log = logging.getLogger("nanorun.store")
 
 STAGING = ".staging"
 TRASH = ".trash"
+
+
+def scan_dir(root: Path) -> tuple[dict[str, int], list[str]]:
+    """({relative path: size} of the regular files under root but MANIFEST.json, sorted relative
+    paths of the entries that are neither regular files nor directories). lstat and no followlinks:
+    a link planted in an artifact is reported, never followed (a linked directory would otherwise
+    bring in files from anywhere that no manifest describes)."""
+    sizes, odd = {}, []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode) or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                odd.append(rel)
+            elif stat.S_ISREG(st.st_mode) and rel != MANIFEST_NAME:
+                sizes[rel] = st.st_size
+    return sizes, sorted(odd)
+
+
+def verify_folder(path: Path | str) -> VerifyResult | None:
+    """A folder holding an artifact outside any store (`nanorun pull --to DIR` writes MANIFEST.json
+    beside the files) checked against its own manifest as the store checks its artifacts: sizes,
+    sha256 (remembered per unchanged file: artifacts/verified.py), unlisted files and links. None
+    when the folder has no MANIFEST.json (nothing to check against)."""
+    path = Path(path)
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    m = Manifest.from_json((path / MANIFEST_NAME).read_bytes(), where=str(path / MANIFEST_NAME))
+    sizes, odd = scan_dir(path)
+
+    def digests(paths: list[str]) -> dict[str, str]:
+        got, _ = verified.digests([path / p for p in paths])
+        return {p: got[path / p] for p in paths}
+
+    return VerifyResult(m.ref, compare_files(m, sizes, odd, digests), m, "size and sha256")
+
+
+def require_intact_folder(path: Path | str) -> Manifest | None:
+    """verify_folder, raising ChecksumError (one line) for a damaged folder; its manifest, if any."""
+    v = verify_folder(path)
+    if v is not None and not v.ok:
+        raise ChecksumError(f"{path}: {v.one_line()}; not using it: pull it again (`nanorun pull {v.ref} --to "
+                            f"{path}`)")
+    return v.manifest if v is not None else None
 
 
 class LocalStore(Store):
@@ -89,15 +135,10 @@ class LocalStore(Store):
         return False
 
     def _file_sizes(self, ref: ArtifactRef) -> dict[str, int]:
-        root = self._path(ref.key)
-        out = {}
-        for dirpath, _, filenames in os.walk(root):
-            for name in filenames:
-                p = Path(dirpath) / name
-                rel = p.relative_to(root).as_posix()
-                if rel != MANIFEST_NAME:
-                    out[rel] = p.stat().st_size
-        return out
+        return self._scan(ref)[0]
+
+    def _scan(self, ref: ArtifactRef) -> tuple[dict[str, int], list[str]]:
+        return scan_dir(self._path(ref.key))
 
     def _sha256(self, ref: ArtifactRef, path: str) -> str:
         return self._digests(ref, [path], recheck=True)[path]
@@ -265,8 +306,8 @@ class LocalStore(Store):
         dest.mkdir(parents=True, exist_ok=True)
 
         def copy(f):
-            d = dest / f.path
-            if d.is_file() and d.stat().st_size == f.size and sha256_file(d)[1] == f.sha256:
+            d = dest_path(dest, f.path)
+            if regular_size(d) == f.size and sha256_file(d)[1] == f.sha256:  # a link there is replaced
                 return
             if not (src / f.path).is_file():
                 raise ChecksumError(f"{ref} in {self.url} is damaged: missing file {f.path}")

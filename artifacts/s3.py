@@ -31,8 +31,8 @@ from pathlib import Path
 
 from artifacts import verified
 from artifacts.errors import ChecksumError, StoreCredentialsError, StoreError, StoreUnreachableError
-from artifacts.files import (CHUNK, HASH_THREADS, PART_SUFFIX, dir_size, flocked, list_tree, newest_mtime,
-                             sha256_file, write_atomic)
+from artifacts.files import (CHUNK, HASH_THREADS, PART_SUFFIX, dest_path, dir_size, flocked, list_tree, newest_mtime,
+                             open_part, regular_size, sha256_file, write_atomic)
 from artifacts.manifest import MANIFEST_NAME, ArtifactRef, FileEntry, Manifest
 from artifacts.store import LEASES, GcItem, Store, nanorun_home
 
@@ -341,8 +341,8 @@ class S3Store(Store):
             marker.unlink()  # the directory is not a complete copy again until we say so
 
         def fetch(f: FileEntry):
-            d = dest / f.path
-            if d.is_file() and d.stat().st_size == f.size and (
+            d = dest_path(dest, f.path)
+            if regular_size(d) == f.size and (  # a link there is replaced, never trusted
                     (f.path, f.size, f.sha256) in old or sha256_file(d)[1] == f.sha256):
                 return
             self._download_file(self._key(f"{ref.key}/{f.path}"), d, f)
@@ -473,7 +473,7 @@ class S3Store(Store):
                     return p
             return size
 
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_part(part, resume=True)
         try:
             with ThreadPoolExecutor(nseg) as pool:
                 for i in range(nseg):

@@ -95,6 +95,29 @@ class VerifyResult:
         return f"{self.ref} is damaged: {'; '.join(self.problems)}"
 
 
+def compare_files(m: Manifest, sizes: dict[str, int], odd: list[str],
+                  digests: Callable[[list[str]], dict[str, str]] | None) -> list[str]:
+    """What is wrong with an artifact's files against its manifest (one line each): `sizes` of the
+    files present, `odd` entries that are not regular files, and digests(paths) -> {path: sha256}
+    for the files of the right size (None: sizes only)."""
+    problems = [f"not a regular file: {p} (a symlink or special file; artifacts hold regular files only)"
+                for p in odd]
+    for f in m.files:
+        if f.path not in sizes:
+            problems.append(f"missing file {f.path} ({f.size:,} bytes)")
+        elif sizes[f.path] != f.size:
+            problems.append(f"size mismatch {f.path}: manifest {f.size:,} bytes, store {sizes[f.path]:,}")
+    listed = {f.path for f in m.files}
+    problems += [f"unlisted file {p} ({sizes[p]:,} bytes): in the artifact but not in its manifest"
+                 for p in sorted(set(sizes) - listed)]
+    if digests is not None:
+        todo = [f for f in m.files if sizes.get(f.path) == f.size]
+        got = digests([f.path for f in todo])
+        problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {got[f.path][:16]}…"
+                     for f in todo if got[f.path] != f.sha256]
+    return problems
+
+
 @dataclass
 class GcItem:
     kind: str  # unreferenced | uncommitted | staging | stale-lease | trash | cache | multipart
@@ -138,6 +161,11 @@ class Store:
     def _dirs(self, prefix: str) -> list[str]: raise NotImplementedError  # child "directories"
     def _files(self, prefix: str) -> list[str]: raise NotImplementedError  # child objects
     def _file_sizes(self, ref: ArtifactRef) -> dict[str, int]: raise NotImplementedError
+
+    def _scan(self, ref: ArtifactRef) -> tuple[dict[str, int], list[str]]:
+        """(_file_sizes, entries that are neither regular files nor directories: symlinks, fifos...)."""
+        return self._file_sizes(ref), []
+
     def _sha256(self, ref: ArtifactRef, path: str) -> str: raise NotImplementedError
     def _lease_create(self, ref, data: bytes): raise NotImplementedError
     def _lease_read(self, ref) -> tuple[bytes, object, float] | None: raise NotImplementedError
@@ -212,24 +240,10 @@ class Store:
             return VerifyResult(ref, [str(e)], None, "manifest")
         if m is None:
             return VerifyResult(ref, [f"not committed: no {MANIFEST_NAME} in {self.url}/{ref.key}"], None, "manifest")
-        sizes = self._file_sizes(ref)
-        problems = []
-        for f in m.files:
-            if f.path not in sizes:
-                problems.append(f"missing file {f.path} ({f.size:,} bytes)")
-            elif sizes[f.path] != f.size:
-                problems.append(f"size mismatch {f.path}: manifest {f.size:,} bytes, store {sizes[f.path]:,}")
-        listed = {f.path for f in m.files}
-        problems += [f"unlisted file {p} ({sizes[p]:,} bytes): in the artifact but not in its manifest"
-                     for p in sorted(set(sizes) - listed)]
-        check = "size"
-        if not fast and (recheck or self.hashes_locally):
-            check = "size and sha256"
-            todo = [f for f in m.files if sizes.get(f.path) == f.size]
-            digests = self._digests(ref, [f.path for f in todo], recheck)
-            problems += [f"sha256 mismatch {f.path}: manifest {f.sha256[:16]}…, store {digests[f.path][:16]}…"
-                         for f in todo if digests[f.path] != f.sha256]
-        return VerifyResult(ref, problems, m, check)
+        sizes, odd = self._scan(ref)
+        hashing = not fast and (recheck or self.hashes_locally)
+        problems = compare_files(m, sizes, odd, (lambda paths: self._digests(ref, paths, recheck)) if hashing else None)
+        return VerifyResult(ref, problems, m, "size and sha256" if hashing else "size")
 
     hashes_locally = False  # the store's bytes are on this machine (verify hashes them even for consumers)
 
@@ -362,12 +376,13 @@ class Store:
         return m
 
     def push(self, ref: ArtifactRef, other: "Store", *, with_inputs: bool = False) -> Manifest:
-        """Copy a committed artifact into another store (files verified, manifest last)."""
+        """Copy a committed artifact into another store (files verified, manifest last); with_inputs,
+        every committed artifact it was built from first (each once, even where a damaged or hand-made
+        manifest names the artifact itself or a cycle among its inputs)."""
         m = self.require(ref)
         if with_inputs:
-            for inp in m.inputs.values():
-                if self.manifest(inp) is not None:
-                    self.push(inp, other, with_inputs=True)
+            for inp in self._inputs_first(ref, m):
+                self.push(inp, other)
         try:
             there = other.manifest(ref)
         except CorruptManifestError:
@@ -381,6 +396,25 @@ class Store:
             other._receive(self, ref, m)
         other._index_record(m)
         return m
+
+    def _inputs_first(self, ref: ArtifactRef, m: Manifest) -> list[ArtifactRef]:
+        """The committed artifacts `ref` was built from, directly or not, each before its consumers."""
+        order: list[ArtifactRef] = []
+        seen = {ref}
+        stack = [(ref, iter(m.inputs.values()))]
+        while stack:  # depth-first post-order without recursion: a cycle is only a visited node
+            node, pending = stack[-1]
+            inp = next(pending, None)
+            if inp is None:
+                stack.pop()
+                if node != ref:
+                    order.append(node)
+            elif inp not in seen:
+                seen.add(inp)
+                there = self.manifest(inp)
+                if there is not None:
+                    stack.append((inp, iter(there.inputs.values())))
+        return order
 
     def delete(self, ref: ArtifactRef) -> None:
         """Uncommit (manifest first), then remove the files and any alias pointing at ref."""

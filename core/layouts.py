@@ -20,13 +20,37 @@ TOKENIZER_FILE = "tokenizer.json"
 SHARD_GLOB = "shard_*.parquet"          # data_shards artifacts: train/ and val/ hold the shards
 
 
+class LayoutError(ValueError):
+    """A file of an artifact is malformed or points outside the artifact (damaged or crafted)."""
+
+
+def inside(root: Path | str, rel: object, what: str) -> Path:
+    """root/rel for a path read from a file of the artifact at root, refused unless it is relative
+    and stays inside root with symlinks followed: a manifest vouches for the artifact's own bytes
+    only, so a pointer leading elsewhere would load files nobody verified."""
+    base = Path(root).resolve()
+    if not isinstance(rel, str) or not rel.strip() or Path(rel).is_absolute():
+        raise LayoutError(f"{what} names {rel!r}: expected a path relative to {root}; the artifact is damaged "
+                          "or not written by nanorun")
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise LayoutError(f"{what} names {rel!r}, which leads outside {root}; refusing to read it (the artifact "
+                          "is damaged or crafted: rebuild it)")
+    return Path(root) / rel
+
+
 def model_checkpoint(artifact_dir: Path | str) -> Path:
     """The final checkpoint directory of a trainer artifact (pretrain, sft, rl) for core.checkpoint."""
     d = Path(artifact_dir)
     pointer = d / CHECKPOINT_POINTER
     if not pointer.is_file():
         raise FileNotFoundError(f"{d} is not a trained-model artifact (pretrain, sft, rl): no {CHECKPOINT_POINTER}")
-    return d / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        rel = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LayoutError(f"{pointer} is not {{\"checkpoint\": \"checkpoints/step_N\", ...}} ({e!r}): the "
+                          "artifact is damaged; rebuild it") from None
+    return inside(d, rel, str(pointer))
 
 
 def tokenizer_dir(path: Path | str) -> Path:

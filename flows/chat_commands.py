@@ -123,6 +123,9 @@ def _from_pulled(path: Path, tokenizer: str | None, store) -> ChatModel:
     m = Manifest.from_json((path / MANIFEST_NAME).read_text(), where=str(path / MANIFEST_NAME))
     tok_ref = m.inputs.get("tokenizer")
     if tokenizer and Path(tokenizer).expanduser().is_dir():
+        from artifacts.local import require_intact_folder
+
+        require_intact_folder(Path(tokenizer).expanduser())
         tok_dir = tokenizer_dir(Path(tokenizer).expanduser())
     else:
         if store is None:
@@ -157,7 +160,10 @@ def find_chat_model(text: str | None, store, tokenizer: str | None = None) -> Ch
     from core.layouts import CHECKPOINT_POINTER
 
     if text is not None and Path(text).expanduser().exists():
+        from artifacts.local import require_intact_folder
+
         path = Path(text).expanduser().absolute()
+        require_intact_folder(path)  # a pulled folder carries its manifest: damage is refused here too
         pulled = (path / CHECKPOINT_POINTER).is_file()
         found = _from_pulled(path, tokenizer, store) if pulled else _from_bundle(path, path.name)
     else:

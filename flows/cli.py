@@ -391,7 +391,7 @@ class RunFailed(Exception):
 # loaded (an exception of a class never imported cannot have been raised), so `nanorun ls` stays light.
 _LAZY_USER_ERRORS = (("stages.base", "ConfigError"), ("core.checkpoint", "TokenizerMismatchError"),
                      ("core.eval.bundle", "BundleError"), ("core.export", "BundleError"),
-                     ("core.train.common", "ResumeError"))
+                     ("core.train.common", "ResumeError"), ("core.layouts", "LayoutError"))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

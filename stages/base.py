@@ -37,7 +37,8 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from artifacts.manifest import ArtifactRef, Manifest, canonical_json
+from artifacts.manifest import ArtifactRef, CanonicalJSONError, Manifest, canonical_json
+from core.train.config import type_problem
 
 
 class ConfigError(ValueError):
@@ -114,10 +115,27 @@ class StageConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "StageConfig":
         """Build from a (possibly partial) dict; unknown keys are an error naming the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        types = {name: str(f.type) for name, f in fields.items()}
+        unknown = sorted(set(d) - set(types))
+        stage = cls.__module__.rpartition(".")[2]
         if unknown:
-            raise ConfigError(f"{cls.__module__}.Config: unknown field(s) {unknown}; valid: {sorted(names)}")
+            raise ConfigError(f"{cls.__module__}.Config: unknown field(s) {unknown}; valid: {sorted(types)}")
+        # Values come from --set, JSON plans and flow parameters: each has its field's type and a
+        # canonical JSON form (no NaN anywhere in it) before __post_init__ looks at it.
+        for name, value in d.items():
+            if value is None and fields[name].default is None:
+                continue  # a field whose default is None ("computed when resolved") may be given as null
+            problem = type_problem(name, value, types[name])
+            if problem is None:
+                try:
+                    canonical_json(value)
+                except CanonicalJSONError as e:
+                    problem = f"{name}={value!r}: {str(e).partition(': ')[2] or e}"
+            if problem and types[name] == "str" and not isinstance(value, str):
+                problem += f" (a value that parses as JSON is taken as JSON: quote a string, {name}='\"{value}\"')"
+            if problem:
+                raise ConfigError(f"{stage}.{problem}")
         try:
             return cls(**d)
         except TypeError as e:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.tasks.mixture import REFERENCE_SOURCES
+from core.train.config import DEVICE_TYPES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
 from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 
@@ -71,8 +72,14 @@ class Config(SourcedConfig, StageConfig):
         if self.data_dir:
             set_("data_dir", str(Path(self.data_dir).expanduser().resolve()))
         set_("tasks", normalise_specs(self.tasks, "chat_eval.tasks", self.data_dir))
-        set_("bundle_tasks", tuple(str(t) for t in self.bundle_tasks))
+        if not all(isinstance(t, str) and t for t in self.bundle_tasks):
+            raise ConfigError(f"chat_eval.bundle_tasks={list(self.bundle_tasks)!r}: task labels (strings) of the "
+                              "eval bundle, e.g. arc_easy")
+        set_("bundle_tasks", tuple(self.bundle_tasks))
         set_("task_max_problems", dict(self.task_max_problems or {}))
+        for name, n in {"max_problems": self.max_problems, **self.task_max_problems}.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n == 0 or n < -1:
+                raise ConfigError(f"chat_eval: {name}={n!r}: -1 (all) or a positive number of problems")
         if not self.tasks and not self.bundle_tasks:
             raise ConfigError("chat_eval: no tasks; list some in `tasks` and/or `bundle_tasks`")
         bad = [s["task"] for s in self.tasks if s["task"] not in GRADED]
@@ -89,6 +96,11 @@ class Config(SourcedConfig, StageConfig):
                               "temperature >= 0")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ConfigError(f"chat_eval.dtype={self.dtype!r}: use auto, bfloat16, float32 or float16")
+        if self.top_k < 0 or self.seed < 0 or self.threads < 0 or self.fetch_retries < 1:
+            raise ConfigError(f"chat_eval: top_k (0 = off), seed and threads (0 = all) >= 0, fetch_retries >= 1 (got "
+                              f"{self.top_k}, {self.seed}, {self.threads}, {self.fetch_retries})")
+        if self.device_type not in DEVICE_TYPES:
+            raise ConfigError(f"chat_eval.device_type={self.device_type!r}: cuda, cpu or mps (empty = autodetect)")
 
     def source_specs(self) -> list[dict]:
         return list(self.tasks)

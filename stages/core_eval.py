@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.train.config import DEVICE_TYPES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
 
 NAME = "core_eval"
@@ -45,6 +46,12 @@ class Config(StageConfig):
             raise ConfigError(f"core_eval.dtype={self.dtype!r}: auto | bfloat16 | float32 | float16")
         if self.nproc < 1 or self.batch_size < 1 or self.max_batch_tokens < 1:
             raise ConfigError("core_eval: nproc, batch_size and max_batch_tokens must be >= 1")
+        if self.timeout < 0:
+            raise ConfigError(f"core_eval.timeout={self.timeout}: seconds >= 0 (0 = never)")
+        if self.device_type not in DEVICE_TYPES:
+            raise ConfigError(f"core_eval.device_type={self.device_type!r}: cuda, cpu or mps (empty = autodetect)")
+        if not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"core_eval.tasks={list(self.tasks)!r}: task labels (strings) of the bundle's core.yaml")
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     def label(self) -> str:

@@ -125,14 +125,32 @@ def _check_zip(path: Path) -> None:
             raise ValueError("the zip holds no core.yaml: not an eval bundle")
 
 
+# The reference bundle unpacks to about 10x its zip (jsonl text); a deflate bomb reaches ~1000x.
+# zipfile stops reading each member at the size its central directory records, so the sum of
+# those sizes bounds what extractall writes, whatever the compressed stream holds.
+MAX_UNPACKED_BYTES = 4 << 30
+MAX_RATIO = 100
+MIN_ALLOWANCE = 64 << 20   # a small zip may still unpack to this much whatever its ratio
+
+
 def _extract(zip_path: Path, dest: Path) -> Path:
-    """Unzip refusing members that would land outside dest; returns the directory holding core.yaml."""
+    """Unzip refusing members that would land outside dest and archives that unpack to more than
+    MAX_RATIO times their size (at least MIN_ALLOWANCE, at most MAX_UNPACKED_BYTES); returns the
+    directory holding core.yaml."""
+    packed = zip_path.stat().st_size
+    allowance = min(MAX_UNPACKED_BYTES, max(MIN_ALLOWANCE, MAX_RATIO * packed))
     with zipfile.ZipFile(zip_path) as zf:
-        for member in zf.infolist():
+        members = zf.infolist()
+        for member in members:
             parts = PurePosixPath(member.filename).parts
             if member.filename.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
                 raise RuntimeError(f"{zip_path}: unsafe member {member.filename!r} (absolute or '..' path): "
                                    "refusing to extract this archive")
+        unpacked = sum(m.file_size for m in members)
+        if unpacked > allowance:
+            raise RuntimeError(f"{zip_path}: unpacks to {unpacked:,} bytes, more than the {allowance:,} a "
+                               f"{packed:,}-byte bundle may (at most {MAX_RATIO}x, {MAX_UNPACKED_BYTES >> 30} GiB): "
+                               "refusing it (not an eval bundle, or a zip bomb)")
         zf.extractall(dest)
     roots = sorted(p.parent for p in dest.rglob("core.yaml") if "__MACOSX" not in p.parts)
     if not roots:
@@ -186,6 +204,9 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     bundle = load_bundle(out)
     files = bundle_files(out)
     present = [t.label for t in bundle.present]
+    if not present:
+        raise RuntimeError(f"the bundle has none of the {len(bundle.tasks)} task files its core.yaml names under "
+                           "eval_data/: not an eval bundle, refusing to commit it")
     if bundle.missing:
         log.warning("bundle lacks the data of %d task(s): %s; CORE will be reported over %d/%d tasks",
                     len(bundle.missing), ", ".join(bundle.missing), len(present), len(bundle.tasks))

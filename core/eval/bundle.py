@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from core.layouts import LayoutError, inside
+
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED = 1234
@@ -88,6 +90,10 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
                               f"{entry.get('icl_task_type')!r}; supported: {', '.join(TASK_TYPES)}")
         if label not in baselines:
             raise BundleError(f"{root / 'eval_meta_data.csv'}: no random baseline for task {label!r}")
+        try:  # the file read must be one the bundle's manifest covers
+            inside(root / "eval_data", entry.get("dataset_uri"), f"{root / 'core.yaml'}: task {label!r}: dataset_uri")
+        except LayoutError as e:
+            raise BundleError(str(e)) from None
         shots = entry.get("num_fewshot", [0])
         task = TaskSpec(label=label, dataset_uri=entry["dataset_uri"], task_type=entry["icl_task_type"],
                         num_fewshot=int(shots[0] if isinstance(shots, list) else shots),

@@ -42,29 +42,40 @@ def input_opt(help: str, required: bool = True):
     return field(default="", metadata={"kind": "input", "help": help, "required": required})
 
 
+def type_problem(name: str, v, t: str) -> str | None:
+    """What is wrong with value v for a field annotated t (as a string: these modules use postponed
+    annotations), or None: a bool is not an int, an int is accepted for a float, no float is NaN or
+    infinite; a JSON list is a tuple. One line naming the field. The stage configs use it too."""
+    if t == "bool | None":
+        ok = v is None or isinstance(v, bool)
+    elif t == "bool":
+        ok = isinstance(v, bool)
+    elif t == "int":
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif t == "float":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok and not math.isfinite(v):
+            return f"{name}={v!r}: must be a finite number"
+    elif t == "str":
+        ok = isinstance(v, str)
+    elif t.startswith("tuple"):
+        ok = isinstance(v, (tuple, list))
+    elif t.startswith("dict"):
+        ok = isinstance(v, dict)
+    else:
+        ok = True
+    return None if ok else f"{name}={v!r}: expected {t}, got {type(v).__name__}"
+
+
 def _check_types(cfg) -> None:
-    """Each value has its field's type (a bool is not an int; an int is accepted for a float), and
-    no float is NaN or infinite. One line naming the field."""
+    """Every field's value has its type (type_problem); floats given as ints become floats."""
     for f in fields(cfg):
         v, t = getattr(cfg, f.name), str(f.type)
-        if t == "bool | None":
-            ok = v is None or isinstance(v, bool)
-        elif t == "bool":
-            ok = isinstance(v, bool)
-        elif t == "int":
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif t == "float":
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if ok:
-                setattr(cfg, f.name, float(v))
-                if not math.isfinite(v):
-                    raise ValueError(f"{f.name}={v!r}: must be a finite number")
-        elif t == "str":
-            ok = isinstance(v, str)
-        else:
-            ok = True
-        if not ok:
-            raise ValueError(f"{f.name}={v!r}: expected {t}, got {type(v).__name__}")
+        problem = type_problem(f.name, v, t)
+        if problem:
+            raise ValueError(problem)
+        if t == "float":
+            setattr(cfg, f.name, float(v))
 
 
 def _check_common(cfg, positive: tuple[str, ...]) -> None:

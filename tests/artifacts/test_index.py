@@ -102,3 +102,35 @@ def test_ls_follows_the_store_not_a_stale_index(nanorun_home, capsys, monkeypatc
     assert [line.split()[0] for line in out.splitlines()[1:]] == [str(elsewhere), str(kept)]
     assert "2 artifact(s)" in err and "prefect" not in out
     assert sorted(r["ref"] for r in RunIndex().artifacts(store=store.url)) == sorted([str(elsewhere), str(kept)])
+
+
+CORRUPTIONS = {
+    "garbage": lambda data: bytes(range(256)) * 80,
+    "truncated": lambda data: data[: len(data) // 2],
+    "flipped block": lambda data: data[:12288] + bytes(b ^ 0x5A for b in data[12288:12800]) + data[12800:],
+    "empty": lambda data: b"",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_a_corrupt_index_is_moved_aside_and_rebuilt(nanorun_home, capsys, monkeypatch, kind):
+    """A damaged index.duckdb made ls, index --rebuild and leaderboard fail forever with "locked by
+    another process": it is a cache of the manifests, so it is rebuilt from them."""
+    from flows.cli import main
+
+    monkeypatch.delenv("NANORUN_STORE", raising=False)
+    store = open_store()
+    refs = [make_ref(f"c{i}") for i in range(3)]
+    for r in refs:
+        put(store, r, {"x": r.label.encode()})
+    idx = RunIndex()
+    assert len(idx.artifacts(store=store.url)) == 3
+    idx.path.write_bytes(CORRUPTIONS[kind](idx.path.read_bytes()))
+    for argv in (["ls"], ["index", "--rebuild"], ["leaderboard"], ["ls"]):
+        started = time.monotonic()
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+        assert time.monotonic() - started < 5  # no waiting out a lock that is not there
+    out = capsys.readouterr().out
+    assert all(str(r) in out for r in refs)
+    assert sorted(r["ref"] for r in idx.artifacts(store=store.url)) == sorted(map(str, refs))
+    assert len(list(nanorun_home.glob("index.duckdb.corrupt-*"))) == 1  # kept for a post-mortem, once

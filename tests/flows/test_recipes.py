@@ -106,3 +106,46 @@ def test_data_locations_come_from_the_environment_when_not_given(monkeypatch, tm
     assert steps["sft"].cfg.data_dir == str(tmp_path.resolve())
     explicit = {s.name: s for s in speedrun_steps("tiny", eval_bundle="https://example.invalid/b.zip")}
     assert explicit["eval_bundle"].cfg.url == "https://example.invalid/b.zip"
+
+
+# Every kind of bad value of a non-trainer field gave a Python traceback from deep inside a stage
+# (AttributeError, TypeError, CanonicalJSONError); each must be one line naming the field, exit 2.
+BAD_FIELDS = [
+    ("chat_eval.temperature=NaN", "chat_eval.temperature=nan: must be a finite number"),
+    ("chat_eval.max_new_tokens=Infinity", "chat_eval.max_new_tokens=inf: expected int"),
+    ("chat_eval.seed=true", "chat_eval.seed=True: expected int, got bool"),
+    ("chat_eval.task_max_problems=x", "chat_eval.task_max_problems='x': expected dict"),
+    ("chat_eval.max_problems=0", "max_problems=0: -1 (all) or a positive number"),
+    ("chat_eval.top_k=-1", "top_k (0 = off)"),
+    ("chat_eval.fetch_retries=-1", "fetch_retries >= 1"),
+    ("chat_eval.device_type=tpu", "chat_eval.device_type='tpu'"),
+    ("chat_eval.bundle_tasks=[1]", "chat_eval.bundle_tasks=[1]: task labels"),
+    ("chat_eval.source_digests=NaN", "chat_eval.source_digests=nan: expected dict"),
+    ("data.source=1", "data_shards.source=1: expected str, got int"),
+    ("data.source=NaN", "data_shards.source=nan: expected str"),
+    ("data.workers=true", "data_shards.workers=True: expected int"),
+    ("data.timeout=NaN", "data_shards.timeout=nan: must be a finite number"),
+    ("data.content_digest={}", "data_shards.content_digest={}: expected str"),
+    ("report.tag=-1", "report.tag=-1: expected str, got int"),
+    ("report.recipe=[1]", "report.recipe=[1]: expected str, got list"),
+    ("report.title=NaN", "report.title=nan: expected str"),
+    ("tokenizer.max_chars=NaN", "tokenizer.max_chars=nan: expected int"),
+    ("tokenizer.threads=true", "tokenizer.threads=True: expected int"),
+    ("eval_bundle.url=1", "eval_bundle.url=1: expected str"),
+    ("eval_bundle.local_path=[1]", "eval_bundle.local_path=[1]: expected str"),
+    ("base_eval.max_per_task=NaN", "core_eval.max_per_task=nan: expected int"),
+    ("base_eval.timeout=-1", "core_eval.timeout=-1: seconds >= 0"),
+    ("base_eval.tasks=[1]", "core_eval.tasks=[1]: task labels"),
+    ("base_eval.tasks=[NaN]", "core_eval.tasks=[nan]: non-finite float nan"),
+    ("export.title=Infinity", "export.title=inf: expected str"),
+    ("export.top_p=NaN", "export.top_p=nan: must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("item,needle", BAD_FIELDS, ids=[item for item, _ in BAD_FIELDS])
+def test_bad_non_trainer_fields_are_one_line_and_exit_2(item, needle, capsys, nanorun_home):
+    from flows.cli import main
+    from tests.flows.test_cli import one_line_error
+
+    code = main(["speedrun", "--preset", "tiny", "--plan", "--set", item])
+    one_line_error(code, capsys.readouterr().err, needle)

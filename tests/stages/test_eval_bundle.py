@@ -210,3 +210,48 @@ def test_committed_through_the_store_and_copies_hit_the_cache(bundle_dir, tmp_pa
     again = execute("eval_bundle", stage.Config(local_path=str(copy)), {}, store,
                     on_event=lambda kind, info: events.append(kind))
     assert again.ref == m.ref and events == ["cached"]
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+
+
+def test_zip_bomb_is_refused_before_it_unpacks(bundle_dir, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("core.yaml", "eval_meta_data.csv"):
+            zf.write(bundle_dir / name, f"eval_bundle/{name}")
+        with zf.open("eval_bundle/eval_data/padding.jsonl", "w") as f:
+            zeros = bytes(1 << 20)
+            for _ in range(stage.MIN_ALLOWANCE // len(zeros) + 1):
+                f.write(zeros)
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(RuntimeError, match="zip bomb"):
+        stage.run(stage.Config(local_path=str(bomb)).resolve(), {}, tmp_path / "out")
+    assert not any((tmp_path / "out").rglob("*.jsonl"))
+
+
+def test_a_bundle_without_task_files_is_refused(bundle_dir, tmp_path):
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zf:
+        for name in ("core.yaml", "eval_meta_data.csv"):
+            zf.write(bundle_dir / name, f"eval_bundle/{name}")
+    with pytest.raises(RuntimeError, match="none of the 22 task files"):
+        stage.run(stage.Config(local_path=str(empty)).resolve(), {}, tmp_path / "out")
+
+
+@pytest.mark.parametrize("uri", ["ABSOLUTE", "../../outside.jsonl", "../../../../../../../../etc/hostname"])
+def test_core_yaml_cannot_name_files_outside_the_bundle(bundle_dir, tmp_path, uri):
+    from core.eval.bundle import BundleError, load_bundle
+
+    outside = tmp_path / "outside.jsonl"
+    shutil.copy(bundle_dir / "eval_data/commonsense_reasoning/copa.jsonl", outside)
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    text = (copy / "core.yaml").read_text()
+    assert "commonsense_reasoning/copa.jsonl" in text
+    (copy / "core.yaml").write_text(text.replace("commonsense_reasoning/copa.jsonl",
+                                                 str(outside) if uri == "ABSOLUTE" else uri))
+    with pytest.raises(BundleError, match="copa"):
+        load_bundle(copy)
+    with pytest.raises(BundleError):
+        stage.run(stage.Config(local_path=str(copy)).resolve(), {}, tmp_path / "out")
