@@ -14,6 +14,7 @@ from tests.conftest import REPO
 
 GPU_TESTS = {"test_backend_matches_naive_reference", "test_flash_matches_sdpa", "test_bf16_step_tracks_fp32",
              "test_fp8_linear_matches_bf16", "test_fp8_training_tracks_bf16", "test_compiled_training_step_matches_eager",
+             "test_fp8_compiled_training_step",
              "test_distributed_optimizer_on_nccl_one_process", "test_kv_cache_generation_matches_uncached_forward",
              "test_export_bundle_round_trip", "test_fused_loss_matches_the_plain_loss"}
 
