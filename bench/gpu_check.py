@@ -478,6 +478,8 @@ class Kit:
                     row = {"depth": depth, "precision": precision, "fp8_recipe": recipe, "error": one_line(e)}
                     self.errors.append(f"{what}: {row['error']}")
                 rows.append(row)
+                if row.get("recompiles"):   # each one is another full compile in every real run (docs/compile.md)
+                    self.errors.append(f"{what}: {row['recompiles']} recompile(s) after the first step")
                 if "error" not in row:
                     say("  " + train_line(row))
 
