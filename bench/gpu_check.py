@@ -546,7 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         if kit.dry:
             torch.set_num_threads(1)  # tiny models: a second thread only adds OpenMP waits (tests/conftest.py)
         kit.env()
-        kit.plan()
+        try:
+            kit.plan()
+        except Exception as e:  # the plan informs; the sections must still run (fixed reserves then)
+            traceback.print_exc()
+            kit.errors.append(f"plan: {one_line(e)}")
         for name in SECTIONS:
             if name in sections:
                 getattr(kit, name)()

