@@ -1,7 +1,7 @@
 """The GPU kit's plan, computed on CPU before any GPU time is spent: the shapes of the kit's d12/d20
 training configs checked on the meta device (no memory, no FLOPs), and the time budget of its sections.
 
-    python -m bench.gpu_plan          # the shape check and the GPU budget plan, ~10 s on a laptop CPU
+    python -m bench.gpu_plan          # the shape check and the GPU budget plan (~40 s on 2 busy CPU cores)
     (bench/gpu_check.py prints the same at the start of every run, --cpu-dry-run included)
 
 Per depth: parameter count; FP8 eligibility (every block's six matrices must convert: both dims a
