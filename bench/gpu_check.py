@@ -1,34 +1,40 @@
 """GPU acceptance kit: proves (or disproves) every CUDA code path of core on one GPU in minutes.
 
-    bash scripts/gpu_check.sh                    # one H100/H200: <= 8 min wall, ends with one JSON line
+    bash scripts/gpu_check.sh                    # one H100/H200: <= 9 min wall, ends with one JSON line
     bash scripts/gpu_check.sh --cpu-dry-run      # the same sections at tiny sizes on CPU (CI runs this)
-    python -m bench.gpu_check --only train --depths 12      # one section (tests | train | infer)
+    python -m bench.gpu_check --only stage train --depths 12      # some sections (tests | stage | train | infer)
+    python -m bench.gpu_plan                     # the shape check and the budget plan alone
 
 Needs only what a GPU node has: Python 3.12, CUDA torch, numpy, pyarrow, tokenizers, safetensors,
 triton, pytest (no prefect, duckdb, boto3 or wandb: they are blocked from import in this process and
 in its pytest child, so a dependency on them fails here as it would there). It drives core directly.
 
-Sections, in order, each printed as it finishes, then one JSON line (`ok`, env, tests, infer, train):
-1. env: torch/CUDA, the GPU, the attention backend core picked (fa3 | fa2 | sdpa), FP8 support, peaks.
-2. tests: `pytest -m gpu tests/gpu` (flash-attn vs SDPA incl. sliding windows and grads; bf16 vs fp32
-   step; FP8 tensorwise/rowwise linear and FP8 training vs bf16; a torch.compile training step; the
-   ZeRO-2 optimizer on NCCL with one process; KV-cache generation vs the uncached forward; export
-   bundle round trip; the fused chunked loss vs full logits), each test's outcome in the JSON.
-3. infer: a d12 (reference shape, random weights) through core.engine at batch 1, 8, 32: TTFT and
-   per-token latency (core/bench_infer.py, the code behind `nanorun bench-infer`). Before training: short.
-4. train: d12 and d20 pretraining steps with the reference flags (head_dim 128, seq 2048, vocab 32768,
-   SSSL windows, Muon+AdamW, compiled, random tokens), bf16 then FP8 tensorwise where supported:
-   tok/s, MFU vs the GPU's bf16 datasheet peak, peak memory, first-step (compile) time, and the
-   reference's published or implied per-GPU tok/s beside each as a ratio (REFERENCE below).
+Printed as they finish, then one JSON line (`ok`, env, plan, tests, stage, sft_rl, train, infer).
+The user's path comes first; (a)-(c) are never skipped, (d) and (e) only run while their estimate fits:
+0. env, then the plan (bench/gpu_plan.py): the d12/d20 shapes checked on the meta device (parameters,
+   FP8 eligibility, memory against 80 GB) and each section's time estimate against the budget.
+1. (a) tests: `pytest -m gpu tests/gpu` (flash-attn vs SDPA incl. sliding windows and grads; bf16 vs
+   fp32; FP8 tensorwise/rowwise linears, FP8 training, FP8 under torch.compile; a compiled training
+   step; the ZeRO-2 optimizer on NCCL with one process; KV-cache generation; export bundle round
+   trip; the fused chunked loss), each test's outcome in the JSON.
+2. (b)+(c) stage (bench/gpu_stage.py): core.train.pretrain under torchrun as the stage launches it
+   (d12, 30 steps, bf16, compiled), SIGTERM after step 14, exact resume, compared with an
+   uninterrupted run; then one SFT step and one RL step from its checkpoint.
+3. (d) train: d12 and d20 pretraining steps with the reference flags (head_dim 128, seq 2048, vocab
+   32768, SSSL windows, Muon+AdamW, compiled, random tokens), bf16 then FP8 tensorwise and rowwise
+   where supported: tok/s, MFU vs the GPU's bf16 datasheet peak, peak memory, first-step (compile)
+   time, recompiles after it (must be 0), and the reference's per-GPU tok/s beside each as a ratio
+   (REFERENCE below: the reference ran flash-attn 3; see scripts/gpu_wheels/README.md for why SDPA
+   runs here).
+4. (e) infer: a d12 (reference shape, random weights) through core.engine at batch 1, 8, 32: TTFT
+   and per-token latency (core/bench_infer.py, the code behind `nanorun bench-infer`).
 
-Sizes, chosen to fit 8 minutes on one H100 (the budget, by design): tests ~1.5 min (small models;
-one compile); inference < 0.5 min (prompt 512, 64 decode tokens, eager); each training config
-compiles once (~40-70 s cold inductor cache) and runs 3 untimed + 6 timed steps of one micro-batch
-(d12: 32 x 2048 tokens, ~0.15 s a step; d20: 16 x 2048, ~0.3 s): 4 configs <= ~4.5 min. --budget-s
-(440 s) is when the kit must be done: a config starts only if its reserve (80 s) fits before it, else
-it is skipped with the reason; scripts/gpu_check.sh kills at 480 s (the JSON line still comes).
-Device batch: halved on out-of-memory (recorded).
-The dry run: d2/d3 at head_dim 64, seq 128, vocab 512, eager, fp32, CUDA-only parts skipped with why.
+Sizes: --budget-s (520 s) is when the kit must be done; scripts/gpu_check.sh kills at 560 s (the
+JSON line still comes), under a device session's 10-minute command limit. Each training config
+compiles once and runs 3 untimed + 6 timed steps of one micro-batch (d12: 32 x 2048 tokens; d20:
+16 x 2048); device batch halved on out-of-memory (recorded).
+The dry run: the GPU plan, then d2/d3 at head_dim 64, seq 128, vocab 512, eager, fp32, and the stage
+path at d2 (bitwise resume on CPU), CUDA-only parts skipped with why.
 """
 from __future__ import annotations
 
@@ -51,11 +57,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from bench.gpu_plan import budget_plan, plan_lines, shape_check, trace_s
+from bench.gpu_stage import BYTE_VOCAB, DRY_STAGE, GPU_STAGE, make_inputs, pretrain_resume, sft_and_rl
+from core.attention import BACKEND
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("prefect", "duckdb", "boto3", "wandb")   # absent on a GPU node: core must not need them
 PRECISION = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}  # the compute dtype's label
 H100_BF16_PEAK = 989.4e12                               # the reference's hardware (H100 SXM, dense bf16)
+SECTIONS = ("tests", "stage", "train", "infer")        # the user's path first: (a) tests, (b)+(c) stage, (d), (e)
 
 # The reference's per-GPU training throughput (karpathy/nanochat, fetched 2026-11; files at its HEAD
 # 92d63d4). Only MFUs and tok/s at other depths are published, so a figure for depth d is implied as
@@ -102,10 +114,10 @@ class Sizes:
 
 GPU = Sizes(depths=(12, 20), head_dim=128, seq=2048, vocab=32768, device_batch={12: 32, 20: 16}, warmup_steps=3,
             timed_steps=6, compile=True, infer_depth=12, infer_prompt=512, infer_decode=64, infer_batches=(1, 8, 32),
-            budget_s=440, config_reserve_s=80, pytest_timeout_s=200)
+            budget_s=520, config_reserve_s=80, pytest_timeout_s=200)
 DRY = Sizes(depths=(2, 3), head_dim=64, seq=128, vocab=512, device_batch={2: 4, 3: 4}, warmup_steps=1,
             timed_steps=2, compile=False, infer_depth=2, infer_prompt=32, infer_decode=8, infer_batches=(1, 8, 32),
-            budget_s=120, config_reserve_s=10, pytest_timeout_s=60)
+            budget_s=600, config_reserve_s=10, pytest_timeout_s=60)
 
 
 class _BlockImports(importlib.abc.MetaPathFinder):
@@ -221,7 +233,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: torch.device, peak: float) -> dict:
+def _train_once(depth: int, precision: str, recipe: str | None, rows: int, sizes: Sizes, device: torch.device,
+                peak: float) -> dict:
     from core.common import compute_dtype
     from core.fp8 import convert_to_fp8
     from core.gpt import build_model
@@ -232,9 +245,10 @@ def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: tor
     plan = derive(depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq, vocab_size=sizes.vocab,
                   num_iterations=1000, total_batch_size=rows * sizes.seq)
     model = build_model(plan.model_config(), device, dtype, seed=0)
-    n_fp8 = convert_to_fp8(model, "tensorwise") if precision == "fp8" else 0
+    n_fp8 = convert_to_fp8(model, recipe) if recipe else 0
     optimizer = build_optimizer(model, plan)
-    step_model = torch.compile(model, dynamic=False) if sizes.compile else model   # as core/train/pretrain.py
+    graphs = CompileCounterWithBackend("inductor")    # counts dynamo's graphs: a recompile adds some
+    step_model = torch.compile(model, dynamic=False, backend=graphs) if sizes.compile else model   # as the trainers
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -253,6 +267,7 @@ def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: tor
     t0 = time.perf_counter()
     first_loss = step(0)
     first_s = time.perf_counter() - t0
+    graphs_first = graphs.frame_count
     for i in range(1, sizes.warmup_steps):
         step(i)
     times, loss = [], first_loss
@@ -268,20 +283,23 @@ def _train_once(depth: int, precision: str, rows: int, sizes: Sizes, device: tor
     tok_s = rows * sizes.seq / dt
     ref, source = reference_tok_s(depth, precision, plan.flops_per_token)
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"depth": depth, "precision": precision, "device_batch": rows, "seq": sizes.seq, "fp8_layers": n_fp8,
-            "compile": sizes.compile, "first_step_s": round(first_s, 2), "step_ms": round(dt * 1e3, 2),
+    return {"depth": depth, "precision": precision, "fp8_recipe": recipe, "device_batch": rows, "seq": sizes.seq,
+            "fp8_layers": n_fp8, "compile": sizes.compile,
+            "recompiles": graphs.frame_count - graphs_first if sizes.compile else None, "first_step_s": round(first_s, 2), "step_ms": round(dt * 1e3, 2),
             "tok_s": round(tok_s, 1), "mfu_percent": round(100 * plan.flops_per_token * tok_s / peak, 2),
             "peak_mem_gib": None if mem is None else round(mem / 2 ** 30, 2), "loss_first": round(first_loss, 4),
             "loss_last": round(loss, 4), "reference_tok_s": None if ref is None else round(ref),
-            "ratio_to_reference": None if ref is None else round(tok_s / ref, 3), "reference_source": source}
+            "ratio_to_reference": None if ref is None else round(tok_s / ref, 3), "reference_source": source,
+            "attention": BACKEND, "reference_attention": "fa3"}   # an SDPA run against FA3: a lower bound
 
 
-def train_throughput(depth: int, precision: str, sizes: Sizes, device: torch.device, peak: float) -> dict:
+def train_throughput(depth: int, precision: str, recipe: str | None, sizes: Sizes, device: torch.device,
+                     peak: float) -> dict:
     rows = sizes.device_batch[depth]
     notes = []
     while True:
         try:
-            row = _train_once(depth, precision, rows, sizes, device, peak)
+            row = _train_once(depth, precision, recipe, rows, sizes, device, peak)
             row["notes"] = notes
             return row
         except torch.OutOfMemoryError:
@@ -332,6 +350,19 @@ class Kit:
                        "skipped": []}
         self.errors: list[str] = []
         self.peak = self.peak_bw = self.dtype = None
+        self.stage_sizes = DRY_STAGE if dry else GPU_STAGE
+        self.estimates: dict[str, float] = {}     # the GPU plan's seconds per section (bench/gpu_plan.py)
+
+    def need_s(self, key: str) -> float:
+        """What a skippable section must have left to start: its GPU estimate, or the dry run's reserve."""
+        return self.sizes.config_reserve_s if self.dry else self.estimates.get(key, self.sizes.config_reserve_s)
+
+    def fits(self, key: str, what: str) -> bool:
+        need = self.need_s(key)
+        if self.left() >= need:
+            return True
+        self.skip(what, f"budget: needs ~{need:.0f} s, {self.left():.0f} s left of {self.budget:.0f} s")
+        return False
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
@@ -354,6 +385,49 @@ class Kit:
             self.peak_bw = gpu_peak_bandwidth(torch.cuda.get_device_name(self.device))
         env.update(mfu_peak_flops=self.peak, mfu_peak_source=source)
 
+    def plan(self) -> None:
+        """The GPU run's shapes and budget (the dry run prints the GPU plan too: that is what it is for)."""
+        from core.scaling import derive
+
+        shapes = {d: shape_check(d, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[d]) for d in GPU.depths}
+        trace = {12: trace_s(12, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[12])} if self.dry else {}
+        z = GPU_STAGE
+        stage_flops = derive(z.depth, head_dim=z.head_dim, max_seq_len=z.seq, vocab_size=BYTE_VOCAB).flops_per_token
+        fp8 = self.dry or self.report["env"]["fp8"]
+        plan = budget_plan(GPU, z, shapes, stage_flops, fp8, self.peak if not self.dry else H100_BF16_PEAK, trace)
+        self.estimates = {s.key: s.estimate_s for s in plan}
+        budget = GPU.budget_s if self.dry else self.budget
+        for line in plan_lines(plan, budget, shapes, trace):
+            say(line)
+        self.report["plan"] = {"sections": [vars(s) for s in plan], "shapes": shapes, "trace_s": trace}
+        bad = [f"d{d}: {'FP8 cannot convert every block matrix' if not s['fp8_ok'] else 'over 80 GB'}"
+               for d, s in shapes.items() if not (s["fp8_ok"] and s["fits_80gb"])]
+        if bad:
+            self.errors.append(f"plan: {'; '.join(bad)}")
+
+    def stage(self) -> None:
+        """(b) and (c): never skipped (the user's path); each failure is reported and the kit goes on."""
+        z, cuda = self.stage_sizes, not self.dry
+        timeout = max(self.left(), 120)
+        with tempfile.TemporaryDirectory(prefix="gpu-check-stage-") as tmp:
+            root = Path(tmp)
+            inputs = make_inputs(root, z)
+            for key, title, run in (("stage", f"pretrain d{z.depth} under torchrun, SIGTERM + resume", pretrain_resume),
+                                    ("sft_rl", "one SFT step + one RL step", sft_and_rl)):
+                say(f"{title} ...")
+                t0 = time.perf_counter()
+                try:
+                    self.report[key] = {**run(root, inputs, z, cuda, timeout), "wall_s": round(time.perf_counter() - t0, 1)}
+                    say(f"  {key}: " + ", ".join(f"{k}={_short(v)}" for k, v in self.report[key].items()))
+                except Exception as e:
+                    traceback.print_exc()
+                    self.report[key] = {"error": one_line(e)}
+                    self.errors.append(f"{key}: {self.report[key]['error']}")
+                    if key == "stage":     # SFT starts from the pretrained checkpoint
+                        self.report["sft_rl"] = {"error": "not run: the pretrain stage failed"}
+                        self.errors.append("sft_rl: not run: the pretrain stage failed")
+                        break
+
     def tests(self) -> None:
         say("pytest -m gpu tests/gpu" + (" (on CPU every test skips: they need CUDA)" if self.dry else ""))
         t = self.report["tests"] = run_gpu_tests(min(self.sizes.pytest_timeout_s, max(self.left(), 30)))
@@ -364,8 +438,8 @@ class Kit:
 
     def infer(self) -> None:
         z = self.sizes
-        if self.left() < z.config_reserve_s / 2:
-            return self.skip("infer", f"{self.left():.0f} s left of the {self.budget:.0f} s budget")
+        if not self.fits("infer", "infer"):
+            return
         say(f"infer d{z.infer_depth}: prompt {z.infer_prompt}, {z.infer_decode} tokens, batches {list(z.infer_batches)}")
         try:
             self.report["infer"] = inference(z, self.device, self.peak, self.peak_bw)
@@ -376,34 +450,36 @@ class Kit:
 
     def train(self) -> None:
         z, rows = self.sizes, self.report.setdefault("train", [])
-        precisions = [PRECISION.get(self.dtype, str(self.dtype))]
+        label = PRECISION.get(self.dtype, str(self.dtype))
+        precisions = [(label, None)]
         if self.report["env"]["fp8"]:
-            precisions.append("fp8")
+            precisions += [("fp8", "tensorwise"), ("fp8", "rowwise")]
         else:
             self.skip("fp8 training throughput", "needs a CUDA GPU with compute capability >= 8.9 (H100/Ada)"
                       if self.device.type == "cuda" else "needs CUDA (FP8 tensor cores)")
         if not z.compile:
             self.skip("torch.compile in the throughput runs", "the dry run is eager (inductor's C++ build takes "
                       "minutes on a small CPU); the GPU run compiles")
-        for precision in precisions:  # every depth in bf16 first: the figures that matter most
+        for precision, recipe in precisions:  # every depth in bf16 first: the figures that matter most
             for depth in self.depths:
-                what = f"train d{depth} {precision}"
+                name = f"{precision}-{recipe}" if recipe else precision
+                what = f"train d{depth} {name}"
                 if depth not in z.device_batch:
                     self.skip(what, f"no device batch chosen for d{depth} (sizes: {z.device_batch})")
                     continue
-                if self.left() < z.config_reserve_s:
-                    self.skip(what, f"{self.left():.0f} s left of the {self.budget:.0f} s budget, one config "
-                                    f"needs up to {z.config_reserve_s:.0f} s")
+                if not self.fits(f"train:{depth}:{'bf16' if recipe is None else name}", what):
                     continue
                 say(f"{what}: {z.device_batch[depth]} x {z.seq} tokens a step, {z.warmup_steps} + "
                     f"{z.timed_steps} steps")
                 try:
-                    row = train_throughput(depth, precision, z, self.device, self.peak)
+                    row = train_throughput(depth, precision, recipe, z, self.device, self.peak)
                 except Exception as e:  # report and go on: the other configs still say something
                     traceback.print_exc()
-                    row = {"depth": depth, "precision": precision, "error": one_line(e)}
+                    row = {"depth": depth, "precision": precision, "fp8_recipe": recipe, "error": one_line(e)}
                     self.errors.append(f"{what}: {row['error']}")
                 rows.append(row)
+                if row.get("recompiles"):   # each one is another full compile in every real run (docs/compile.md)
+                    self.errors.append(f"{what}: {row['recompiles']} recompile(s) after the first step")
                 if "error" not in row:
                     say("  " + train_line(row))
 
@@ -416,9 +492,13 @@ class Kit:
         return self.report
 
 
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def train_line(r: dict) -> str:
     mem = f" | mem {r['peak_mem_gib']} GiB" if r["peak_mem_gib"] is not None else ""
-    ref = (f"reference {r['reference_tok_s']:,} tok/s/GPU -> x{r['ratio_to_reference']:.2f}"
+    ref = (f"reference (FA3) {r['reference_tok_s']:,} tok/s/GPU -> x{r['ratio_to_reference']:.2f} on {r['attention']}"
            if r["reference_tok_s"] else "no reference figure")
     return (f"d{r['depth']} {r['precision']}: {r['tok_s']:,.0f} tok/s | MFU {r['mfu_percent']:.1f}%{mem} | first step "
             f"{r['first_step_s']:.1f} s | {ref}")
@@ -446,7 +526,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU, skipping what needs CUDA")
-    ap.add_argument("--only", nargs="+", choices=("tests", "infer", "train"), help="run only these sections")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections (the plan always prints)")
     ap.add_argument("--depths", type=int, nargs="+", help="training depths (default: 12 20; dry run: 2 3)")
     ap.add_argument("--budget-s", type=float, help="be done by this many seconds (default 440; dry run 120)")
     ap.add_argument("--pytest-child", action="store_true", help=argparse.SUPPRESS)
@@ -459,14 +539,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # the shell wrapper's timeout: still print what finished
     sizes = DRY if args.cpu_dry_run else GPU
     kit = Kit(sizes, args.cpu_dry_run, args.budget_s or sizes.budget_s, tuple(args.depths or sizes.depths))
-    sections = args.only or ("tests", "infer", "train")
+    sections = args.only or SECTIONS
     try:
         if not kit.dry and not torch.cuda.is_available():
             raise RuntimeError("no CUDA GPU is visible: run on a GPU node, or pass --cpu-dry-run")
         if kit.dry:
             torch.set_num_threads(1)  # tiny models: a second thread only adds OpenMP waits (tests/conftest.py)
         kit.env()
-        for name in ("tests", "infer", "train"):
+        try:
+            kit.plan()
+        except Exception as e:  # the plan informs; the sections must still run (fixed reserves then)
+            traceback.print_exc()
+            kit.errors.append(f"plan: {one_line(e)}")
+        for name in SECTIONS:
             if name in sections:
                 getattr(kit, name)()
         if kit.dry:

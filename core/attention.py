@@ -78,19 +78,31 @@ def _window(window: int | None, t: int) -> int:
     return int(window)
 
 
-_mask_cache: dict = {}
+_mask_cache: dict = {}  # eager calls only: see causal_window_mask
+
+
+def _build_mask(tq: int, tk: int, window: int, device) -> torch.Tensor:
+    row = (tk - tq) + torch.arange(tq, device=device).unsqueeze(1)
+    col = torch.arange(tk, device=device).unsqueeze(0)
+    mask = col <= row
+    if window >= 0:
+        mask = mask & (row - col <= window)
+    return mask
 
 
 def causal_window_mask(tq: int, tk: int, window: int, device) -> torch.Tensor:
-    """Boolean (tq, tk) mask, True = attend. Queries are the last tq of tk positions."""
+    """Boolean (tq, tk) mask, True = attend. Queries are the last tq of tk positions.
+
+    Eager calls reuse one mask per shape. A compiled graph builds it in the graph instead (two
+    aranges and a compare, fused by inductor): reading a module-level dict that the graph also
+    fills makes dynamo guard on the dict's contents, so the second step, which finds the key the
+    first one added, would recompile the whole model (docs/compile.md)."""
+    if torch.compiler.is_compiling():
+        return _build_mask(tq, tk, window, device)
     key = (tq, tk, window, str(device))
     mask = _mask_cache.get(key)
     if mask is None:
-        row = (tk - tq) + torch.arange(tq, device=device).unsqueeze(1)
-        col = torch.arange(tk, device=device).unsqueeze(0)
-        mask = col <= row
-        if window >= 0:
-            mask = mask & (row - col <= window)
+        mask = _build_mask(tq, tk, window, device)
         if len(_mask_cache) > 64:
             _mask_cache.clear()
         _mask_cache[key] = mask

@@ -5,7 +5,7 @@
 #   bash scripts/install.sh            # .venv with the dev + demo extras (everything CI needs)
 #   NANORUN_VENV=/opt/nr bash scripts/install.sh
 #   NANORUN_TORCH=skip bash scripts/install.sh   # use the system's torch (GPU image; venv with system site packages)
-#   NANORUN_GPU=1 bash scripts/install.sh        # also build the `gpu` extra (flash-attn; CUDA only)
+#   NANORUN_GPU=1 bash scripts/install.sh        # also flash-attn: scripts/gpu_wheels/*.whl offline, else a build
 #
 # Why torch first: a bare torch requirement resolved with nothing installed pulls a multi-GB CUDA
 # build. `pip install torch==2.13.0` takes the CPU wheel that pip's find-links point at (see
@@ -45,7 +45,16 @@ echo "[install] locked dependencies (requirements.lock)"
 uv pip install -q -r requirements.lock
 uv pip install -q --no-deps -e .
 if [ "${NANORUN_GPU:-0}" = "1" ]; then
-  echo "[install] gpu extra (flash-attn: needs CUDA torch and nvcc)"
-  python -m pip install --no-build-isolation "flash-attn>=2.6"
+  # Wheels carried to the node (scripts/gpu_wheels/, offline) first; else a source build of flash-attn
+  # (needs CUDA torch, nvcc and network). Neither is required: core falls back to PyTorch SDPA, and
+  # scripts/gpu_wheels/README.md says why no flash backend fits an offline node today.
+  shopt -s nullglob
+  wheels=(scripts/gpu_wheels/*.whl)
+  if [ ${#wheels[@]} -gt 0 ]; then
+    echo "[install] gpu wheels from scripts/gpu_wheels/ (offline): ${wheels[*]##*/}"
+    python -m pip install --no-index --find-links scripts/gpu_wheels "${wheels[@]}"
+  elif ! python -m pip install --no-build-isolation "flash-attn>=2.6"; then
+    echo "[install] flash-attn could not be built here: core uses PyTorch SDPA (scripts/gpu_wheels/README.md)" >&2
+  fi
 fi
 python -c "import torch, core, stages, artifacts, flows, core.attention as a; print('[install] ok: torch', torch.__version__, '| cuda', torch.version.cuda, '| attention:', a.describe_backend())"

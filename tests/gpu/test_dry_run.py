@@ -1,6 +1,7 @@
 """The GPU kit's CPU dry run, end to end through scripts/gpu_check.sh (CI runs this so the kit cannot
-rot between GPU sessions): every section runs at tiny sizes, the CUDA tests skip with their reason,
-and the last line of stdout is the JSON report."""
+rot between GPU sessions): the GPU budget plan prints first, every section runs at tiny sizes (the
+stage path under torchrun included), the CUDA tests skip with their reason, and the last line of
+stdout is the JSON report."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from tests.conftest import REPO
 
 GPU_TESTS = {"test_backend_matches_naive_reference", "test_flash_matches_sdpa", "test_bf16_step_tracks_fp32",
              "test_fp8_linear_matches_bf16", "test_fp8_training_tracks_bf16", "test_compiled_training_step_matches_eager",
+             "test_fp8_compiled_training_step",
              "test_distributed_optimizer_on_nccl_one_process", "test_kv_cache_generation_matches_uncached_forward",
              "test_export_bundle_round_trip", "test_fused_loss_matches_the_plain_loss"}
 
@@ -42,6 +44,24 @@ def test_cpu_dry_run_end_to_end():
     rows = r["infer"]["rows"]
     assert [x["batch_size"] for x in rows] == [1, 8, 32] and r["infer"]["prefill"][0]["prompt_tokens"] == 32
     assert all(x["ttft_s"] > 0 and x["tpot_s"] > 0 and x["decode_steps"] == 7 for x in rows), rows
+    # the GPU plan, printed first: (a)-(c) never skipped, d12/d20 shapes checked on the meta device
+    sections = r["plan"]["sections"]
+    assert [s["key"] for s in sections[:3]] == ["tests", "stage", "sft_rl"] and all(s["never_skip"] for s in sections[:3])
+    assert not any(s["never_skip"] for s in sections[3:]) and sections[-1]["key"] == "infer"
+    assert all(s["estimate_s"] > 0 for s in sections)
+    for depth, shape in r["plan"]["shapes"].items():
+        assert shape["fp8_ok"] and shape["fits_80gb"] and shape["fp8_layers"] == 6 * int(depth), shape
+    assert r["plan"]["trace_s"]["12"] > 0
+    printed = proc.stdout.splitlines()
+    plan_at = next(i for i, line in enumerate(printed) if "GPU budget plan" in line)
+    assert plan_at < next(i for i, line in enumerate(printed) if "pytest -m gpu" in line and "skips" in line)
+    assert sum("never skipped" in line for line in printed) == 3
+    # (b) the pretrainer under torchrun: SIGTERM, a checkpoint, and a bitwise resume on CPU
+    stage = r["stage"]
+    assert stage["tokens_match"] and stage["max_rel_loss_diff_after_resume"] == 0 == stage["max_rel_weight_diff"]
+    assert 6 <= stage["resumed_from"] < 12 and stage["termed_exit"] != 0, stage
+    # (c) one SFT and one RL step from the pretrained checkpoint
+    assert 0 < r["sft_rl"]["sft_loss"] < 10 and 0 <= r["sft_rl"]["rl_reward"] <= 1, r["sft_rl"]
     skipped = " ".join(r["skipped"])
     assert "fp8 training throughput: needs CUDA" in skipped and "CUDA-only paths" in skipped
     assert "[gpu-check] skipped fp8 training throughput" in proc.stdout   # said as it runs, not only in the JSON

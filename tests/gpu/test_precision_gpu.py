@@ -47,11 +47,16 @@ def test_bf16_step_tracks_fp32(device):
             m.zero_grad(set_to_none=True)
     for a, b in zip(losses["bf16"], losses["fp32"]):
         assert abs(a - b) / b < 2e-2, losses                       # the same loss before and after a step
+    # a cosine of two 1-element vectors is +-1 (a sign test): directions are compared on tensors of
+    # many elements only (the scalar gains' effect shows in the losses above)
     g32, g16 = first_grads["fp32"], first_grads["bf16"]
+    checked = 0
     for name, want in g32.items():
-        if want.norm() > 0:
+        if want.numel() > 1 and want.norm() > 0:
             cos = F.cosine_similarity(g16[name].flatten().float(), want.flatten(), dim=0).item()
             assert cos > 0.99, (name, cos)
+            checked += 1
+    assert checked >= 4 * 6, checked                     # at least every block's six matrices
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
