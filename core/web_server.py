@@ -204,4 +204,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info
     server = make_server(app, host, port, log_level=log_level, max_connections=max_connections)
     where = f"[{host}]" if ":" in host else host
     print(f"nanorun chat on http://{where}:{port}/{'?token=TOKEN' if token else ''}  (Ctrl-C to stop)", flush=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:   # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
+        pass
