@@ -290,6 +290,12 @@ def check_config(path: Path, info: dict) -> None:
         config = GPTConfig.from_dict(arch)
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: bad architecture ({e}); the bundle is damaged") from None
+    for key, kinds in (("weights", {"dtype": str, "bytes": int}), ("tokenizer", {"sha256": str})):
+        part = info.get(key) or {}
+        bad = [k for k, kind in kinds.items() if part.get(k) is not None and not isinstance(part.get(k), kind)] \
+            if isinstance(part, dict) else [key]
+        if bad:
+            raise BundleError(f"{where}: {key} has a field of the wrong type ({', '.join(bad)}); the bundle is damaged")
     dtype = (info.get("weights") or {}).get("dtype", "float32")
     if dtype not in WEIGHT_DTYPES:
         raise BundleError(f"{where}: weights dtype {dtype!r:.40} is not one of {', '.join(WEIGHT_DTYPES)}")

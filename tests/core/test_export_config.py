@@ -26,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("config.json", "n_layer", -1, "bad architecture"),
     ("config.json", "architecture", [], "'architecture' is list, not an object"),
     ("config.json", "weights", {"dtype": "int4"}, "weights dtype 'int4'"),
+    ("config.json", "weights", {"bytes": "many"}, "weights has a field of the wrong type \\(bytes\\)"),
+    ("config.json", "tokenizer", [1], "tokenizer has a field of the wrong type"),
     ("generation_config.json", "temperature", "hot", "temperature is 'hot', not a number"),
     ("generation_config.json", "max_tokens", 2.5, "max_tokens is 2.5"),
     ("generation_config.json", "top_k", -3, "top_k must be >= 0"),
@@ -36,7 +38,7 @@ def test_hostile_configs_are_refused_before_building(bundle, tmp_path, file, key
     data = json.loads((path / file).read_text())
     if key is None:
         data = value
-    elif file == "config.json" and key not in ("architecture", "weights"):
+    elif file == "config.json" and key not in ("architecture", "weights", "tokenizer"):
         data["architecture"][key] = value
     else:
         data[key] = value
