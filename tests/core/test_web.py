@@ -295,6 +295,10 @@ def test_create_app_checks_its_arguments(tok, model):
         create_app(lambda: None, model_name="x", num_workers=0)
     with pytest.raises(ValueError, match="max_queue"):
         create_app([(Engine(model, tok), tok)], model_name="x", max_queue=-1)
+    with pytest.raises(ValueError, match="body_timeout"):
+        create_app([(Engine(model, tok), tok)], model_name="x", body_timeout=0)
+    with pytest.raises(ValueError, match="header_timeout"):
+        make_server(create_app([(Engine(model, tok), tok)], model_name="x"), header_timeout=0)
 
 
 # ---- guards (issue 19 §4): body limit, Host allow-list, token, /docs, seed ----------------------
