@@ -70,7 +70,15 @@ def install_log_redaction() -> None:
             return record
         clean = redact(message)
         if clean != message:
-            record.msg, record.args = clean, ()
+            # Redact the arguments one by one where that cleans the message: formatters that unpack
+            # record.args (uvicorn's access log: client, method, path, ...) keep working.
+            args = tuple(redact(a) if isinstance(a, str) else a for a in record.args) \
+                if isinstance(record.args, tuple) and isinstance(record.msg, str) else ()
+            try:
+                split = args and redact(record.msg) % args == clean
+            except (TypeError, ValueError):
+                split = False
+            record.msg, record.args = (redact(record.msg), args) if split else (clean, ())
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return record

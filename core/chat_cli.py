@@ -23,9 +23,25 @@ QUIT = ("quit", "exit", ":q")
 CLEAR = ("clear", "/clear", "reset")
 
 
+def check_text(text: str, what: str) -> None:
+    """ValueError unless `text` encodes as UTF-8: a lone surrogate does not (a JSON "\\ud800" escape,
+    or a byte that was not UTF-8 in argv or stdin, which Python decodes to U+DC80..U+DCFF)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f" (the byte 0x{code - 0xDC00:02x}, which is not UTF-8)" if 0xDC80 <= code <= 0xDCFF else ""
+        raise ValueError(f"{what} is not valid text: character {e.start} is the lone surrogate U+{code:04X}{byte}; "
+                         "send UTF-8") from None
+
+
 def reply(engine: Engine, tokenizer, messages: list[dict], *, temperature: float, top_k: int | None,
           max_tokens: int, seed: int, write: Callable[[str], None]) -> str:
-    """Generate one assistant reply to `messages`, writing text as it completes; returns it."""
+    """Generate one assistant reply to `messages`, writing text as it completes; returns it.
+    ValueError (nothing generated) for text that is not UTF-8 or a conversation beyond the context."""
+    for i, m in enumerate(messages):
+        if isinstance(m["content"], str):
+            check_text(m["content"], "your message" if i == len(messages) - 1 else f"message {i}")
     tokens = render_chat(tokenizer, messages)
     room = engine.max_context - len(tokens)
     if room < 1:
@@ -72,6 +88,9 @@ def run_chat(engine: Engine, tokenizer, *, prompt: str | None = None, temperatur
             except (EOFError, KeyboardInterrupt):
                 write("\n")
                 return messages
+            except UnicodeDecodeError as e:     # stdin in a strict UTF-8 locale
+                write(f"[your message is not valid text: {e.reason} at byte {e.start}; type UTF-8]\n")
+                continue
             if not text:
                 continue
             if text.lower() in QUIT:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -260,7 +260,70 @@ def read_config(path: Path | str) -> dict:
     if missing:
         raise BundleError(f"{path} is an incomplete export bundle: missing {', '.join(missing)}; "
                           "copy the whole folder (or `nanorun pull` it again)")
+    check_config(path, info)
     return info
+
+
+# The JSON types of the sampling defaults (GenerationConfig checks their ranges).
+_GENERATION_TYPES = {"temperature": (int, float), "top_k": (int, type(None)), "top_p": (int, float, type(None)),
+                     "max_tokens": (int,), "context_length": (int,)}
+_ROPE_BYTES_FREE = 256 << 20  # a rotary table this large is allowed whatever the weights' size
+
+
+def check_config(path: Path, info: dict) -> None:
+    """BundleError unless config.json's architecture and generation_config.json are well-typed and
+    describe a model that model.safetensors can hold, checked before anything is allocated: a
+    config claiming a huge model would otherwise make load() allocate it first (gigabytes) and only
+    then find that the weights do not fit."""
+    from core.gpt import GPTConfig, count_params
+
+    arch, where = info.get("architecture"), path / CONFIG_FILE
+    if not isinstance(arch, dict):
+        raise BundleError(f"{where}: 'architecture' is {type(arch).__name__}, not an object; the bundle is damaged")
+    for f in fields(GPTConfig):
+        value, kind = arch.get(f.name, f.default), type(f.default)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not ok:
+            raise BundleError(f"{where}: architecture.{f.name} is {value!r:.40}, not a {kind.__name__}; "
+                              "the bundle is damaged")
+    try:
+        config = GPTConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: bad architecture ({e}); the bundle is damaged") from None
+    for key, kinds in (("weights", {"dtype": str, "bytes": int}), ("tokenizer", {"sha256": str})):
+        part = info.get(key) or {}
+        bad = [k for k, kind in kinds.items() if part.get(k) is not None and not isinstance(part.get(k), kind)] \
+            if isinstance(part, dict) else [key]
+        if bad:
+            raise BundleError(f"{where}: {key} has a field of the wrong type ({', '.join(bad)}); the bundle is damaged")
+    dtype = (info.get("weights") or {}).get("dtype", "float32")
+    if dtype not in WEIGHT_DTYPES:
+        raise BundleError(f"{where}: weights dtype {dtype!r:.40} is not one of {', '.join(WEIGHT_DTYPES)}")
+    size = (path / WEIGHTS_FILE).stat().st_size
+    needed = count_params(config)["total"] * WEIGHT_DTYPES[dtype].itemsize
+    if needed > size:
+        raise BundleError(f"{path / WEIGHTS_FILE} is truncated or does not match {CONFIG_FILE}'s architecture: that "
+                          f"needs {needed:,} bytes of {dtype} weights, the file holds {size:,}; copy or pull the "
+                          "bundle again")
+    rope = 10 * config.sequence_len * config.head_dim * 4  # core.gpt: cos + sin over 10 x sequence_len positions
+    if rope > max(size, _ROPE_BYTES_FREE):
+        raise BundleError(f"{where}: sequence_len {config.sequence_len} needs a {rope:,}-byte rotary table, more "
+                          f"than the {size:,}-byte model itself; the bundle is damaged")
+    gen_file = path / GENERATION_FILE
+    try:
+        gen = json.loads(gen_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{gen_file} is not valid JSON ({e}); the bundle is damaged") from None
+    if not isinstance(gen, dict):
+        raise BundleError(f"{gen_file}: not a JSON object; the bundle is damaged")
+    for name, types in _GENERATION_TYPES.items():
+        if name in gen and (not isinstance(gen[name], types) or isinstance(gen[name], bool)):
+            raise BundleError(f"{gen_file}: {name} is {gen[name]!r:.40}, not a number of the right kind; "
+                              "fix it or export the bundle again")
+    try:
+        GenerationConfig.from_dict(gen)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{gen_file} is invalid ({e}); fix it or export the bundle again") from None
 
 
 def load(path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

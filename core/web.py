@@ -1,6 +1,7 @@
 """Web chat: a FastAPI app (one page + a streaming API) over a pool of model replicas.
 
-    from core.web import create_app, serve
+    from core.web import create_app
+    from core.web_server import serve
     app = create_app(load_engine, model_name="d20 sft", num_workers=1, max_queue=8)
     serve(app, host="127.0.0.1", port=8000)          # then open http://127.0.0.1:8000/
 
@@ -11,19 +12,25 @@ list of (Engine, Tokenizer), one per device. The `nanorun serve` CLI builds thes
 Endpoints (the reference's API, so its clients work unchanged):
   GET  /                   the chat page (core/static/)
   POST /chat/completions   {messages: [{role, content}], temperature?, top_k?, max_tokens?, seed?}
-                           -> text/event-stream: `data: {"token": "...", "gpu": worker}` ...
+                           -> text/event-stream: `data: {"token": "...", "gpu": N}` ... (N: the CUDA
+                              device generating it; null on CPU or MPS)
                               `data: {"done": true}`  (an `{"error": ...}` event precedes done
                               if generation fails)
-  GET  /health             {"status", "ready", "model", "num_gpus", "available_workers", ...}
+  GET  /health             {"status", "ready", "model", "num_gpus", "devices", "available_workers", ...}
   GET  /stats              per-worker counters, queue length, rejected requests
 
-Guards (one ASGI middleware, before anything is parsed; see _Guard):
+Guards (one ASGI middleware, before anything is parsed; see _Guard; connection-level bounds such
+as slow headers and the connection cap are core/web_server.py's):
   - the Host header must name this server (DNS rebinding): loopback names, IP literals, and the
-    names given in allowed_hosts ("*" turns the check off); else 400.
+    names given in allowed_hosts ("*" turns the check off and the Origin check below); else 400.
+  - a POST must say `Content-Type: application/json` (else 415) and, if it carries an Origin
+    header, come from this server's own origin or a loopback / allowed_hosts name (else 403): a
+    page on another site can send a cross-origin "simple" request (text/plain, no preflight) to a
+    loopback server, and would otherwise start a generation.
   - an optional bearer token: `Authorization: Bearer T`, or the cookie set by opening
     /?token=T once (the browser page then works unchanged); else 401. /health stays open.
   - request bodies over max_body bytes are 413, announced (Content-Length) or streamed (chunked),
-    before any parsing; JSON parsing and validation of what passes are bounded (a message count
+    and one still arriving after body_timeout seconds is 408, before any parsing; JSON parsing and validation of what passes are bounded (a message count
     over the limit is refused before pydantic walks the list), so /health stays responsive.
   - /docs and /openapi.json exist only with docs=True.
 
@@ -58,6 +65,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 
+from core.chat_cli import check_text
 from core.engine import Engine, TextStreamer, render_chat
 
 log = logging.getLogger("nanorun.web")
@@ -73,6 +81,7 @@ MAX_TOKENS_RANGE = (1, 4096)
 SEED_RANGE = (0, 2**64 - 1)     # what torch.Generator.manual_seed takes
 ROLES = ("user", "assistant", "system")
 MAX_BODY = 1 << 20              # bytes of a request body; a full conversation at the limits is ~0.2 MB
+BODY_TIMEOUT = 30.0             # seconds to receive it (1 MiB at 35 KB/s)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 TOKEN_COOKIE = "nanorun_token"
 
@@ -105,6 +114,10 @@ def validate_request(req: ChatRequest) -> None:
             bad(f"message {i} has role {m.role!r}: use 'user', 'assistant' or 'system'")
         if not m.content:
             bad(f"message {i} has empty content")
+        try:
+            check_text(m.content, f"message {i}")
+        except ValueError as e:
+            bad(str(e))
         if len(m.content) > MAX_MESSAGE_CHARS:
             bad(f"message {i} is too long: {len(m.content)} characters, at most {MAX_MESSAGE_CHARS}")
         total += len(m.content)
@@ -133,7 +146,8 @@ def parse_request(body: bytes) -> ChatRequest:
     try:
         req = ChatRequest.model_validate(data)
     except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
+        # without the offending input: it may hold a lone surrogate, which no JSON answer can encode
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
     validate_request(req)
     return req
 
@@ -171,10 +185,11 @@ class _Guard:
     DNS rebinding makes a page on evil.example talk to this server with `Host: evil.example`; an IP
     literal in Host means the browser's origin *is* that address, so those pass, as do the names
     in `hosts`. The body is read here (at most max_body bytes, whatever Content-Length claims,
-    chunked too) and replayed to the app; later receive() calls (disconnects) go straight through."""
+    chunked too, within body_timeout seconds) and replayed to the app; later receive() calls
+    (disconnects) go straight through."""
 
-    def __init__(self, app, *, max_body: int, hosts: frozenset[str] | None, token: str | None):
-        self.app, self.max_body, self.hosts, self.token = app, max_body, hosts, token
+    def __init__(self, app, *, max_body: int, body_timeout: float, hosts: frozenset[str] | None, token: str | None):
+        self.app, self.max_body, self.body_timeout, self.hosts, self.token = app, max_body, body_timeout, hosts, token
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -195,18 +210,28 @@ class _Guard:
             if not self._authorized(headers):
                 return await _reply(send, 401, "a token is required: send 'Authorization: Bearer TOKEN', or "
                                                "open /?token=TOKEN in the browser", [(b"www-authenticate", b"Bearer")])
+        if scope["method"] == "POST":
+            refusal = self._post_refusal(headers)
+            if refusal is not None:
+                return await _reply(send, *refusal)
         announced = headers.get(b"content-length")
         if announced is not None and (not announced.strip().isdigit() or int(announced) > self.max_body):
             return await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body:
-                return await _reply(send, 413, f"request body over {self.max_body} bytes", [(b"connection", b"close")])
+        try:
+            async with asyncio.timeout(self.body_timeout):  # a body sent a byte at a time holds a connection too
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.max_body:
+                        return await _reply(send, 413, f"request body over {self.max_body} bytes",
+                                            [(b"connection", b"close")])
+        except TimeoutError:
+            return await _reply(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                [(b"connection", b"close")])
         replayed = False
 
         async def replay():
@@ -217,6 +242,20 @@ class _Guard:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _post_refusal(self, headers: dict[bytes, str]) -> tuple[int, str] | None:
+        """(status, why) for a POST a browser on another site may have sent, else None."""
+        media = headers.get(b"content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            return 415, f"send the body as JSON with 'Content-Type: application/json' (got {media or 'none'!r})"
+        origin = headers.get(b"origin")
+        if origin is None or self.hosts is None:    # not a browser, or every host allowed
+            return None
+        _, _, site = origin.strip().lower().partition("://")
+        if site and (site == headers.get(b"host", "").strip().lower() or _host_name(site) in self.hosts):
+            return None
+        return 403, (f"requests from the page at {origin[:100]!r} are not accepted: open the chat from this server, "
+                     "or start it with --allow-host NAME for that page's host")
 
     def _valid(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.encode(), self.token.encode())
@@ -265,7 +304,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    worker: int = -1            # the replica serving it (the reference's "gpu" field)
+    gpu: int | None = None      # the CUDA device serving it (the reference's "gpu" field); None off CUDA
 
 
 class QueueFull(Exception):
@@ -327,7 +366,8 @@ class WorkerPool:
                 if not job.cancelled.is_set():
                     with self.lock:
                         replica.busy = True
-                    job.worker = replica.index
+                    device = replica.engine.device
+                    job.gpu = (device.index or 0) if device.type == "cuda" else None
                     self._generate(replica, job)
             finally:
                 with self.lock:
@@ -384,6 +424,7 @@ def _sse(payload: dict) -> str:
 def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Engine, object]], *,
                model_name: str, num_workers: int = 1, max_queue: int = 8,
                temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512, max_body: int = MAX_BODY,
+               body_timeout: float = BODY_TIMEOUT,
                allowed_hosts: Iterable[str] = (), token: str | None = None, docs: bool = False) -> FastAPI:
     """The chat app. temperature/top_k/max_tokens are the defaults when a request omits them.
 
@@ -400,6 +441,8 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
         raise ValueError(f"max_queue must be >= 0, got {max_queue}")
     if max_body < 1:
         raise ValueError(f"max_body must be >= 1 byte, got {max_body}")
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be > 0 seconds, got {body_timeout}")
     if token is not None and not token.strip():
         raise ValueError("token is empty: pass None for no token")
     hosts = {_host_name(h) if h.startswith("[") else h.lower() for h in allowed_hosts}
@@ -432,7 +475,7 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
 
     app = FastAPI(title=f"nanorun chat: {model_name}", lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
-    app.add_middleware(_Guard, max_body=max_body, token=token,
+    app.add_middleware(_Guard, max_body=max_body, body_timeout=body_timeout, token=token,
                        hosts=None if "*" in hosts else frozenset({*LOOPBACK_NAMES, *hosts}))
     app.state.pool = pool
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -446,8 +489,11 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
     @app.get("/health")
     async def health():
         s = pool.stats()
-        return {"status": "ok" if pool.load_error is None else "error", "ready": pool.ready,
-                "model": model_name, "num_gpus": len(pool.replicas), "available_workers": s["available"],
+        with pool.lock:
+            devices = [str(r.engine.device) for r in pool.replicas]
+        return {"status": "ok" if pool.load_error is None else "error", "ready": pool.ready, "model": model_name,
+                "num_gpus": len({d for d in devices if d.startswith("cuda")}), "workers": len(devices),
+                "devices": devices, "available_workers": s["available"],
                 "queued": s["waiting"], "max_queue": max_queue, "error": pool.load_error}
 
     @app.get("/stats")
@@ -501,7 +547,7 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
                 while True:
                     kind, value = await job.events.get()
                     if kind == "token":
-                        yield _sse({"token": value, "gpu": job.worker})
+                        yield _sse({"token": value, "gpu": job.gpu})
                     elif kind == "error":
                         yield _sse({"error": value})
                     else:
@@ -515,12 +561,3 @@ def create_app(load_engine: Callable[[], tuple[Engine, object]] | list[tuple[Eng
 
     return app
 
-
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          token: bool = False) -> None:
-    """Run the app with uvicorn (blocking). Binds loopback unless a host is given explicitly."""
-    import uvicorn
-
-    where = f"[{host}]" if ":" in host else host
-    print(f"nanorun chat on http://{where}:{port}/{'?token=TOKEN' if token else ''}  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -261,9 +261,14 @@ class Chat:
 
     @staticmethod
     def run(args) -> int:
-        from core.chat_cli import run_chat
+        from core.chat_cli import check_text, run_chat
         from stages.base import ConfigError
 
+        if args.prompt is not None:
+            try:
+                check_text(args.prompt, "the prompt (-p)")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         found = find_chat_model(args.ref, _store_for(args), args.tokenizer)
         gen = _sampling(args, found)
         device = _device(args.device)
@@ -332,7 +337,8 @@ class Serve:
 
     @staticmethod
     def run(args) -> int:
-        from core.web import MAX_BODY, create_app, is_loopback, serve
+        from core.web import MAX_BODY, create_app, is_loopback
+        from core.web_server import serve
         from stages.base import ConfigError
 
         if args.workers < 1 or args.max_queue < 0 or not 0 < args.port < 65536 or (args.max_body is not None and args.max_body < 1):

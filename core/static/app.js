@@ -341,7 +341,7 @@ async function checkHealth() {
   try {
     const h = await (await fetch("/health")).json();
     if (!active) $("status-dot").className = "dot " + (h.ready ? "ok" : "down");
-    $("status-dot").title = h.ready ? `ready · ${h.num_gpus} worker(s) · ${h.queued} queued` : (h.error || "loading…");
+    $("status-dot").title = h.ready ? `ready · ${h.workers} worker(s) on ${[...new Set(h.devices)].join(", ")} · ${h.queued} queued` : (h.error || "loading…");
   } catch (e) {
     $("status-dot").className = "dot down";
     $("status-dot").title = "server unreachable";

@@ -103,3 +103,26 @@ def test_conversation_beyond_the_context_is_refused_clearly(tok):
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
     with pytest.raises(ValueError, match="context"):
         run_chat(Engine(small, tok), tok, prompt=long_text, output=io.StringIO())
+
+
+def test_text_that_is_not_utf8_is_refused_clearly(tok, model):
+    """A byte that is not UTF-8 (argv or a surrogate-escaping stdin makes it U+DC80..U+DCFF) or a lone
+    surrogate: one message, the session goes on; a stdin that cannot be decoded at all likewise."""
+    def undecodable(prompt):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    lines = iter(["caf\udce9", "\ud800", None, "hi", "quit"])
+
+    def input_fn(prompt):
+        line = next(lines)
+        return undecodable(prompt) if line is None else line
+
+    rec = Recorder(model)
+    out = io.StringIO()
+    messages = run_chat(Engine(rec, tok), tok, input_fn=input_fn, max_tokens=4, seed=0, output=out)
+    text = out.getvalue()
+    assert "[your message is not valid text: character 3 is the lone surrogate U+DCE9 (the byte 0xe9" in text
+    assert "U+D800; send UTF-8]" in text and "[your message is not valid text: invalid start byte at byte 0" in text
+    assert len(rec.prompts) == 1 and [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
+    with pytest.raises(ValueError, match=r"U\+DCFF"):
+        run_chat(Engine(model, tok), tok, prompt="\udcff", output=io.StringIO())

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch.nn as nn
-import uvicorn
 
 from core.engine import Engine, TextStreamer, render_chat
 from core.web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app
+from core.web_server import make_server
 from tests._tok import small_tokenizer
 from tests.core.test_engine import tiny_gpt
 
@@ -34,8 +34,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+def running(app, **bounds):
+    """The app served as `nanorun serve` serves it (core.web_server), on a free loopback port."""
+    server = make_server(app, "127.0.0.1", free_port(), log_level="warning", **bounds)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -87,7 +88,8 @@ def test_page_static_and_health(url):
         assert httpx.get(url + asset).status_code == 200
     h = httpx.get(url + "/health").json()
     assert h["status"] == "ok" and h["ready"] is True and h["model"] == MODEL_NAME
-    assert h["num_gpus"] == 1 and h["available_workers"] == 1
+    # the real device: one worker on the CPU is no GPU
+    assert h["num_gpus"] == 0 and h["workers"] == 1 and h["devices"] == ["cpu"] and h["available_workers"] == 1
     s = httpx.get(url + "/stats").json()
     assert s["total_workers"] == 1 and s["workers"][0]["device"] == "cpu"
 
@@ -99,7 +101,7 @@ def test_sse_stream_is_the_reference_format_and_the_engine_output(url, tok, mode
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r)
     assert events[-1] == {"done": True}
-    assert all(set(e) == {"token", "gpu"} and e["gpu"] == 0 and e["token"] for e in events[:-1])
+    assert all(set(e) == {"token", "gpu"} and e["gpu"] is None and e["token"] for e in events[:-1])
     text = "".join(e["token"] for e in events[:-1])
     # the same generation straight from the engine
     engine, streamer, expected = Engine(model, tok), TextStreamer(tok), []
@@ -293,6 +295,10 @@ def test_create_app_checks_its_arguments(tok, model):
         create_app(lambda: None, model_name="x", num_workers=0)
     with pytest.raises(ValueError, match="max_queue"):
         create_app([(Engine(model, tok), tok)], model_name="x", max_queue=-1)
+    with pytest.raises(ValueError, match="body_timeout"):
+        create_app([(Engine(model, tok), tok)], model_name="x", body_timeout=0)
+    with pytest.raises(ValueError, match="header_timeout"):
+        make_server(create_app([(Engine(model, tok), tok)], model_name="x"), header_timeout=0)
 
 
 # ---- guards (issue 19 §4): body limit, Host allow-list, token, /docs, seed ----------------------

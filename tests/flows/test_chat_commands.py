@@ -58,6 +58,9 @@ def test_errors_are_one_line(tmp_path, nanorun_home, capsys):
     one_line_error(code, err, f"{toy.ref} is a toy artifact, which holds no model")
     code, _, err = run(capsys, "--store", url, "serve", str(toy.ref), "--workers", "0")
     one_line_error(code, err, "--workers 0 (>= 1)")
+    # `nanorun chat -p $'\xff'`: Python hands the byte over as U+DCFF; refused before a model is looked for
+    code, _, err = run(capsys, "--store", url, "chat", "-p", "hi \udcff")
+    one_line_error(code, err, "the prompt (-p) is not valid text", "U+DCFF (the byte 0xff, which is not UTF-8)")
 
 
 # ---- with the tiny speedrun's models ----------------------------------------------------------------
@@ -223,7 +226,7 @@ def test_serve_subprocess(models, bundle, capsys):
     try:
         health = _wait_ready(base, proc)
         name = f"export/{bundle.label}-{bundle.fingerprint[:8]}"
-        assert health["model"] == name and health["num_gpus"] == 1 and health["max_queue"] == 2
+        assert health["model"] == name and health["devices"] == ["cpu"] and health["max_queue"] == 2
         assert name in httpx.get(base + "/", timeout=10).text
         body = {"messages": [{"role": "user", "content": PROMPT}], "seed": 7, "temperature": 0.8, "top_k": 30,
                 "max_tokens": 24}
