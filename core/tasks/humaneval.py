@@ -8,9 +8,9 @@ unit tests in the sandbox (core/sandbox.py).
 As the reference (tasks/humaneval.py): the user message is the prompt, the assistant's is the
 prompt plus the canonical solution; grading takes the first ```python block of the reply (or the
 whole reply), prepends the prompt's import lines (replies often drop them), appends the tests
-and `check(entry_point)`, and passes when that program exits cleanly within the limits. The
-problems are read in the order of a numpy default_rng(42) permutation, which is what the
-reference's Hugging Face `shuffle(seed=42)` gives, so "the first N problems" are the same N.
+and `check(entry_point)` (compiled apart from the reply), and passes when the tests run to their
+end within the limits. The problems are read in the order of a numpy default_rng(42)
+permutation, which is what the reference's Hugging Face `shuffle(seed=42)` gives, so "the first N problems" are the same N.
 The data comes from the PyPI package (offline); the file is a constructor argument for copies.
 """
 from __future__ import annotations
@@ -55,11 +55,12 @@ def extract_program(completion: str) -> str:
     return (m.group(1) if m else completion).strip()
 
 
-def build_program(conversation: dict, completion: str) -> str:
-    """The program a reply is graded by: prompt imports, the reply's code, the tests, the check."""
+def build_program(conversation: dict, completion: str) -> tuple[str, str]:
+    """What a reply is graded by: (the prompt's imports and the reply's code, the tests and the
+    check), compiled apart so that no reply can swallow the tests (an unclosed string, say)."""
     imports = extract_imports(conversation["messages"][0]["content"])
-    return (f"{imports}\n\n{extract_program(completion)}\n\n{conversation['test']}\n"
-            f"check({conversation['entry_point']})")
+    tests = f"{conversation['test']}\ncheck({conversation['entry_point']})\n"
+    return f"{imports}\n\n{extract_program(completion)}\n", tests
 
 
 class HumanEval(Task):
@@ -94,8 +95,8 @@ class HumanEval(Task):
     def grade(self, conversation: dict, completion: str) -> tuple[bool, str]:
         from core.sandbox import execute_code
 
-        r = execute_code(build_program(conversation, completion), timeout=self.timeout,
-                         memory_bytes=self.memory_bytes)
+        program, tests = build_program(conversation, completion)
+        r = execute_code(program, tests=tests, timeout=self.timeout, memory_bytes=self.memory_bytes)
         return r.success, r.reason
 
     def evaluate(self, conversation: dict, completion: str) -> bool:

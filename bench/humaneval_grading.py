@@ -1,0 +1,39 @@
+"""Time to grade HumanEval's 164 canonical solutions in the sandbox (core/sandbox.py), and how many pass.
+
+    python -m bench.humaneval_grading                 # 2 programs at a time, as chat_eval's grade_workers
+    python -m bench.humaneval_grading --workers 4 --stop 40
+
+Prints the isolation in use (bubblewrap, or python guards only) and one table row: problems,
+passed, wall seconds, programs per second.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from core import sandbox
+from core.tasks.humaneval import HumanEval
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.humaneval_grading", description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=2, help="programs graded at once")
+    p.add_argument("--stop", type=int, default=None, help="only the first N problems")
+    a = p.parse_args(argv)
+    task = HumanEval(stop=a.stop)
+    describe = getattr(sandbox, "describe_isolation", lambda: "sandbox: python guards only")
+    print(describe())
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        grades = list(pool.map(lambda i: task.grade(task[i], task[i]["messages"][1]["content"]), range(len(task))))
+    seconds = time.perf_counter() - t0
+    failed = [(task[i]["task_id"], reason) for i, (ok, reason) in enumerate(grades) if not ok]
+    print(f"{'problems':>8} {'passed':>6} {'workers':>7} {'seconds':>8} {'per s':>6}")
+    print(f"{len(task):>8} {len(task) - len(failed):>6} {a.workers:>7} {seconds:>8.1f} {len(task) / seconds:>6.1f}")
+    for task_id, reason in failed[:10]:
+        print(f"  FAILED {task_id}: {reason}")
+
+
+if __name__ == "__main__":
+    main()
