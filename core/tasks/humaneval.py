@@ -10,7 +10,8 @@ prompt plus the canonical solution; grading takes the first ```python block of t
 whole reply), prepends the prompt's import lines (replies often drop them), appends the tests
 and `check(entry_point)` (compiled apart from the reply), and passes when the tests run to their
 end within the limits. The problems are read in the order of a numpy default_rng(42)
-permutation, which is what the reference's Hugging Face `shuffle(seed=42)` gives, so "the first N problems" are the same N.
+permutation, which is what the reference's Hugging Face `shuffle(seed=42)` gives, so "the first
+N problems" are the same N.
 The data comes from the PyPI package (offline); the file is a constructor argument for copies.
 """
 from __future__ import annotations
@@ -98,6 +99,13 @@ class HumanEval(Task):
         program, tests = build_program(conversation, completion)
         r = execute_code(program, tests=tests, timeout=self.timeout, memory_bytes=self.memory_bytes)
         return r.success, r.reason
+
+    def sandbox(self) -> dict:
+        """For the report: the isolation grading had here ("sandbox: python guards only (why)" where
+        bubblewrap cannot run) and the distributions a program could import."""
+        from core.sandbox import describe_isolation, importable_packages
+
+        return {"isolation": describe_isolation(), "packages": list(importable_packages())}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return self.grade(conversation, completion)[0]

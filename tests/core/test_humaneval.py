@@ -51,6 +51,10 @@ def test_grading_runs_the_tests_in_the_sandbox(task):
     assert not ok and "timed out" in reason
     ok, reason = task.grade(conv, "import os\nos.system('rm -rf ~')\ndef below_threshold(l, t):\n    return True")
     assert not ok and "os.system is disabled" in reason
+    # the exit status decides nothing, and a reply cannot turn the tests into a string
+    for forged in ("import os\nos._exit(0)", "import __main__, os\nos._exit(__main__._limits['done_status'])",
+                   "def below_threshold(l, t):\n    return True\nx = " + "'" * 3):
+        assert not task.grade(conv, forged)[0], forged
 
 
 def test_the_humaneval_spec_is_a_package_source(task):
@@ -79,6 +83,7 @@ def test_generative_evaluation_grades_in_the_sandbox_concurrently(shared_data, t
     tok = small_tokenizer(str(shared_data / "corpus"))
     right = evaluate_generative(task, PlantedEngine(tok, HumanEval(stop=4)), tok, max_problems=4, grade_workers=2)
     assert (right.correct, right.total, right.available) == (4, 4, 164)
+    assert right.sandbox["isolation"].startswith("sandbox: ")  # the report says how programs were isolated
 
     class Broken(PlantedEngine):  # every reply loses its last line: the function body breaks
         def generate_batch(self, tokens, **kw):

@@ -1,0 +1,111 @@
+"""core/sandbox.py against an attacker: every attack tried on the sandbox (forged passes, the C
+modules under the Python guards, escapes from the process tree, the evaluator's secrets, resource
+bombs) fails and does no harm, under each isolation available here; the OS layer is what it says."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from core.sandbox import BUBBLEWRAP, GUARDS_ONLY, SandboxUnavailable, execute_code, isolation, require_isolation
+
+ISOLATIONS = [GUARDS_ONLY] + ([BUBBLEWRAP] if isolation() == BUBBLEWRAP else [])
+
+# (name, program, what must be true of the result besides "did not pass")
+ATTACKS = [
+    ("forged exit status", "import __main__, os\nos._exit(__main__._limits['done_status'])", None),
+    ("argv and /proc cmdline", "import sys, os\nprint(sys.argv, open('/proc/self/cmdline').read())\nos._exit(0)",
+     None),
+    ("junk on every descriptor", "import os\nfor fd in range(3, 256):\n    try:\n        os.write(fd, b'0' * 32)\n"
+                                 "    except OSError:\n        pass\nos._exit(0)", None),
+    ("frame walk to the harness", "import sys\nprint(sys._getframe().f_back.f_locals)", "frame"),
+    ("traceback frame", "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__.tb_frame.f_back.f_locals)",
+     "frame"),
+    ("gc walk", "import gc\nprint([o for o in gc.get_objects() if isinstance(o, bytes)])", "gc"),
+    ("tracer", "import sys\nsys.settrace(lambda *a: print(a))", "settrace"),
+    ("tests swallowed into a string", "x = '''", "SyntaxError"),
+    ("read any file through _io", "import _io\nprint(_io.FileIO('/etc/passwd').read())", "passwd"),
+    ("overwrite a file through _io", "import _io\n_io.FileIO({victim!r}, 'w').write(b'owned')", None),
+    ("the evaluator's environment", "import _io, posix\nprint(_io.FileIO(f'/proc/{{posix.getppid()}}/environ').read())",
+     None),
+    ("exec a Python without guards", "import posix, sys\nposix.execv(sys.executable, [sys.executable, '-c', "
+                                     "'print(\"escaped\")'])", None),
+    ("posix.system", "import posix\nposix.system('echo escaped; id')", None),
+    ("setsid child outlives the kill", "import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n"
+                                       "    while True:\n        time.sleep(0.1)", None),
+    ("stop the evaluator", "import posix, signal\nposix.kill(posix.getppid(), signal.SIGSTOP)\n"
+                           "posix.kill(1, signal.SIGSTOP)", None),
+    ("_posixsubprocess", "import _posixsubprocess", "_posixsubprocess"),
+    ("socket through _socket", "import _socket\ns = _socket.socket()\ns.connect(('1.1.1.1', 53))", "network"),
+    ("ctypes", "import ctypes\nctypes.CDLL(None).system(b'echo escaped')", "ctypes"),
+    ("subprocess", "import subprocess\nprint(subprocess.check_output(['id']))", None),
+    ("early sys.exit(0)", "import sys\nsys.exit(0)", "before its end"),
+    ("memory bomb", "x = bytearray(10 ** 10)", "memory"),
+    ("5,000 threads", "import threading, time\nfor _ in range(5000):\n"
+                      "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()", None),
+    ("ignore SIGXCPU", "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass", "cpu"),
+]
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "precious.txt"
+    path.write_text("precious")
+    return path
+
+
+@pytest.mark.parametrize("kind", ISOLATIONS)
+@pytest.mark.parametrize("name,code,expect", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_an_attack_fails_and_does_no_harm(kind, name, code, expect, victim, monkeypatch):
+    monkeypatch.setenv("NANORUN_TEST_SECRET", "hunter2")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    r = execute_code(code.format(victim=str(victim)), tests="print('the tests ran')", isolation=kind,
+                     timeout=5.0, cpu_seconds=1 if name == "ignore SIGXCPU" else None)
+    assert not r.success and r.status != "passed" and r.isolation == kind, (name, r)
+    if expect:
+        assert expect in r.reason or expect in r.status, (name, r.reason)
+    out = r.stdout + r.stderr
+    assert "the tests ran" not in r.stdout and "escaped" not in out and "hunter2" not in out and "root:" not in out
+    assert victim.read_text() == "precious"
+    assert psutil.Process().status() != psutil.STATUS_STOPPED
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # nothing survives
+
+
+@pytest.mark.parametrize("kind", ISOLATIONS)
+def test_what_honest_programs_need_still_works(kind):
+    """Threads (they count as processes for non-root rlimits), site-packages (numpy), typing and
+    namedtuple (they look for a caller's frame), files in the working directory, tracebacks."""
+    code = ("import threading, collections, typing, numpy\nfrom typing import NamedTuple\n"
+            "P = collections.namedtuple('P', 'x y')\nclass Q(NamedTuple):\n    a: int\n"
+            "out = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(16)]\n"
+            "[t.start() for t in ts]\n[t.join() for t in ts]\nopen('f.txt', 'w').write('ok')\n")
+    r = execute_code(code, tests="assert sorted(out) == list(range(16)) and open('f.txt').read() == 'ok'\n"
+                                 "assert int(numpy.arange(4).sum()) == 6 and P(1, 2).y == 2 and Q(3).a == 3",
+                     isolation=kind)
+    assert (r.success, r.status, r.isolation) == (True, "passed", kind), r.stderr
+    r = execute_code("def f():\n    raise KeyError('k')", tests="f()", isolation=kind)
+    assert r.reason == "KeyError: 'k'" and "line 2, in f" in r.stderr
+
+
+@pytest.mark.skipif(isolation() != BUBBLEWRAP, reason="bubblewrap does not run here")
+def test_under_bubblewrap_the_program_is_alone_unprivileged_and_offline():
+    r = execute_code("import os, socket\nprint(os.getuid(), os.getppid(), os.path.exists('/proc/1'), "
+                     "sorted(os.listdir('/')), os.path.exists(os.path.expanduser('~root/.bashrc')))\n"
+                     "print(open('/proc/net/dev').read() if os.path.exists('/proc/net/dev') else 'no net')")
+    assert r.success, r.stderr
+    first, net = r.stdout.split("\n")[:2]
+    uid, ppid, proc, rest = first.split(" ", 3)
+    assert (uid == "65534") == (os.getuid() == 0) and ppid == "1" and proc == "False"
+    assert "'home'" not in rest and rest.endswith("False") and net == "no net"  # no /home, no ~root/.bashrc
+
+
+def test_a_reward_needs_the_os_isolation_unless_accepted(monkeypatch):
+    import core.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_probe", lambda: (GUARDS_ONLY, "bwrap is not installed", ()))
+    with pytest.raises(SandboxUnavailable, match="sandbox: python guards only"):
+        require_isolation()
+    assert require_isolation(accept_guards_only=True) == GUARDS_ONLY
+    assert sandbox.describe_isolation() == "sandbox: python guards only (bwrap is not installed)"
+    assert execute_code("pass").isolation == GUARDS_ONLY
