@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (scripts/install.sh, plus Debian's chromium for the browser tests and bubblewrap for the code sandbox) and run the whole test
-# suite, slow end-to-end tests included. The README's test command; CI runs exactly this.
+# Set up (scripts/install.sh, plus Debian's chromium for the browser tests and bubblewrap for the
+# code sandbox) and run the whole test suite, slow end-to-end tests included. The README's test
+# command; CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -17,7 +18,8 @@ fi
 if ! command -v bwrap >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "[test] installing Debian bubblewrap for the code sandbox"
-    (apt-get install -y -q bubblewrap >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }) \
+    (apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }) \
       || echo "[test] bubblewrap could not be installed: the sandbox tests run with the python guards only" >&2
   else
     echo "[test] bwrap missing and cannot install it (need root + apt): sandbox: python guards only" >&2
