@@ -114,7 +114,9 @@ def harness(job_fd, verdict_fd):
                 resource.setrlimit(res, (soft, hard))
         except (ValueError, OSError):  # e.g. STACK above the current hard limit: keep the system's
             pass
-    del sys.modules["resource"], resource  # the program imports it afresh, and the hook refuses
+    del resource
+    for name in job["refused_imports"]:  # loaded ones too: the program imports them afresh, and the hook refuses
+        sys.modules.pop(name, None)
     excepthook, stdout, stderr, write, exit_now = sys.__excepthook__, sys.stdout, sys.stderr, os.write, os._exit
     guard(os.path.realpath(os.getcwd()), tuple(job["readable"]), frozenset(job["refused_imports"]))
     main = types.ModuleType("__main__")  # `import __main__` gives the program its own namespace
@@ -194,6 +196,10 @@ harness(int(sys.argv[1]), int(sys.argv[2]))
 REFUSED_IMPORTS = ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing", "pty", "resource",
                    "_testcapi", "_testinternalcapi", "_testbuffer", "_xxsubinterpreters", "_xxinterpchannels",
                    "psutil", "ssl", "_ssl", "tkinter", "ipdb")
+# Without bubblewrap the evaluator is the program's parent and visible: signal.pidfd_send_signal
+# (no audit event) could stop it, so there signal is not importable either. Under bwrap it cannot
+# see the evaluator, and PID 1 of its namespace ignores the signals it sends.
+GUARDS_ONLY_REFUSED_IMPORTS = ("signal", "_signal")
 
 
 def _env(work: str) -> dict[str, str]:
@@ -317,8 +323,9 @@ def _execute(code: str, tests: str, kind: str, timeout: float, cpu_seconds: int 
         os.mkdir(work)
         if drop:
             os.chown(work, NOBODY, NOBODY)
+        refused = REFUSED_IMPORTS + (GUARDS_ONLY_REFUSED_IMPORTS if kind == GUARDS_ONLY else ())
         job = json.dumps({"code": code, "tests": tests, "nonce": nonce, "limits": limits,
-                          "uid": NOBODY if drop else None, "refused_imports": REFUSED_IMPORTS,
+                          "uid": NOBODY if drop else None, "refused_imports": refused,
                           "readable": sorted({work, *_python_roots(), *map(os.path.realpath, _python_roots())})})
         job_r, job_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
