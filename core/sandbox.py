@@ -99,6 +99,7 @@ def harness(job_fd, verdict_fd):
     job = json.loads(b"".join(chunks))
     nonce, limits = job.pop("nonce").encode(), job["limits"]
     del chunks
+    sys.path.extend(job["site_packages"])  # what site would add, without its .pth files (-S: half the start-up)
     if job["uid"] is not None and os.getuid() == 0:  # drop root for good before anything else
         os.setgroups([])
         os.setresgid(job["uid"], job["uid"], job["uid"])
@@ -216,6 +217,11 @@ def _python_roots() -> list[str]:
     return [p for p in roots if not any(p.startswith(r + os.sep) for r in roots if r != p)]
 
 
+def _site_packages() -> list[str]:
+    """The evaluator's site-packages directories, read-only for the programs as in the reference."""
+    return [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
+
+
 def _bwrap_argv(bwrap: str, work: str, as_root: bool) -> list[str]:
     """bwrap's command line: fresh namespaces, read-only system and Python, `work` the only writable place."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
@@ -326,10 +332,11 @@ def _execute(code: str, tests: str, kind: str, timeout: float, cpu_seconds: int 
         refused = REFUSED_IMPORTS + (GUARDS_ONLY_REFUSED_IMPORTS if kind == GUARDS_ONLY else ())
         job = json.dumps({"code": code, "tests": tests, "nonce": nonce, "limits": limits,
                           "uid": NOBODY if drop else None, "refused_imports": refused,
-                          "readable": sorted({work, *_python_roots(), *map(os.path.realpath, _python_roots())})})
+                          "readable": sorted({work, *_python_roots(), *map(os.path.realpath, _python_roots())}),
+                          "site_packages": _site_packages()})
         job_r, job_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
-        python = [sys.executable, "-I", "-c", RUNNER, str(job_r), str(verdict_w)]
+        python = [sys.executable, "-I", "-S", "-c", RUNNER, str(job_r), str(verdict_w)]
         argv = _bwrap_argv(shutil.which("bwrap") or "bwrap", work, drop) + python if kind == BUBBLEWRAP else python
         try:
             proc = subprocess.Popen(argv, cwd=work, env=_env(work), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
