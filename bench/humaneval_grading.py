@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from core import sandbox
 from core.tasks.humaneval import HumanEval
@@ -22,13 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop", type=int, default=None, help="only the first N problems")
     a = p.parse_args(argv)
     task = HumanEval(stop=a.stop)
-    describe = getattr(sandbox, "describe_isolation", lambda: "sandbox: python guards only")
-    print(describe())
+    print(sandbox.describe_isolation())
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=a.workers) as pool:
-        grades = list(pool.map(lambda i: task.grade(task[i], task[i]["messages"][1]["content"]), range(len(task))))
+    failed = task.canonical_failures(workers=a.workers)
     seconds = time.perf_counter() - t0
-    failed = [(task[i]["task_id"], reason) for i, (ok, reason) in enumerate(grades) if not ok]
     print(f"{'problems':>8} {'passed':>6} {'workers':>7} {'seconds':>8} {'per s':>6}")
     print(f"{len(task):>8} {len(task) - len(failed):>6} {a.workers:>7} {seconds:>8.1f} {len(task) / seconds:>6.1f}")
     for task_id, reason in failed[:10]:

@@ -100,6 +100,18 @@ class HumanEval(Task):
         r = execute_code(program, tests=tests, timeout=self.timeout, memory_bytes=self.memory_bytes)
         return r.success, r.reason
 
+    def canonical_failures(self, workers: int = 2) -> list[tuple[str, str]]:
+        """Grade every problem's canonical solution, `workers` at a time: (task_id, reason) of those
+        that fail (none should: a failure is the sandbox refusing honest code)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def grade(i: int) -> tuple[str, bool, str]:
+            conv = self[i]
+            return (conv["task_id"], *self.grade(conv, conv["messages"][1]["content"]))
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return [(task_id, reason) for task_id, ok, reason in pool.map(grade, range(len(self))) if not ok]
+
     def sandbox(self) -> dict:
         """For the report: the isolation grading had here ("sandbox: python guards only (why)" where
         bubblewrap cannot run) and the distributions a program could import."""

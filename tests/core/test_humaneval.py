@@ -4,6 +4,8 @@ code fails with its reason), the task spec, the reference SFT recipes, and gener
 with sandboxed grading on planted completions."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from core.eval.chat import evaluate_generative
@@ -55,6 +57,16 @@ def test_grading_runs_the_tests_in_the_sandbox(task):
     for forged in ("import os\nos._exit(0)", "import __main__, os\nos._exit(__main__._limits['done_status'])",
                    "def below_threshold(l, t):\n    return True\nx = " + "'" * 3):
         assert not task.grade(conv, forged)[0], forged
+
+
+@pytest.mark.slow
+def test_all_164_canonical_solutions_pass_in_the_sandbox(task):
+    """The OS isolation and the guards leave honest code alone: threads, site-packages, typing."""
+    from core.sandbox import describe_isolation
+
+    t0 = time.perf_counter()
+    assert task.canonical_failures(workers=2) == []
+    print(f"164 canonical solutions graded in {time.perf_counter() - t0:.1f}s | {describe_isolation()}")
 
 
 def test_the_humaneval_spec_is_a_package_source(task):
