@@ -15,9 +15,10 @@ what is left. Two layers:
    installs it). Each program runs in its own network, PID, IPC and UTS namespaces (no network,
    sees no other process, its parent is bwrap's init, never the evaluator), in a file system of
    read-only binds (/usr, Python's installation and site-packages) plus its own temporary
-   directory (the only writable place), no /proc, as uid 65534 with no capabilities when the
-   evaluator is root (else as the user, in a user namespace); when it ends or is killed, its PID
-   namespace goes and with it everything it started (setsid does not escape).
+   directory (the only writable place), no /proc, with no capabilities: as uid 65534 when the
+   evaluator is root, else in a user namespace (as uid 65534 inside it for a root without
+   CAP_SYS_ADMIN); when it ends or is killed, its PID namespace goes and with it everything it
+   started (setsid does not escape).
 2. Python guards in the program's interpreter: an audit hook (sys.addaudithook: it sees the C
    modules too, posix, _io, _socket, and cannot be removed) refuses process calls, sockets,
    writes outside the directory, reads outside it and Python's installation, imports of ctypes
@@ -60,6 +61,7 @@ FILE_BYTES = 16 * 1024 * 1024      # largest file the program may write
 NOBODY = 65534                     # the identity programs run as when the evaluator is root
 PROCESSES = 512                    # RLIMIT_NPROC of that identity: threads count, a fork bomb stops here
 BUBBLEWRAP, GUARDS_ONLY = "bubblewrap", "python guards only"
+DROP, USERNS = "drop", "userns"    # bubblewrap as root dropping to NOBODY, or in a user namespace
 ISOLATIONS = (BUBBLEWRAP, GUARDS_ONLY)
 
 
@@ -222,14 +224,15 @@ def _site_packages() -> list[str]:
     return [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages") and os.path.isdir(p)]
 
 
-def _bwrap_argv(bwrap: str, work: str, as_root: bool) -> list[str]:
+def _bwrap_argv(bwrap: str, work: str, how: str) -> list[str]:
     """bwrap's command line: fresh namespaces, read-only system and Python, `work` the only writable place."""
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
             "--unshare-uts", "--unshare-cgroup-try"]
-    # root: no user namespace (it would map only root), the harness drops to NOBODY itself and
-    # with that every capability; otherwise an unprivileged user namespace, which has none
-    argv += (["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if as_root
-             else ["--unshare-user"])
+    if how == DROP:  # root: the harness drops to NOBODY itself, and with that every capability
+        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:  # a user namespace: no capabilities outside it; root is NOBODY inside
+        argv += ["--unshare-user", "--cap-drop", "ALL"]
+        argv += ["--uid", str(NOBODY), "--gid", str(NOBODY)] if os.getuid() == 0 else []
     argv += ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -248,32 +251,38 @@ def _bwrap_argv(bwrap: str, work: str, as_root: bool) -> list[str]:
     return argv + ["--chdir", work, "--"]
 
 
+def _identity(how: str) -> str:
+    if how == DROP:
+        return f"uid {NOBODY}"
+    return f"uid {NOBODY} in a user namespace, root outside it" if os.getuid() == 0 else "a user namespace"
+
+
 @functools.cache
 def _probe() -> tuple[str, str, tuple[str, ...]]:
-    """(isolation, why, importable distributions): runs one program under bwrap to see that it works here."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
+    """(how, why, importable distributions): runs one program under bwrap, each way that may work
+    here, best first (as root without CAP_SYS_ADMIN only a user namespace can be made)."""
+    if shutil.which("bwrap") is None:
         return GUARDS_ONLY, "bwrap is not installed (Debian: apt-get install bubblewrap)", ()
     listing = "import importlib.metadata as m\nprint(' '.join(sorted({d.metadata['Name'] for d in m.distributions()})))"
-    r = _execute(listing, "", BUBBLEWRAP, timeout=30.0)
-    if not r.success:
-        why = (r.stderr.strip().splitlines() or [r.reason or r.status])[-1][:200]
-        return GUARDS_ONLY, f"bwrap does not run here: {why}", ()
-    return BUBBLEWRAP, "no network, own PID namespace, read-only system", tuple(r.stdout.split())
+    for how in (DROP, USERNS) if os.getuid() == 0 else (USERNS,):
+        r = _execute(listing, "", how, timeout=30.0)
+        if r.success:
+            return how, f"no network, own PID namespace, read-only system, {_identity(how)}", tuple(r.stdout.split())
+    why = (r.stderr.strip().splitlines() or [r.reason or r.status])[-1][:200]
+    return GUARDS_ONLY, f"bwrap does not run here: {why}", ()
 
 
 def describe_isolation() -> str:
     """One line for logs and reports: which isolation programs get here, and why not the OS's."""
-    kind, why, packages = _probe()
-    who = f"uid {NOBODY}" if os.getuid() == 0 else "user namespace"
-    if kind == BUBBLEWRAP:
-        return f"sandbox: {kind} ({why}, {who}; {len(packages)} distributions importable)"
-    return f"sandbox: {kind} ({why})"
+    how, why, packages = _probe()
+    if how == GUARDS_ONLY:
+        return f"sandbox: {GUARDS_ONLY} ({why})"
+    return f"sandbox: {BUBBLEWRAP} ({why}; {len(packages)} distributions importable)"
 
 
 def isolation() -> str:
     """bubblewrap, or python guards only where bwrap cannot run here."""
-    return _probe()[0]
+    return GUARDS_ONLY if _probe()[0] == GUARDS_ONLY else BUBBLEWRAP
 
 
 def importable_packages() -> tuple[str, ...]:
@@ -308,15 +317,15 @@ def execute_code(code: str, tests: str = "", timeout: float = 5.0, cpu_seconds: 
         raise ValueError(f"execute_code: need timeout > 0 and output_bytes >= 1, got {timeout} and {output_bytes}")
     if isolation not in (None, *ISOLATIONS):
         raise ValueError(f"execute_code: isolation is one of {ISOLATIONS}, got {isolation!r}")
-    if isolation is None or (isolation == BUBBLEWRAP and _probe()[0] != BUBBLEWRAP):
-        isolation = _probe()[0]
-    return _execute(code, tests, isolation, timeout, cpu_seconds, memory_bytes, output_bytes, file_bytes)
+    how = GUARDS_ONLY if isolation == GUARDS_ONLY else _probe()[0]
+    return _execute(code, tests, how, timeout, cpu_seconds, memory_bytes, output_bytes, file_bytes)
 
 
-def _execute(code: str, tests: str, kind: str, timeout: float, cpu_seconds: int | None = None,
+def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int | None = None,
              memory_bytes: int | None = MEMORY_BYTES, output_bytes: int = OUTPUT_BYTES,
              file_bytes: int = FILE_BYTES) -> ExecutionResult:
-    drop = kind == BUBBLEWRAP and os.getuid() == 0
+    """execute_code's work; how: DROP or USERNS (bubblewrap's two ways) or GUARDS_ONLY."""
+    kind, drop = GUARDS_ONLY if how == GUARDS_ONLY else BUBBLEWRAP, how == DROP
     unlimited = -1  # resource.RLIM_INFINITY on Linux (the evaluator need not import resource)
     limits = {"cpu_seconds": int(cpu_seconds or -(-timeout // 1)), "file_bytes": int(file_bytes),
               "memory_bytes": unlimited if memory_bytes is None else int(memory_bytes),
@@ -337,7 +346,7 @@ def _execute(code: str, tests: str, kind: str, timeout: float, cpu_seconds: int 
         job_r, job_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
         python = [sys.executable, "-I", "-S", "-c", RUNNER, str(job_r), str(verdict_w)]
-        argv = _bwrap_argv(shutil.which("bwrap") or "bwrap", work, drop) + python if kind == BUBBLEWRAP else python
+        argv = _bwrap_argv(shutil.which("bwrap") or "bwrap", work, how) + python if kind == BUBBLEWRAP else python
         try:
             proc = subprocess.Popen(argv, cwd=work, env=_env(work), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(job_r, verdict_w))
