@@ -295,7 +295,8 @@ def chatcore_metrics(model, tokenizer, tasks: dict, *, max_cat: int = -1, max_sa
 
 
 def format_table(result: ChatEvalResult) -> str:
-    """Per-task rows (tasks outside ChatCORE marked), then the ChatCORE line with its label."""
+    """Per-task rows (tasks outside ChatCORE marked), the sandbox of code tasks, then the ChatCORE
+    line with its label."""
     members = {name for name in chatcore_members(result.tasks).values()}
     rows = [("task", "kind", "correct", "accuracy", "centered")]
     for name, t in result.tasks.items():
@@ -307,7 +308,7 @@ def format_table(result: ChatEvalResult) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[:-1]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     notes = [f"{name}: {t.sandbox['isolation']}" for name, t in result.tasks.items() if t.sandbox]
-    return "\n".join(lines + [f"{rows[-1][0]}: {rows[-1][4]}"] + notes)
+    return "\n".join(lines + notes + [f"{rows[-1][0]}: {rows[-1][4]}"])
 
 
 def build_eval_tasks(specs: list[dict], paths: dict) -> dict:
