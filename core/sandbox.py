@@ -120,7 +120,10 @@ def harness(job_fd, verdict_fd):
     del resource
     for name in job["refused_imports"]:  # loaded ones too: the program imports them afresh, and the hook refuses
         sys.modules.pop(name, None)
+    # the harness's own references, taken before the program can replace them (builtins.exec = a no-op
+    # would skip the tests); the tests get the builtins as they were, whatever the program patched
     excepthook, stdout, stderr, write, exit_now = sys.__excepthook__, sys.stdout, sys.stderr, os.write, os._exit
+    execute, pristine = exec, dict(builtins.__dict__)
     guard(os.path.realpath(os.getcwd()), tuple(job["readable"]), frozenset(job["refused_imports"]))
     main = types.ModuleType("__main__")  # `import __main__` gives the program its own namespace
     sys.modules["__main__"] = main
@@ -129,8 +132,9 @@ def harness(job_fd, verdict_fd):
         program = compile(job["code"], "<program>", "exec")
         tests = compile(job["tests"], "<tests>", "exec")
         del job
-        exec(program, main.__dict__)
-        exec(tests, main.__dict__)
+        execute(program, main.__dict__)
+        main.__dict__["__builtins__"] = pristine  # functions the tests define look builtins up here
+        execute(tests, main.__dict__)
     except SystemExit as exc:  # whatever came after the exit (the tests) never ran
         stdout.flush()
         stderr.write(f"\nsandbox: the program exited (code {exc.code!r}) before its end\n")

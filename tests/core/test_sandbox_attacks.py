@@ -17,7 +17,9 @@ from core.sandbox import (BUBBLEWRAP, DROP, GUARDS_ONLY, USERNS, SandboxUnavaila
 WAYS = [GUARDS_ONLY] + [how for how in ((DROP, USERNS) if os.getuid() == 0 else (USERNS,))
                         if sandbox._execute("pass", "", how, timeout=30.0).success]
 
-# (name, program, what the result's reason says besides "did not pass"; "harmless": it may pass, harming nothing)
+# (name, program, what the result's reason says besides "did not pass"). The tests always fail
+# (len('abc') is 3), so any pass is a forged one.
+TESTS = "print('the tests ran')\nassert len('abc') == 4, 'the tests fail'"
 ATTACKS = [
     ("forged exit status", "import __main__, os\nos._exit(__main__._limits['done_status'])", None),
     ("argv and /proc cmdline", "import sys, os\nprint(sys.argv, open('/proc/self/cmdline').read())\nos._exit(0)",
@@ -40,9 +42,10 @@ ATTACKS = [
     ("setsid child outlives the kill", "import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n"
                                        "    while True:\n        time.sleep(0.1)", None),
     ("stop the evaluator", "import posix\nposix.kill(posix.getppid(), 19)\nposix.kill(1, 19)", None),
-    # in a user namespace the parent is bwrap's init, which ignores it: the program may go on harmlessly
     ("stop the evaluator through a pidfd",
-     "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGSTOP)", "harmless"),
+     "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGSTOP)", None),
+    ("skip the tests: a no-op exec", "import builtins\nbuiltins.exec = lambda *args, **kwargs: None", "tests fail"),
+    ("patch a builtin the tests use", "import builtins\nbuiltins.len = lambda s: 4", "tests fail"),
     ("_posixsubprocess", "import _posixsubprocess", "_posixsubprocess"),
     ("socket through _socket", "import _socket\ns = _socket.socket()\ns.connect(('1.1.1.1', 53))", "network"),
     ("ctypes", "import ctypes\nctypes.CDLL(None).system(b'echo escaped')", "ctypes"),
@@ -69,15 +72,14 @@ def victim(tmp_path):
 def test_an_attack_fails_and_does_no_harm(how, name, code, expect, victim, monkeypatch):
     monkeypatch.setenv("NANORUN_TEST_SECRET", "hunter2")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    r = sandbox._execute(code.format(victim=str(victim)), "print('the tests ran')", how, timeout=5.0,
+    r = sandbox._execute(code.format(victim=str(victim)), TESTS, how, timeout=5.0,
                          cpu_seconds=1 if name == "ignore SIGXCPU" else None)
     kind = GUARDS_ONLY if how == GUARDS_ONLY else BUBBLEWRAP
-    assert r.isolation == kind and (expect == "harmless" or (not r.success and r.status != "passed")), (name, r)
-    if expect and expect != "harmless":
+    assert (r.success, r.isolation) == (False, kind) and r.status != "passed", (name, r)
+    if expect:
         assert expect in r.reason or expect in r.status or (expect == "time" and (r.timeout or (
             kind == GUARDS_ONLY and "importing signal is disabled" in r.reason))), (name, r.reason)
     out = r.stdout + r.stderr
-    assert r.success or "the tests ran" not in r.stdout
     assert "escaped" not in out and "hunter2" not in out and "root:" not in out
     assert victim.read_text() == "precious"
     assert psutil.Process().status() != psutil.STATUS_STOPPED
