@@ -14,11 +14,11 @@ what is left. Two layers:
 1. The operating system (bubblewrap, `bwrap`, Debian package `bubblewrap`; scripts/test.sh
    installs it). Each program runs in its own network, PID, IPC and UTS namespaces (no network,
    sees no other process, its parent is bwrap's init, never the evaluator), in a file system of
-   read-only binds (/usr, Python's installation and site-packages) plus its own temporary
-   directory (the only writable place), no /proc, with no capabilities: as uid 65534 when the
-   evaluator is root, else in a user namespace (as uid 65534 inside it for a root without
-   CAP_SYS_ADMIN); when it ends or is killed, its PID namespace goes and with it everything it
-   started (setsid does not escape).
+   read-only binds (/usr, Python's installation and site-packages) plus its own directory (the
+   only writable place: a 64 MB tmpfs, nothing reaches the disk), no /proc, no capabilities: as
+   uid 65534 when the evaluator is root, else in a user namespace (as uid 65534 inside it for a
+   root without CAP_SYS_ADMIN); when it ends or is killed, its PID namespace goes and with it
+   everything it started (setsid does not escape).
 2. Python guards in the program's interpreter: an audit hook (sys.addaudithook: it sees the C
    modules too, posix, _io, _socket, and cannot be removed) refuses process calls, sockets,
    writes outside the directory, reads outside it and Python's installation, imports of ctypes
@@ -58,6 +58,7 @@ from pathlib import Path
 MEMORY_BYTES = 256 * 1024 * 1024   # the reference's default address-space limit
 OUTPUT_BYTES = 64 * 1024           # per stream
 FILE_BYTES = 16 * 1024 * 1024      # largest file the program may write
+WORK_BYTES = 64 * 1024 * 1024      # its whole directory, under bubblewrap (a tmpfs: nothing reaches the disk)
 NOBODY = 65534                     # the identity programs run as when the evaluator is root
 PROCESSES = 512                    # RLIMIT_NPROC of that identity: threads count, a fork bomb stops here
 BUBBLEWRAP, GUARDS_ONLY = "bubblewrap", "python guards only"
@@ -133,8 +134,9 @@ def harness(job_fd, verdict_fd):
         tests = compile(job["tests"], "<tests>", "exec")
         del job
         execute(program, main.__dict__)
-        main.__dict__["__builtins__"] = pristine  # functions the tests define look builtins up here
-        execute(tests, main.__dict__)
+        # a copy of the program's namespace, with the builtins as they were: the functions the tests
+        # define look builtins up there, and the program's functions cannot reach it to patch it
+        execute(tests, {**main.__dict__, "__builtins__": pristine})
     except SystemExit as exc:  # whatever came after the exit (the tests) never ran
         stdout.flush()
         stderr.write(f"\nsandbox: the program exited (code {exc.code!r}) before its end\n")
@@ -251,7 +253,8 @@ def _bwrap_argv(bwrap: str, work: str, how: str) -> list[str]:
             if parent not in made:  # bwrap would make it 0700, out of reach for NOBODY
                 argv += ["--perms", "0755", "--dir", parent]
                 made.add(parent)
-        argv += ["--bind" if path == work else "--ro-bind", path, path]
+        argv += (["--perms", "0777", "--size", str(WORK_BYTES), "--tmpfs", path] if path == work
+                 else ["--ro-bind", path, path])
     return argv + ["--chdir", work, "--"]
 
 
@@ -340,8 +343,6 @@ def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int |
     with tempfile.TemporaryDirectory(prefix="nanorun-sandbox-") as root:
         work = os.path.join(os.path.realpath(root), "work")
         os.mkdir(work)
-        if drop:
-            os.chown(work, NOBODY, NOBODY)
         refused = REFUSED_IMPORTS + (GUARDS_ONLY_REFUSED_IMPORTS if kind == GUARDS_ONLY else ())
         job = json.dumps({"code": code, "tests": tests, "nonce": nonce, "limits": limits,
                           "uid": NOBODY if drop else None, "refused_imports": refused,

@@ -113,6 +113,10 @@ def test_under_bubblewrap_the_program_is_alone_unprivileged_and_offline(how):
     uid, ppid, proc, rest = first.split(" ", 3)
     assert (uid == "65534") == (os.getuid() == 0) and ppid == "1" and proc == "False"
     assert "'home'" not in rest and rest.endswith("False") and net == "no net"  # no /home, no ~root/.bashrc
+    # its directory is a tmpfs of WORK_BYTES: filling it fails there, and nothing reaches the disk
+    r = sandbox._execute("import os\nfor i in range(100):\n    with open(f'f{i}', 'wb') as f:\n"
+                         "        f.write(os.urandom(1 << 20))", "", how, 10.0)
+    assert not r.success and "No space left on device" in r.reason, r.reason
 
 
 def test_a_reward_needs_the_os_isolation_unless_accepted(monkeypatch):
