@@ -221,7 +221,7 @@ def _python_roots() -> list[str]:
     paths = {p for base in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
              for p in (os.path.abspath(base), os.path.realpath(base))}
     paths |= {os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
-    roots = sorted(p for p in paths if p != "/" and not p.startswith("/usr/"))
+    roots = sorted(p for p in paths if p != "/")
     return [p for p in roots if not any(p.startswith(r + os.sep) for r in roots if r != p)]
 
 
@@ -247,7 +247,7 @@ def _bwrap_argv(bwrap: str, work: str, how: str) -> list[str]:
             argv += ["--ro-bind", top, top]
     argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--dev", "/dev", "--tmpfs", "/tmp"]
     made = {"/", "/tmp", "/usr", "/dev"}
-    for path in [*_python_roots(), work]:
+    for path in [p for p in _python_roots() if p != "/usr" and not p.startswith("/usr/")] + [work]:  # /usr: bound
         parents = Path(path).parents
         for parent in reversed([str(p) for p in parents]):
             if parent not in made:  # bwrap would make it 0700, out of reach for NOBODY
