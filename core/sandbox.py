@@ -89,7 +89,7 @@ class ExecutionResult:
         return self.status == "memory"
 
 
-# The harness, run as `python -I -c RUNNER JOB_FD VERDICT_FD`. Everything it knows lives in the
+# The harness, run as `python -I -S -c RUNNER JOB_FD VERDICT_FD`. Everything it knows lives in the
 # frame of harness(), which the program cannot reach once the audit hook is in (no frames, no gc).
 RUNNER = r'''
 import builtins, json, os, sys, types
@@ -346,7 +346,7 @@ def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int |
         refused = REFUSED_IMPORTS + (GUARDS_ONLY_REFUSED_IMPORTS if kind == GUARDS_ONLY else ())
         job = json.dumps({"code": code, "tests": tests, "nonce": nonce, "limits": limits,
                           "uid": NOBODY if drop else None, "refused_imports": refused,
-                          "readable": sorted({work, *_python_roots(), *map(os.path.realpath, _python_roots())}),
+                          "readable": [work, *_python_roots()],
                           "site_packages": _site_packages()})
         job_r, job_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
@@ -355,6 +355,10 @@ def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int |
         try:
             proc = subprocess.Popen(argv, cwd=work, env=_env(work), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(job_r, verdict_w))
+        except BaseException:
+            os.close(job_w)
+            os.close(verdict_r)
+            raise
         finally:
             os.close(job_r)
             os.close(verdict_w)
@@ -375,7 +379,7 @@ def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int |
     if verdict == "output":
         return result(False, "output", f"output over {output_bytes} bytes (killed)")
     rc = proc.returncode
-    if kind == BUBBLEWRAP and rc > 128:  # bwrap reports its child's death by signal N as 128 + N
+    if kind == BUBBLEWRAP and 128 < rc <= 128 + 64:  # bwrap reports its child's death by signal N as 128 + N
         rc = 128 - rc
     if rc == 0 and said == nonce.encode():
         return result(True, "passed", "")
@@ -388,7 +392,11 @@ def _execute(code: str, tests: str, how: str, timeout: float, cpu_seconds: int |
         mb = "unlimited" if memory_bytes is None else f"{memory_bytes // 2**20} MB"
         return result(False, "memory", f"memory limit ({mb} address space): {last or 'crashed'}")
     if rc < 0:
-        return result(False, "killed", f"killed by signal {signal.Signals(-rc).name}")
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:  # a real-time signal (or a program's own exit status past 128 under bwrap)
+            name = str(-rc)
+        return result(False, "killed", f"killed by signal {name}")
     return result(False, "error", last or f"exit status {rc}")
 
 

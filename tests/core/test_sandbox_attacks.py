@@ -51,6 +51,7 @@ ATTACKS = [
     ("ctypes", "import ctypes\nctypes.CDLL(None).system(b'echo escaped')", "ctypes"),
     ("subprocess", "import subprocess\nprint(subprocess.check_output(['id']))", None),
     ("early sys.exit(0)", "import sys\nsys.exit(0)", "before its end"),
+    ("an exit status that looks like a signal", "import os\nos._exit(128 + 40)", None),  # no ValueError here
     ("memory bomb", "x = bytearray(10 ** 10)", "memory"),
     ("5,000 threads", "import threading, time\nfor _ in range(5000):\n"
                       "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()", None),
