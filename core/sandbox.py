@@ -164,24 +164,28 @@ def guard(work, readable, refused_imports):
     writes = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.chflags",
               "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "shutil.rmtree", "shutil.move",
               "shutil.chown", "shutil.copytree", "shutil.make_archive"}
-    realpath, join, fsdecode, sep, write_flags = (os.path.realpath, os.path.join, os.fsdecode, os.sep,
-                                                  os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC)
+    realpath, join, isdir, fsdecode, sep = os.path.realpath, os.path.join, os.path.isdir, os.fsdecode, os.sep
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     class Refused(PermissionError, ValueError):  # ValueError: typing/namedtuple treat no frame as none
         __module__, __qualname__ = "builtins", "PermissionError"  # reads as the PermissionError it is
 
-    def check(path, writing):
+    def check(path, writing, opening=False):
         if isinstance(path, int) or path is None:  # an already open descriptor
             return
         path = realpath(join(work, fsdecode(path)))
-        if path in devices or any(path == r or path.startswith(r + sep) for r in ((work,) if writing else readable)):
+        inside = lambda roots: any(path == r or path.startswith(r + sep) for r in roots)  # noqa: E731
+        if opening and isdir(path) and not inside((work,)):  # its descriptor would be a dir_fd, and paths
+            raise Refused(f"sandbox: opening the directory {path} is disabled")  # relative to it escape check()
+        if path in devices or inside((work,) if writing else readable):
             return
         raise Refused(f"sandbox: {'writing' if writing else 'reading'} {path} is outside the sandbox")
 
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            check(path, bool(flags & write_flags) if isinstance(flags, int) else any(c in (mode or "") for c in "wax+"))
+            check(path, bool(flags & write_flags) if isinstance(flags, int) else any(c in (mode or "") for c in "wax+"),
+                  opening=True)
         elif event == "import":
             if args[0].partition(".")[0] in refused_imports:
                 raise ModuleNotFoundError(f"sandbox: importing {args[0]} is disabled", name=args[0])

@@ -32,6 +32,8 @@ ATTACKS = [
     ("gc walk", "import gc\nprint([o for o in gc.get_objects() if isinstance(o, bytes)])", "gc"),
     ("tracer", "import sys\nsys.settrace(lambda *a: print(a))", "settrace"),
     ("tests swallowed into a string", "x = '''", "SyntaxError"),
+    ("a directory descriptor as dir_fd", "import os, sys\nfd = os.open(sys.base_prefix, os.O_RDONLY)\n"
+                                         "print(os.listdir(fd))", "opening the directory"),
     ("read any file through _io", "import _io\nprint(_io.FileIO('/etc/passwd').read())", "passwd"),
     ("overwrite a file through _io", "import _io\n_io.FileIO({victim!r}, 'w').write(b'owned')", None),
     ("the evaluator's environment", "import _io, posix\nprint(_io.FileIO(f'/proc/{{posix.getppid()}}/environ').read())",
