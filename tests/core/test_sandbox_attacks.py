@@ -12,6 +12,7 @@ import pytest
 from core import sandbox
 from core.sandbox import (BUBBLEWRAP, DROP, GUARDS_ONLY, USERNS, SandboxUnavailable, execute_code, isolation,
                           require_isolation)
+from core.tasks.humaneval import HumanEval
 
 # every way this machine can run programs (the sandbox itself takes the first of them that works)
 WAYS = [GUARDS_ONLY] + [how for how in ((DROP, USERNS) if os.getuid() == 0 else (USERNS,))
@@ -131,3 +132,6 @@ def test_a_reward_needs_the_os_isolation_unless_accepted(monkeypatch):
     assert require_isolation(accept_guards_only=True) == GUARDS_ONLY
     assert sandbox.describe_isolation() == "sandbox: python guards only (bwrap is not installed)"
     assert execute_code("pass").isolation == GUARDS_ONLY
+    with pytest.raises(SandboxUnavailable, match="a reward on code needs the OS isolation"):
+        HumanEval(reward=True)
+    assert len(HumanEval(reward=True, accept_guards_only=True, stop=2)) == 2
