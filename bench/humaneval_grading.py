@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="programs graded at once")
     p.add_argument("--stop", type=int, default=None, help="only the first N problems")
     a = p.parse_args(argv)
+    if a.workers < 1 or (a.stop is not None and a.stop < 1):
+        p.error(f"--workers and --stop must be >= 1, got {a.workers} and {a.stop}")
     task = HumanEval(stop=a.stop)
     print(sandbox.describe_isolation())
     t0 = time.perf_counter()

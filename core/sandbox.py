@@ -273,7 +273,7 @@ def _probe() -> tuple[str, str, tuple[str, ...]]:
     """(how, why, importable distributions): runs one program under bwrap, each way that may work
     here, best first (as root without CAP_SYS_ADMIN only a user namespace can be made)."""
     if shutil.which("bwrap") is None:
-        return GUARDS_ONLY, "bwrap is not installed (Debian: apt-get install bubblewrap)", ()
+        return GUARDS_ONLY, "bwrap is not installed; Debian: apt-get install bubblewrap", ()
     listing = "import importlib.metadata as m\nprint(' '.join(sorted({d.metadata['Name'] for d in m.distributions()})))"
     for how in (DROP, USERNS) if os.getuid() == 0 else (USERNS,):
         r = _execute(listing, "", how, timeout=30.0)
