@@ -154,7 +154,13 @@ def harness(job_fd, verdict_fd):
 
 def guard(work, readable, refused_imports):
     """The audit hook: process calls, sockets, frames and gc refused; files read inside `readable`
-    and written inside `work` only; `refused_imports` cannot be imported."""
+    and written inside `work` only; `refused_imports` cannot be imported. The hook runs while the
+    program runs, so it uses only what it holds itself: builtins and C functions taken now (the
+    program may patch builtins, os, os.path), never os.path.realpath (Python, patchable)."""
+    any, isinstance, OSError, ModuleNotFoundError = (builtins.any, builtins.isinstance, builtins.OSError,
+                                                     builtins.ModuleNotFoundError)
+    import posix
+    fspath, lstat, stat, readlink, PathLike = posix.fspath, posix.lstat, posix.stat, posix.readlink, os.PathLike
     devices = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
     process = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill",
                "os.killpg", "subprocess.Popen", "pty.spawn", "os.startfile"}
@@ -164,28 +170,65 @@ def guard(work, readable, refused_imports):
     writes = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.chflags",
               "os.truncate", "os.utime", "os.setxattr", "os.removexattr", "shutil.rmtree", "shutil.move",
               "shutil.chown", "shutil.copytree", "shutil.make_archive"}
-    realpath, join, isdir, fsdecode, sep = os.path.realpath, os.path.join, os.path.isdir, os.fsdecode, os.sep
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    link_mode, dir_mode, type_mask = 0o120000, 0o040000, 0o170000
 
     class Refused(PermissionError, ValueError):  # ValueError: typing/namedtuple treat no frame as none
         __module__, __qualname__ = "builtins", "PermissionError"  # reads as the PermissionError it is
 
+    def resolve(path):
+        """realpath(join(work, path)), symbolic links followed, from C calls only."""
+        path = fspath(path)
+        path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+        pending, done, links = (path if path.startswith("/") else work + "/" + path).split("/")[::-1], "", 0
+        while pending:
+            part = pending.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                done = done[:done.rfind("/")] if done else ""
+                continue
+            step = done + "/" + part
+            try:
+                mode = lstat(step).st_mode
+            except OSError:  # missing (or not searchable): the rest is taken as written
+                done = step
+                continue
+            if mode & type_mask != link_mode:
+                done = step
+                continue
+            links += 1
+            if links > 40:
+                raise Refused(f"sandbox: too many symbolic links in {path}")
+            target = readlink(step)
+            done = "" if target.startswith("/") else done
+            pending.extend(target.split("/")[::-1])
+        return done or "/"
+
+    def inside(path, roots):
+        return any(path == r or path.startswith(r + "/") for r in roots)
+
+    def is_dir(path):
+        try:
+            return stat(path).st_mode & type_mask == dir_mode
+        except OSError:
+            return False
+
     def check(path, writing, opening=False):
         if isinstance(path, int) or path is None:  # an already open descriptor
             return
-        path = realpath(join(work, fsdecode(path)))
-        inside = lambda roots: any(path == r or path.startswith(r + sep) for r in roots)  # noqa: E731
-        if opening and isdir(path) and not inside((work,)):  # its descriptor would be a dir_fd, and paths
-            raise Refused(f"sandbox: opening the directory {path} is disabled")  # relative to it escape check()
-        if path in devices or inside((work,) if writing else readable):
+        path = resolve(path)
+        if opening and not inside(path, (work,)) and is_dir(path):  # its descriptor would be a dir_fd,
+            raise Refused(f"sandbox: opening the directory {path} is disabled")  # and relative paths escape
+        if path in devices or inside(path, (work,) if writing else readable):
             return
         raise Refused(f"sandbox: {'writing' if writing else 'reading'} {path} is outside the sandbox")
 
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
-            check(path, bool(flags & write_flags) if isinstance(flags, int) else any(c in (mode or "") for c in "wax+"),
-                  opening=True)
+            writing = flags & write_flags if isinstance(flags, int) else any(c in (mode or "") for c in "wax+")
+            check(path, writing, opening=True)
         elif event == "import":
             if args[0].partition(".")[0] in refused_imports:
                 raise ModuleNotFoundError(f"sandbox: importing {args[0]} is disabled", name=args[0])
@@ -199,7 +242,7 @@ def guard(work, readable, refused_imports):
             raise Refused(f"sandbox: {event} is disabled")
         elif event in writes:
             for arg in args:
-                if isinstance(arg, (str, bytes, os.PathLike)):
+                if isinstance(arg, (str, bytes, PathLike)):
                     check(arg, True)
 
     sys.addaudithook(hook)

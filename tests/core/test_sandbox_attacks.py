@@ -35,6 +35,10 @@ ATTACKS = [
     ("tests swallowed into a string", "x = '''", "SyntaxError"),
     ("a directory descriptor as dir_fd", "import os, sys\nfd = os.open(sys.base_prefix, os.O_RDONLY)\n"
                                          "print(os.listdir(fd))", "opening the directory"),
+    ("fool the path checks: patch os.path and builtins",
+     "import builtins, os.path\nbuiltins.any = lambda items: True\nos.path.realpath = lambda p, **k: '/dev/null'\n"
+     "os.fspath = lambda p: '/dev/null'\nopen({victim!r}, 'w').write('owned')\nprint(open('/etc/passwd').read())",
+     None),
     ("read any file through _io", "import _io\nprint(_io.FileIO('/etc/passwd').read())", "passwd"),
     ("overwrite a file through _io", "import _io\n_io.FileIO({victim!r}, 'w').write(b'owned')", None),
     ("the evaluator's environment", "import _io, posix\nprint(_io.FileIO(f'/proc/{{posix.getppid()}}/environ').read())",
