@@ -160,7 +160,8 @@ def guard(work, readable, refused_imports):
     any, isinstance, OSError, ModuleNotFoundError = (builtins.any, builtins.isinstance, builtins.OSError,
                                                      builtins.ModuleNotFoundError)
     import posix
-    fspath, lstat, stat, readlink, PathLike = posix.fspath, posix.lstat, posix.stat, posix.readlink, os.PathLike
+    fspath, lstat, stat, readlink, getcwd = posix.fspath, posix.lstat, posix.stat, posix.readlink, posix.getcwd
+    PathLike = os.PathLike
     devices = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
     process = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill",
                "os.killpg", "subprocess.Popen", "pty.spawn", "os.startfile"}
@@ -177,10 +178,11 @@ def guard(work, readable, refused_imports):
         __module__, __qualname__ = "builtins", "PermissionError"  # reads as the PermissionError it is
 
     def resolve(path):
-        """realpath(join(work, path)), symbolic links followed, from C calls only."""
+        """realpath(path), symbolic links followed, from C calls only; relative to the current
+        directory, wherever the program went with chdir."""
         path = fspath(path)
         path = path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
-        pending, done, links = (path if path.startswith("/") else work + "/" + path).split("/")[::-1], "", 0
+        pending, done, links = (path if path.startswith("/") else getcwd() + "/" + path).split("/")[::-1], "", 0
         while pending:
             part = pending.pop()
             if part in ("", "."):

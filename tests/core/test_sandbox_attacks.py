@@ -39,6 +39,7 @@ ATTACKS = [
      "import builtins, os.path\nbuiltins.any = lambda items: True\nos.path.realpath = lambda p, **k: '/dev/null'\n"
      "os.fspath = lambda p: '/dev/null'\nopen({victim!r}, 'w').write('owned')\nprint(open('/etc/passwd').read())",
      None),
+    ("chdir out, then a relative path", "import os\nos.chdir('/')\nprint(open('etc/passwd').read())", None),
     ("read any file through _io", "import _io\nprint(_io.FileIO('/etc/passwd').read())", "passwd"),
     ("overwrite a file through _io", "import _io\n_io.FileIO({victim!r}, 'w').write(b'owned')", None),
     ("the evaluator's environment", "import _io, posix\nprint(_io.FileIO(f'/proc/{{posix.getppid()}}/environ').read())",
