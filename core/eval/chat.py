@@ -78,6 +78,7 @@ class TaskResult:
     seconds: float = 0.0
     samples: list = field(default_factory=list)  # a few (prompt, completion, correct) for the report
     available: int = 0   # problems in the task (total < available: a sample of it was evaluated)
+    sandbox: dict = field(default_factory=dict)  # code tasks: {"isolation": one line, "packages": importable}
 
     @property
     def accuracy(self) -> float:
@@ -139,7 +140,8 @@ class ChatEvalResult:
                 "chatcore_missing": self.chatcore_missing,
                 "tasks": {k: {"kind": t.kind, "accuracy": t.accuracy, "correct": t.correct, "total": t.total,
                               "available": t.available, "baseline": t.baseline, "centered": t.centered,
-                              "chatcore_task": members.get(k), "seconds": round(t.seconds, 3)}
+                              "chatcore_task": members.get(k), "seconds": round(t.seconds, 3),
+                              **({"sandbox": t.sandbox} if t.sandbox else {})}
                           for k, t in self.tasks.items()}}
 
 
@@ -203,8 +205,9 @@ def evaluate_generative(task, engine, tokenizer, *, name: str | None = None, max
                                 **({} if ok or not grades[0][1] else {"reason": grades[0][1]})})
     device = next(engine.model.parameters()).device
     correct, total = (int(v) for v in _all_reduce([correct, total], device))
+    sandbox = task.sandbox() if hasattr(task, "sandbox") else {}
     return TaskResult(name or task.name, "generative", correct, total, 0.0, time.perf_counter() - t0, samples,
-                      available=len(task))
+                      available=len(task), sandbox=sandbox)
 
 
 @torch.no_grad()
@@ -274,7 +277,8 @@ def evaluate_chat(model, tokenizer, tasks: dict, *, max_problems: dict | int | N
             res.baseline = CHATCORE_BASELINES[members[name]]
         results[name] = res
         if log:
-            log(f"chat eval | {name}: {res.correct}/{res.total} = {100 * res.accuracy:.2f}% ({res.seconds:.1f}s)")
+            log(f"chat eval | {name}: {res.correct}/{res.total} = {100 * res.accuracy:.2f}% ({res.seconds:.1f}s)"
+                + (f" | {res.sandbox['isolation']}" if res.sandbox else ""))
     return ChatEvalResult(results)
 
 
@@ -291,7 +295,8 @@ def chatcore_metrics(model, tokenizer, tasks: dict, *, max_cat: int = -1, max_sa
 
 
 def format_table(result: ChatEvalResult) -> str:
-    """Per-task rows (tasks outside ChatCORE marked), then the ChatCORE line with its label."""
+    """Per-task rows (tasks outside ChatCORE marked), the sandbox of code tasks, then the ChatCORE
+    line with its label."""
     members = {name for name in chatcore_members(result.tasks).values()}
     rows = [("task", "kind", "correct", "accuracy", "centered")]
     for name, t in result.tasks.items():
@@ -302,7 +307,8 @@ def format_table(result: ChatEvalResult) -> str:
     widths = [max(len(r[i]) for r in rows[:-1]) for i in range(5)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows[:-1]]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines + [f"{rows[-1][0]}: {rows[-1][4]}"])
+    notes = [f"{name}: {t.sandbox['isolation']}" for name, t in result.tasks.items() if t.sandbox]
+    return "\n".join(lines + notes + [f"{rows[-1][0]}: {rows[-1][4]}"])
 
 
 def build_eval_tasks(specs: list[dict], paths: dict) -> dict:

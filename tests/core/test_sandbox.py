@@ -63,7 +63,8 @@ def test_a_1gb_allocation_hits_the_address_space_limit():
 def test_process_calls_are_refused(code, no_stray_processes):
     r = execute_code(code)
     assert (r.success, r.status) == (False, "error")
-    assert r.reason.startswith("PermissionError: sandbox:") and "is disabled" in r.reason
+    assert r.reason.startswith(("PermissionError: sandbox:", "ModuleNotFoundError: sandbox:"))
+    assert "is disabled" in r.reason
     assert "pwned" not in r.stdout
 
 
@@ -107,7 +108,7 @@ def test_the_evaluators_secrets_do_not_reach_the_program(monkeypatch):
     r = execute_code("import json, os\nprint(json.dumps(dict(os.environ)))")
     env = json.loads(r.stdout)
     assert r.success and "NANORUN_TEST_SECRET" not in env and "hunter2" not in r.stdout
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS", "LC_CTYPE"}
+    assert set(env) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS", "LC_CTYPE", "PWD"}
     for code in ("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
                  f"print(open('/proc/{os.getpid()}/environ', 'rb').read())",
                  f"print(open({os.path.expanduser('~/.bashrc')!r}).read())"):

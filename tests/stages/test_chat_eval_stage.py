@@ -66,6 +66,9 @@ def test_chat_eval_through_execute(tmp_path_factory, shared_data):
     label = "ChatCORE over 3/5 tasks (missing ARC-Challenge, MMLU), sampled (<= 6 problems per task)"
     assert mt["chatcore_label"] == label and mt["table"].splitlines()[-1].startswith(label)
     assert len(mt["samples"]["gsm8k"]) == 3
+    # how the programs were isolated, in the metrics and the table (one line; "python guards only" without bwrap)
+    sandbox = tasks["humaneval"]["sandbox"]
+    assert sandbox["isolation"].startswith("sandbox: ") and f"humaneval: {sandbox['isolation']}" in mt["table"]
     art = store.materialize(m.ref)
     assert json.loads((art / "results.json").read_text())["tasks"] == json.loads(json.dumps(tasks))
     assert (art / "table.txt").read_text().strip() == mt["table"]
