@@ -4,11 +4,13 @@ same CORE verdict on every example — and nothing read from those files can run
 nanochat's layout and reading it back gives the same weights and tokenizer, bit for bit."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -31,10 +33,17 @@ def imported():
     return found, model.eval(), read_tokenizer(found.tokenizer_dir)
 
 
-def test_the_tokenizer_gives_nanochats_token_ids(imported):
+def test_the_tokenizer_gives_nanochats_token_ids(imported, shared_data):
     found, _, tok = imported
     assert found.kind == "base" and found.step == REF["meta_step"] == 30
     assert tok.encode(REF["text"]) == REF["text_ids"]
+    # every document of the val shard (1.48M tokens), compared through nanochat's sha256 of the id lists
+    val = sorted((shared_data / "corpus").glob("shard_*.parquet"))[-1]
+    docs = pq.read_table(val, columns=["text"]).column("text").to_pylist()
+    ids = tok.encode(docs)
+    want = REF["val_shard_ids"]
+    assert (len(docs), sum(map(len, ids))) == (want["docs"], want["tokens"])
+    assert hashlib.sha256(json.dumps(ids).encode()).hexdigest() == want["sha256"]
     assert tok.vocab_size == 512 and tok.bos_token_id == 503
     # token_bytes.pt agrees with the pickled encoding (read_tokenizer refuses a mismatch)
     assert tok.token_bytes().tolist() == torch.load(DATA / "tokenizer" / "token_bytes.pt", weights_only=True).tolist()
@@ -70,7 +79,7 @@ def test_val_bpb_matches_nanochats_base_eval(imported, shared_data):
     _, model, tok = imported
     b = REF["bpb"]
     val = sorted((shared_data / "corpus").glob("shard_*.parquet"))[-1]
-    loader = PackingLoader([val], tok, b["batch_size"], b["seq_len"], infinite=True, num_threads=1)
+    loader = PackingLoader([val], tok, b["batch_size"], b["seq_len"], infinite=True)
     bpb = evaluate_bpb(model, loader, tok.token_bytes(), steps=b["steps"])
     assert abs(bpb - b["val_bpb"]) < 1e-6, (bpb, b["val_bpb"])
 

@@ -4,12 +4,13 @@ token ids nanochat's tokenizer gives a text. Run from a nanochat checkout (see R
 
     cd nanochat && NANOCHAT_BASE_DIR=/work/nanochat-run python PATH/TO/reference.py > reference.json
 """
-import csv
+import hashlib
 import json
 import os
 import random
 import sys
 
+import pyarrow.parquet as pq
 import torch
 import yaml
 
@@ -28,6 +29,12 @@ TEXT = ("The quick brown fox jumps over the lazy dog; 1234567 numbers, ÜNICODE 
 device = torch.device("cpu")
 model, tokenizer, meta = load_model("base", device, phase="eval")
 out = {"meta_step": meta["step"], "text": TEXT, "text_ids": tokenizer.encode(TEXT)}
+# every document of the val shard, encoded: the sha256 of the JSON of the id lists (too many ids to keep)
+val_shard = sorted(os.listdir(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "base_data_climbmix")))[-1]
+docs = pq.read_table(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "base_data_climbmix", val_shard)).column("text").to_pylist()
+ids = [tokenizer.encode(d) for d in docs]
+out["val_shard_ids"] = {"docs": len(docs), "tokens": sum(map(len, ids)),
+                        "sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
 
 T = model.config.sequence_len
 loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, BPB_BATCH, T, "val", device=device)
