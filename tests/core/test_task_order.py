@@ -101,3 +101,26 @@ def test_slices_take_start_stop_and_step_like_the_reference(shared_data):
            [full[1]["messages"][0]["content"], full[5]["messages"][0]["content"]]
     with pytest.raises(ValueError, match="step >= 1"):
         GSM8K(path, step=0)
+
+
+def test_a_chat_eval_subset_names_the_references_problems(shared_data):
+    """ChatCORE with max_problems and RL's pass@k take the first N rows of the shuffled task, as the
+    reference's chat_eval / chat_rl do: the same N problems."""
+    from core.eval.chat import _problems, build_eval_tasks
+
+    gsm8k = shared_data / "chat" / "gsm8k_test.jsonl"
+    arc = shared_data / "eval_bundle" / "eval_data" / "world_knowledge" / "arc_easy.jsonl"
+    tasks = build_eval_tasks([{"task": "gsm8k", "source": "gsm8k_test.jsonl"},
+                              {"task": "multiple_choice", "source": "arc_easy.jsonl", "name": "arc_easy"}],
+                             {"gsm8k_test.jsonl": gsm8k, "arc_easy.jsonl": arc})
+    rows = json_lines(gsm8k)
+    order = hf_order(len(rows))
+    task = tasks["gsm8k"]
+    assert [task[i]["messages"][0]["content"] for i in range(_problems(task, 8))] == \
+           [rows[j]["question"] for j in order[:8]]
+    rows = json_lines(arc)
+    order = hf_order(len(rows))
+    task = tasks["arc_easy"]
+    for i in range(_problems(task, 8)):
+        assert task[i]["messages"][1]["content"] == "ABCDE"[rows[order[i]]["gold"]]
+        assert rows[order[i]]["choices"][0] in task[i]["messages"][0]["content"]
