@@ -143,8 +143,10 @@ def load_tensors(path: Path):
     """torch.load with weights_only=True (tensors and plain values, never code); one line if not."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NanochatError(f"{path} cannot be loaded with weights_only=True: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # a crafted pickle (UnpicklingError), a truncated zip, ...
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise NanochatError(f"{path} cannot be loaded with weights_only=True (tensors only, never code): "
+                            f"{reason}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -113,8 +113,9 @@ class Import:
         except NanochatError as e:
             print(f"nanorun import: error: {e}", file=sys.stderr)
             return 2
-        print(f"imported {tok_m.ref} and {model_m.ref} from nanochat (step {model_m.metrics['iterations']}); use "
-              f"--input tokenizer={tok_m.ref} --input {'base' if model_m.stage == 'pretrain' else 'model'}={model_m.ref}")
+        role = "base" if model_m.stage == "pretrain" else "model"
+        print(f"imported {tok_m.ref} and {model_m.ref} from nanochat (step {model_m.metrics['iterations']}); "
+              f"use --input tokenizer={tok_m.ref} --input {role}={model_m.ref}")
         return 0
 
 

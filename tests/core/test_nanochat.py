@@ -148,3 +148,22 @@ def test_write_then_read_gives_the_same_weights_and_tokenizer_bit_for_bit(tmp_pa
     with pytest.raises(NanochatError, match="nanochat hard-codes"):
         write_nanochat(tmp_path / "x", GPTConfig(**{**config.to_dict(), "rope_base": 10_000.0}), state, tok,
                        kind="base", step=1)
+
+
+def test_a_tokenizer_nanorun_cannot_encode_alike_is_refused(tmp_path):
+    state = read_encoding(DATA / "tokenizer" / "tokenizer.pkl")
+    assert set(state) == {"name", "pat_str", "mergeable_ranks", "special_tokens"}
+    cases = {
+        "split pattern": {**state, "pat_str": r"\S+|\s+"},
+        "special tokens": {**state, "special_tokens": {"<|endoftext|>": len(state["mergeable_ranks"])}},
+        "not a byte-pair encoding": {**state, "mergeable_ranks": {**state["mergeable_ranks"], b"\x00\x01\x02\x03": 502}},
+    }
+    for match, bad in cases.items():
+        d = tmp_path / match.replace(" ", "_")
+        d.mkdir()
+        # drop the id the replacement took, so the table stays 0..n-1
+        if match.startswith("not"):
+            bad["mergeable_ranks"] = {b: i for b, i in bad["mergeable_ranks"].items() if i != 502 or len(b) == 4}
+        write_encoding(d / "tokenizer.pkl", bad)
+        with pytest.raises(NanochatError, match=match):
+            read_tokenizer(d)
