@@ -167,3 +167,18 @@ def test_a_tokenizer_nanorun_cannot_encode_alike_is_refused(tmp_path):
         write_encoding(d / "tokenizer.pkl", bad)
         with pytest.raises(NanochatError, match=match):
             read_tokenizer(d)
+
+
+def test_compiled_keys_and_bf16_embeddings_load_as_fp32_masters(tmp_path):
+    """A GPU run of nanochat saves torch.compile's `_orig_mod.` keys and bf16 embeddings."""
+    model_dir = tmp_path / "base_checkpoints" / "d2"
+    model_dir.mkdir(parents=True)
+    (tmp_path / "tokenizer").symlink_to(DATA / "tokenizer")
+    (model_dir / "meta_000030.json").symlink_to(DATA / "base_checkpoints" / "d2" / "meta_000030.json")
+    original = torch.load(DATA / "base_checkpoints" / "d2" / "model_000030.pt", weights_only=True)
+    gpu_style = {f"_orig_mod.{k}": v.bfloat16() if "wte" in k or "value_embeds" in k else v for k, v in original.items()}
+    torch.save(gpu_style, model_dir / "model_000030.pt")
+    _, state, _ = read_checkpoint(find_checkpoint(tmp_path))
+    assert state.keys() == original.keys() and all(v.dtype == torch.float32 for v in state.values())
+    assert torch.equal(state["transformer.wte.weight"], original["transformer.wte.weight"].bfloat16().float())
+    assert torch.equal(state["lm_head.weight"], original["lm_head.weight"])
