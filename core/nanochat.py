@@ -17,6 +17,7 @@ Every problem with the files is a NanochatError: one line that says what is wron
 """
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import io
 import json
@@ -84,19 +85,35 @@ def read_encoding(path: Path | str) -> dict:
     return state
 
 
+class _Encoding:
+    """Stands in for tiktoken.core.Encoding when writing: pickles as that class with `state`."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __reduce_ex__(self, protocol):
+        return copyreg.__newobj__, (_Encoding,), self.state
+
+
+class _EncodingPickler(pickle._Pickler):
+    # The pure-Python pickler, because its save_global can be replaced: the stock one imports the
+    # class's module to check the name, and tiktoken need not be installed. The opcodes written are
+    # the ones pickle.dump(encoding) writes, so the file equals nanochat's byte for byte.
+    def save_global(self, obj, name=None):
+        if obj is not _Encoding:
+            raise pickle.PicklingError(f"{obj!r}: only the tokenizer's state is written")
+        for part in ("tiktoken.core", "Encoding"):
+            self.write(pickle.SHORT_BINUNICODE + bytes([len(part)]) + part.encode())
+            self.memoize(part)
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+
 def write_encoding(path: Path | str, state: dict) -> None:
-    """Pickle `state` as tiktoken.core.Encoding, the bytes pickle.dump(encoding) writes (protocol 4),
-    without importing tiktoken: the class is named by module and name, the state pickled as usual."""
-    inner = pickle.dumps(state, protocol=4)
-    if inner[:2] != b"\x80\x04" or inner[-1:] != b".":
-        raise RuntimeError("unexpected pickle protocol 4 stream")
-    # the state's own stream minus its PROTO header and STOP: its memo starts at 0 and nothing
-    # before it is memoised, so it is valid inside the outer stream (frames may start anywhere)
-    body = inner[2:-1]
-    cls = (b"\x8c" + bytes([len("tiktoken.core")]) + b"tiktoken.core" + b"\x8c" + bytes([len("Encoding")])
-           + b"Encoding" + b"\x93")                     # SHORT_BINUNICODE x2, STACK_GLOBAL
-    data = b"\x80\x04" + cls + b")\x81" + body + b"b."  # EMPTY_TUPLE NEWOBJ <state> BUILD STOP
-    Path(path).write_bytes(data)
+    """Write `state` as pickle.dump(tiktoken Encoding) does (protocol 4), without tiktoken."""
+    buf = io.BytesIO()
+    _EncodingPickler(buf, protocol=4).dump(_Encoding(state))
+    Path(path).write_bytes(buf.getvalue())
 
 
 def read_tokenizer(tokenizer_dir: Path | str) -> Tokenizer:

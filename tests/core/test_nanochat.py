@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from core.gpt import GPTConfig, build_model
-from core.nanochat import (NanochatError, find_checkpoint, read_checkpoint, read_encoding, read_tokenizer,
-                           write_encoding, write_nanochat)
+from core.nanochat import (NanochatError, encoding_state, find_checkpoint, read_checkpoint, read_encoding,
+                           read_tokenizer, write_encoding, write_nanochat)
 from tests._tok import small_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,10 +33,13 @@ def imported():
     return found, model.eval(), read_tokenizer(found.tokenizer_dir)
 
 
-def test_the_tokenizer_gives_nanochats_token_ids(imported, shared_data):
+def test_the_tokenizer_gives_nanochats_token_ids(imported, shared_data, tmp_path):
     found, _, tok = imported
     assert found.kind == "base" and found.step == REF["meta_step"] == 30
     assert tok.encode(REF["text"]) == REF["text_ids"]
+    # and written back, its pickle is nanochat's file byte for byte
+    write_encoding(tmp_path / "tokenizer.pkl", encoding_state(tok))
+    assert (tmp_path / "tokenizer.pkl").read_bytes() == (DATA / "tokenizer" / "tokenizer.pkl").read_bytes()
     # every document of the val shard (1.48M tokens), compared through nanochat's sha256 of the id lists
     val = sorted((shared_data / "corpus").glob("shard_*.parquet"))[-1]
     docs = pq.read_table(val, columns=["text"]).column("text").to_pylist()
