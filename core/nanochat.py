@@ -1,7 +1,7 @@
 """nanochat checkpoints in and out: read a nanochat run's model and tokenizer, write a nanorun model
 in the layout nanochat's scripts load (docs/nanochat.md says what each file holds).
 
-    from core.nanochat import read_checkpoint, read_tokenizer, write_nanochat
+    from core.nanochat import find_checkpoint, read_checkpoint, read_tokenizer, write_nanochat
     found = find_checkpoint(Path("~/.cache/nanochat/base_checkpoints/d4"))   # model_*.pt, meta_*.json, kind
     config, state, meta = read_checkpoint(found)          # GPTConfig, state_dict, nanochat's meta
     tokenizer = read_tokenizer(found.tokenizer_dir)      # a core.tokenizer.Tokenizer, same ids as nanochat's
@@ -12,7 +12,8 @@ Encoding and the byte length of each token) and {base,chatsft,chatrl}_checkpoint
 model_<step:06d>.pt + meta_<step:06d>.json (a torch state_dict and {"step", "model_config", ...}).
 Nothing read here can run code: the weights load with torch's weights_only=True and the tokenizer
 pickle with an unpickler that admits one class, tiktoken's Encoding, whose state (name, split
-pattern, mergeable ranks, special tokens) is all it keeps; tiktoken itself is not needed.
+pattern, mergeable ranks, special tokens) is all it keeps; tiktoken itself is not needed, neither
+to read nor to write (the tokenizer.pkl written equals the file nanochat writes, byte for byte).
 Every problem with the files is a NanochatError: one line that says what is wrong and what to do.
 """
 from __future__ import annotations
@@ -148,6 +149,12 @@ def encoding_state(tokenizer: Tokenizer, name: str = "rustbpe") -> dict:
     n = tokenizer.vocab_size - len(SPECIAL_TOKENS)
     if tokenizer.bos_token_id != n:
         raise NanochatError(f"the tokenizer's specials do not follow its {n} ordinary tokens: not nanochat's layout")
+    merges = len(json.loads(tokenizer.hf.to_str())["model"]["merges"])
+    if merges != n - 256:
+        # rustbpe can learn a merge that rebuilds a token it already has (core/tokenizer.py keeps it
+        # as a second merge into that token); a {bytes: id} table has no place for it
+        raise NanochatError(f"the tokenizer has {merges} merges for {n - 256} merged tokens: nanochat's "
+                            "tiktoken format cannot carry the extra ones (the ids would differ); not exportable")
     return {"name": name, "pat_str": SPLIT_PATTERN,
             "mergeable_ranks": {tokenizer.decode_bytes([i]): i for i in range(n)},
             "special_tokens": {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}}

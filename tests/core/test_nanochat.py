@@ -185,3 +185,16 @@ def test_compiled_keys_and_bf16_embeddings_load_as_fp32_masters(tmp_path):
     assert state.keys() == original.keys() and all(v.dtype == torch.float32 for v in state.values())
     assert torch.equal(state["transformer.wte.weight"], original["transformer.wte.weight"].bfloat16().float())
     assert torch.equal(state["lm_head.weight"], original["lm_head.weight"])
+
+
+def test_a_tokenizer_with_a_merge_tiktoken_cannot_hold_is_not_exported():
+    from core.tokenizer import Tokenizer
+
+    tokens = [bytes([b]) for b in range(256)] + [b"ab", b"bc", b"abc"]
+    a, b, c, ab, bc = 97, 98, 99, 256, 257
+    ok = Tokenizer._from_merges(tokens, [(a, b), (b, c), (ab, c)])
+    assert len(encoding_state(ok)["mergeable_ranks"]) == 259
+    # a + bc rebuilds abc: rustbpe can learn such a merge; a {bytes: id} table cannot say it
+    extra = Tokenizer._from_merges(tokens, [(a, b), (b, c), (ab, c), (a, bc)])
+    with pytest.raises(NanochatError, match="4 merges for 3 merged tokens"):
+        encoding_state(extra)
