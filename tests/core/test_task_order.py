@@ -124,3 +124,23 @@ def test_a_chat_eval_subset_names_the_references_problems(shared_data):
     for i in range(_problems(task, 8)):
         assert task[i]["messages"][1]["content"] == "ABCDE"[rows[order[i]]["gold"]]
         assert rows[order[i]]["choices"][0] in task[i]["messages"][0]["content"]
+
+
+def test_simple_spelling_picks_the_references_words(shared_data):
+    """The reference reads words_alpha.txt line by line (its order is not quite sorted), shuffles
+    the list with random.Random(42), and example i picks random.Random(i).choice of it (test split:
+    seed 10_000_000 + i)."""
+    import random
+
+    from core.tasks.spelling import SimpleSpelling, load_words
+
+    path = shared_data / "chat" / "words_alpha.txt"
+    with open(path, encoding="utf-8") as f:
+        words = [line.strip() for line in f]
+    random.Random(42).shuffle(words)
+    for split, offset in (("train", 0), ("test", 10_000_000)):
+        task = SimpleSpelling(load_words(path), size=50, split=split)
+        for i in range(50):
+            word = random.Random(offset + i).choice(words)
+            assert task[i]["messages"] == [{"role": "user", "content": f"Spell the word: {word}"},
+                                           {"role": "assistant", "content": f"{word}:{','.join(word)}"}]

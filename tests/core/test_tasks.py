@@ -95,7 +95,7 @@ def test_the_calculator_reproduces_gsm8k_tool_outputs(chat):
 
 
 def test_spelling_tasks_are_deterministic_correct_and_graded(tok, words):
-    assert words == ["apple", "banana", "kiwi", "mississippi", "strawberry"]  # sorted, lower, alphabetic only
+    assert words == ["strawberry", "apple", "banana", "mississippi", "kiwi"]  # file order, lower, alphabetic only
     bee = SpellingBee(words, size=50)
     assert [bee[i] for i in range(5)] == [SpellingBee(words, size=50)[i] for i in range(5)]
     test = SpellingBee(words, size=50, split="test")
