@@ -205,17 +205,40 @@ class Tokenizer:
                 f"the training text ({stats['docs']:,} documents, {stats['chars']:,} chars) yields only "
                 f"{len(tokens) - 256} merges but vocab_size {vocab_size} needs {n_regular - 256}: "
                 "train on more text (raise max_chars / add shards) or lower vocab_size")
-        as_str = [t.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL) for t in tokens]
-        bpe = BPE(vocab={s: i for i, s in enumerate(as_str)}, merges=[(as_str[a], as_str[b]) for a, b in merges],
-                  unk_token=None, fuse_unk=False)
-        hf = _configure(HFTokenizer(bpe))
-        hf.add_special_tokens(SPECIAL_TOKENS)
-        tok = cls(hf)
+        tok = cls._from_merges(tokens, merges)
         seconds = time.perf_counter() - t0
         assert tok.vocab_size == vocab_size and tok.bos_token_id == n_regular, (tok.vocab_size, tok.bos_token_id)
         tok.train_stats = {**stats, "seconds": seconds, "chars_per_sec": stats["chars"] / max(seconds, 1e-9),
                            "merges": len(merges)}
         return tok
+
+    @classmethod
+    def _from_merges(cls, tokens: list[bytes], merges: list[tuple[int, int]]) -> "Tokenizer":
+        """The HF BPE of tokens (bytes by id) and merges (id pairs in rank order), specials last."""
+        as_str = [t.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL) for t in tokens]
+        bpe = BPE(vocab={s: i for i, s in enumerate(as_str)}, merges=[(as_str[a], as_str[b]) for a, b in merges],
+                  unk_token=None, fuse_unk=False)
+        hf = _configure(HFTokenizer(bpe))
+        hf.add_special_tokens(SPECIAL_TOKENS)
+        return cls(hf)
+
+    @classmethod
+    def from_mergeable_ranks(cls, ranks: dict[bytes, int]) -> "Tokenizer":
+        """The tokenizer of a tiktoken-style {token bytes: id} table (ids 0..n-1, 0..255 the bytes),
+        with the 9 specials at n..n+8: what a rustbpe/tiktoken tokenizer of the reference encodes
+        as. ValueError when the table is not such a BPE."""
+        n = len(ranks)
+        by_id = sorted(ranks.items(), key=lambda r: r[1])
+        if n < 256 or [i for _, i in by_id] != list(range(n)) or any(by_id[b][0] != bytes([b]) for b in range(256)):
+            raise ValueError("the mergeable ranks are not ids 0..n-1 with the 256 single bytes first")
+        try:
+            tokens, merges = _merges_from_ranks(by_id, n)
+        except RuntimeError:  # a token that BPE over the earlier merges does not split in two
+            tokens = []
+        if tokens != [t for t, _ in by_id]:
+            raise ValueError("the mergeable ranks are not a byte-pair encoding (a token is not the merge of two "
+                             "earlier ones)")
+        return cls._from_merges(tokens, merges)
 
     def save(self, directory) -> None:
         """Write tokenizer.json and token_bytes.npy (int32 UTF-8 byte length per id, 0 for specials)."""

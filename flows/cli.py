@@ -16,6 +16,8 @@
     nanorun serve [REF] [--port N]        the web chat UI on 127.0.0.1
     nanorun sweep --preset P [--plan]     a grid of pretrain runs with scaling fits and plots
     nanorun compare --b STEP.FIELD=V      A/B across depths x seeds: mean differences, CIs, verdicts
+    nanorun import nanochat DIR           a nanochat checkpoint + tokenizer as pretrain/sft/rl + tokenizer artifacts
+    nanorun export REF --format nanochat --to DIR   a trained model in nanochat's layout
 Global: --store URL (default $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
 REF = stage/label-fingerprint, a unique fingerprint prefix (>= 4 hex chars), or stage@alias.
 
@@ -54,6 +56,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench-infer", "flows.bench_commands:BenchInfer", "inference benchmark of a model: TTFT, TPOT, tok/s, MFU/MBU"),
     ("sweep", "flows.sweep_commands:Sweep", "a grid of pretrain runs (depth x FLOPs or ratio x seeds), fits and plots"),
     ("compare", "flows.sweep_commands:Compare", "A/B of two recipes across depths and seeds: differences, CIs, verdicts"),
+    ("import", "flows.nanochat_commands:Import", "import a nanochat checkpoint and tokenizer as artifacts"),
+    ("export", "flows.nanochat_commands:Export", "write a trained model in another project's layout (nanochat)"),
 ]
 
 

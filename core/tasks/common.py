@@ -48,8 +48,25 @@ def render_mc(question: str, letters, choices) -> str:
     return "".join(lines)
 
 
+# The reference reads every hub dataset through `shuffle(seed=42)`, so that "the first N problems"
+# of an evaluation with a limit (and its validation slices) are a random sample, not a file's head.
+SHUFFLE_SEED = 42
+
+
+def reference_order(n: int, seed: int | None = SHUFFLE_SEED) -> list[int]:
+    """Source row of each of `n` rows as the reference reads them: row i is source row
+    numpy.random.default_rng(seed).permutation(n)[i], which is exactly the order Hugging Face's
+    `datasets.Dataset.shuffle(seed=seed)` yields (docs/nanochat.md). seed None: the file's order.
+    The one place a task's rows are permuted."""
+    if seed is None:
+        return list(range(n))
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
 class Task:
-    """A list of conversations with an optional [start, stop) view (the reference's slicing).
+    """A list of conversations with an optional [start:stop:step] view (the reference's slicing).
 
     Subclasses set `name` and `eval_type` ("generative" | "categorical" | None for train-only) and
     implement num_examples() and get_example(i); evaluable ones implement evaluate()."""
@@ -57,11 +74,11 @@ class Task:
     name = "task"
     eval_type: str | None = None
 
-    def __init__(self, start: int = 0, stop: int | None = None):
-        if start < 0 or (stop is not None and stop < start):
-            raise ValueError(f"{type(self).__name__}: bad slice start={start} stop={stop} "
-                             "(need 0 <= start <= stop)")
-        self.start, self.stop = start, stop
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"{type(self).__name__}: bad slice start={start} stop={stop} step={step} "
+                             "(need 0 <= start <= stop and step >= 1)")
+        self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self) -> int:
         raise NotImplementedError
@@ -72,12 +89,12 @@ class Task:
     def __len__(self) -> int:
         n = self.num_examples()
         stop = n if self.stop is None else min(self.stop, n)
-        return max(0, stop - self.start)
+        return max(0, -(-(stop - self.start) // self.step))  # ceil: the reference's count
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self)} examples")
-        return self.get_example(self.start + index)
+        return self.get_example(self.start + index * self.step)
 
     def __iter__(self) -> Iterator[dict]:
         return (self[i] for i in range(len(self)))

@@ -12,11 +12,10 @@ arithmetic. The final answer follows '#### '.
 """
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
-from core.tasks.common import Task, answer_matches, read_records
+from core.tasks.common import SHUFFLE_SEED, Task, answer_matches, read_records, reference_order
 
 _ANNOTATION = re.compile(r"(<<[^>]+>>)")
 
@@ -39,18 +38,14 @@ class GSM8K(Task):
     name = "gsm8k"
     eval_type = "generative"
 
-    def __init__(self, path: Path | str, shuffle_seed: int | None = 42, **kwargs):
+    def __init__(self, path: Path | str, shuffle_seed: int | None = SHUFFLE_SEED, **kwargs):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.rows = read_records(self.path)
         for n, row in enumerate(self.rows[:1] + self.rows[-1:], 1):
             if not isinstance(row, dict) or "question" not in row or "answer" not in row:
                 raise ValueError(f"{self.path}: GSM8K rows need 'question' and 'answer' fields, got {row!r:.200}")
-        # The reference reads a shuffled copy (seed 42), so that "the first N problems" of an
-        # evaluation with a limit are a random sample, not the file's head.
-        self.order = list(range(len(self.rows)))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(self.order)
+        self.order = reference_order(len(self.rows), shuffle_seed)
 
     def num_examples(self) -> int:
         return len(self.rows)

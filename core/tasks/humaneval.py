@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.tasks.common import Task, read_records
+from core.tasks.common import SHUFFLE_SEED, Task, read_records, reference_order
 
 MEMORY_BYTES = 256 * 1024 * 1024
 _CODE_BLOCK = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -70,7 +70,7 @@ class HumanEval(Task):
     name = "humaneval"
     eval_type = "generative"
 
-    def __init__(self, path: Path | str | None = None, shuffle_seed: int | None = 42, timeout: float = 5.0,
+    def __init__(self, path: Path | str | None = None, shuffle_seed: int | None = SHUFFLE_SEED, timeout: float = 5.0,
                  memory_bytes: int = MEMORY_BYTES, reward: bool = False, accept_guards_only: bool = False,
                  **kwargs):
         super().__init__(**kwargs)
@@ -85,11 +85,7 @@ class HumanEval(Task):
             if missing:
                 raise ValueError(f"{self.path}: HumanEval rows need {sorted(missing)} fields")
         self.timeout, self.memory_bytes = timeout, memory_bytes
-        self.order = list(range(len(self.rows)))
-        if shuffle_seed is not None:
-            import numpy as np
-
-            self.order = [int(i) for i in np.random.default_rng(shuffle_seed).permutation(len(self.rows))]
+        self.order = reference_order(len(self.rows), shuffle_seed)
 
     def num_examples(self) -> int:
         return len(self.rows)

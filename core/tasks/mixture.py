@@ -6,7 +6,7 @@
     len(mix), mix[0], mix.counts            # {"gsm8k": 29892, "spelling_bee": 80000}
 
 A spec names a task kind (TASKS), its source and how much of it to use: `epochs` repeats a task
-in the mixture (the reference's "pass it in several times" oversampling), `start`/`stop` take a
+in the mixture (the reference's "pass it in several times" oversampling), `start`/`stop`/`step` take a
 slice (e.g. hold the tail of a file out for validation), `size`/`split` size the synthetic tasks.
 `source` is what identifies the data in a config: a file name (resolved by the caller, relative to
 a data directory), an URL (downloaded by the sft stage, never by core), or a package name
@@ -69,6 +69,7 @@ class TaskSpec:
     epochs: int = 1            # times the task appears in a training mixture
     start: int = 0             # slice of the task's examples [start, stop)
     stop: int = -1             # -1 = to the end
+    step: int = 1              # every step-th example of [start, stop) (the reference's slicing)
     size: int = 0              # synthetic tasks: number of examples (required there)
     split: str = "train"       # synthetic tasks: train | test seeds
     layout: str = "auto"       # multiple_choice: auto | mmlu | arc | core
@@ -86,9 +87,9 @@ class TaskSpec:
             set_("source", PACKAGE_SOURCES[self.task])
         if is_package(self.source) and PACKAGE_SOURCES.get(self.task) != self.source:
             raise ValueError(f"task spec {self.task}: source {self.source!r} is a package for another task")
-        if self.epochs < 1 or self.start < 0 or (self.stop != -1 and self.stop < self.start):
-            raise ValueError(f"task spec {self.task}: need epochs >= 1 and 0 <= start <= stop (stop -1 = end), got "
-                             f"epochs={self.epochs} start={self.start} stop={self.stop}")
+        if self.epochs < 1 or self.start < 0 or (self.stop != -1 and self.stop < self.start) or self.step < 1:
+            raise ValueError(f"task spec {self.task}: need epochs >= 1, 0 <= start <= stop (stop -1 = end) and "
+                             f"step >= 1, got epochs={self.epochs} start={self.start} stop={self.stop} step={self.step}")
         if self.task in SYNTHETIC:
             if self.size < 1:
                 raise ValueError(f"task spec {self.task}: synthetic tasks need size >= 1 (examples to generate)")
@@ -123,7 +124,7 @@ def build_task(spec: TaskSpec, path: Path | str | None = None, cache: dict | Non
     """The Task of a spec; `path` is the local file of a file/URL source (None for packages).
     `cache` shares loaded files between specs of the same source (e.g. spelling word lists)."""
     cache = {} if cache is None else cache
-    kw = {"start": spec.start, "stop": None if spec.stop == -1 else spec.stop}
+    kw = {"start": spec.start, "stop": None if spec.stop == -1 else spec.stop, "step": spec.step}
     if not is_package(spec.source) and path is None:
         raise ValueError(f"task {spec.name}: source {spec.source!r} needs a local file (resolve or download it first)")
 
@@ -155,7 +156,7 @@ def build_task(spec: TaskSpec, path: Path | str | None = None, cache: dict | Non
 
 
 class _Sliced(Task):
-    """A [start, stop) view of a shared, already loaded task."""
+    """A [start:stop:step] view of a shared, already loaded task."""
 
     def __init__(self, base: Task, **kwargs):
         super().__init__(**kwargs)

@@ -15,12 +15,11 @@ the choice letters at the answer position instead of sampling, as the reference 
 """
 from __future__ import annotations
 
-import random
 import re
 import string
 from pathlib import Path
 
-from core.tasks.common import Task, read_records, render_mc
+from core.tasks.common import SHUFFLE_SEED, Task, read_records, reference_order, render_mc
 
 LAYOUTS = ("auto", "mmlu", "arc", "core")
 
@@ -75,7 +74,7 @@ class MultipleChoice(Task):
     eval_type = "categorical"
 
     def __init__(self, path: Path | str, layout: str = "auto", name: str | None = None,
-                 shuffle_seed: int | None = 42, **kwargs):
+                 shuffle_seed: int | None = SHUFFLE_SEED, **kwargs):
         super().__init__(**kwargs)
         if layout not in LAYOUTS:
             raise ValueError(f"MultipleChoice layout {layout!r}: use one of {LAYOUTS}")
@@ -91,9 +90,7 @@ class MultipleChoice(Task):
                 self.items.append(normalise(row, self.layout))
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 raise ValueError(f"{self.path} record {n}: not a {self.layout} multiple-choice row ({e})") from None
-        self.order = list(range(len(self.items)))
-        if shuffle_seed is not None:  # a limit then takes a random sample, as the reference's shuffle(42)
-            random.Random(shuffle_seed).shuffle(self.order)
+        self.order = reference_order(len(self.items), shuffle_seed)
 
     def num_examples(self) -> int:
         return len(self.items)

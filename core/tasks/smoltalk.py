@@ -1,7 +1,8 @@
 """General chat: SmolTalk (HuggingFaceTB/smol-smoltalk, Apache-2.0) from its parquet files, and
 the chitchat-dataset conversations (PyPI, MIT) as the offline stand-in.
 
-    task = SmolTalk("smoltalk_train.parquet")   # column `messages`: [{"role", "content"}, ...]
+    task = SmolTalk("smoltalk_train.parquet")   # column `messages`: [{"role", "content"}, ...], read in
+                                                 # the reference's seeded order (common.reference_order)
     task = Chitchat()                            # 7,168 conversations from the installed package
     task = Chitchat(stop=7000); val = Chitchat(start=7000)   # disjoint train / validation slices
 
@@ -16,16 +17,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.tasks.common import Task, check_messages, read_records
+from core.tasks.common import SHUFFLE_SEED, Task, check_messages, read_records, reference_order
 
 
 class SmolTalk(Task):
     name = "smoltalk"
 
-    def __init__(self, path: Path | str, **kwargs):
+    def __init__(self, path: Path | str, shuffle_seed: int | None = SHUFFLE_SEED, **kwargs):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.rows = [r["messages"] if isinstance(r, dict) else r for r in read_records(self.path)]
+        self.order = reference_order(len(self.rows), shuffle_seed)
         if self.rows:  # cheap spot checks; every conversation is rendered (and so checked) in training
             check_messages(self.rows[0], f"{self.path} row 1")
             check_messages(self.rows[-1], f"{self.path} row {len(self.rows)}")
@@ -34,7 +36,7 @@ class SmolTalk(Task):
         return len(self.rows)
 
     def get_example(self, index: int) -> dict:
-        return {"messages": self.rows[index]}
+        return {"messages": self.rows[self.order[index]]}
 
 
 def chitchat_file() -> Path:

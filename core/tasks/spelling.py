@@ -42,21 +42,23 @@ QUESTION_TEMPLATES = (
 
 
 def load_words(source: Path | str) -> list[str]:
-    """Lower-case alphabetic words, sorted and de-duplicated (the order must not depend on the
-    platform): from a text file with one word a line (CRLF ok) or 'english-words' (the package)."""
+    """Lower-case alphabetic words, de-duplicated, from a text file with one word a line (CRLF ok),
+    in the file's order as the reference reads it (words_alpha.txt is not quite sorted, and the
+    order decides which word random.Random(i).choice picks), or from 'english-words' (the
+    package's set, sorted so that the order does not depend on the platform)."""
     if str(source) == "english-words":
         try:
             from english_words import get_english_words_set
         except ImportError:
             raise ImportError("the word list 'english-words' needs the PyPI package english-words "
                               "(pip install 'nanorun[demo]')") from None
-        words = get_english_words_set(["web2"], alpha=True, lower=True)
+        words = sorted(get_english_words_set(["web2"], alpha=True, lower=True))
     else:
         p = Path(source)
         if not p.is_file():
             raise FileNotFoundError(f"word list {p} does not exist (one word a line, e.g. words_alpha.txt)")
-        words = {w.strip().lower() for w in p.read_text(encoding="utf-8").splitlines()}
-    words = sorted(w for w in words if w.isalpha() and w.isascii())
+        words = list(dict.fromkeys(w.strip().lower() for w in p.read_text(encoding="utf-8").splitlines()))
+    words = [w for w in words if w.isalpha() and w.isascii()]
     if not words:
         raise ValueError(f"word list {source}: no alphabetic words found")
     return words
