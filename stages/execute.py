@@ -16,14 +16,13 @@ Plan files for `nanorun plan FILE` (JSON or YAML):
       - {name: shards, stage: data_shards, config: {num_shards: 2}}
       - {name: tok, stage: tokenizer, config: {vocab_size: 4096}, inputs: {data: shards}}
 An input is an earlier step's name or any ref the store resolves (`stage@alias`, a fingerprint
-prefix). `stage` is a registered stage name or a dotted module path.
+prefix). `stage` is a registered stage name (stages.STAGE_MODULES); nothing else is imported.
 """
 from __future__ import annotations
 
 import collections
 import contextvars
 import dataclasses
-import importlib
 import json
 import logging
 import time
@@ -53,18 +52,14 @@ class PlanError(StoreError):
 
 
 def load_stage(stage: str | ModuleType) -> ModuleType:
-    """A stage module from a module, a registered name (stages/__init__.py) or a dotted module path."""
+    """A stage module from a module object or a registered name (stages/__init__.py STAGE_MODULES)."""
     if isinstance(stage, ModuleType):
         mod = stage
-    elif stage in STAGE_MODULES:
+    elif isinstance(stage, str) and stage in STAGE_MODULES:
         mod = get_stage(stage)
-    elif "." in stage:
-        try:
-            mod = importlib.import_module(stage)
-        except ImportError as e:
-            raise PlanError(f"cannot import stage module {stage!r}: {e}") from None
-    else:
-        raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} (or a dotted module path)")
+    else:  # never import a module a plan file or a flow parameter names: importing runs its code
+        raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} "
+                        "(a stage is importable by name only once registered in stages.STAGE_MODULES)")
     missing = [a for a in ("NAME", "code_version", "INPUTS", "Config", "run") if not hasattr(mod, a)]
     if missing:
         raise PlanError(f"{mod.__name__} is not a stage module: it lacks {', '.join(missing)} (see stages/base.py)")

@@ -20,7 +20,7 @@ def calls(d: Path) -> int:
     return len(f.read_text().splitlines()) if f.exists() else 0
 
 
-def test_build_then_cache_hit(store, tmp_path):
+def test_build_then_cache_hit(store, tmp_path, toy_stages):
     cfg = toy_stage.Config(n=2, calls_dir=str(tmp_path))
     events = []
     m = execute(toy_stage, cfg, {}, store, on_event=lambda kind, info: events.append(kind))
@@ -32,7 +32,7 @@ def test_build_then_cache_hit(store, tmp_path):
     assert p["start_time"] <= p["end_time"] and "command" in p and p["resumed"] is False
     assert store.verify(m.ref, deep=True).ok and store.resolve("toy@latest") == m.ref
     # Runtime fields do not change the artifact: a different calls_dir is still a cache hit.
-    again = execute("tests.artifacts.toy_stage", toy_stage.Config(n=2, calls_dir=str(tmp_path), sleep=0.5), {},
+    again = execute("toy", toy_stage.Config(n=2, calls_dir=str(tmp_path), sleep=0.5), {},
                     store, on_event=lambda kind, info: events.append(kind))
     assert again == m and events[-1] == "cached" and calls(tmp_path) == 1
     assert status(toy_stage, cfg, {}, store) == ("cached", m.ref)
@@ -119,24 +119,39 @@ def test_plan_statuses_and_pipeline(store, tmp_path):
         run_pipeline(steps, store, force=["zzz"])
 
 
-def test_plan_file(store, tmp_path):
+def test_plan_file(store, tmp_path, toy_stages):
     up = execute(toy_stage, toy_stage.Config(n=1), {}, store)
     f = tmp_path / "plan.yaml"
     f.write_text("steps:\n"
-                 "  - {name: a, stage: tests.artifacts.toy_stage, config: {n: 2}}\n"
-                 "  - {name: b, stage: tests.artifacts.toy_consumer, inputs: {src: a}}\n"
-                 f"  - {{name: c, stage: tests.artifacts.toy_consumer, config: {{scale: 5}}, inputs: {{src: '{up.ref.fingerprint[:6]}'}}}}\n")
+                 "  - {name: a, stage: toy, config: {n: 2}}\n"
+                 "  - {name: b, stage: toy_sum, inputs: {src: a}}\n"
+                 f"  - {{name: c, stage: toy_sum, config: {{scale: 5}}, inputs: {{src: '{up.ref.fingerprint[:6]}'}}}}\n")
     steps = load_steps(f, store)
     assert steps[1].inputs == {"src": "a"} and steps[2].inputs == {"src": up.ref}
     assert [r.status for r in plan(steps, store)] == ["run", "run", "run"]
-    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"n": 0}}]}))
+    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "toy", "config": {"n": 0}}]}))
     with pytest.raises(ConfigError, match="n must be >= 1"):
         load_steps(f, store)
-    f.write_text(json.dumps([{"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"bogus": 1}}]))
+    f.write_text(json.dumps([{"name": "a", "stage": "toy", "config": {"bogus": 1}}]))
     with pytest.raises(ConfigError, match="unknown field"):
         load_steps(f, store)
     with pytest.raises(PlanError, match="unknown stage"):
         ex.load_stage("no_such_stage")
+
+
+def test_a_plan_file_imports_only_registered_stages(store, tmp_path, monkeypatch):
+    """A plan file (or a flow parameter) naming a module path must not import it: importing runs code."""
+    pkg = tmp_path / "planted"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n"
+                                  "from tests.artifacts.toy_stage import *  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "planted.stage", "config": {"n": 1}}]}))
+    with pytest.raises(PlanError, match="unknown stage 'planted.stage'.*registered"):
+        load_steps(f, store)
+    assert not (tmp_path / "imported").exists()
 
 
 BUILDER = """
