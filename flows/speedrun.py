@@ -67,7 +67,8 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
         raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
     store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
-    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o))
+    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o),
+                    store=open_store(store_url))
     logger.info("speedrun %s:\n%s", preset, format_outcomes(outcomes))
     refs = {name: str(o.ref) for name, o in outcomes.items() if o.ref is not None}
     if "report" in refs:

@@ -45,7 +45,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
     # point takes all its GPUs: 1); a failed point stops only its own CORE step
     outcomes = walk(plan.steps, prefect_step(st.url, []), max_parallel=sw.max_parallel,
-                    on_outcome=lambda o: log_outcome(logger, o))
+                    on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
     rows, errors = [], {}
     for p in plan.points:

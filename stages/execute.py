@@ -21,6 +21,7 @@ prefix). `stage` is a registered stage name (stages.STAGE_MODULES); nothing else
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 from artifacts.code import stage_code_identity
 from artifacts.errors import StoreError
-from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder
+from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder, pinned
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
@@ -372,19 +373,30 @@ RunStep = Callable[[Step, dict[str, ArtifactRef]], tuple[Manifest, bool]]
 
 
 def walk(steps: list[Step], run_step: RunStep, *, max_parallel: int | None = None,
-         on_outcome: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
+         on_outcome: Callable[[Outcome], None] | None = None, store=None) -> dict[str, Outcome]:
     """Run every step whose inputs are available, each as soon as they are, up to max_parallel at
     once (None: no limit), and return {step: Outcome} in step order. A failed step stops only what
     needs it: a step whose required input failed, was skipped or was not run is "not run" (with
     what it needed); an optional stage input (the stage's OPTIONAL_INPUTS) that is missing is left
-    out and the step runs without it. The Prefect flow and run_pipeline() both walk with this."""
-    list(_walk(steps))  # the whole pipeline is valid before any of it runs
+    out and the step runs without it. The Prefect flow and run_pipeline() both walk with this.
+    With `store`, everything the pipeline will produce or read is pinned there until it ends, so gc
+    (here or on another machine) cannot delete an artifact a later step needs (artifacts/lease.py)."""
+    planned = set()
+    for step, _, inputs, ref in _walk(steps):  # the whole pipeline is valid before any of it runs
+        planned |= {ref, *inputs.values()}
+    with pinned(store, sorted(planned)) if store is not None else contextlib.nullcontext() as pin:
+        return _walk_steps(steps, run_step, max_parallel, on_outcome, pin)
+
+
+def _walk_steps(steps, run_step, max_parallel, on_outcome, pin) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     pending = list(steps)
     running: dict[Future, Step] = {}
 
     def record(o: Outcome) -> None:
         outcomes[o.step] = o
+        if pin is not None and o.ref is not None:  # a step built without an optional input: not planned
+            pin.add_inputs([o.ref])
         if on_outcome is not None:
             on_outcome(o)
 
@@ -477,7 +489,7 @@ def run_pipeline(steps: list[Step], store, *, force: tuple[str, ...] | list[str]
         m = execute(step.stage, step.cfg, inputs, store, force=step.name in force, on_event=seen)
         return m, "cached" in kinds
 
-    outcomes = check_outcomes(walk(steps, run_step, max_parallel=max_parallel))
+    outcomes = check_outcomes(walk(steps, run_step, max_parallel=max_parallel, store=store))
     return {name: o.manifest for name, o in outcomes.items() if o.manifest is not None}
 
 

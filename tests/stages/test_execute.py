@@ -310,3 +310,20 @@ def test_load_stage_checks_the_whole_contract():
     assert cfg.seed == 7 and cfg.depth == pretrain.PRESETS["tiny"]["depth"] and pretrain.preset("tiny", seed=7) == cfg
     with pytest.raises(ConfigError, match=r"stage pretrain has no preset 'nope' \(presets: tiny, "):
         pretrain.Config.from_preset("nope")
+
+
+def test_a_running_pipeline_keeps_what_it_made_from_gc(store):
+    """gc while a pipeline runs (here or on another machine: the pin is on the store) keeps every
+    artifact the pipeline made or will read, even one whose alias moved on; once it ends, the pin goes."""
+    steps = [Step("a", toy_stage, toy_stage.Config(n=1)), Step("b", toy_stage, toy_stage.Config(n=2)),
+             Step("c", toy_consumer, toy_consumer.Config(scale=2), {"src": "a"})]
+    swept = []
+
+    def on_event(kind, info):
+        if kind == "running" and info["ref"].label == "n2":  # b runs: a is committed, c has not read it yet
+            execute(toy_stage, toy_stage.Config(n=3), {}, store)  # another run moves toy@latest on
+            swept.append(store.gc(dry_run=False, grace_s=0))
+    out = run_pipeline(steps, store, on_event=on_event)
+    assert swept and not [i for i in swept[0].items if i.ref == out["a"].ref]
+    assert store.manifest(out["a"].ref) is not None and out["c"].inputs["src"] == out["a"].ref
+    assert not [r for r in store._lease_refs() if r.stage == "running_plan"]
