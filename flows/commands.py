@@ -46,9 +46,11 @@ def _run_flow(flow, what: str, **params):
     (Prefect has already logged the traceback) that says how to resume."""
     from flows.cli import RunFailed, one_line, user_error_types
 
+    from artifacts.redact import seal
+
     _check_prefect_server()
-    try:
-        return _run_interruptible(what, flow, params)
+    try:  # the server records parameters for everyone to see: credentials stay in this process
+        return _run_interruptible(what, flow, seal(params))
     except Exception as e:
         if isinstance(e, user_error_types()):
             raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
+from artifacts.redact import unseal
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
 from flows.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
@@ -37,6 +38,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     without it CORE is not run and the points still are). The flow run fails after the report is
     written if any point failed."""
     logger = get_run_logger()
+    spec, store, eval_bundle, data_source = unseal((spec, store, eval_bundle, data_source))
     sw = Sweep.from_dict(spec)
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     st = open_store(store)

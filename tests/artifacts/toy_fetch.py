@@ -1,7 +1,9 @@
 """A stage whose identity holds a URL (like data_shards.source / eval_bundle.url), for the
-credential-redaction tests: run() logs the URL and returns it as a metric."""
+credential-redaction tests: run() logs the URL, returns it as a metric and writes its sha256 (so a
+test can tell that the stage saw the URL with its credentials)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,5 +24,5 @@ class Config(StageConfig):
 
 def run(cfg: Config, inputs: dict, out: Path) -> dict:
     log.info("fetching %s (mirror %s)", cfg.url, cfg.mirror)
-    (out / "data.txt").write_text("data\n")
+    (out / "data.txt").write_text(hashlib.sha256(cfg.url.encode()).hexdigest() + "\n")
     return {"source": cfg.url}
