@@ -40,7 +40,8 @@ from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fing
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
 from stages import STAGE_MODULES, get_stage
-from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to
+from artifacts.source_pins import SourcePins
+from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to, pin_sources_to
 
 log = logging.getLogger("nanorun.execute")
 
@@ -195,7 +196,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         start = time.time()
         try:
             # building(): launch() kills the trainer if the lease is lost (issue 19 §3)
-            with mirror_checkpoints_to(staging), building(lease):
+            pins = SourcePins(store)  # URL sources: the first fetch's sha256 recorded, later ones enforced
+            with mirror_checkpoints_to(staging), pin_sources_to(pins), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             code = stage_code_identity(mod)
@@ -203,7 +205,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
                                 code_version=code.version(mod.code_version), identity=cfg.identity_dict(),
                                 runtime=cfg.runtime_dict(), inputs=dict(inputs), files=[], metrics=metrics,
                                 provenance=collect_provenance(start, end, {
-                                    "resumed": leftovers, "code_modules": code.modules}))
+                                    "resumed": leftovers, "code_modules": code.modules,
+                                    **({"url_sources": pins.seen} if pins.seen else {})}))
             lease.check()
             m = store.commit(ref, work, manifest)
             if staging is not None:
