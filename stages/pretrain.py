@@ -11,9 +11,9 @@
     model, meta = core.checkpoint.load_model(model_checkpoint(store.materialize(m.ref)))
 
 Identity = everything that changes the weights (the depth dial, horizon, batch, LRs, schedule, seed,
-dtype, fp8); runtime = how it runs (processes, nodes, device batch size, eval / sample / save
-cadence, compile, wandb, timeout, price). Like the device batch size, the process count is runtime
-by design: it changes the data order across ranks and the float summation order, not the recipe.
+dtype, fp8, the world size, the platform); runtime = how it runs (how the world size splits into
+processes and nodes, device batch size, threads, eval / sample / save cadence, compile, wandb,
+timeout, price). Which fields are runtime, and the tolerance each was measured to keep: docs/identity.md.
 
 run() writes the trainer's config to run.json, launches torchrun through stages/launch.py (output
 streamed into train.log and the `nanorun.launch` logger, heartbeat while silent, TERM-then-KILL on

@@ -86,6 +86,24 @@ class LaunchConfig:
             return dataclasses.replace(self, **changes, resolved=tuple(self.resolved) + tuple(notes)).resolve()
         return super().resolve()
 
+    def identity_dict(self) -> dict:
+        """The recipe plus the world size (nproc x nnodes): each rank reads its own rows, so the
+        process count changes which documents make up a step, not only the summation order (24 tiny
+        steps on 1 vs 2 processes ended 60% apart in the weights, a seed change 140%; the device batch
+        size with gradient accumulation 0.3%: docs/identity.md). nnodes x nproc of the same product
+        train the same weights (tests/stages/test_multinode_netns.py), so the product is what counts."""
+        return {**super().identity_dict(), "world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """As StageConfig.from_dict; a `world_size` (an identity dict's, derived) must match nproc x nnodes."""
+        d = dict(d)
+        world = d.pop("world_size", None)
+        cfg = super().from_dict(d)
+        if world is not None and world != cfg.world_size:
+            raise ConfigError(f"world_size={world!r} but nproc {cfg.nproc} x nnodes {cfg.nnodes} = {cfg.world_size}")
+        return cfg
+
     def check_platform(self, stage: str) -> None:
         """Refuse to run on a machine whose kernels differ from the ones the plan was made for."""
         here = machine_platform(self.device_type)

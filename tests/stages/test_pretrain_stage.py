@@ -37,7 +37,7 @@ def test_config_validation_identity_and_presets():
     assert cfg.label() == "d20" and cfg.world_size == 1
     ident = set(cfg.identity_dict())
     # the stage hashes what the trainer refuses to resume across, plus the machine's kernels
-    assert ident == set(IDENTITY_FIELDS) | {"platform"}
+    assert ident == set(IDENTITY_FIELDS) | {"platform", "world_size"}
     trainer_fields = {f.name for f in fields(PretrainConfig)}
     assert set(cfg.runtime_dict()) - trainer_fields == {"nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
                                                         "omp_threads", "timeout", "heartbeat", "gpu_hour_price",
@@ -61,7 +61,11 @@ def test_config_validation_identity_and_presets():
         pretrain.preset("d99")
     # runtime fields do not move the artifact, identity fields do
     a = pretrain.preset("tiny")
-    assert a.identity_dict() == pretrain.preset("tiny", nproc=2, wandb="offline", save_every=4).identity_dict()
+    assert a.identity_dict() == pretrain.preset("tiny", device_batch_size=1, wandb="offline", save_every=4).identity_dict()
+    # the world size changes which documents make up a step: identity; how it splits is not
+    assert a.identity_dict() != pretrain.preset("tiny", nproc=2).identity_dict()
+    assert (pretrain.preset("tiny", nproc=2).identity_dict()
+            == pretrain.preset("tiny", nnodes=2, rdzv_endpoint="10.0.0.1:29500").identity_dict())
     assert a.identity_dict() != pretrain.preset("tiny", loader_buffer=64).identity_dict()
 
 
