@@ -184,7 +184,8 @@ def test_crash_then_rerun_resumes_and_commits_one_final_checkpoint(built):
     assert run_cfg["depth"] == 2 and run_cfg["tokenizer_fingerprint"] == inputs["tokenizer"].fingerprint
 
     seen = []  # a runtime change is the same artifact: a cache hit, nothing launched
-    again = execute(pretrain, pretrain.preset("tiny", nproc=2), inputs, store, on_event=lambda k, i: seen.append(k))
+    again = execute(pretrain, pretrain.preset("tiny", device_batch_size=1), inputs, store,
+                    on_event=lambda k, i: seen.append(k))
     assert seen == ["cached"] and again.ref == m.ref and again.metrics == m.metrics
 
 
