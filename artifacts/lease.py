@@ -267,6 +267,18 @@ class Lease:
                     return self._lose("taken over by another builder that presumed us dead")
                 self._token, self._renewed = token, started
 
+    def add_inputs(self, refs) -> None:
+        """Pin more refs (gc keeps a live lease's inputs): written now, not at the next heartbeat."""
+        new = [str(r) for r in refs if str(r) not in self.inputs]
+        if not new:
+            return
+        with self._lock:
+            self.inputs.extend(new)
+            if self._token is not None and not self.lost:
+                token = self.store._lease_replace(self.ref, self._info().to_bytes(), self._token)
+                if token is not None:
+                    self._token, self._renewed = token, time.monotonic()
+
     def check(self) -> None:
         """Raise LeaseLostError unless we still own the lease (call right before committing)."""
         if not self.held:
@@ -291,6 +303,21 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+PLAN_PIN_STAGE = "running_plan"  # .leases/running_plan/run-{random}.json: one record per running plan
+
+
+@contextlib.contextmanager
+def pinned(store, refs=(), ttl: float | None = None):
+    """Keep `refs` (and those added through the yielded Lease's add_inputs) from gc while the block
+    runs: a lease record of its own on the store, so gc on any machine keeps them (it keeps a live
+    lease's inputs), renewed like a build lease and expiring a ttl after a crash. A running plan
+    pins everything it will produce or read: gc during a speedrun once deleted its committed CORE
+    artifact (its alias had moved on) and the steps after it failed."""
+    lease = Lease(store, ArtifactRef(PLAN_PIN_STAGE, "run", uuid.uuid4().hex[:16]), ttl=ttl, inputs=list(refs))
+    with lease:
+        yield lease
 
 
 _BUILDING: contextvars.ContextVar["Lease | None"] = contextvars.ContextVar("nanorun_building", default=None)

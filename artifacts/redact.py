@@ -11,13 +11,22 @@ X-Amz-Security-Token, token, access_token, sig, ...). A fingerprint hashes the r
 (artifacts/manifest.py fingerprint()), so the same data fetched with other credentials is the
 same artifact, and nothing secret can be recovered from a fingerprint.
 
+Flow parameters: Prefect stores a flow run's parameters on its server, where the UI shows them to
+everyone. seal() replaces each credential-bearing string of a parameter by its redacted form and
+keeps the original in this process's environment (NANORUN_SECRETS, a JSON map redacted -> original);
+unseal(), where a flow or task uses the value, puts it back. The CLI's flows run in its process (or,
+for a deployment, on a worker started with the same NANORUN_SECRETS), so nothing secret is ever a
+parameter.
+
 Logs: install_log_redaction() (done when `artifacts` is imported) wraps the log-record factory, so
 every record of every logger (nanorun's, Prefect's run loggers, torchrun lines forwarded by the
 launcher) is redacted once its message is formatted, tracebacks included.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 from typing import Any
 
@@ -40,15 +49,54 @@ def redact(text: str) -> str:
     return _PARAMS.sub(lambda m: m.group(1) + MASK, _USERINFO.sub(lambda m: (m.group(1) or m.group(2)) + MASK + "@", text))
 
 
-def redact_value(value: Any) -> Any:
-    """A copy of a JSON-like value (dicts, lists, tuples, strings) with every string redacted."""
+def _map_strings(value: Any, fn) -> Any:
+    """A copy of a JSON-like value (dicts, lists, tuples, strings) with fn applied to every string."""
     if isinstance(value, str):
-        return redact(value)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(redact_value(v) for v in value)
+        return type(value)(_map_strings(v, fn) for v in value)
     return value
+
+
+def redact_value(value: Any) -> Any:
+    """A copy of a JSON-like value with every string redacted."""
+    return _map_strings(value, redact)
+
+
+SECRETS_ENV = "NANORUN_SECRETS"
+
+
+def _secrets() -> dict[str, str]:
+    try:
+        found = json.loads(os.environ.get(SECRETS_ENV) or "{}")
+    except ValueError:
+        raise ValueError(f"{SECRETS_ENV} is not a JSON object of redacted -> original strings") from None
+    return found if isinstance(found, dict) else {}
+
+
+def seal(value: Any) -> Any:
+    """A copy of a JSON-like value safe to pass as a Prefect parameter: every string that holds a
+    credential is redacted, and the original is kept in this process's environment for unseal()."""
+    known = _secrets()
+    before = dict(known)
+
+    def one(text: str) -> str:
+        clean = redact(text)
+        if clean != text:
+            known[clean] = text
+        return clean
+    sealed = _map_strings(value, one)
+    if known != before:
+        os.environ[SECRETS_ENV] = json.dumps(known)
+    return sealed
+
+
+def unseal(value: Any) -> Any:
+    """The value seal() was given: each sealed string back to its original (others unchanged)."""
+    known = _secrets()
+    return _map_strings(value, lambda text: known.get(text, text)) if known else value
 
 
 _installed = False

@@ -162,10 +162,16 @@ class Show:
         print(f"stage      {m.stage} (code_version {m.code_version})")
         print(f"committed  {prov.pop('committed_at', '-')}")
         print(f"aliases    {', '.join(sorted(aliases)) or '-'}")
-        for title, d in (("identity config", m.identity), ("runtime config", m.runtime)):
+        runtime = dict(m.runtime)
+        resolved = runtime.pop("resolved", None) or []
+        for title, d in (("identity config", m.identity), ("runtime config", runtime)):
             print(f"{title}:" + ("" if d else " none"))
             for k, v in d.items():
                 print(f"  {k} = {json.dumps(v)}")
+        if resolved:  # what this machine decided for values written as auto (stages/training.py)
+            print("resolved when the plan was built:")
+            for note in resolved:
+                print(f"  {note}")
         print("inputs:" + ("" if m.inputs else " none"))
         for k, r in sorted(m.inputs.items()):
             print(f"  {k} <- {r}")

@@ -46,9 +46,11 @@ def _run_flow(flow, what: str, **params):
     (Prefect has already logged the traceback) that says how to resume."""
     from flows.cli import RunFailed, one_line, user_error_types
 
+    from artifacts.redact import seal
+
     _check_prefect_server()
-    try:
-        return _run_interruptible(what, flow, params)
+    try:  # the server records parameters for everyone to see: credentials stay in this process
+        return _run_interruptible(what, flow, seal(params))
     except Exception as e:
         if isinstance(e, user_error_types()):
             raise
@@ -120,8 +122,10 @@ def _run_interruptible(what: str, flow, params: dict):
     worker = threading.Thread(target=body, name="nanorun-flow", daemon=True)
     previous = {s: signal.signal(s, on_signal) for s in SIGNALS}
     worker.start()
+    guarded: dict[int, object] = {}  # server pid -> its guard process
     while worker.is_alive():
         worker.join(0.2)
+        _guard_temporary_servers(guarded)
         since = time.monotonic() - received[0][1] if received else 0.0
         # the server died with the process group and the trainers are stopped: the flow thread
         # only retries its API calls now (its leases went with the stages' exceptions)
@@ -151,6 +155,18 @@ def _temporary_servers() -> list:
     server = sys.modules.get("prefect.server.api.server")
     instances = getattr(getattr(server, "SubprocessASGIServer", None), "_instances", {})
     return [i.server_process for i in list(instances.values()) if getattr(i, "server_process", None) is not None]
+
+
+def _guard_temporary_servers(guarded: dict) -> None:
+    """Start flows/server_guard.py for each temporary server not guarded yet: it stops the server if
+    this process dies without stopping it (a SIGKILL runs no handler; one server ran 17 minutes)."""
+    import subprocess
+
+    for proc in _temporary_servers():
+        if proc.pid not in guarded and proc.poll() is None:
+            # its own session: a Ctrl-C to the terminal's process group must not stop the guard first
+            guarded[proc.pid] = subprocess.Popen([sys.executable, "-m", "flows.server_guard", str(os.getpid()), str(proc.pid)],
+                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _temporary_server_gone() -> bool:

@@ -128,18 +128,21 @@ def _deployment() -> str:
 
 def _to_build(stage: str, config: dict, inputs: dict[str, str], store_url: str | None) -> bool:
     from artifacts import open_store
+    from artifacts.redact import unseal
     from flows.tasks import build_call
     from stages.execute import status
 
     mod, cfg, refs = build_call(stage, config, inputs)
-    return status(mod, cfg, refs, open_store(store_url))[0] == "run"
+    return status(mod, cfg, refs, open_store(unseal(store_url)))[0] == "run"
 
 
 def _submit(stage: str, config: dict, inputs: dict[str, str], store_url: str | None, rank: int):
     from prefect.deployments import run_deployment
 
-    return run_deployment(_deployment(), parameters={"name": stage, "config": config, "inputs": inputs,
-                                                  "store": store_url, "join": True},
+    from artifacts.redact import seal
+
+    return run_deployment(_deployment(), parameters=seal({"name": stage, "config": config, "inputs": inputs,
+                                                       "store": store_url, "join": True}),
                           work_queue_name=QUEUE.format(rank=rank), timeout=0,
                           flow_run_name=f"{stage}-node{rank}", tags=["nanorun-node"])
 

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
+from artifacts.redact import seal, unseal
 from flows.multinode import across_nodes
 from flows.recipes import PRESETS, speedrun_steps
 from flows.tasks import join_stage, run_stage
@@ -27,7 +28,8 @@ from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
 
 def config_dict(cfg) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    """A config as task / flow parameters: credentials sealed (artifacts/redact.py seal)."""
+    return seal({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
 
 # the UI's run form shows a dropdown of the known recipes (a typed parameter, checked before the run)
@@ -59,6 +61,8 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
         force: step names to rebuild even if committed (data, tokenizer, base, sft, ...).
     """
     logger = get_run_logger()
+    store, data_source, eval_bundle, chat_data, overrides = unseal((store, data_source, eval_bundle, chat_data,
+                                                                    overrides))
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
                            eval_bundle=eval_bundle, chat_data=chat_data)
     force = list(force or [])
@@ -67,7 +71,8 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
         raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
     store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
-    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o))
+    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o),
+                    store=open_store(store_url))
     logger.info("speedrun %s:\n%s", preset, format_outcomes(outcomes))
     refs = {name: str(o.ref) for name, o in outcomes.items() if o.ref is not None}
     if "report" in refs:
@@ -151,6 +156,7 @@ def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None =
     join: this node's share of a multi-node run that node 0 runs (pretrain with nnodes > 1 and
     node_rank >= 1): trains in the shared work dir, commits nothing. Node 0's run started from a
     deployment submits the other nodes' join runs itself (flows/multinode.py)."""
+    store, config = unseal((store, config))
     st = open_store(store)
     mod = load_stage(name)
     fields = dict(config or {})  # validated and resolved before any task starts

@@ -20,6 +20,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
+from artifacts.redact import unseal
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
 from flows.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
@@ -37,6 +38,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     without it CORE is not run and the points still are). The flow run fails after the report is
     written if any point failed."""
     logger = get_run_logger()
+    spec, store, eval_bundle, data_source = unseal((spec, store, eval_bundle, data_source))
     sw = Sweep.from_dict(spec)
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     st = open_store(store)
@@ -45,7 +47,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
     # point takes all its GPUs: 1); a failed point stops only its own CORE step
     outcomes = walk(plan.steps, prefect_step(st.url, []), max_parallel=sw.max_parallel,
-                    on_outcome=lambda o: log_outcome(logger, o))
+                    on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
     rows, errors = [], {}
     for p in plan.points:

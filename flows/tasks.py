@@ -29,6 +29,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
+from artifacts.redact import unseal
 from flows.cli import FORWARDED, print_forwarded_once
 from stages.base import ConfigError, report_progress_to
 from stages.execute import execute, join, load_stage, status
@@ -39,7 +40,7 @@ PROGRESS_EVERY_S = 2.0
 def build_call(stage: str, config: dict, inputs: dict[str, str]):
     """(stage module, Config, {name: ArtifactRef}) from the task's JSON-friendly parameters."""
     mod = load_stage(stage)
-    cfg = mod.Config.from_dict(dict(config))
+    cfg = mod.Config.from_dict(unseal(dict(config)))  # parameters carry credentials sealed (artifacts/redact.py)
     refs = {name: r if isinstance(r, ArtifactRef) else ArtifactRef.parse(r) for name, r in inputs.items()}
     return mod, cfg, refs
 
@@ -57,7 +58,7 @@ class StoreVerifiedCache(CachePolicy):
             return None
         try:
             mod, cfg, refs = build_call(inputs["stage"], inputs["config"], inputs.get("inputs") or {})
-            store = open_store(inputs.get("store_url"))
+            store = open_store(unseal(inputs.get("store_url")))
             state, ref = status(mod, cfg, refs, store)
         except Exception:  # let the task itself run and report the problem with a clear message
             return None
@@ -200,7 +201,7 @@ def run_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str |
     """Build (or find) one stage's artifact; returns its ref `stage/label-fingerprint`."""
     mod, cfg, refs = build_call(stage, config, inputs)
     with _observed(mod.NAME):
-        manifest = execute(mod, cfg, refs, open_store(store_url), force=force)
+        manifest = execute(mod, cfg, refs, open_store(unseal(store_url)), force=force)
     return str(manifest.ref)
 
 
@@ -209,4 +210,4 @@ def join_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str 
     """This node's share of a multi-node build that another node runs (and commits)."""
     mod, cfg, refs = build_call(stage, config, inputs)
     with _observed(mod.NAME):
-        return str(join(mod, cfg, refs, open_store(store_url)))
+        return str(join(mod, cfg, refs, open_store(unseal(store_url))))

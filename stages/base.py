@@ -221,5 +221,19 @@ def mirror_checkpoints_to(staging):
     return _bound(_mirror, staging)
 
 
+# ---- URL sources: trust on first use -------------------------------------------------------------
+# While execute() runs a stage it binds the store's record of URL sources (artifacts/source_pins.py);
+# stages/fetch.py checks each download against it. None outside execute() (a bare fetch checks nothing).
+_pins: ContextVar[Any] = ContextVar("nanorun_source_pins", default=None)
+
+
+def source_pins():
+    return _pins.get()
+
+
+def pin_sources_to(pins):
+    return _bound(_pins, pins)
+
+
 def stage_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"nanorun.{name}")

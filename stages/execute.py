@@ -16,14 +16,14 @@ Plan files for `nanorun plan FILE` (JSON or YAML):
       - {name: shards, stage: data_shards, config: {num_shards: 2}}
       - {name: tok, stage: tokenizer, config: {vocab_size: 4096}, inputs: {data: shards}}
 An input is an earlier step's name or any ref the store resolves (`stage@alias`, a fingerprint
-prefix). `stage` is a registered stage name or a dotted module path.
+prefix). `stage` is a registered stage name (stages.STAGE_MODULES); nothing else is imported.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import dataclasses
-import importlib
 import json
 import logging
 import time
@@ -35,12 +35,13 @@ from typing import Any, Callable
 
 from artifacts.code import stage_code_identity
 from artifacts.errors import StoreError
-from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder
+from artifacts.lease import DEFAULT_TTL, Lease, building, live_holder, pinned
 from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fingerprint
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
 from stages import STAGE_MODULES, get_stage
-from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to
+from artifacts.source_pins import SourcePins
+from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to, pin_sources_to
 
 log = logging.getLogger("nanorun.execute")
 
@@ -53,18 +54,14 @@ class PlanError(StoreError):
 
 
 def load_stage(stage: str | ModuleType) -> ModuleType:
-    """A stage module from a module, a registered name (stages/__init__.py) or a dotted module path."""
+    """A stage module from a module object or a registered name (stages/__init__.py STAGE_MODULES)."""
     if isinstance(stage, ModuleType):
         mod = stage
-    elif stage in STAGE_MODULES:
+    elif isinstance(stage, str) and stage in STAGE_MODULES:
         mod = get_stage(stage)
-    elif "." in stage:
-        try:
-            mod = importlib.import_module(stage)
-        except ImportError as e:
-            raise PlanError(f"cannot import stage module {stage!r}: {e}") from None
-    else:
-        raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} (or a dotted module path)")
+    else:  # never import a module a plan file or a flow parameter names: importing runs its code
+        raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} "
+                        "(a stage is importable by name only once registered in stages.STAGE_MODULES)")
     missing = [a for a in ("NAME", "code_version", "INPUTS", "Config", "run") if not hasattr(mod, a)]
     if missing:
         raise PlanError(f"{mod.__name__} is not a stage module: it lacks {', '.join(missing)} (see stages/base.py)")
@@ -199,7 +196,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         start = time.time()
         try:
             # building(): launch() kills the trainer if the lease is lost (issue 19 §3)
-            with mirror_checkpoints_to(staging), building(lease):
+            pins = SourcePins(store)  # URL sources: the first fetch's sha256 recorded, later ones enforced
+            with mirror_checkpoints_to(staging), pin_sources_to(pins), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))
             end = time.time()
             code = stage_code_identity(mod)
@@ -207,7 +205,8 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
                                 code_version=code.version(mod.code_version), identity=cfg.identity_dict(),
                                 runtime=cfg.runtime_dict(), inputs=dict(inputs), files=[], metrics=metrics,
                                 provenance=collect_provenance(start, end, {
-                                    "resumed": leftovers, "code_modules": code.modules}))
+                                    "resumed": leftovers, "code_modules": code.modules,
+                                    **({"url_sources": pins.seen} if pins.seen else {})}))
             lease.check()
             m = store.commit(ref, work, manifest)
             if staging is not None:
@@ -377,19 +376,30 @@ RunStep = Callable[[Step, dict[str, ArtifactRef]], tuple[Manifest, bool]]
 
 
 def walk(steps: list[Step], run_step: RunStep, *, max_parallel: int | None = None,
-         on_outcome: Callable[[Outcome], None] | None = None) -> dict[str, Outcome]:
+         on_outcome: Callable[[Outcome], None] | None = None, store=None) -> dict[str, Outcome]:
     """Run every step whose inputs are available, each as soon as they are, up to max_parallel at
     once (None: no limit), and return {step: Outcome} in step order. A failed step stops only what
     needs it: a step whose required input failed, was skipped or was not run is "not run" (with
     what it needed); an optional stage input (the stage's OPTIONAL_INPUTS) that is missing is left
-    out and the step runs without it. The Prefect flow and run_pipeline() both walk with this."""
-    list(_walk(steps))  # the whole pipeline is valid before any of it runs
+    out and the step runs without it. The Prefect flow and run_pipeline() both walk with this.
+    With `store`, everything the pipeline will produce or read is pinned there until it ends, so gc
+    (here or on another machine) cannot delete an artifact a later step needs (artifacts/lease.py)."""
+    planned = set()
+    for step, _, inputs, ref in _walk(steps):  # the whole pipeline is valid before any of it runs
+        planned |= {ref, *inputs.values()}
+    with pinned(store, sorted(planned)) if store is not None else contextlib.nullcontext() as pin:
+        return _walk_steps(steps, run_step, max_parallel, on_outcome, pin)
+
+
+def _walk_steps(steps, run_step, max_parallel, on_outcome, pin) -> dict[str, Outcome]:
     outcomes: dict[str, Outcome] = {}
     pending = list(steps)
     running: dict[Future, Step] = {}
 
     def record(o: Outcome) -> None:
         outcomes[o.step] = o
+        if pin is not None and o.ref is not None:  # a step built without an optional input: not planned
+            pin.add_inputs([o.ref])
         if on_outcome is not None:
             on_outcome(o)
 
@@ -482,7 +492,7 @@ def run_pipeline(steps: list[Step], store, *, force: tuple[str, ...] | list[str]
         m = execute(step.stage, step.cfg, inputs, store, force=step.name in force, on_event=seen)
         return m, "cached" in kinds
 
-    outcomes = check_outcomes(walk(steps, run_step, max_parallel=max_parallel))
+    outcomes = check_outcomes(walk(steps, run_step, max_parallel=max_parallel, store=store))
     return {name: o.manifest for name, o in outcomes.items() if o.manifest is not None}
 
 

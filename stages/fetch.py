@@ -33,6 +33,7 @@ from typing import Callable
 
 from artifacts.files import file_sha256
 from artifacts.redact import redact
+from stages.base import source_pins
 
 log = logging.getLogger("nanorun.fetch")
 
@@ -214,8 +215,18 @@ def _s3_attempt(url: str, part: Path, timeout: float, on_bytes, client) -> str |
 # ---- public --------------------------------------------------------------------------------------
 def fetch(url: str, dest, *, sha256: str | None = None, validate: Callable[[Path], None] | None = None,
           retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, on_progress: ProgressFn | None = None,
-          s3=None) -> Fetched:
-    """Download url to dest (see the module docstring). `validate(path)` raises if the file is bad."""
+          s3=None, pins=None) -> Fetched:
+    """Download url to dest (see the module docstring). `validate(path)` raises if the file is bad.
+    pins (default: the ones execute() bound, stages.base.source_pins): the store's first-fetch record
+    of the URL's sha256, which the file must match (artifacts/source_pins.py)."""
+    pins = pins if pins is not None else source_pins()
+    r = _fetch(url, dest, sha256, validate, retries, timeout, backoff, on_progress, s3)
+    if pins is not None:
+        pins.check(url, r.sha256, r.size, pinned_by_config=bool(sha256))
+    return r
+
+
+def _fetch(url, dest, sha256, validate, retries, timeout, backoff, on_progress, s3) -> Fetched:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PARTIAL_SUFFIX)
@@ -290,6 +301,7 @@ def fetch_many(jobs: list[tuple[str, Path]], *, workers: int = 4, on_done: Calla
         raise ValueError(f"workers must be >= 1, got {workers}")
     if any(u.startswith("s3://") for u, _ in jobs) and "s3" not in kw:
         kw["s3"] = s3_client()  # boto3 clients are thread-safe; sessions are not
+    kw.setdefault("pins", source_pins())  # the pool's threads do not see this thread's context
     results: dict[int, Fetched] = {}
     errors: list[FetchError] = []
     with ThreadPoolExecutor(max_workers=min(workers, max(1, len(jobs)))) as pool:

@@ -11,9 +11,9 @@
     model, meta = core.checkpoint.load_model(model_checkpoint(store.materialize(m.ref)))
 
 Identity = everything that changes the weights (the depth dial, horizon, batch, LRs, schedule, seed,
-dtype, fp8); runtime = how it runs (processes, nodes, device batch size, eval / sample / save
-cadence, compile, wandb, timeout, price). Like the device batch size, the process count is runtime
-by design: it changes the data order across ranks and the float summation order, not the recipe.
+dtype, fp8, the world size, the platform); runtime = how it runs (how the world size splits into
+processes and nodes, device batch size, threads, eval / sample / save cadence, compile, wandb,
+timeout, price). Which fields are runtime, and the tolerance each was measured to keep: docs/identity.md.
 
 run() writes the trainer's config to run.json, launches torchrun through stages/launch.py (output
 streamed into train.log and the `nanorun.launch` logger, heartbeat while silent, TERM-then-KILL on
@@ -129,6 +129,7 @@ def _plan(cfg: Config, vocab_size: int):
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    cfg.check_platform(NAME)
     if cfg.node_rank > 0:
         raise ConfigError(f"pretrain: node_rank={cfg.node_rank} joins node 0's run rather than building the artifact: "
                           "run `nanorun stage pretrain ... --join` on this node (only node 0 commits)")
@@ -140,6 +141,7 @@ def join(cfg: Config, inputs: dict[str, Input], out: Path) -> None:
     """This node's share of a multi-node run (node_rank >= 1): the same torchrun job through the
     c10d rendezvous at node 0, writing into the same (shared) work dir. Commits nothing: node 0's
     run() lays out and commits the artifact once every node is done."""
+    cfg.check_platform(NAME)
     if cfg.nnodes < 2 or cfg.node_rank < 1:
         raise ConfigError(f"pretrain: joining needs nnodes > 1 and node_rank >= 1 (got nnodes={cfg.nnodes}, "
                           f"node_rank={cfg.node_rank}); node 0 runs the stage itself")

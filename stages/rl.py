@@ -103,6 +103,7 @@ preset = Config.from_preset
 
 # ---- run ------------------------------------------------------------------------------------------------
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    cfg.check_platform(NAME)
     from core.checkpoint import list_checkpoints, load_checkpoint
     from core.layouts import CHAT_KINDS, model_checkpoint, tokenizer_dir
 

@@ -145,6 +145,7 @@ preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a 
 
 # ---- run ------------------------------------------------------------------------------------------------------
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    cfg.check_platform(NAME)
     from core.checkpoint import list_checkpoints
     from core.layouts import model_checkpoint, tokenizer_dir
 

@@ -106,7 +106,8 @@ class SourcedConfig:
         raise NotImplementedError
 
     def resolve(self):
-        if self.source_digests is not None:
-            return self
-        where = type(self).__module__.rpartition(".")[2]
-        return dataclasses.replace(self, source_digests=compute_digests(self.source_specs(), self.data_dir, where))
+        cfg = self
+        if self.source_digests is None:
+            where = type(self).__module__.rpartition(".")[2]
+            cfg = dataclasses.replace(self, source_digests=compute_digests(self.source_specs(), self.data_dir, where))
+        return super(SourcedConfig, cfg).resolve()  # the next mixin's (the machine's choices: stages/training.py)

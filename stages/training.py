@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from core.layouts import CHECKPOINT_POINTER
+from core.train.config import auto_dtype
 from stages.base import ConfigError, StageConfig, checkpoint_mirror, identity, progress, runtime
 
 CURVE_POINTS = 200  # points kept in the manifest's loss curve
@@ -60,6 +61,55 @@ class LaunchConfig:
     omp_threads: int = runtime(0, help="CPU threads per process (0 = cores / nproc)")
     timeout: float = runtime(0.0, help="kill the run after this many seconds (0 = never)")
     heartbeat: float = runtime(60.0, help="log a 'still running' line after this many silent seconds")
+    platform: str = identity("", help="computed when the plan is built: cpu | mps | cuda <CUDA version> "
+                                      "<attention backend> (the kernels the run uses; a run elsewhere is refused)")
+    resolved: tuple = runtime((), help="computed when the plan is built: each value decided for this machine, "
+                                       "and why (dtype=auto, device_type, platform)")
+
+    def resolve(self):
+        """Decide now what the machine would decide at run time (device, dtype=auto, platform), so the
+        fingerprint hashes what the run will use and a shared store never mixes two machines' results
+        under one name; the trainer then gets explicit values. A resolved config returns itself."""
+        changes, notes = {}, []
+        device = self.device_type or _detect_device()
+        if not self.device_type:
+            changes["device_type"] = device
+            notes.append(f"device_type: '' -> {device} (autodetected)")
+        if self.dtype == "auto":
+            name, why = auto_dtype(device, _cuda_major() if device == "cuda" else None)
+            changes["dtype"] = name
+            notes.append(f"dtype: auto -> {name} ({why})")
+        if not self.platform:
+            changes["platform"] = machine_platform(device)
+            notes.append(f"platform: {changes['platform']} (this machine's kernels for {device})")
+        if changes:
+            return dataclasses.replace(self, **changes, resolved=tuple(self.resolved) + tuple(notes)).resolve()
+        return super().resolve()
+
+    def identity_dict(self) -> dict:
+        """The recipe plus the world size (nproc x nnodes): each rank reads its own rows, so the
+        process count changes which documents make up a step, not only the summation order (24 tiny
+        steps on 1 vs 2 processes ended 60% apart in the weights, a seed change 140%; the device batch
+        size with gradient accumulation 0.3%: docs/identity.md). nnodes x nproc of the same product
+        train the same weights (tests/stages/test_multinode_netns.py), so the product is what counts."""
+        return {**super().identity_dict(), "world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """As StageConfig.from_dict; a `world_size` (an identity dict's, derived) must match nproc x nnodes."""
+        d = dict(d)
+        world = d.pop("world_size", None)
+        cfg = super().from_dict(d)
+        if world is not None and world != cfg.world_size:
+            raise ConfigError(f"world_size={world!r} but nproc {cfg.nproc} x nnodes {cfg.nnodes} = {cfg.world_size}")
+        return cfg
+
+    def check_platform(self, stage: str) -> None:
+        """Refuse to run on a machine whose kernels differ from the ones the plan was made for."""
+        here = machine_platform(self.device_type)
+        if self.platform and self.platform != here:
+            raise ConfigError(f"{stage}: planned for platform {self.platform!r}, this machine is {here!r}: "
+                              "plan the run where it runs (the fingerprint names the platform)")
 
     @property
     def world_size(self) -> int:
@@ -76,11 +126,37 @@ class LaunchConfig:
             raise ConfigError(f"{stage}: nnodes > 1 needs rdzv_endpoint host:port (node 0's rendezvous)")
         if self.timeout < 0 or self.heartbeat <= 0 or self.omp_threads < 0:
             raise ConfigError(f"{stage}: timeout and omp_threads must be >= 0, heartbeat > 0")
+        object.__setattr__(self, "resolved", tuple(str(n) for n in self.resolved))
 
     def rendezvous(self):
         from stages.launch import Rendezvous
 
         return Rendezvous(self.nnodes, self.node_rank, self.rdzv_endpoint, self.rdzv_id) if self.nnodes > 1 else None
+
+
+def _detect_device() -> str:
+    from core.common import autodetect_device
+
+    return autodetect_device()
+
+
+def _cuda_major() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else None
+
+
+def machine_platform(device: str) -> str:
+    """What identifies a device's kernels beyond the dtype: the CUDA build of torch (artifacts/code.py
+    hashes torch's major.minor only) and the attention backend (flash-attn or SDPA, which
+    NANORUN_ATTENTION and what is installed decide). CPU and MPS: their name."""
+    if device != "cuda":
+        return device
+    import torch
+
+    from core.attention import BACKEND
+
+    return f"cuda {torch.version.cuda} {BACKEND}"
 
 
 def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: int, omp_threads: int,

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 
 from core.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from core.common import (DistInfo, cleanup_distributed, compute_dtype, init_distributed, parse_dtype, print0,
+from core.common import (DistInfo, cleanup_distributed, init_distributed, parse_dtype, print0,
                          set_num_threads)
 from core.openmp import wait_env
-from core.train.config import WANDB_MODES
+from core.train.config import WANDB_MODES, auto_dtype
 
 # ---- the per-step log line -------------------------------------------------------------------------
 
@@ -399,25 +399,13 @@ class Run:
         return self.ck is not None and step == self.start_step
 
 
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `name` on `device`. auto = bf16 on SM80+ GPUs and on CPUs with native bf16,
-    fp32 elsewhere (NANORUN_DTYPE overrides). Why bf16 on such CPUs: the pretrain stage's cpu-demo
-    setup ran 2.0x faster than fp32 at the same val bpb on a quiet machine (6,650 vs 3,382 tok/s, bpb
-    2.2048 vs 2.2030 after 40 steps; bench/pretrain_path.py), and reached its step-0 evaluation sooner."""
+    """The compute dtype for `name` on `device`: auto as core.train.config.auto_dtype decides (the
+    stages resolve it when the plan is built, so a stage's trainer gets an explicit name)."""
     if name != "auto":
         return parse_dtype(name)
-    if device.type == "cpu" and not os.environ.get("NANORUN_DTYPE", "").strip() and cpu_has_native_bf16():
-        return torch.bfloat16
-    return compute_dtype(device)
+    major = torch.cuda.get_device_capability()[0] if device.type == "cuda" and torch.cuda.is_available() else None
+    return parse_dtype(auto_dtype(device.type, major)[0])
 
 
 def start_run(cfg, **loop_fields) -> Run:

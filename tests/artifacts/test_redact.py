@@ -2,6 +2,8 @@
 line (issue 19 §5)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 
@@ -58,3 +60,26 @@ def test_fetch_errors_and_tracebacks_are_redacted(caplog):
         except RuntimeError:
             logging.getLogger("nanorun.test").exception("failed")
     assert caplog.records[-1].exc_text and "SEC/RET" not in caplog.text
+
+
+@pytest.mark.slow  # a temporary Prefect server
+def test_no_credentials_in_prefect_flow_parameters(tmp_path, nanorun_home, monkeypatch):
+    """The server shows a flow run's parameters to everyone: the CLI passes the URL redacted and the
+    credentials through its environment, and the stage still gets the whole URL."""
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+    from stages import STAGE_MODULES
+
+    monkeypatch.setitem(STAGE_MODULES, "toy_fetch", "tests.artifacts.toy_fetch")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("NANORUN_SECRETS", "{}")
+    secret_url = "https://alice:HUNTER2@data.example/shard.parquet?X-Amz-Signature=SIGSECRET"
+    store = open_store(str(tmp_path / "store"))
+    assert main(["--store", store.url, "stage", "toy_fetch", "--set", f"url={secret_url}"]) == 0
+    with get_client(sync_client=True) as client:
+        params = json.dumps([r.parameters for r in client.read_flow_runs() if r.parameters.get("name") == "toy_fetch"])
+    assert "data.example/shard.parquet" in params
+    assert "HUNTER2" not in params and "alice" not in params and "SIGSECRET" not in params
+    data = store.materialize(store.resolve("toy_fetch@latest")) / "data.txt"
+    assert data.read_text().strip() == hashlib.sha256(secret_url.encode()).hexdigest()

@@ -19,8 +19,8 @@ import torch
 from core.train.common import (MetricsLog, ResumeError, StepClock, check_resume, format_step_line,
                                measure_matmul_flops, parse_step_line, read_metrics)
 from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig, main, parse_config, train
-from tests.train_helpers import (REPO, assert_states_equal, final_state, make_data_dir, make_tokenizer_dir,
-                                 run_trainer, trainer_cmd, trainer_env)
+from tests.train_helpers import (REPO, RUNTIME_TOLERANCE, assert_states_equal, final_state, make_data_dir,
+                                 make_tokenizer_dir, run_trainer, trainer_cmd, trainer_env, weights_distance)
 
 STEPS = 24  # the tiny preset: checkpoints at 8, 16, 24
 
@@ -158,10 +158,28 @@ def test_two_gloo_processes_reach_the_same_total_batch_and_train(inputs, uninter
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.2, losses
     final = out / "checkpoints" / f"step_{STEPS:06d}"
     assert (final / "optim_rank0.pt").is_file() and (final / "optim_rank1.pt").is_file()  # ZeRO-2 shards
+    # each rank reads its own rows: the process count changes what a step sees, far beyond summation
+    # noise, so the stages hash the world size (stages/training.py)
+    assert weights_distance(final_state(uninterrupted, STEPS)[0], final_state(out, STEPS)[0]) > 10 * RUNTIME_TOLERANCE
     # one process cannot continue what two started: refused, saying why (in-process: a fresh
     # interpreter per refusal would cost seconds of imports)
     code, err = _main_exit(trainer_cmd(*inputs, out)[3:])
     assert code == 2 and "saved by 2 process(es), this run has 1" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, env", [(["--device-batch-size", "1"], {}), ([], {"OMP_NUM_THREADS": "2"})],
+                         ids=["4 accumulation steps instead of 2", "2 threads instead of 1"])
+def test_runtime_fields_keep_the_weights_within_the_stated_tolerance(inputs, uninterrupted, tmp_path, flags, env):
+    """What makes a field runtime (docs/identity.md): changing it moves the final weights by less than
+    RUNTIME_TOLERANCE (relative), here the device batch size (with gradient accumulation making up
+    the same total batch) and the CPU threads."""
+    out = tmp_path / "variant"
+    r = subprocess.run(trainer_cmd(*inputs, out, *flags), cwd=REPO, env=trainer_env(**env), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    distance = weights_distance(final_state(uninterrupted, STEPS)[0], final_state(out, STEPS)[0])
+    assert distance < RUNTIME_TOLERANCE, f"{flags or env}: the weights moved {distance:.2e}"
 
 
 def _main_exit(argv: list[str]) -> tuple[int, str]:

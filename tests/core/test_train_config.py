@@ -81,15 +81,15 @@ def test_auto_dtype_is_bf16_on_cpus_that_multiply_bf16_natively(monkeypatch):
     2.0x faster than fp32 at the same val bpb (bench/pretrain_path.py), so auto picks it there."""
     import torch
 
-    from core.train import common
+    from core.train import common, config
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("NANORUN_DTYPE", raising=False)
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: True)
     assert common.resolve_dtype("auto", cpu) == torch.bfloat16
     assert common.resolve_dtype("float32", cpu) == torch.float32
     monkeypatch.setenv("NANORUN_DTYPE", "float32")  # the documented override wins
     assert common.resolve_dtype("auto", cpu) == torch.float32
     monkeypatch.delenv("NANORUN_DTYPE")
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
     assert common.resolve_dtype("auto", cpu) == torch.float32

@@ -84,15 +84,15 @@ def test_pull_push_alias_gc_index(built, capsys, tmp_path, s3_bucket, monkeypatc
     assert code == 0 and "2 artifact(s)" in out
 
 
-def test_plan_command(built, capsys, tmp_path):
+def test_plan_command(built, capsys, tmp_path, toy_stages):
     store, up, _ = built
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"steps": [
-        {"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"n": 2, "size": 100}},
-        {"name": "b", "stage": "tests.artifacts.toy_consumer", "config": {"scale": 9}, "inputs": {"src": "a"}}]}))
+        {"name": "a", "stage": "toy", "config": {"n": 2, "size": 100}},
+        {"name": "b", "stage": "toy_sum", "config": {"scale": 9}, "inputs": {"src": "a"}}]}))
     code, out, _ = run(capsys, "--store", store.url, "plan", str(f))
     assert code == 0 and "cached" in out and "will run" in out and "2 steps: 1 cached, 1 to run" in out
-    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"n": -1}}]}))
+    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "toy", "config": {"n": -1}}]}))
     one_line_error(*run(capsys, "--store", store.url, "plan", str(f))[::2], "n must be >= 1")
     one_line_error(*run(capsys, "--store", store.url, "plan", str(tmp_path / "missing.yaml"))[::2], "cannot read plan file")
 

@@ -119,3 +119,45 @@ def test_a_signal_stops_the_flow_thread_and_exits_128_plus_the_signal(tmp_path, 
     assert exit_.value.code == 130 and exits == []
     assert "nanorun stage child: interrupted by SIGINT: run the same command again" in capsys.readouterr().err
     assert not _alive(int(pid_file.read_text()))
+
+
+def _children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the live children of `pid`."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        fields = _stat(entry)
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(bytes(1), b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_sigkilled_cli_takes_its_temporary_prefect_server_with_it(tmp_path):
+    """SIGKILL runs no handler and no atexit: the server must still stop within seconds."""
+    pids = tmp_path / "trainer.pids"
+    env = prefect_env(tmp_path, PYTHONPATH=str(REPO), NANORUN_PROGRESS_BAR="0")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-c", NANORUN, "stage", "sleepy", "--set", f"pid_file={pids}"],
+                            cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    servers: list[int] = []
+    try:
+        _wait_for(pids, proc, 180)
+        servers = [pid for pid, cmd in _children(proc.pid).items() if "uvicorn" in cmd and "prefect" in cmd]
+        assert len(servers) == 1, _children(proc.pid)
+        time.sleep(0.5)  # the CLI's loop guards a new server within 0.2 s
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _alive(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(servers[0]), "the temporary Prefect server outlived its SIGKILLed CLI"
+    finally:
+        for pid in _members({proc.pid}):  # the trainer the dead CLI left behind
+            os.kill(int(pid.split(":")[0]), signal.SIGKILL)
+        for pid in [p for p in servers if _alive(p)]:
+            os.kill(pid, signal.SIGKILL)

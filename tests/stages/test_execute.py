@@ -20,7 +20,7 @@ def calls(d: Path) -> int:
     return len(f.read_text().splitlines()) if f.exists() else 0
 
 
-def test_build_then_cache_hit(store, tmp_path):
+def test_build_then_cache_hit(store, tmp_path, toy_stages):
     cfg = toy_stage.Config(n=2, calls_dir=str(tmp_path))
     events = []
     m = execute(toy_stage, cfg, {}, store, on_event=lambda kind, info: events.append(kind))
@@ -32,7 +32,7 @@ def test_build_then_cache_hit(store, tmp_path):
     assert p["start_time"] <= p["end_time"] and "command" in p and p["resumed"] is False
     assert store.verify(m.ref, deep=True).ok and store.resolve("toy@latest") == m.ref
     # Runtime fields do not change the artifact: a different calls_dir is still a cache hit.
-    again = execute("tests.artifacts.toy_stage", toy_stage.Config(n=2, calls_dir=str(tmp_path), sleep=0.5), {},
+    again = execute("toy", toy_stage.Config(n=2, calls_dir=str(tmp_path), sleep=0.5), {},
                     store, on_event=lambda kind, info: events.append(kind))
     assert again == m and events[-1] == "cached" and calls(tmp_path) == 1
     assert status(toy_stage, cfg, {}, store) == ("cached", m.ref)
@@ -119,24 +119,39 @@ def test_plan_statuses_and_pipeline(store, tmp_path):
         run_pipeline(steps, store, force=["zzz"])
 
 
-def test_plan_file(store, tmp_path):
+def test_plan_file(store, tmp_path, toy_stages):
     up = execute(toy_stage, toy_stage.Config(n=1), {}, store)
     f = tmp_path / "plan.yaml"
     f.write_text("steps:\n"
-                 "  - {name: a, stage: tests.artifacts.toy_stage, config: {n: 2}}\n"
-                 "  - {name: b, stage: tests.artifacts.toy_consumer, inputs: {src: a}}\n"
-                 f"  - {{name: c, stage: tests.artifacts.toy_consumer, config: {{scale: 5}}, inputs: {{src: '{up.ref.fingerprint[:6]}'}}}}\n")
+                 "  - {name: a, stage: toy, config: {n: 2}}\n"
+                 "  - {name: b, stage: toy_sum, inputs: {src: a}}\n"
+                 f"  - {{name: c, stage: toy_sum, config: {{scale: 5}}, inputs: {{src: '{up.ref.fingerprint[:6]}'}}}}\n")
     steps = load_steps(f, store)
     assert steps[1].inputs == {"src": "a"} and steps[2].inputs == {"src": up.ref}
     assert [r.status for r in plan(steps, store)] == ["run", "run", "run"]
-    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"n": 0}}]}))
+    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "toy", "config": {"n": 0}}]}))
     with pytest.raises(ConfigError, match="n must be >= 1"):
         load_steps(f, store)
-    f.write_text(json.dumps([{"name": "a", "stage": "tests.artifacts.toy_stage", "config": {"bogus": 1}}]))
+    f.write_text(json.dumps([{"name": "a", "stage": "toy", "config": {"bogus": 1}}]))
     with pytest.raises(ConfigError, match="unknown field"):
         load_steps(f, store)
     with pytest.raises(PlanError, match="unknown stage"):
         ex.load_stage("no_such_stage")
+
+
+def test_a_plan_file_imports_only_registered_stages(store, tmp_path, monkeypatch):
+    """A plan file (or a flow parameter) naming a module path must not import it: importing runs code."""
+    pkg = tmp_path / "planted"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n"
+                                  "from tests.artifacts.toy_stage import *  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps({"steps": [{"name": "a", "stage": "planted.stage", "config": {"n": 1}}]}))
+    with pytest.raises(PlanError, match="unknown stage 'planted.stage'.*registered"):
+        load_steps(f, store)
+    assert not (tmp_path / "imported").exists()
 
 
 BUILDER = """
@@ -295,3 +310,20 @@ def test_load_stage_checks_the_whole_contract():
     assert cfg.seed == 7 and cfg.depth == pretrain.PRESETS["tiny"]["depth"] and pretrain.preset("tiny", seed=7) == cfg
     with pytest.raises(ConfigError, match=r"stage pretrain has no preset 'nope' \(presets: tiny, "):
         pretrain.Config.from_preset("nope")
+
+
+def test_a_running_pipeline_keeps_what_it_made_from_gc(store):
+    """gc while a pipeline runs (here or on another machine: the pin is on the store) keeps every
+    artifact the pipeline made or will read, even one whose alias moved on; once it ends, the pin goes."""
+    steps = [Step("a", toy_stage, toy_stage.Config(n=1)), Step("b", toy_stage, toy_stage.Config(n=2)),
+             Step("c", toy_consumer, toy_consumer.Config(scale=2), {"src": "a"})]
+    swept = []
+
+    def on_event(kind, info):
+        if kind == "running" and info["ref"].label == "n2":  # b runs: a is committed, c has not read it yet
+            execute(toy_stage, toy_stage.Config(n=3), {}, store)  # another run moves toy@latest on
+            swept.append(store.gc(dry_run=False, grace_s=0))
+    out = run_pipeline(steps, store, on_event=on_event)
+    assert swept and not [i for i in swept[0].items if i.ref == out["a"].ref]
+    assert store.manifest(out["a"].ref) is not None and out["c"].inputs["src"] == out["a"].ref
+    assert not [r for r in store._lease_refs() if r.stage == "running_plan"]

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.fetch import FetchError, fetch, fetch_many, list_s3
+from tests.artifacts.fixtures import store  # noqa: F401 (fixture)
 from tests.stages._http_server import FileServer
 
 FAST = dict(backoff=0.0, timeout=10)
@@ -146,3 +147,25 @@ def test_s3_download_resume_and_listing(s3_bucket, shards, tmp_path, monkeypatch
         fetch(f"s3://{bucket}/corpus/nope.parquet", tmp_path / "u.parquet", retries=3, **FAST)
     assert [(o["key"], o["size"]) for o in list_s3(f"s3://{bucket}/corpus")] == \
         [(f"corpus/shard_0000{i}.parquet", len(shards[f"/data/shard_0000{i}.parquet"])) for i in range(3)]
+
+
+def test_a_url_source_is_trusted_on_first_use_then_enforced(store, tmp_path):
+    """A URL carries no digest: its first fetch into a store records the sha256 (in the manifest too),
+    a later build whose download differs fails naming the URL instead of committing other bytes under
+    the old fingerprint; a sha256 given in the config pins the content by itself."""
+    from artifacts.source_pins import SourceChangedError
+    from stages.execute import execute
+    from tests.artifacts import toy_fetch
+
+    with FileServer({"/data.bin": b"version 1"}) as srv:
+        cfg = toy_fetch.Config(url=srv.url("/data.bin"), download=True)
+        m = execute(toy_fetch, cfg, {}, store)
+        assert m.provenance["url_sources"] == {cfg.url: {"sha256": sha(b"version 1"), "pin": "recorded now"}}
+        again = execute(toy_fetch, cfg, {}, store, force=True)  # the same content: built again
+        assert again.provenance["url_sources"][cfg.url]["pin"].startswith("matches the record of ")
+        srv.files["/data.bin"] = b"version 2, changed upstream"
+        with pytest.raises(SourceChangedError, match=r"/data.bin changed upstream: sha256 .* when first fetched"):
+            execute(toy_fetch, cfg, {}, store, force=True)
+        assert (store.materialize(m.ref) / "data.bin").read_bytes() == b"version 1"
+        pinned = toy_fetch.Config(url=cfg.url, download=True, sha256=sha(b"version 2, changed upstream"))
+        assert execute(toy_fetch, pinned, {}, store).provenance["url_sources"][cfg.url]["pin"] == "config"

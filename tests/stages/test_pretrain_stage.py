@@ -36,11 +36,12 @@ def test_config_validation_identity_and_presets():
     cfg = pretrain.Config()
     assert cfg.label() == "d20" and cfg.world_size == 1
     ident = set(cfg.identity_dict())
-    assert ident == set(IDENTITY_FIELDS)  # the stage hashes exactly what the trainer refuses to resume across
+    # the stage hashes what the trainer refuses to resume across, plus the machine's kernels
+    assert ident == set(IDENTITY_FIELDS) | {"platform", "world_size"}
     trainer_fields = {f.name for f in fields(PretrainConfig)}
     assert set(cfg.runtime_dict()) - trainer_fields == {"nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
                                                         "omp_threads", "timeout", "heartbeat", "gpu_hour_price",
-                                                        "extra_args"}
+                                                        "extra_args", "resolved"}
     for kw, msg in [(dict(nproc=0), "nproc=0"), (dict(wandb="cloud"), "use one of disabled, offline, online"),
                     (dict(dtype="int8"), "pretrain.dtype"), (dict(nnodes=2), "rdzv_endpoint host:port"),
                     (dict(node_rank=1), "node_rank=1 must be in [0, nnodes=1)"),
@@ -60,8 +61,51 @@ def test_config_validation_identity_and_presets():
         pretrain.preset("d99")
     # runtime fields do not move the artifact, identity fields do
     a = pretrain.preset("tiny")
-    assert a.identity_dict() == pretrain.preset("tiny", nproc=2, wandb="offline", save_every=4).identity_dict()
+    assert a.identity_dict() == pretrain.preset("tiny", device_batch_size=1, wandb="offline", save_every=4).identity_dict()
+    # the world size changes which documents make up a step: identity; how it splits is not
+    assert a.identity_dict() != pretrain.preset("tiny", nproc=2).identity_dict()
+    assert (pretrain.preset("tiny", nproc=2).identity_dict()
+            == pretrain.preset("tiny", nnodes=2, rdzv_endpoint="10.0.0.1:29500").identity_dict())
     assert a.identity_dict() != pretrain.preset("tiny", loader_buffer=64).identity_dict()
+
+
+def _machine(monkeypatch, *, env_dtype: str = "", native_bf16: bool = True) -> None:
+    """Simulate a machine: its NANORUN_DTYPE and whether its CPU multiplies bf16 natively."""
+    from core.train import config
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native_bf16)
+    if env_dtype:
+        monkeypatch.setenv("NANORUN_DTYPE", env_dtype)
+    else:
+        monkeypatch.delenv("NANORUN_DTYPE", raising=False)
+
+
+@pytest.mark.slow
+def test_auto_values_are_resolved_when_the_plan_is_built(built, monkeypatch, capsys):
+    """dtype=auto resolves per machine: two machines that would train in different dtypes get two
+    fingerprints, two that resolve the same values share one (and the artifact says what was decided)."""
+    from flows.cli import main
+
+    store, inputs = built
+    small = dict(num_iterations=2, eval_every=-1, save_every=-1, sample_every=-1)
+    _machine(monkeypatch, env_dtype="float32")
+    fp32 = pretrain.preset("tiny", **small)
+    assert (fp32.dtype, fp32.device_type, fp32.platform) == ("float32", "cpu", "cpu")
+    assert fp32.resolved == ("dtype: auto -> float32 (NANORUN_DTYPE=float32)", "platform: cpu (this machine's "
+                                                                               "kernels for cpu)")
+    m = execute("pretrain", fp32, inputs, store)
+    assert m.identity["dtype"] == "float32"
+    assert json.loads((store.materialize(m.ref) / "run.json").read_text())["dtype"] == "float32"  # what it ran
+    _machine(monkeypatch, native_bf16=True)  # a CPU with AMX: auto means bf16 there
+    bf16 = pretrain.preset("tiny", **small)
+    assert bf16.dtype == "bfloat16" and "avx512_bf16" in bf16.resolved[0]
+    assert artifact_ref("pretrain", bf16, inputs) != m.ref
+    _machine(monkeypatch, native_bf16=False)  # another machine, the same resolved values: the same artifact
+    assert artifact_ref("pretrain", pretrain.preset("tiny", **small), inputs) == m.ref
+    assert pretrain.Config.from_dict(dict(fp32.runtime_dict(), **fp32.identity_dict())).resolve() == fp32
+    assert main(["--store", store.url, "show", str(m.ref)]) == 0
+    out = capsys.readouterr().out
+    assert "resolved when the plan was built:\n  dtype: auto -> float32 (NANORUN_DTYPE=float32)" in out
 
 
 def _kill_trainer_after_checkpoint(work, stop: threading.Event, killed: list):
@@ -140,7 +184,8 @@ def test_crash_then_rerun_resumes_and_commits_one_final_checkpoint(built):
     assert run_cfg["depth"] == 2 and run_cfg["tokenizer_fingerprint"] == inputs["tokenizer"].fingerprint
 
     seen = []  # a runtime change is the same artifact: a cache hit, nothing launched
-    again = execute(pretrain, pretrain.preset("tiny", nproc=2), inputs, store, on_event=lambda k, i: seen.append(k))
+    again = execute(pretrain, pretrain.preset("tiny", device_batch_size=1), inputs, store,
+                    on_event=lambda k, i: seen.append(k))
     assert seen == ["cached"] and again.ref == m.ref and again.metrics == m.metrics
 
 

@@ -23,7 +23,8 @@ def test_identity_is_the_gsm8k_content_and_config_errors(shared_data, tmp_path):
     ident = cfg.identity_dict()
     assert "data_dir" not in ident and set(ident["source_digests"]) == {"gsm8k_train.jsonl", "gsm8k_test.jsonl"}
     assert ident["num_samples"] == 2 and ident["temperature"] == 1.0 and ident["init_lr_frac"] == 0.05
-    assert rl.preset("tiny", data_dir=str(chat), nproc=2, eval_every=5).identity_dict() == ident  # runtime only
+    assert rl.preset("tiny", data_dir=str(chat), omp_threads=1, eval_every=5).identity_dict() == ident  # runtime only
+    assert rl.preset("tiny", data_dir=str(chat), nproc=2).identity_dict() != ident  # the world size is identity
     gpu = rl.preset("d20")
     assert (gpu.examples_per_step, gpu.num_samples, gpu.max_new_tokens, gpu.top_k, gpu.nproc) == (16, 16, 256, 50, 8)
     assert gpu.train_source.startswith("https://") and gpu.source_digests == {}  # an URL identifies itself

@@ -49,7 +49,7 @@ def test_identity_is_the_mixture_and_the_file_contents_not_their_paths(chat, tmp
     copy.mkdir()
     for f in ("identity_conversations.jsonl", "gsm8k_train.jsonl", "gsm8k_test.jsonl"):
         shutil.copy(chat / f, copy / f)
-    b = sft.preset("tiny", data_dir=str(copy), nproc=2, eval_every=1, omp_threads=1)
+    b = sft.preset("tiny", data_dir=str(copy), device_batch_size=1, eval_every=1, omp_threads=1)
     assert b.identity_dict() == ident  # another copy of the same files, another way to run it: same artifact
     (copy / "gsm8k_test.jsonl").write_text((chat / "gsm8k_test.jsonl").read_text()[:5000].rsplit("\n", 1)[0] + "\n")
     changed = sft.preset("tiny", data_dir=str(copy))
@@ -158,6 +158,6 @@ def test_sft_through_execute_on_a_tiny_pretrain_artifact(tmp_path_factory, share
 
     # a runtime change is the same artifact: a cache hit, nothing runs
     same = sft.Config.from_dict({**cfg.identity_dict(), **cfg.runtime_dict(), "source_digests": None,
-                                 "eval_every": 1, "nproc": 2})
+                                 "eval_every": 1, "omp_threads": 1})
     again = execute("sft", same, {"base": base, "tokenizer": tok}, store)
     assert again.ref == m.ref and again.files == m.files and again.metrics == json.loads(json.dumps(mt))
