@@ -165,8 +165,10 @@ def bundle_file(bundle: Path, name: str) -> Path:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
+    from core.checkpoint import check_tokenizer, load_checkpoint
     from core.eval.chat import TASK_LINE
     from core.layouts import model_checkpoint, tokenizer_dir
+    from core.tokenizer import Tokenizer
     from stages.launch import launch, worker_env
 
     out = Path(out)
@@ -182,9 +184,11 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         if not cfg.tasks:
             raise ConfigError(f"chat_eval.bundle_tasks {list(cfg.bundle_tasks)} need the eval_bundle input, "
                               "and there are no other tasks")
-    job = {"checkpoint": str(model_checkpoint(inputs["model"].path)), "model": str(inputs["model"].ref),
-           "tokenizer_dir": str(tokenizer_dir(inputs["tokenizer"].path)),
-           "tokenizer_fingerprint": inputs["tokenizer"].ref.fingerprint,
+    ckpt, tok_dir = model_checkpoint(inputs["model"].path), tokenizer_dir(inputs["tokenizer"].path)
+    # a model paired with the wrong tokenizer is the user's error: one line here, not a child's traceback
+    check_tokenizer(load_checkpoint(ckpt).meta, inputs["tokenizer"].ref.fingerprint,
+                    Tokenizer.from_directory(tok_dir).vocab_size, f"model {inputs['model'].ref}")
+    job = {"checkpoint": str(ckpt), "model": str(inputs["model"].ref), "tokenizer_dir": str(tok_dir),
            "tasks": list(cfg.tasks),
            "paths": resolve_sources(list(cfg.tasks), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries),
            "bundle_files": {name: str(bundle_file(inputs["eval_bundle"].path, name)) for name in bundle_tasks},
@@ -213,11 +217,12 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
 
 
 def evaluate(job: dict) -> dict:
-    """The evaluation process: load the model and the tasks named in `job` (written by run()),
-    generate and grade, write results.json and table.txt into job["out"]; returns the metrics."""
+    """The evaluation process: load the model and the tasks named in `job` (written by run(), which
+    checked that the tokenizer is the model's), generate and grade, write results.json and
+    table.txt into job["out"]; returns the metrics."""
     import torch
 
-    from core.checkpoint import check_tokenizer, load_model
+    from core.checkpoint import load_model
     from core.common import parse_dtype
     from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
     from core.tasks.multiple_choice import MultipleChoice
@@ -231,7 +236,6 @@ def evaluate(job: dict) -> dict:
     tok = Tokenizer.from_directory(job["tokenizer_dir"])
     model, meta = load_model(Path(job["checkpoint"]), device,
                              None if job["dtype"] == "auto" else parse_dtype(job["dtype"]))
-    check_tokenizer(meta, job["tokenizer_fingerprint"], tok.vocab_size, f"model {job['model']}")
     tasks = build_eval_tasks(job["tasks"], job["paths"])
     for name, path in job["bundle_files"].items():
         tasks[name] = MultipleChoice(Path(path), layout="core", name=name)
