@@ -206,8 +206,10 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
             progress(len(done), n_tasks, task=line.split("|")[-1].strip())
 
     progress(0, n_tasks)
+    # `threads`, else the caller's OMP_NUM_THREADS (which worker_env would replace by all cores)
+    threads = cfg.threads or os.environ.get("OMP_NUM_THREADS")
     launch([sys.executable, "-m", "stages.chat_eval", str(out / JOB)], log_path=out / EVAL_LOG, name=NAME,
-           env=worker_env(1, {"OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads else None),
+           env=worker_env(1, {"OMP_NUM_THREADS": str(threads)} if threads else None),
            timeout=cfg.timeout or None, on_line=on_line, stopped_limit=STOPPED_LIMIT)
     metrics = json.loads((out / "results.json").read_text())
     for name in (JOB, EVAL_LOG):  # the log went to the run log line by line; a failed run keeps both

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from stages import chat_eval, eval_bundle
-from stages.base import ConfigError
+from core.checkpoint import TokenizerMismatchError
+from stages.base import ConfigError, Input
 from stages.execute import execute
 from stages.launch import LaunchError
 from tests.stages.test_sft_stage import build_base
@@ -115,3 +116,18 @@ def test_the_evaluation_process_is_not_the_callers_and_its_loss_is_one_line(tmp_
     assert pids and pids[0] != os.getpid() and time.monotonic() - t0 < 90
     expected = {"SIGSTOP": "chat_eval stopped by a signal for ", "SIGKILL": "chat_eval killed by SIGKILL after "}[sig]
     assert ei.value.headline.startswith(expected) and "\n" not in ei.value.headline
+
+
+@pytest.mark.slow
+def test_a_tokenizer_the_model_was_not_trained_with_is_refused_by_the_caller(tmp_path_factory, shared_data, tmp_path):
+    """The model/tokenizer check stays in the caller (the user's error: one line, exit 2 in the CLI),
+    before any evaluation process starts."""
+    import dataclasses
+
+    store, base, tok = build_base(tmp_path_factory, shared_data)
+    other = dataclasses.replace(tok, fingerprint="0" * len(tok.fingerprint))
+    inputs = {"model": Input(base, store.materialize(base), store.require(base)),
+              "tokenizer": Input(other, store.materialize(tok), store.require(tok))}
+    with pytest.raises(TokenizerMismatchError, match="tokenizer/model mismatch"):
+        chat_eval.run(chat_eval.preset("tiny", tasks=({"task": "humaneval"},), bundle_tasks=()), inputs, tmp_path)
+    assert not (tmp_path / chat_eval.JOB).exists() and not (tmp_path / chat_eval.EVAL_LOG).exists()
