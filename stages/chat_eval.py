@@ -22,15 +22,26 @@ from the bundle's eval_data/ as chat multiple choice: ARC offline (the bundle's 
 test splits). `max_problems` caps each task (the first N of a seed-42 shuffle, as the reference).
 ChatCORE (core/eval/chat.py) needs ARC-Easy, ARC-Challenge, MMLU, GSM8K and HumanEval; offline
 MMLU is missing (no copy in the shared data), so the offline presets report "ChatCORE over 4/5
-tasks (missing MMLU)"; spelling_bee is reported beside it. The run is in-process on one device;
-the metrics hold accuracy per task, ChatCORE (or its partial form and label) and a few sample
-completions; results.json and the printed table are in the artifact.
+tasks (missing MMLU)"; spelling_bee is reported beside it. The metrics hold accuracy per task,
+ChatCORE (or its partial form and label) and a few sample completions; results.json and the
+printed table are in the artifact.
+
+Generation and grading run on one device in a child process of their own, never in the caller's
+(the CLI's or the flow's): run() writes the job to WORK/job.json and stages/launch.py supervises
+
+    python -m stages.chat_eval WORK/job.json       # writes WORK/results.json and WORK/table.txt
+
+so a model-written program that got out of the sandbox and signalled or stopped its evaluator hits
+that child only; the stage then fails with one line (killed by a signal, stopped for more than
+STOPPED_LIMIT seconds, or past `timeout`) and the caller goes on (docs/sandbox.md).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +52,7 @@ from stages.base import ConfigError, Input, StageConfig, identity, progress, run
 from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
-code_version = "3"  # 3: HumanEval graded under bubblewrap, site-packages importable
+code_version = "4"  # 4: evaluated in a child process; 3: HumanEval graded under bubblewrap
 INPUTS = ("model", "tokenizer")
 OPTIONAL_INPUTS = ("eval_bundle",)
 
@@ -68,6 +79,7 @@ class Config(SourcedConfig, StageConfig):
     grade_workers: int = runtime(2, help="replies graded at once (HumanEval: sandboxed subprocesses)")
     threads: int = runtime(0, help="CPU threads (0 = all)")
     fetch_retries: int = runtime(5, help="attempts per URL source download")
+    timeout: float = runtime(0.0, help="kill the evaluation process after this many seconds (0 = never)")
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -98,9 +110,10 @@ class Config(SourcedConfig, StageConfig):
                               "temperature >= 0")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ConfigError(f"chat_eval.dtype={self.dtype!r}: use auto, bfloat16, float32 or float16")
-        if self.top_k < 0 or self.seed < 0 or self.threads < 0 or self.fetch_retries < 1:
-            raise ConfigError(f"chat_eval: top_k (0 = off), seed and threads (0 = all) >= 0, fetch_retries >= 1 (got "
-                              f"{self.top_k}, {self.seed}, {self.threads}, {self.fetch_retries})")
+        if self.top_k < 0 or self.seed < 0 or self.threads < 0 or self.fetch_retries < 1 or self.timeout < 0:
+            raise ConfigError(f"chat_eval: top_k (0 = off), seed, threads (0 = all) and timeout (0 = never) >= 0, "
+                              f"fetch_retries >= 1 (got {self.top_k}, {self.seed}, {self.threads}, {self.timeout}, "
+                              f"{self.fetch_retries})")
         if self.device_type not in DEVICE_TYPES:
             raise ConfigError(f"chat_eval.device_type={self.device_type!r}: cuda, cpu or mps (empty = autodetect)")
 
@@ -120,6 +133,9 @@ OFFLINE_TASKS = ({"task": "gsm8k", "source": "gsm8k_test.jsonl", "optional": Tru
                  _HUMANEVAL,
                  {"task": "spelling_bee", "size": 256, "split": "test"})                # english-words, offline
 _ARC = ("arc_easy", "arc_challenge")  # from the eval_bundle input
+STOPPED_LIMIT = 10.0  # seconds the evaluation process may stay stopped (SIGSTOP) before the stage fails
+JOB = "job.json"
+EVAL_LOG = "eval.log"
 
 
 REFERENCE_TASKS = ({"task": "gsm8k", "source": REFERENCE_SOURCES["gsm8k_test"]}, _HUMANEVAL,
@@ -149,17 +165,16 @@ def bundle_file(bundle: Path, name: str) -> Path:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    import torch
-
-    from core.checkpoint import check_tokenizer, load_model
-    from core.common import parse_dtype
-    from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
-    from core.tasks.multiple_choice import MultipleChoice
-    from core.tokenizer import Tokenizer
+    from core.checkpoint import check_tokenizer, load_checkpoint
+    from core.eval.chat import TASK_LINE
     from core.layouts import model_checkpoint, tokenizer_dir
+    from core.tokenizer import Tokenizer
+    from stages.launch import launch, worker_env
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "table.txt", EVAL_LOG):  # nothing from an earlier attempt is read back
+        (out / name).unlink(missing_ok=True)
     # Offline without the CORE bundle, the speedrun still scores what it can: the bundle's tasks are
     # reported as not run (a rerun with the bundle is another artifact: the input is hashed).
     bundle_tasks = cfg.bundle_tasks if "eval_bundle" in inputs else ()
@@ -169,40 +184,80 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         if not cfg.tasks:
             raise ConfigError(f"chat_eval.bundle_tasks {list(cfg.bundle_tasks)} need the eval_bundle input, "
                               "and there are no other tasks")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
-    paths = resolve_sources(list(cfg.tasks), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries)
-    tok = Tokenizer.from_directory(tokenizer_dir(inputs["tokenizer"].path))
-    ckpt = model_checkpoint(inputs["model"].path)
-    model, meta = load_model(ckpt, device, None if cfg.dtype == "auto" else parse_dtype(cfg.dtype))
-    check_tokenizer(meta, inputs["tokenizer"].ref.fingerprint, tok.vocab_size, f"model {inputs['model'].ref}")
-    tasks = build_eval_tasks(list(cfg.tasks), paths)
-    for name in bundle_tasks:
-        tasks[name] = MultipleChoice(bundle_file(inputs["eval_bundle"].path, name), layout="core", name=name)
-    limits = {name: cfg.task_max_problems.get(name, cfg.max_problems) for name in tasks}
-    log.info("chat eval of %s (kind %s, step %s): %s", inputs["model"].ref, meta.get("kind"), meta.get("step"),
-             ", ".join(f"{n} ({min(len(t), limits[n]) if limits[n] >= 0 else len(t)})" for n, t in tasks.items()))
+    ckpt, tok_dir = model_checkpoint(inputs["model"].path), tokenizer_dir(inputs["tokenizer"].path)
+    # a model paired with the wrong tokenizer is the user's error: one line here, not a child's traceback
+    check_tokenizer(load_checkpoint(ckpt).meta, inputs["tokenizer"].ref.fingerprint,
+                    Tokenizer.from_directory(tok_dir).vocab_size, f"model {inputs['model'].ref}")
+    job = {"checkpoint": str(ckpt), "model": str(inputs["model"].ref), "tokenizer_dir": str(tok_dir),
+           "tasks": list(cfg.tasks),
+           "paths": resolve_sources(list(cfg.tasks), cfg.data_dir, cfg.source_digests, out, cfg.fetch_retries),
+           "bundle_files": {name: str(bundle_file(inputs["eval_bundle"].path, name)) for name in bundle_tasks},
+           "max_problems": cfg.max_problems, "task_max_problems": cfg.task_max_problems, "not_run": not_run,
+           "generation": dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              num_samples=cfg.num_samples, seed=cfg.seed),
+           "batch_size": cfg.batch_size, "grade_workers": cfg.grade_workers, "threads": cfg.threads,
+           "dtype": cfg.dtype, "device_type": cfg.device_type, "out": str(out)}
+    (out / JOB).write_text(json.dumps(job, indent=1) + "\n")
+    n_tasks, done = len(cfg.tasks) + len(bundle_tasks), []
+
+    def on_line(line: str) -> None:  # launch() calls it on this thread: the stage's reporter sees it
+        if line.startswith(TASK_LINE):
+            done.append(line)
+            progress(len(done), n_tasks, task=line.split("|")[-1].strip())
+
+    progress(0, n_tasks)
+    # `threads`, else the caller's OMP_NUM_THREADS (which worker_env would replace by all cores)
+    threads = cfg.threads or os.environ.get("OMP_NUM_THREADS")
+    launch([sys.executable, "-m", "stages.chat_eval", str(out / JOB)], log_path=out / EVAL_LOG, name=NAME,
+           env=worker_env(1, {"OMP_NUM_THREADS": str(threads)} if threads else None),
+           timeout=cfg.timeout or None, on_line=on_line, stopped_limit=STOPPED_LIMIT)
+    metrics = json.loads((out / "results.json").read_text())
+    for name in (JOB, EVAL_LOG):  # the log went to the run log line by line; a failed run keeps both
+        (out / name).unlink()
+    shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)  # downloaded task files are inputs, not results
+    return metrics
+
+
+def evaluate(job: dict) -> dict:
+    """The evaluation process: load the model and the tasks named in `job` (written by run(), which
+    checked that the tokenizer is the model's), generate and grade, write results.json and
+    table.txt into job["out"]; returns the metrics."""
+    import torch
+
+    from core.checkpoint import load_model
+    from core.common import parse_dtype
+    from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
+    from core.tasks.multiple_choice import MultipleChoice
+    from core.tokenizer import Tokenizer
+
+    print(f"chat eval in process {os.getpid()} (parent {os.getppid()})", flush=True)
+    out = Path(job["out"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device_type"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = Tokenizer.from_directory(job["tokenizer_dir"])
+    model, meta = load_model(Path(job["checkpoint"]), device,
+                             None if job["dtype"] == "auto" else parse_dtype(job["dtype"]))
+    tasks = build_eval_tasks(job["tasks"], job["paths"])
+    for name, path in job["bundle_files"].items():
+        tasks[name] = MultipleChoice(Path(path), layout="core", name=name)
+    limits = {name: job["task_max_problems"].get(name, job["max_problems"]) for name in tasks}
+    print(f"chat eval of {job['model']} (kind {meta.get('kind')}, step {meta.get('step')}): "
+          + ", ".join(f"{n} ({min(len(t), limits[n]) if limits[n] >= 0 else len(t)})" for n, t in tasks.items()),
+          flush=True)
     t0 = time.perf_counter()
-    done = []
-
-    def report(line: str) -> None:
-        log.info(line)
-        done.append(line)
-        progress(len(done), len(tasks), task=line.split("|")[-1].strip())
-
-    progress(0, len(tasks))
-    result = evaluate_chat(model, tok, tasks, max_problems=limits, batch_size=cfg.batch_size,
-                           grade_workers=cfg.grade_workers, log=report,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                           num_samples=cfg.num_samples, seed=cfg.seed)
+    result = evaluate_chat(model, tok, tasks, max_problems=limits, batch_size=job["batch_size"],
+                           grade_workers=job["grade_workers"], log=lambda line: print(line, flush=True),
+                           **job["generation"])
     table = format_table(result)
-    for line in table.splitlines():
-        log.info(line)
-    metrics = {**result.to_dict(), "not_run": not_run, "model_kind": meta.get("kind"), "model_step": meta.get("step"),
-               "table": table, "seconds": round(time.perf_counter() - t0, 3),
+    print(table, flush=True)
+    metrics = {**result.to_dict(), "not_run": job["not_run"], "model_kind": meta.get("kind"),
+               "model_step": meta.get("step"), "table": table, "seconds": round(time.perf_counter() - t0, 3),
                "samples": {n: t.samples for n, t in result.tasks.items() if t.samples}}
     (out / "results.json").write_text(json.dumps(metrics, indent=1) + "\n")
     (out / "table.txt").write_text(table + "\n")
-    shutil.rmtree(out / SOURCES_DIR, ignore_errors=True)  # downloaded task files are inputs, not results
     return metrics
+
+
+if __name__ == "__main__":  # the evaluation process: python -m stages.chat_eval WORK/job.json
+    evaluate(json.loads(Path(sys.argv[1]).read_text()))

@@ -15,6 +15,10 @@ Shutdown: request_shutdown() (the CLI calls it on SIGTERM / Ctrl-C) makes every 
 process, on whatever thread (Prefect runs submitted tasks on worker threads, which never see a
 signal), stop its child within INTERRUPT_GRACE seconds (TERM to the group, then KILL) and raise
 Interrupted. An exception reaching launch() (KeyboardInterrupt on the main thread) does the same.
+
+A child that must never pause (chat_eval's grader, whose model-written programs might try to stop
+it) is launched with `stopped_limit`: a leader stopped (SIGSTOP / SIGTSTP) for that many seconds
+is killed and reported as a failure in one line, instead of the caller waiting on it for ever.
 """
 from __future__ import annotations
 
@@ -170,6 +174,15 @@ def worker_env(nproc: int, extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal or a tracer (state T or t in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[1][:1] in (b"T", b"t")  # the name in (...) may hold spaces
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:
     """TERM the process group, wait `grace` seconds, then KILL whatever is left."""
     try:
@@ -190,8 +203,9 @@ def _kill_group(proc: subprocess.Popen, grace: float) -> None:
 def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] | None = None,
            cwd: Path | None = None, timeout: float | None = None, heartbeat: float = 60.0,
            kill_grace: float = 30.0, name: str = "process",
-           on_line: Callable[[str], None] | None = None) -> LaunchResult:
-    """Run `cmd` in its own process group, streaming its output; raise LaunchError on failure."""
+           on_line: Callable[[str], None] | None = None, stopped_limit: float | None = None) -> LaunchResult:
+    """Run `cmd` in its own process group, streaming its output; raise LaunchError on failure
+    (stopped_limit: kill the child once it has stayed stopped that many seconds)."""
     if SHUTDOWN.is_set():
         raise Interrupted(f"{name} was not started: the run is being interrupted", None, [])
     log.info("[%s] launching: %s", name, " ".join(cmd))
@@ -230,6 +244,8 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     reader = threading.Thread(target=pump, name=f"launch-{name}", daemon=True)
     reader.start()
     timed_out = False
+    stopped_since: float | None = None  # when the leader was last seen running -> stopped
+    stopped_for = 0.0
     eof = False
     try:
         while True:
@@ -261,6 +277,17 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
                 log.error("[%s] timeout after %.0f s: sending SIGTERM to the process group", name, now - t0)
                 _kill_group(proc, kill_grace)
                 break
+            if stopped_limit is not None and proc.returncode is None:
+                if not _stopped(proc.pid):
+                    stopped_since = None
+                elif stopped_since is None:
+                    stopped_since = now
+                elif now - stopped_since > stopped_limit:
+                    stopped_for = now - stopped_since
+                    log.error("[%s] stopped by a signal for %.0f s: killing the process group (pid %d)",
+                              name, stopped_for, proc.pid)
+                    _kill_group(proc, 0)  # a stopped process cannot act on TERM: KILL at once
+                    break
             if now - state["last_output"] > heartbeat:
                 log.info("[%s] still running (pid %d, %.0f s elapsed, silent for %.0f s)",
                          name, proc.pid, now - t0, now - state["last_output"])
@@ -290,6 +317,10 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     if timed_out:
         raise LaunchError(f"{name} timed out after {timeout:.0f} s and was killed; "
                           f"last lines:\n{failure_summary(tail)}", rc, list(tail))
+    if stopped_for:
+        raise LaunchError(f"{name} was stopped by a signal for {stopped_for:.0f} s and was killed after {seconds:.0f} s;"
+                          f" last lines:\n{failure_summary(tail)}", rc, list(tail),
+                          f"{name} stopped by a signal for {stopped_for:.0f} s, killed after {seconds:.0f} s")
     if rc != 0:
         sig = signal_name(rc, list(tail))
         how = f"was killed by {sig}" if rc < 0 else f"exited with code {rc}" + (f" (a worker was killed by {sig})" if sig else "")

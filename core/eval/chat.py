@@ -47,6 +47,7 @@ GENERATIVE_DEFAULTS = dict(max_new_tokens=512, temperature=0.0, top_k=50, num_sa
 # nanochat scripts/chat_eval.py: the tasks of ChatCORE and the accuracy of guessing on each
 CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CHATCORE_CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")  # the reference's chatcore_cat during SFT
+TASK_LINE = "chat eval | "  # how evaluate_chat's line per finished task starts (stages/chat_eval.py counts them)
 _KEY = {re.sub(r"[^a-z0-9]", "", k.lower()): k for k in CHATCORE_BASELINES}
 
 
@@ -277,7 +278,7 @@ def evaluate_chat(model, tokenizer, tasks: dict, *, max_problems: dict | int | N
             res.baseline = CHATCORE_BASELINES[members[name]]
         results[name] = res
         if log:
-            log(f"chat eval | {name}: {res.correct}/{res.total} = {100 * res.accuracy:.2f}% ({res.seconds:.1f}s)"
+            log(f"{TASK_LINE}{name}: {res.correct}/{res.total} = {100 * res.accuracy:.2f}% ({res.seconds:.1f}s)"
                 + (f" | {res.sandbox['isolation']}" if res.sandbox else ""))
     return ChatEvalResult(results)
 

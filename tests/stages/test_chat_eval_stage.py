@@ -1,16 +1,24 @@
 """chat_eval stage: config validation, and through execute with a local store on the tiny pretrain
 artifact of tests/stages/test_sft_stage.py (built once per session): GSM8K with the engine, HumanEval,
 spelling, ARC from the eval_bundle input as chat multiple choice; ChatCORE over the tasks that ran;
-results in the metrics and the artifact."""
+results in the metrics and the artifact; the evaluation runs in a process of its own, whose death or
+stop fails the stage in one line."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import signal
+import time
 
 import pytest
 
 from stages import chat_eval, eval_bundle
-from stages.base import ConfigError
+from core.checkpoint import TokenizerMismatchError
+from stages.base import ConfigError, Input
 from stages.execute import execute
+from stages.launch import LaunchError
 from tests.stages.test_sft_stage import build_base
 
 
@@ -73,3 +81,53 @@ def test_chat_eval_through_execute(tmp_path_factory, shared_data):
     assert json.loads((art / "results.json").read_text())["tasks"] == json.loads(json.dumps(tasks))
     assert (art / "table.txt").read_text().strip() == mt["table"]
     assert {f.path for f in m.files} == {"results.json", "table.txt"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+def test_the_evaluation_process_is_not_the_callers_and_its_loss_is_one_line(tmp_path_factory, shared_data,
+                                                                               monkeypatch, sig):
+    """Generation and grading run in a child process: a program that got out of the sandbox and
+    stopped or killed its evaluator (played here by the test, with the pid the child logs first)
+    fails the stage with one line within a bounded time; the caller neither hangs nor dies."""
+    store, base, tok = build_base(tmp_path_factory, shared_data)
+    monkeypatch.setattr(chat_eval, "STOPPED_LIMIT", 1.0)
+    pids = []
+
+    class Escape(logging.Handler):  # launch() logs each child line on the caller's thread
+        def emit(self, record):
+            m = re.search(r"chat eval in process (\d+)", record.getMessage())
+            if m and not pids:
+                pids.append(int(m.group(1)))
+                os.kill(pids[0], getattr(signal, sig))
+
+    launch_log = logging.getLogger("nanorun.launch")
+    handler, level = Escape(), launch_log.level
+    launch_log.addHandler(handler)
+    launch_log.setLevel(logging.INFO)
+    cfg = chat_eval.preset("tiny", tasks=({"task": "humaneval"},), bundle_tasks=(), seed=7, threads=1)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LaunchError) as ei:
+            execute("chat_eval", cfg, {"model": base, "tokenizer": tok}, store)
+    finally:
+        launch_log.removeHandler(handler)
+        launch_log.setLevel(level)
+    assert pids and pids[0] != os.getpid() and time.monotonic() - t0 < 90
+    expected = {"SIGSTOP": "chat_eval stopped by a signal for ", "SIGKILL": "chat_eval killed by SIGKILL after "}[sig]
+    assert ei.value.headline.startswith(expected) and "\n" not in ei.value.headline
+
+
+@pytest.mark.slow
+def test_a_tokenizer_the_model_was_not_trained_with_is_refused_by_the_caller(tmp_path_factory, shared_data, tmp_path):
+    """The model/tokenizer check stays in the caller (the user's error: one line, exit 2 in the CLI),
+    before any evaluation process starts."""
+    import dataclasses
+
+    store, base, tok = build_base(tmp_path_factory, shared_data)
+    other = dataclasses.replace(tok, fingerprint="0" * len(tok.fingerprint))
+    inputs = {"model": Input(base, store.materialize(base), store.require(base)),
+              "tokenizer": Input(other, store.materialize(tok), store.require(tok))}
+    with pytest.raises(TokenizerMismatchError, match="tokenizer/model mismatch"):
+        chat_eval.run(chat_eval.preset("tiny", tasks=({"task": "humaneval"},), bundle_tasks=()), inputs, tmp_path)
+    assert not (tmp_path / chat_eval.JOB).exists() and not (tmp_path / chat_eval.EVAL_LOG).exists()

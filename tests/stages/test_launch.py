@@ -315,3 +315,29 @@ def test_a_process_exiting_while_a_thread_supervises_a_child_stops_it(tmp_path):
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
     assert not _alive(pid)
+
+
+def test_a_stopped_child_is_killed_and_reported_in_one_line():
+    """A child stopped by SIGSTOP (say by a program it ran) would keep its caller waiting for ever:
+    with stopped_limit it is killed once it has stayed stopped that long, and the failure is one line."""
+    code = """
+        import os, signal, time
+        print("grading", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        print("resumed", flush=True)
+    """
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError) as ei:
+        launch(_py(code), name="chat_eval", stopped_limit=1.0)
+    assert time.monotonic() - t0 < 15
+    assert ei.value.headline.startswith("chat_eval stopped by a signal for ") and "\n" not in ei.value.headline
+    assert "resumed" not in ei.value.tail and ei.value.returncode == -9
+    # a pause shorter than the limit is not a failure (SIGCONT from the child's own helper)
+    resumed = launch(_py("""
+        import os, signal, subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import os, signal, time; time.sleep(1); os.kill(%d, signal.SIGCONT)"
+                          % os.getpid()])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        print("resumed", flush=True)
+    """), name="chat_eval", stopped_limit=5.0)
+    assert resumed.returncode == 0 and resumed.lines == 1
