@@ -139,6 +139,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
 
     from core.checkpoint import check_tokenizer, load_model
     from core.common import parse_dtype
+    from core.engine import inference_weights
     from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
     from core.tasks.multiple_choice import MultipleChoice
     from core.tokenizer import Tokenizer
@@ -163,6 +164,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     ckpt = model_checkpoint(inputs["model"].path)
     model, meta = load_model(ckpt, device, None if cfg.dtype == "auto" else parse_dtype(cfg.dtype))
     check_tokenizer(meta, inputs["tokenizer"].ref.fingerprint, tok.vocab_size, f"model {inputs['model'].ref}")
+    inference_weights(model)  # generation only: one cast now, not one per decode step
     tasks = build_eval_tasks(list(cfg.tasks), paths)
     for name in bundle_tasks:
         tasks[name] = MultipleChoice(bundle_file(inputs["eval_bundle"].path, name), layout="core", name=name)
