@@ -16,9 +16,11 @@ Variants:
   (torchrun -> core.train.pretrain), exactly the stage's launch; numbers from its metrics.jsonl.
 - auto-flow: the same through `nanorun stage pretrain` (CLI, Prefect flow and temporary server,
   store), on data and tokenizer artifacts built once under --work.
-- reference: a plain nanochat-style loop in one process on the same data, tokenizer, model and
-  schedule: full logits + F.cross_entropy, per-tensor AdamW (+ Muon), torch.compile of the whole
-  model (what the reference does on CPU), the same val batches for bpb at the end.
+- reference: what the reference's base_train does, in one process on the same data, tokenizer, model
+  and schedule: torch.compile of the whole model, full logits + F.cross_entropy, and its optimizer's
+  fused steps each under torch.compile(dynamic=False, fullgraph=True) with 0-D tensor hyperparameters
+  (AdamW per tensor, Muon per stacked shape group: core.optim.compiled), the same OpenMP wait policy
+  as the stage's trainer (core/openmp.py), the same val batches for bpb at the end.
 tok/s is over steps 2..N (the first step, compile included, is its own column); MFU against the
 trainer's own measured matmul peak. "overhead %": CPU time of every process other than the trainer
 (torchrun, this launcher streaming the log; for auto-flow the CLI with the flow and Prefect's
@@ -39,6 +41,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from core.openmp import wait_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NANORUN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -248,7 +252,7 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     seed_everything(cfg.seed)
     model = build_model(plan.model_config(), "cpu", torch.float32, seed=cfg.seed)
     model.fused_loss = False                                   # full logits + F.cross_entropy
-    optimizer = build_optimizer(model, plan, distributed=False, fused_adamw=False)  # per-tensor AdamW
+    optimizer = build_optimizer(model, plan, distributed=False, fused_adamw=False, compile_steps=True)
     compiled = torch.compile(model, dynamic=False)
     train_files = sorted((data / "train").glob("shard_*.parquet"))
     val_files = sorted((data / "val").glob("shard_*.parquet"))
@@ -283,6 +287,7 @@ def measure(a, name: str, data: Path, tok: Path, steps: int | None = None) -> di
         row = run_flow(a, data, tok)
     elif name == "reference":
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(a.threads)}
+        env.update(wait_env(env))  # what launch_trainer gives the stage's trainer
         proc = subprocess.run([sys.executable, "-m", "bench.pretrain_path", "--one-reference", "--steps",
                                str(steps or a.steps), "--eval-tokens", str(a.eval_tokens), "--threads", str(a.threads),
                                "--vocab", str(a.vocab), "--work", str(a.work)], cwd=REPO, env=env,

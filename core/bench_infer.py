@@ -14,9 +14,9 @@ Engine.generate (batch-1 prefill, cache replication, first sample), TPOT = the m
 tokens/s = rows x steps / decode time. Stop tokens and the calculator tool are switched off while
 measuring, so every run decodes exactly `decode_tokens` tokens whatever the model writes.
 
-Differences from the reference: bytes per decode step count the matmul weights as stored (fp32
-master weights here) and the KV cache read, not the embedding tables (a decode step looks up one
-row of each); memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU.
+Differences from the reference: bytes per decode step count the matmul weights as stored (in the
+compute dtype: the chat loader casts them once, core.engine.inference_weights) and the KV cache read,
+not the embedding tables (a decode step looks up one row of each); memory is torch.cuda.max_memory_allocated on CUDA and the process's peak RSS on CPU.
 """
 from __future__ import annotations
 

@@ -247,6 +247,18 @@ def _single_thread():
                 torch.set_num_threads(_threads_state["saved"])
 
 
+def inference_weights(model):
+    """Store the model's weights in its compute dtype, once, for a model that only generates or scores
+    (chat, serve, bench-infer, chat eval); returns it. fp32 master weights are for the optimizer: kept
+    at inference, every Linear converts its weight to the activation dtype on every call (core.gpt.Linear),
+    so each bf16 decode step reads 4 bytes per weight and writes and reads 2 more. The matmuls see the
+    same values either way (one rounding to the compute dtype), so generation is unchanged. Never on a
+    model that still trains: its updates need the fp32 copy."""
+    if model.compute_dtype != torch.float32:
+        model.to(model.compute_dtype)
+    return model
+
+
 class Engine:
     """Generation with a KV cache and the calculator tool. Holds no per-request state, but a model
     replica must serve one generation at a time (the web server gives each worker its own)."""

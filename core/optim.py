@@ -43,26 +43,42 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # -------------------------------------------------------------------------------------------- math
 
 
-def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
-                 lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
-    """Decoupled weight decay, then bias-corrected Adam (arXiv:1711.05101). In place, fp32 math."""
+def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step, lr, beta1, beta2, eps,
+                 wd) -> None:
+    """Decoupled weight decay, then bias-corrected Adam (arXiv:1711.05101). In place, fp32 math.
+    step and the hyperparameters are numbers, or 0-D fp32 tensors under compiled() (a tensor's new
+    value reuses the compiled kernel; a new Python number would recompile it)."""
     p32, g = p.float(), grad.float()
     p32.mul_(1 - lr * wd)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.lerp_(g.square(), 1 - beta2)
     denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
-    p32.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    p32.sub_(exp_avg / denom * (lr / (1 - beta1 ** step)))
     if p32 is not p:
         p.copy_(p32)
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """`fn` under torch.compile(dynamic=False, fullgraph=True), built once per process: the reference
+    compiles its fused AdamW and Muon steps this way, one graph per parameter shape, so the dozens of
+    element-wise ops of a step run as a few fused loops instead of one pass over memory each."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
 
 
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def adamw_group_update(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
-                       fused: bool = True) -> None:
+                       fused: bool = True, scalars: "_Scalars | None" = None) -> None:
     """AdamW on a list of (param, grad, state); one multi-tensor fused kernel when possible (torch's
-    _fused_adamw_ does the same arithmetic as adamw_update in a single pass over memory)."""
+    _fused_adamw_ does the same arithmetic as adamw_update in a single pass over memory). Otherwise
+    adamw_update per tensor: compiled() with its hyperparameters as `scalars` tensors when given (the
+    reference's fused step), else eager."""
     if not params:
         return
     for p, st in zip(params, states):
@@ -81,9 +97,29 @@ def adamw_group_update(group: dict, params: list[Tensor], grads: list[Tensor], s
                             [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                             eps=group["eps"], amsgrad=False, maximize=False)
         return
+    if scalars is not None:
+        hyper = scalars.fill(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], wd=group["weight_decay"])
+        for p, g, st in zip(params, grads, states):
+            compiled(adamw_update)(p, g, st["exp_avg"], st["exp_avg_sq"], st["step"], *hyper)
+        return
     for p, g, st in zip(params, grads, states):
         adamw_update(p, g, st["exp_avg"], st["exp_avg_sq"], int(st["step"].item()), group["lr"], beta1, beta2,
                      group["eps"], group["weight_decay"])
+
+
+class _Scalars:
+    """0-D fp32 CPU tensors holding a step's hyperparameters for the compiled steps, refilled in place
+    before each call (the reference passes its hyperparameters the same way)."""
+
+    def __init__(self):
+        self.t: dict[str, Tensor] = {}
+
+    def fill(self, **values: float) -> list[Tensor]:
+        for k, v in values.items():
+            if k not in self.t:
+                self.t[k] = torch.zeros((), dtype=torch.float32)
+            self.t[k].fill_(v)
+        return [self.t[k] for k in values]
 
 
 def orthogonalize(g: Tensor, ns_steps: int = 5) -> Tensor:
@@ -105,9 +141,9 @@ def orthogonalize(g: Tensor, ns_steps: int = 5) -> Tensor:
 
 
 def muon_update(grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum: Tensor,
-                momentum: float, lr: float, wd: float, beta2: float, ns_steps: int,
-                ns_dtype: torch.dtype = torch.float32) -> None:
-    """One Muon step on stacked (K, m, n) grads/params, in place (grads are clobbered)."""
+                momentum, lr, wd, beta2, ns_steps: int, ns_dtype: torch.dtype = torch.float32) -> None:
+    """One Muon step on stacked (K, m, n) grads/params, in place (grads are clobbered). momentum, lr,
+    wd, beta2: numbers, or 0-D fp32 tensors under compiled() (see adamw_update)."""
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)  # Nesterov
     g = orthogonalize(g.to(ns_dtype), ns_steps).to(params.dtype)
@@ -144,6 +180,26 @@ def _grad(p: Tensor) -> Tensor:
 
 
 class _Schedulable:
+    """What both optimizers share: the schedule setter and how a step's math runs. compile_steps: the
+    AdamW (when not the fused kernel) and Muon math through compiled(), as the reference does."""
+
+    def _setup(self, fused_adamw: bool, compile_steps: bool) -> None:
+        self.fused_adamw, self.compile_steps = fused_adamw, compile_steps
+        self._scalars = _Scalars() if compile_steps else None
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> None:
+        adamw_group_update(group, params, grads, states, self.fused_adamw, self._scalars)
+
+    def _muon(self, group: dict, grads: Tensor, params: Tensor, buf: Tensor, buf2: Tensor) -> None:
+        hyper = (group["momentum"], _muon_lr(group, params.shape[1:]), group["weight_decay"], group["beta2"])
+        if self._scalars is None:
+            muon_update(grads, params, buf, buf2, *hyper, group["ns_steps"], _dtype(group["ns_dtype"]))
+            return
+        hyper = self._scalars.fill(momentum=hyper[0], lr=hyper[1], wd=hyper[2], beta2=hyper[3])
+        compiled(muon_update)(grads, params, buf, buf2, *hyper, group["ns_steps"], _dtype(group["ns_dtype"]))
+
     def set_schedule(self, lr_multiplier: float, muon_momentum: float | None = None,
                      muon_weight_decay: float | None = None) -> None:
         for group in self.param_groups:
@@ -160,29 +216,24 @@ class MuonAdamW(_Schedulable, torch.optim.Optimizer):
     weight_decay) or kind='muon' (lr, momentum, ns_steps, beta2, weight_decay, ns_dtype; all params
     of one shape)."""
 
-    def __init__(self, param_groups: list[dict], fused_adamw: bool = True):
+    def __init__(self, param_groups: list[dict], fused_adamw: bool = True, compile_steps: bool = False):
         super().__init__(param_groups, defaults={})
-        self.fused_adamw = fused_adamw
+        self._setup(fused_adamw, compile_steps)
         for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])
             if group["kind"] == "muon" and len({tuple(p.shape) for p in group["params"]}) > 1:
                 raise ValueError("a Muon group must hold matrices of one shape (they are stacked)")
 
     def _step_adamw(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        adamw_group_update(group, params, [p.grad for p in params], [self.state[p] for p in params],
-                           self.fused_adamw)
+        self._adamw(group, params, [p.grad for p in params], [self.state[p] for p in params])
 
     def _step_muon(self, group: dict) -> None:
         params = group["params"]
         if not params:
             return
-        shape = params[0].shape
-        buf, buf2 = _muon_state(self.state[params[0]], len(params), shape, params[0])
+        buf, buf2 = _muon_state(self.state[params[0]], len(params), params[0].shape, params[0])
         stacked_params = torch.stack(params)
-        muon_update(torch.stack([_grad(p) for p in params]), stacked_params, buf, buf2, group["momentum"],
-                    _muon_lr(group, shape), group["weight_decay"], group["beta2"], group["ns_steps"],
-                    _dtype(group["ns_dtype"]))
+        self._muon(group, torch.stack([_grad(p) for p in params]), stacked_params, buf, buf2)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
     @torch.no_grad()
@@ -199,13 +250,11 @@ class MuonAdamW(_Schedulable, torch.optim.Optimizer):
 class DistMuonAdamW(_Schedulable, torch.optim.Optimizer):
     """ZeRO-2 MuonAdamW for multi-process training; gradient sync included (do not wrap in DDP)."""
 
-    def __init__(self, param_groups: list[dict], fused_adamw: bool = True):
+    def __init__(self, param_groups: list[dict], fused_adamw: bool = True, compile_steps: bool = False):
         super().__init__(param_groups, defaults={})
-        self.fused_adamw = fused_adamw
         if not dist.is_initialized():
             raise RuntimeError("DistMuonAdamW needs an initialised process group (core.common.init_distributed)")
-        for group in self.param_groups:
-            group.setdefault("initial_lr", group["lr"])
+        self._setup(fused_adamw, compile_steps)
 
     # phase 1: launch every reduction
     def _launch_adamw(self, group, world):
@@ -238,7 +287,7 @@ class DistMuonAdamW(_Schedulable, torch.optim.Optimizer):
             rows = p.shape[0] // world
             slices.append(p if small else p[rank * rows:(rank + 1) * rows])
             grads.append(grad)
-        adamw_group_update(group, slices, grads, [self.state[p] for p, *_ in infos], self.fused_adamw)
+        self._adamw(group, slices, grads, [self.state[p] for p, *_ in infos])
         for (p, _, _, small), p_slice in zip(infos, slices):
             if not small:
                 gathers.append((_all_gather(p, p_slice.clone(), async_op=True), None, None))
@@ -255,9 +304,7 @@ class DistMuonAdamW(_Schedulable, torch.optim.Optimizer):
         updated = torch.zeros(chunk, *shape, dtype=params[0].dtype, device=params[0].device)
         if owned:
             updated[:owned] = torch.stack(params[start:start + owned])
-            muon_update(grad_chunk[:owned], updated[:owned], buf[:owned], buf2[:owned], group["momentum"],
-                        _muon_lr(group, shape), group["weight_decay"], group["beta2"], group["ns_steps"],
-                        _dtype(group["ns_dtype"]))
+            self._muon(group, grad_chunk[:owned], updated[:owned], buf[:owned], buf2[:owned])
         gathers.append((_all_gather(stacked, updated, async_op=True), stacked, params))
 
     @torch.no_grad()
@@ -323,10 +370,11 @@ def param_groups(model, *, lm_head_lr: float, wte_lr: float, value_embeds_lr: fl
     return groups
 
 
-def build_optimizer(model, plan=None, distributed: bool | None = None, fused_adamw: bool = True, **lrs):
+def build_optimizer(model, plan=None, distributed: bool | None = None, fused_adamw: bool = True,
+                    compile_steps: bool = False, **lrs):
     """MuonAdamW (or DistMuonAdamW when distributed; default: a process group of > 1 ranks is up).
     LRs come from `plan` (core.scaling.TrainingPlan), else the reference values at batch 2^19;
-    keyword arguments override single entries (see param_groups)."""
+    keyword arguments override single entries (see param_groups). compile_steps: see _Schedulable."""
     if plan is not None:
         values = plan.optimizer_lrs()
     else:
@@ -339,7 +387,8 @@ def build_optimizer(model, plan=None, distributed: bool | None = None, fused_ada
     groups = param_groups(model, **values)
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return (DistMuonAdamW if distributed else MuonAdamW)(groups, fused_adamw=fused_adamw)
+    cls = DistMuonAdamW if distributed else MuonAdamW
+    return cls(groups, fused_adamw=fused_adamw, compile_steps=compile_steps)
 
 
 def apply_schedule(optimizer, plan, step: int) -> float:

@@ -53,7 +53,7 @@ class ChatModel:
 
     def load(self, device: str = "cpu", dtype=None):
         """(Engine, Tokenizer) on `device`; ModelLoadError for a damaged or mismatched model."""
-        from core.engine import Engine
+        from core.engine import Engine, inference_weights
 
         try:
             if self.bundle:
@@ -69,7 +69,7 @@ class ChatModel:
                 check_tokenizer(meta, self.tokenizer_fingerprint, tokenizer.vocab_size, self.name)
         except (ValueError, OSError) as e:  # BundleError, TokenizerMismatchError, a damaged checkpoint
             raise ModelLoadError(f"cannot load {self.name}: {e}") from e
-        return Engine(model, tokenizer), tokenizer
+        return Engine(inference_weights(model), tokenizer), tokenizer
 
 
 def short_name(ref) -> str:

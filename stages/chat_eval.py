@@ -226,6 +226,7 @@ def evaluate(job: dict) -> dict:
 
     from core.checkpoint import load_model
     from core.common import parse_dtype
+    from core.engine import inference_weights
     from core.eval.chat import build_eval_tasks, evaluate_chat, format_table
     from core.tasks.multiple_choice import MultipleChoice
     from core.tokenizer import Tokenizer
@@ -238,6 +239,7 @@ def evaluate(job: dict) -> dict:
     tok = Tokenizer.from_directory(job["tokenizer_dir"])
     model, meta = load_model(Path(job["checkpoint"]), device,
                              None if job["dtype"] == "auto" else parse_dtype(job["dtype"]))
+    inference_weights(model)  # generation only: one cast now, not one per decode step
     tasks = build_eval_tasks(job["tasks"], job["paths"])
     for name, path in job["bundle_files"].items():
         tasks[name] = MultipleChoice(Path(path), layout="core", name=name)

@@ -105,7 +105,7 @@ PRESETS: dict[str, dict] = {
     "cpu-demo": dict(depth=4, aspect_ratio=32, head_dim=64, max_seq_len=256, total_batch_size=4096,
                      num_iterations=300, warmup_steps=10, matrix_lr=0.2, embedding_lr=3.0, unembedding_lr=0.1,
                      weight_decay=0.0, device_batch_size=16, eval_every=50, eval_tokens=32768, sample_every=150,
-                     core_metric_every=-1, save_every=50, device_type="cpu", compile=False),
+                     core_metric_every=-1, save_every=50, device_type="cpu"),
     "d12": dict(depth=12, **_GPU),
     "d20": dict(depth=20, **_GPU),
     "d24-speedrun": dict(depth=24, target_param_data_ratio=8.0, fp8=True, **{**_GPU, "device_batch_size": 16}),

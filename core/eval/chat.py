@@ -333,6 +333,7 @@ def build_eval_tasks(specs: list[dict], paths: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from core.checkpoint import load_model
     from core.common import cleanup_distributed, init_distributed, print0, set_num_threads
+    from core.engine import inference_weights
     from core.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(prog="python -m core.eval.chat", description="Chat evaluation of a checkpoint")
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         set_num_threads()
     spec = json.loads(Path(a.tasks).read_text())
     model, _ = load_model(Path(a.checkpoint), info.device)
+    inference_weights(model)  # generation only: one cast now, not one per decode step
     tokenizer = Tokenizer.from_directory(a.tokenizer_dir)
     tasks = build_eval_tasks(spec["tasks"], spec.get("paths", {}))
     result = evaluate_chat(model, tokenizer, tasks, max_problems=spec.get("max_problems"), batch_size=a.batch_size,

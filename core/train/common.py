@@ -439,10 +439,20 @@ def resume_model(run: Run, model: torch.nn.Module, *, identity: dict, tokenizer:
     return notes
 
 
-def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device) -> tuple[torch.nn.Module, bool]:
-    """(the model to call in the loop, whether it is compiled). Default: compile on CUDA only."""
-    use = device.type == "cuda" if flag is None else flag
-    return (torch.compile(model, dynamic=False) if use else model), use
+# fp32 CPU runs with at least this many optimizer steps compile by default (maybe_compile): see
+# docs/cpu-compile.md for the measured compile cost and per-step gain this break-even comes from.
+CPU_FP32_COMPILE_MIN_STEPS = 600
+
+
+def maybe_compile(model: torch.nn.Module, flag: bool | None, device: torch.device, dtype: torch.dtype | None = None,
+                  steps: int | None = None) -> tuple[torch.nn.Module, bool]:
+    """(the model to call in the loop, whether it is compiled; the caller builds its optimizer with
+    compile_steps=that). flag None: compile on CUDA; on CPU only an fp32 run of `steps` >=
+    CPU_FP32_COMPILE_MIN_STEPS optimizer steps, long enough to pay back the compile (bf16 on CPU and
+    shorter runs stay eager). Compiling changes results by reduction-order rounding only."""
+    if flag is None:
+        flag = device.type == "cuda" or (dtype == torch.float32 and (steps or 0) >= CPU_FP32_COMPILE_MIN_STEPS)
+    return (torch.compile(model, dynamic=False) if flag else model), flag
 
 
 def resume_state(run: Run, optimizer) -> dict | None:

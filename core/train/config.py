@@ -184,7 +184,8 @@ class PretrainConfig:
     sample_every: int = opt(2000, "greedy samples every N steps and at the end (-1 = off)")
     save_every: int = opt(250, "checkpoint every N steps (-1 = only at the end)")
     keep_checkpoints: int = opt(2, "keep the newest K checkpoints")
-    compile: bool | None = opt(None, "torch.compile the model (default: on CUDA only)")
+    compile: bool | None = opt(None, "torch.compile the model and the optimizer steps (default: on CUDA, and on CPU "
+                                     "for fp32 runs long enough to pay it back: core.train.common.maybe_compile)")
     wandb: str = opt("offline", "wandb mode: disabled | offline (no network; `wandb sync` later) | online")
     wandb_project: str = opt("nanorun", "wandb project")
     run_name: str = opt("", "wandb run name (default: d{depth})")

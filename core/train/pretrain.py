@@ -116,8 +116,8 @@ def train(cfg: PretrainConfig) -> dict:
     notes = resume_model(run, orig_model, identity=cfg.identity(), tokenizer=tok_rec,
                          device_batch_size=cfg.device_batch_size)
     n_fp8 = convert_to_fp8(orig_model, cfg.fp8_recipe) if cfg.fp8 else 0
-    model, use_compile = maybe_compile(orig_model, cfg.compile, device)
-    optimizer = build_optimizer(orig_model, plan, distributed=run.info.ddp)
+    model, use_compile = maybe_compile(orig_model, cfg.compile, device, dtype, plan.num_iterations)
+    optimizer = build_optimizer(orig_model, plan, distributed=run.info.ddp, compile_steps=use_compile)
     loader_state = resume_state(run, optimizer)
     train_loader = PackingLoader(train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len, rank, world,
                                  state=loader_state, device=device, buffer_size=cfg.loader_buffer)

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from core.engine import Engine, TextStreamer, assistant_parts, render_chat, sample_next_token
+from torch.overrides import TorchFunctionMode
+
+from core.engine import Engine, TextStreamer, assistant_parts, inference_weights, render_chat, sample_next_token
 from core.gpt import GPTConfig, build_model
 from tests._tok import small_tokenizer
 
@@ -339,3 +341,48 @@ def test_small_batch_cpu_decode_runs_on_one_thread_and_restores_the_setting(tok)
     finally:
         del model.trunk, model.head
         torch.set_num_threads(before)
+
+
+class ParamCasts(TorchFunctionMode):
+    """Counts the calls that convert one of `params` into a new tensor (weight.to(dtype), .float()...)."""
+
+    CASTS = (torch.Tensor.to, torch.Tensor.float, torch.Tensor.bfloat16, torch.Tensor.half, torch.Tensor.type)
+
+    def __init__(self, params):
+        super().__init__()
+        self.ids, self.n = {id(p) for p in params}, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.CASTS and args and id(args[0]) in self.ids and out is not args[0]:
+            self.n += 1
+        return out
+
+
+def test_inference_weights_cast_once_then_decode_casts_no_weight_and_generates_the_same(tok):
+    """bf16 compute with fp32 master weights converts every matmul weight on every decode step;
+    inference_weights stores them in bf16 once, and the tokens and logits stay bit for bit the same."""
+    per_step = tiny_gpt(tok.vocab_size).set_compute_dtype(torch.bfloat16)
+    once = inference_weights(tiny_gpt(tok.vocab_size).set_compute_dtype(torch.bfloat16))
+    assert {p.dtype for p in once.parameters()} == {torch.bfloat16}
+    prompt, steps = prompt_of(tok), 24
+    out, casts = {}, {}
+    for name, m in (("per_step", per_step), ("once", once)):
+        counter = ParamCasts(list(m.parameters()))
+        with counter:
+            out[name] = Engine(m, tok).generate_batch(prompt, num_samples=2, max_tokens=steps, temperature=0.0)
+        casts[name] = counter.n
+    assert casts["per_step"] >= steps * (2 * 4 + 1)   # each layer's 4+ matmul weights and lm_head, each step
+    assert casts["once"] == 0
+    assert len(out["once"][0][0]) > len(prompt) + steps // 2
+    assert out["once"] == out["per_step"]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        assert torch.equal(once(ids), per_step(ids))
+
+
+def test_inference_weights_leaves_an_fp32_model_alone(tok):
+    model = tiny_gpt(tok.vocab_size)
+    weights = {n: p for n, p in model.named_parameters()}
+    assert inference_weights(model) is model
+    assert all(p is weights[n] and p.dtype == torch.float32 for n, p in model.named_parameters())

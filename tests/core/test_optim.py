@@ -111,10 +111,16 @@ def _batch(seed, B=4, T=32):
     return torch.randint(0, 256, (B, T), generator=g), torch.randint(0, 256, (B, T), generator=g)
 
 
-def test_two_steps_equal_float64_hand_computation():
+@pytest.mark.parametrize("how", [
+    {},
+    # the reference's compiled steps (per-tensor AdamW, stacked Muon): hyperparameters are 0-D tensors
+    # refilled each step, so the second step's new lr, momentum and wd must reach the compiled kernels
+    pytest.param(dict(fused_adamw=False, compile_steps=True), marks=pytest.mark.slow, id="compiled"),
+])
+def test_two_steps_equal_float64_hand_computation(how):
     model = build_model(TINY, "cpu", dtype=torch.float32, seed=0)
     _randomize(model)
-    opt = build_optimizer(model, distributed=False)
+    opt = build_optimizer(model, distributed=False, **how)
     assert isinstance(opt, MuonAdamW)
     shadow = {id(p): p.detach().double().clone() for p in model.parameters()}
     states: dict = {}

@@ -93,3 +93,21 @@ def test_auto_dtype_is_bf16_on_cpus_that_multiply_bf16_natively(monkeypatch):
     monkeypatch.delenv("NANORUN_DTYPE")
     monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
     assert common.resolve_dtype("auto", cpu) == torch.float32
+
+
+def test_compile_default_cpu_fp32_only_for_runs_that_pay_it_back():
+    """compile=None: always on CUDA; on CPU only fp32 runs of CPU_FP32_COMPILE_MIN_STEPS steps or more
+    (docs/cpu-compile.md); an explicit flag always wins. torch.compile is lazy: nothing compiles here."""
+    import torch
+
+    from core.train.common import CPU_FP32_COMPILE_MIN_STEPS as N
+    from core.train.common import maybe_compile
+
+    cpu, cuda, net = torch.device("cpu"), torch.device("cuda"), torch.nn.Linear(2, 2)
+    decide = lambda *a: maybe_compile(net, *a)[1]  # noqa: E731
+    assert decide(None, cpu, torch.float32, N) and not decide(None, cpu, torch.float32, N - 1)
+    assert not decide(None, cpu, torch.bfloat16, 10 * N) and not decide(None, cpu)
+    assert decide(None, cuda, torch.bfloat16, 1)
+    assert not decide(False, cpu, torch.float32, 10 * N) and decide(True, cpu, torch.bfloat16, 1)
+    model, used = maybe_compile(net, None, cpu, torch.float32, N)
+    assert used and model is not net

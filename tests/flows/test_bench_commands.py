@@ -42,6 +42,20 @@ def test_bench_infer_on_a_bundle_folder(bundle, capsys):
     assert "[bench-infer] prompt 504 batch 3: TTFT" in err                    # progress while it runs
 
 
+def test_bench_infer_keeps_the_weights_in_the_compute_dtype(bundle, capsys):
+    """--dtype bfloat16: the chat loader stores the fp32 weights in bf16 once (core.engine.inference_weights),
+    so a decode step reads 2 bytes per matmul weight instead of converting the fp32 masters every step."""
+    weight_bytes = {}
+    for dtype in ("float32", "bfloat16"):
+        code, out, err = run(capsys, "bench-infer", str(bundle), "--prompt-lens", "8", "--batch-sizes", "1",
+                             "--dtype", dtype, *SMALL)
+        assert code == 0, err
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["dtype"] == dtype and r["rows"][0]["tok_per_s"] > 0
+        weight_bytes[dtype] = r["matmul_weight_bytes"]
+    assert weight_bytes["bfloat16"] * 2 == weight_bytes["float32"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch-sizes", "0"], "--batch-sizes '0': give at least one number, each >= 1"),
     (["--prompt-lens", "a,b"], "--prompt-lens 'a,b': comma-separated whole numbers"),
