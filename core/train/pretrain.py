@@ -122,7 +122,7 @@ def train(cfg: PretrainConfig) -> dict:
     train_loader = PackingLoader(train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len, rank, world,
                                  state=loader_state, device=device, buffer_size=cfg.loader_buffer)
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = peak_flops(device, dtype, cache=run.out / "peak_flops.json")
     derived = {**plan.to_dict(), "world_size": world, "device_batch_size": cfg.device_batch_size,
                "grad_accum_steps": grad_accum, "tokens_per_micro_batch": cfg.device_batch_size * cfg.max_seq_len,
                "device": str(device), "dtype": dtype_name(dtype), "compile": use_compile, "fp8_layers": n_fp8,

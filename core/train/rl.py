@@ -141,7 +141,7 @@ def train(cfg: RLConfig) -> dict:
     pad = tokenizer.encode_special("<|assistant_end|>")  # padding only: never a target
     my_questions = list(range(rank, len(train_task), world))
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = peak_flops(device, dtype, cache=run.out / "peak_flops.json")
     flops_per_token = model.estimate_flops()
     derived = {"num_iterations": total_steps, "examples_per_rank": per_rank, "passes_per_question": passes,
                "train_questions": len(train_task), "test_questions": len(test_task), "world_size": world,

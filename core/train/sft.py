@@ -301,7 +301,7 @@ def train(cfg: SFTConfig) -> dict:
         while True:
             yield tuple(t.to(device, non_blocking=True) for t in packer.next_batch())
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = peak_flops(device, dtype, cache=run.out / "peak_flops.json")
     flops_per_token = orig_model.estimate_flops()
     derived = {"max_seq_len": seq, "total_batch_size": total_batch, "device_batch_size": dbs,
                "grad_accum_steps": grad_accum, "num_iterations": total_steps, "pass_micro_batches": pass_batches,
