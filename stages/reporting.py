@@ -9,6 +9,8 @@ Not a stage: stages import it instead of each other.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -76,6 +78,22 @@ def _chat_scores(metrics: dict) -> dict:
     return scores
 
 
+# Where an input came from, not what it is: left out of the recipe's identity when the artifact also
+# records its content's digest (the same eval bundle from another folder is the same recipe).
+LOCATION_KEYS = ("url", "source")
+
+
+def recipe_digest(manifests: dict[str, Manifest]) -> str:
+    """What the run trained and evaluated, as a short digest: every stage's identity config (the
+    preset's values plus every override), so the leaderboard groups and the nightly judges only
+    runs of the same recipe, never two runs that merely share a preset's name."""
+    ident = {}
+    for role, m in manifests.items():
+        located = "content_digest" in m.identity
+        ident[role] = {k: v for k, v in m.identity.items() if not (located and k in LOCATION_KEYS)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     """The leaderboard row of a run from the manifests of its stages (role -> manifest)."""
     base = manifests["base"]
@@ -91,6 +109,7 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     prov = base.provenance
     return {
         "preset": preset,
+        "recipe_id": recipe_digest(manifests),
         "depth": base.identity.get("depth"),
         "date": prov.get("end_time") or prov.get("committed_at"),
         "commit": prov.get("git_commit"),
