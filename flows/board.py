@@ -12,7 +12,7 @@ metric) first, fastest first; then CORE, best first; then newest.
 A recipe is the preset's name plus the digest of everything the run was built with (stages/
 reporting.py, recipe_digest), e.g. `tiny 3fa2c1`: runs that share a preset but not its overrides
 (600 vs 1500 iterations) are different recipes; --stats and the regression marks never pool them.
-Reports from before the digest show `tiny ?` and are pooled only with each other.
+Reports from before the digest show `tiny ?` and are pooled only with each other. Why: docs/reports.md.
 """
 from __future__ import annotations
 

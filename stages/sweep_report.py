@@ -11,7 +11,8 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (val bpb vs FLOPs per depth, the compute-optimal frontier, the isoFLOP optima), scaling_fits.png
 (N_opt(C) and D_opt(C) with fitted exponents ± standard error; 2+ FLOP budgets), core_vs_flops.png
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
-grid cell with its confidence interval). Method: core/stats.py.
+grid cell with its confidence interval). Method: core/stats.py; what a compare report states (the
+arms, one verdict over all cells) and when a fit is shown: docs/reports.md.
 
 The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
     SELECT r->>'point' AS point, TRY_CAST(r->>'val_bpb' AS DOUBLE) AS val_bpb FROM (SELECT
