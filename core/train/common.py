@@ -156,11 +156,17 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype, cache: Path | Non
     if saved.get("hardware") == key:
         return float(saved["flops"]), saved["source"]
     flops, source = _peak_flops(device, dtype)
-    if cache is not None:  # every rank may write: same key, and os.replace keeps the file whole
+    if cache is not None:  # written whole (os.replace): a run killed here leaves no torn file
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"hardware": key, "flops": flops, "source": source}) + "\n")
         os.replace(tmp, cache)
     return flops, source
+
+
+def run_peak_flops(run: "Run") -> tuple[float, str]:
+    """The peak MFU divides by in this trainer: rank 0 (the one that logs MFU) keeps the first
+    attempt's number in the run directory; other ranks need it only for their start-up table."""
+    return peak_flops(run.device, run.dtype, cache=run.out / "peak_flops.json" if run.rank == 0 else None)
 
 
 def _peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
