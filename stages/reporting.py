@@ -89,7 +89,7 @@ def recipe_digest(manifests: dict[str, Manifest]) -> str:
     runs of the same recipe, never two runs that merely share a preset's name."""
     ident = {}
     for role, m in manifests.items():
-        located = "content_digest" in m.identity
+        located = bool(m.identity.get("content_digest"))
         ident[role] = {k: v for k, v in m.identity.items() if not (located and k in LOCATION_KEYS)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

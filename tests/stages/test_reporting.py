@@ -66,3 +66,17 @@ def test_resumed_run_charts_mark_the_resume(tmp_path):
     manifests = _run()
     md = render_markdown(summarize(manifests, "tiny"), manifests, "t", {"loss": "loss.png"}, resumes=[6])
     assert "resumed at step 6" in md
+
+
+def test_recipe_digest_is_every_override_but_not_where_inputs_were_read_from():
+    from stages.reporting import recipe_digest
+
+    def run(steps, bundle_url="/a/eval_bundle", digest="sha256:1", source="chitchat"):
+        return {"data": _manifest("data_shards", {"source": source, "content_digest": ""}),
+                "eval_bundle": _manifest("eval_bundle", {"url": bundle_url, "content_digest": digest}),
+                "base": _manifest("pretrain", {"depth": 2, "num_iterations": steps})}
+
+    assert recipe_digest(run(24)) == recipe_digest(run(24, bundle_url="/elsewhere/eval_bundle"))
+    assert recipe_digest(run(24)) != recipe_digest(run(600))
+    assert recipe_digest(run(24)) != recipe_digest(run(24, digest="sha256:2"))
+    assert recipe_digest(run(24)) != recipe_digest(run(24, source="fineweb-edu"))  # no digest: the source is it
