@@ -1,11 +1,18 @@
 """The leaderboard: one row per completed speedrun, from the run index (DuckDB). No Prefect here.
 
-    nanorun leaderboard [--format md|csv|json] [--preset cpu-demo] [--store URL] [--limit N]
+    nanorun leaderboard [--preset cpu-demo] [--store URL] [--limit N]   # fits 120 columns
+    nanorun leaderboard --wide                  # every column: hardware, each stage's time, cost
+    nanorun leaderboard --json | --csv          # every field, for tools (also --format json|csv)
     nanorun leaderboard --stats                 # per recipe: runs, mean ± sd of bpb, CORE, time, cost
 
 A completed speedrun is a committed `report` artifact: its metrics are the row (stages/report.py,
 summarize). Sorted like the public leaderboard: time to GPT-2 (CORE >= 0.256525 on the full
 metric) first, fastest first; then CORE, best first; then newest.
+
+A recipe is the preset's name plus the digest of everything the run was built with (stages/
+reporting.py, recipe_digest), e.g. `tiny 3fa2c1`: runs that share a preset but not its overrides
+(600 vs 1500 iterations) are different recipes; --stats and the regression marks never pool them.
+Reports from before the digest show `tiny ?` and are pooled only with each other. Why: docs/reports.md.
 """
 from __future__ import annotations
 
@@ -14,13 +21,15 @@ import io
 import json
 
 from core.stats import regression_check
-from flows.retention import run_order
+from flows.retention import night_run, run_order
+from stages.reporting import short_time
 
 STAGE_COLUMNS = ("data", "tokenizer", "base", "base_eval", "sft", "chat_eval", "export")
 
 SQL = """
 SELECT store, ref, committed_at,
        metrics->>'$.preset'                              AS preset,
+       metrics->>'$.recipe_id'                           AS recipe_id,
        TRY_CAST(metrics->>'$.depth' AS INTEGER)          AS depth,
        metrics->>'$.date'                                AS date,
        metrics->>'$.commit'                              AS git_commit,
@@ -49,6 +58,7 @@ ORDER BY time_to_gpt2_s ASC NULLS LAST, core DESC NULLS LAST, committed_at DESC
 DEFAULT_TOLERANCES = {"core_noise": 0.02, "bpb_noise": 0.02, "slowdown": 0.25}
 # (summary key, lower is better, the flow parameter holding its fallback tolerance)
 CHECKED = (("core", False, "core_noise"), ("val_bpb", True, "bpb_noise"), ("total_seconds", True, "slowdown"))
+SHORT_NAMES = {"core": "CORE", "val_bpb": "bpb", "total_seconds": "time"}  # the regressed column
 
 
 def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noise: float = DEFAULT_TOLERANCES["core_noise"],
@@ -94,22 +104,32 @@ def _nightly_run(tag: str) -> tuple[str, int] | None:
     return run_order(f"{tag[:4]}-{tag[4:6]}-{tag[6:]}")
 
 
+def recipe_key(r: dict) -> str:
+    """The recipe a row belongs to: the preset and its recipe digest, shortened ("tiny 3fa2c1")."""
+    if r.get("recipe"):
+        return r["recipe"]
+    preset = r.get("preset") or "?"
+    return f"{preset} {r['recipe_id'][:6]}" if r.get("recipe_id") else (f"{preset} ?" if "recipe_id" in r else preset)
+
+
 def _mark_nights(out: list[dict]) -> None:
-    """Nightly rows (their report's tag names the run): the night as the date, and which metrics
-    regressed against the earlier runs of the same recipe (compare(), as the flow judged)."""
+    """Every row's recipe, run (a nightly's run id, e.g. 2026-12-05-2, else "manual") and finish
+    time (YYYY-MM-DD HH:MM); for nightly rows, which metrics regressed against the earlier nights
+    of the same recipe (compare(), as the flow judged)."""
     nights: dict[str, list[tuple[tuple[str, int], dict]]] = {}
     for r in out:
         run = _nightly_run(r.pop("tag") or "")
-        r["run"] = "nightly" if run else "manual"
+        r["recipe"] = recipe_key(r)
+        r["run"] = night_run(*run) if run else "manual"
+        r["date"] = short_time(r.get("date") or r.get("committed_at"))
         r["regressed"] = ""
         if run:
-            r["date"] = run[0]
-            nights.setdefault(r["preset"] or "?", []).append((run, r))
+            nights.setdefault(r["recipe"], []).append((run, r))
     for runs in nights.values():
         rs = [r for _, r in sorted(runs, key=lambda x: x[0])]
         for i, r in enumerate(rs):
             regressions, _ = compare(r, rs[max(0, i - 14):i])
-            r["regressed"] = ", ".join(x.split()[0] for x in regressions)
+            r["regressed"] = ", ".join(SHORT_NAMES[x.split()[0]] for x in regressions)
 
 
 def rows(index=None, *, store: str | None = None, preset: str | None = None, limit: int | None = None) -> list[dict]:
@@ -149,7 +169,27 @@ def _num(v, digits: int) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def format_rows(rows: list[dict], fmt: str = "md") -> str:
+def _core_cell(r: dict) -> str:
+    if r["core"] is None:
+        return "–"
+    partial = r["core_n_tasks"] is not None and r["core_n_tasks"] < 22
+    return f"{r['core']:.4f}" + (f" {r['core_n_tasks']}/22" if partial else "")
+
+
+# (header, cell) of the default view: what tells runs apart and how they did, in 120 columns
+NARROW = (("date", lambda r: r["date"]), ("run", lambda r: r["run"]), ("recipe", lambda r: r["recipe"]),
+          ("commit", lambda r: (r["git_commit"] or "?")[:7]), ("total", lambda r: _hms(r["total_seconds"])),
+          ("to GPT-2", lambda r: _hms(r["time_to_gpt2_s"])), ("val bpb", lambda r: _num(r["val_bpb"], 4)),
+          ("CORE", _core_cell), ("regressed", lambda r: r["regressed"] or "–"))
+WIDE = (("#", None), *NARROW[:4], ("depth", lambda r: str(r["depth"])), ("hardware", lambda r: r["hardware"] or "?"),
+        *NARROW[4:6], ("pretrain time", lambda r: _hms(r["training_time_s"])),
+        *[(s, lambda r, s=s: _hms(r[f"{s}_s"])) for s in STAGE_COLUMNS],
+        ("cost", lambda r: "–" if r["cost"] is None else f"${r['cost']:.2f}"), *NARROW[6:])
+
+
+def format_rows(rows: list[dict], fmt: str = "md", wide: bool = False) -> str:
+    """The rows as a Markdown table (the default view fits 120 columns; wide: every column) or, for
+    tools, as JSON or CSV with every field."""
     if fmt == "json":
         return json.dumps(rows, indent=2, default=str) + "\n"
     if fmt == "csv":
@@ -161,17 +201,10 @@ def format_rows(rows: list[dict], fmt: str = "md") -> str:
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}: md, csv or json")
-    head = ["#", "date", "run", "commit", "preset", "depth", "hardware", "to GPT-2", "total", "pretrain time",
-            *[s for s in STAGE_COLUMNS], "cost", "val bpb", "CORE", "tasks", "regressed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    columns = WIDE if wide else NARROW
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for i, r in enumerate(rows, 1):
-        cells = [str(i), (r["date"] or r["committed_at"])[:16], r["run"], (r["git_commit"] or "?")[:8],
-                 r["preset"] or "?", str(r["depth"]), r["hardware"] or "?", _hms(r["time_to_gpt2_s"]),
-                 _hms(r["total_seconds"]), _hms(r["training_time_s"]),
-                 *[_hms(r[f"{s}_s"]) for s in STAGE_COLUMNS],
-                 "–" if r["cost"] is None else f"${r['cost']:.2f}", _num(r["val_bpb"], 4), _num(r["core"], 4),
-                 f"{r['core_n_tasks']}/22" if r["core_n_tasks"] is not None else "–", r["regressed"] or "–"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(str(i) if cell is None else cell(r) for _, cell in columns) + " |")
     if not rows:
         lines.append("(no completed speedrun in the run index yet: run `nanorun speedrun`)")
     return "\n".join(lines) + "\n"
@@ -183,15 +216,16 @@ STAT_COLUMNS = (("val_bpb", "val bpb", 4), ("core", "CORE", 4), ("total_seconds"
 
 
 def recipe_stats(rows: list[dict]) -> list[dict]:
-    """Per recipe (preset): the number of runs and, per metric, mean, sample sd and count (core.stats)."""
+    """Per recipe (preset and its digest, recipe_key): the number of runs and, per metric, mean,
+    sample sd and count (core.stats)."""
     from core.stats import mean_spread
 
     by: dict[str, list[dict]] = {}
     for r in rows:
-        by.setdefault(r.get("preset") or "?", []).append(r)
+        by.setdefault(recipe_key(r), []).append(r)
     out = []
-    for preset, rs in sorted(by.items()):
-        entry = {"preset": preset, "runs": len(rs)}
+    for recipe, rs in sorted(by.items()):
+        entry = {"recipe": recipe, "preset": rs[0].get("preset") or "?", "runs": len(rs)}
         for key, _, _ in STAT_COLUMNS:
             mean, sd, n = mean_spread([r.get(key) for r in rs])
             entry.update({key: mean, f"{key}_sd": sd, f"{key}_n": n})
@@ -213,7 +247,7 @@ def format_stats(stats: list[dict], fmt: str = "md") -> str:
     head = ["recipe", "runs", *[label for _, label, _ in STAT_COLUMNS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for e in stats:
-        lines.append("| " + " | ".join([e["preset"], str(e["runs"]),
+        lines.append("| " + " | ".join([e["recipe"], str(e["runs"]),
                                          *[_pm(e[k], e[f"{k}_sd"], d) for k, _, d in STAT_COLUMNS]]) + " |")
     if not stats:
         lines.append("(no completed speedrun in the run index yet)")
@@ -226,6 +260,10 @@ class Leaderboard:
     @staticmethod
     def add_arguments(p):
         p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+        p.add_argument("--json", dest="format", action="store_const", const="json", help="= --format json")
+        p.add_argument("--csv", dest="format", action="store_const", const="csv", help="= --format csv")
+        p.add_argument("--wide", action="store_true", help="every column (hardware, each stage's time, cost); the "
+                                                           "default view fits 120 columns")
         p.add_argument("--preset", help="only this recipe")
         p.add_argument("--limit", type=int, help="at most N rows")
         p.add_argument("--stats", action="store_true", help="mean ± sd per recipe over its runs instead of one "
@@ -243,5 +281,6 @@ class Leaderboard:
         index.ensure(store)  # a fresh machine: rebuild the index from the store's manifests
         found = rows(index, store=store.url if args.this_store else None, preset=args.preset,
                      limit=None if args.stats else args.limit)
-        print(format_stats(recipe_stats(found), args.format) if args.stats else format_rows(found, args.format), end="")
+        print(format_stats(recipe_stats(found), args.format) if args.stats
+              else format_rows(found, args.format, wide=args.wide), end="")
         return 0

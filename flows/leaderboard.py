@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.provenance import git_state
-from flows.board import format_rows, format_stats, nightly_tag, recipe_stats, rows
+from flows.board import format_rows, format_stats, nightly_tag, recipe_key, recipe_stats, rows
 from flows.retention import NIGHTLY_ROOT, keep_nights_default, night_run, night_store_url, prune_nights, run_order
 from flows.speedrun import speedrun
 from flows.board import DEFAULT_TOLERANCES, compare  # noqa: F401 (compare: the nightly judgement)
@@ -41,11 +41,14 @@ def nightly_runs(store, preset: str) -> list[str]:
     return sorted((r for r in runs if run_order(r)), key=run_order)  # (nightly-cpu-demo-… is not cpu's)
 
 
-def previous_nights(store, preset: str, run: str, limit: int = 14) -> list[tuple[str, dict]]:
+def previous_nights(store, preset: str, run: str, limit: int = 14, recipe_id: str | None = None) -> list[tuple[str, dict]]:
     """(run, report summary) of the last `limit` nightly runs before `run` with a report in
-    `store`, oldest first (a night's earlier rows included: they measure the same noise)."""
-    earlier = [r for r in nightly_runs(store, preset) if run_order(r) < run_order(run)][-limit:]
-    return [(r, store.require(store.get_alias("report", f"nightly-{preset}-{r}")).metrics) for r in earlier]
+    `store`, oldest first (a night's earlier rows included: they measure the same noise). Only runs
+    of the same recipe (the report's recipe_id: preset plus every override) when it is given: a
+    night run with other overrides measures something else."""
+    earlier = [r for r in nightly_runs(store, preset) if run_order(r) < run_order(run)]
+    summaries = [(r, store.require(store.get_alias("report", f"nightly-{preset}-{r}")).metrics) for r in earlier]
+    return [(r, m) for r, m in summaries if recipe_id is None or m.get("recipe_id") == recipe_id][-limit:]
 
 
 def replaced(main, preset: str, run: str) -> None:
@@ -122,19 +125,19 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     for key in prune_nights(main, keep_nights):
         logger.info("retention: removed %s (keeping the newest %d nights)", key, keep_nights)
 
-    prev = previous_nights(main, preset, run, history)
+    prev = previous_nights(main, preset, run, history, recipe_id=summary.get("recipe_id"))
     regressions, table = compare(summary, [m for _, m in prev], alpha=alpha, core_noise=core_noise,
                                  bpb_noise=bpb_noise, slowdown=slowdown)
-    lines = [f"# Nightly {preset} — {run}", "", f"commit `{code['commit']}`, report `{report_ref}` in {night_store}",
-             ""]
+    lines = [f"# Nightly {preset} — {run}", "", f"commit `{code['commit']}`, recipe {recipe_key(summary)}, "
+             f"report `{report_ref}` in {night_store}", ""]
     if prev:
-        lines += [f"Compared with {len(prev)} earlier nightly run(s) ({prev[0][0]} … {prev[-1][0]}):", "",
+        lines += [f"Compared with {len(prev)} earlier nightly run(s) of this recipe ({prev[0][0]} … {prev[-1][0]}):", "",
                   "| metric | tonight | limit | regressed | rule |", "|---|---:|---:|---|---|"]
         lines += [f"| {t['metric']} | {t['tonight']:.4g} | {t['limit']:.4g} | {'**yes**' if t['regressed'] else 'no'} | "
                   f"{t['rule']} |" for t in table]
         lines.append("")
     else:
-        lines += ["No earlier night to compare with.", ""]
+        lines += ["No earlier night of this recipe to compare with.", ""]
     lines += ["**Regressions:** " + ("; ".join(regressions) if regressions else "none"), "", "## Leaderboard", "",
               format_stats(recipe_stats(rows(preset=preset)), "md"), "", format_rows(rows(preset=preset, limit=20), "md")]
     key = "nightly-" + "".join(c if c.isalnum() else "-" for c in preset.lower())

@@ -270,6 +270,13 @@ def point_row(point: Point, pretrain=None, core=None, error: str | None = None) 
     return {**row, **extra, "cell": point_key("", point.values, None)}
 
 
+def describe_overrides(layer: dict) -> str:
+    """{step: {field: value}} as the command line writes it: "base.matrix_lr=0.02, sft.seed=1"."""
+    return ", ".join(f"{step}.{k}={v}" for step, fields in layer.items() for k, v in fields.items()) or "no overrides"
+
+
 def report_config(sw: Sweep, rows: list[dict]) -> dict:
-    """The sweep_report stage's config for these rows (stages/sweep_report.py)."""
-    return {"name": sw.name, "kind": sw.kind, "rows": rows}
+    """The sweep_report stage's config for these rows (stages/sweep_report.py); a comparison's arms
+    with what each changes (on top of recipe {sw.recipe} and the sweep's own overrides)."""
+    arms = [(arm, describe_overrides(layer)) for arm, layer in sw.arms.items()]
+    return {"name": sw.name, "kind": sw.kind, "rows": rows, **({"arms": arms} if arms else {})}

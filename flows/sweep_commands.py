@@ -143,7 +143,7 @@ def compare_csv(paths: list[str]) -> int:
                     rows.append({k: _number(v) for k, v in r.items()} | {"arm": arm, "status": r.get("status")})
         except OSError as e:
             raise ConfigError(f"compare --csv: cannot read {path}: {e.strerror}") from None
-    a = analyze_compare(rows, 0.95)
+    a = analyze_compare(rows, 0.95, {"A": f"results of {paths[0]}", "B": f"results of {paths[1]}"})
     print(compare_markdown(f"{paths[0]} vs {paths[1]}", rows, a, None).rstrip())
     return 0
 

@@ -20,7 +20,7 @@ from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 from stages.reporting import fmt, hms, plot_rl_curves, render_markdown, summarize
 
 NAME = "report"
-code_version = "3"
+code_version = "4"
 INPUTS = ("base",)
 # role -> the stage that fills it in the speedrun graph (the order is the report's order)
 OPTIONAL_INPUTS = ("data", "tokenizer", "eval_bundle", "base_eval", "sft", "rl", "chat_eval", "export")
@@ -42,42 +42,49 @@ class Config(StageConfig):
         return "".join(c if c.isalnum() or c in "_." else "_" for c in "_".join(filter(None, (self.recipe, self.tag))))
 
 
-def _plot_loss(path: Path, base: Manifest) -> bool:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def resume_steps(base_dir: Path) -> list[int]:
+    """The steps a resumed attempt of pretraining started from (metrics.jsonl "start" rows)."""
+    from core.train.common import read_metrics
+
+    return [r["step"] for r in read_metrics(base_dir / "metrics.jsonl") if r.get("kind") == "start" and r.get("resumed")]
+
+
+def _mark_resumes(ax, steps: list[int]) -> None:
+    for i, step in enumerate(steps):
+        ax.axvline(step, color="gray", linestyle=":", linewidth=1.2, label="resumed" if i == 0 else None)
+    if steps:
+        ax.legend(fontsize=8)
+
+
+def loss_figure(base: Manifest, resumes: list[int]):
+    """Train loss and val bpb per step, a dotted line where a resumed attempt started (None: no curve)."""
     from matplotlib.figure import Figure
 
     loss, bpb = base.metrics.get("loss_curve") or [], base.metrics.get("val_bpb_curve") or []
     if not loss and not bpb:
-        return False
+        return None
     fig = Figure(figsize=(10, 4), dpi=100)
     for i, (curve, name) in enumerate(((loss, "train loss (smoothed)"), (bpb, "val bits-per-byte"))):
         ax = fig.add_subplot(1, 2, i + 1)
         if curve:
             ax.plot([p[0] for p in curve], [p[1] for p in curve], marker="." if len(curve) < 30 else None)
+        _mark_resumes(ax, resumes)
         ax.set_xlabel("step")
         ax.set_title(name)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    FigureCanvasAgg(fig).print_png(str(path))
-    return True
+    return fig
 
 
-def _plot_throughput(path: Path, base_dir: Path) -> bool:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def throughput_figure(base_dir: Path, resumes: list[int]):
+    """tok/s (and MFU) per step from metrics.jsonl, resumes marked (None: no train rows)."""
     from matplotlib.figure import Figure
 
-    rows = []
-    metrics = base_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("kind") == "train" and r.get("tok_per_s") is not None:
-                rows.append(r)
+    from core.train.common import read_metrics
+
+    rows = [r for r in read_metrics(base_dir / "metrics.jsonl") if r.get("kind") == "train" and r.get("tok_per_s") is not None]
     if not rows:
-        return False
+        return None
     fig = Figure(figsize=(10, 3.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([r["step"] for r in rows], [r["tok_per_s"] for r in rows], label="tok/s")
@@ -88,8 +95,17 @@ def _plot_throughput(path: Path, base_dir: Path) -> bool:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in rows], [r.get("mfu") for r in rows], color="tab:orange", alpha=0.6, label="MFU %")
         ax2.set_ylabel("MFU %")
+    _mark_resumes(ax, resumes)
     ax.set_title("pretraining throughput")
     fig.tight_layout()
+    return fig
+
+
+def _save_png(fig, path: Path) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if fig is None:
+        return False
     FigureCanvasAgg(fig).print_png(str(path))
     return True
 
@@ -128,9 +144,10 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     manifests = {role: inputs[role].manifest for role in order if role in inputs}
     summary = summarize(manifests, cfg.recipe)
     images = {}
-    if _plot_loss(out / "loss.png", manifests["base"]):
+    resumes = resume_steps(inputs["base"].path)
+    if _save_png(loss_figure(manifests["base"], resumes), out / "loss.png"):
         images["loss"] = "loss.png"
-    if _plot_throughput(out / "throughput.png", inputs["base"].path):
+    if _save_png(throughput_figure(inputs["base"].path, resumes), out / "throughput.png"):
         images["throughput"] = "throughput.png"
     if "rl" in manifests:  # reward and pass@k curves from the rl manifest
         rm = manifests["rl"].metrics
@@ -143,7 +160,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         md = inputs["base_eval"].path / "core.md"
         core_table = md.read_text() if md.is_file() else None
     title = cfg.title or f"nanorun speedrun {cfg.recipe}"
-    (out / "report.md").write_text(render_markdown(summary, manifests, title, images, core_table))
+    (out / "report.md").write_text(render_markdown(summary, manifests, title, images, core_table, resumes))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("report: %s, val bpb %s, %s %s, total %s", cfg.recipe, fmt(summary["val_bpb"]),
              summary["core_label"] or "CORE", fmt(summary["core"]), hms(summary["total_seconds"]))

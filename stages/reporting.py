@@ -9,6 +9,8 @@ Not a stage: stages import it instead of each other.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -33,6 +35,31 @@ def hms(seconds: float | None) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def short_time(stamp) -> str:
+    """An ISO time as "YYYY-MM-DD HH:MM" (UTC as recorded), the one date format of reports and the
+    leaderboard; "?" when unknown."""
+    if not stamp:
+        return "?"
+    return str(stamp)[:16].replace("T", " ")
+
+
+def gpt2_rows(core: Manifest | None) -> list[tuple[str, float]]:
+    """(label, GPT-2's CORE) to show beside this run's CORE: over the same tasks when the run
+    evaluated only some of them (the whole-metric number would compare different task sets)."""
+    from core.eval.core import GPT2_REFERENCE, reference_core
+
+    tasks = (core.metrics.get("tasks") or {}) if core else {}
+    total = core.metrics.get("total_tasks") if core else None
+    if not tasks or len(tasks) == total:
+        return [(f"{name} CORE", v) for name, v in GPT2_CORE.items()]
+    out = []
+    for name, v in GPT2_CORE.items():
+        same = reference_core(GPT2_REFERENCE[name], {t: r["random_baseline"] for t, r in tasks.items()})
+        out.append((f"{name} CORE over the same {len(tasks)} tasks (all {total or '?'}: {v:.6f})", same)
+                   if same is not None else (f"{name} CORE (all tasks; not the run's tasks)", v))
+    return out
+
+
 def stage_seconds(m: Manifest) -> float | None:
     """How long building this artifact took (training stages: every attempt, resumes included)."""
     if m.metrics.get("wall_time_s") is not None:
@@ -51,6 +78,22 @@ def _chat_scores(metrics: dict) -> dict:
     return scores
 
 
+# Where an input came from, not what it is: left out of the recipe's identity when the artifact also
+# records its content's digest (the same eval bundle from another folder is the same recipe).
+LOCATION_KEYS = ("url", "source")
+
+
+def recipe_digest(manifests: dict[str, Manifest]) -> str:
+    """What the run trained and evaluated, as a short digest: every stage's identity config (the
+    preset's values plus every override), so the leaderboard groups and the nightly judges only
+    runs of the same recipe, never two runs that merely share a preset's name."""
+    ident = {}
+    for role, m in manifests.items():
+        located = bool(m.identity.get("content_digest"))
+        ident[role] = {k: v for k, v in m.identity.items() if not (located and k in LOCATION_KEYS)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     """The leaderboard row of a run from the manifests of its stages (role -> manifest)."""
     base = manifests["base"]
@@ -66,6 +109,7 @@ def summarize(manifests: dict[str, Manifest], preset: str) -> dict:
     prov = base.provenance
     return {
         "preset": preset,
+        "recipe_id": recipe_digest(manifests),
         "depth": base.identity.get("depth"),
         "date": prov.get("end_time") or prov.get("committed_at"),
         "commit": prov.get("git_commit"),
@@ -103,21 +147,21 @@ def _core_not_run(manifests: dict[str, Manifest]) -> str:
 
 
 def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, images: dict[str, str] | None = None,
-                    core_table: str | None = None) -> str:
+                    core_table: str | None = None, resumes: list[int] | None = None) -> str:
     """The report (also the model card of an export) as Markdown."""
     images = images or {}
     s = summary
     out = [f"# {title}", ""]
     out += [f"- preset **{s['preset']}**, depth {s['depth']}, {fmt(s['num_params'])} parameters, "
             f"{fmt(s['iterations'])} iterations over {fmt(s['tokens'])} tokens",
-            f"- code {s['commit'] or 'unknown'}{' (dirty)' if s['dirty'] else ''}, finished {s['date']}",
+            f"- code {s['commit'] or 'unknown'}{' (dirty)' if s['dirty'] else ''}, finished {short_time(s['date'])}",
             f"- hardware {s['hardware']}; total wall time {hms(s['total_seconds'])}, pretraining time "
             f"{hms(s.get('training_time_s'))}"
             + (f", estimated cost ${s['cost']:.2f}" if s["cost"] else ""), ""]
     out += ["## Results", "", "| metric | value |", "|---|---:|",
             f"| val bits-per-byte (final / min) | {fmt(s['val_bpb'])} / {fmt(s['min_val_bpb'])} |",
             f"| {s['core_label'] or 'CORE'} | {fmt(s['core']) if 'base_eval' in manifests else _core_not_run(manifests)} |"]
-    out += [f"| {name} CORE | {v:.6f} |" for name, v in GPT2_CORE.items()]
+    out += [f"| {name} | {v:.6f} |" for name, v in gpt2_rows(manifests.get("base_eval"))]
     chat_tasks = (manifests["chat_eval"].metrics.get("tasks") or {}) if "chat_eval" in manifests else {}
     for k, v in s["chat"].items():
         task = chat_tasks.get(k.removesuffix(" accuracy")) or {}
@@ -125,13 +169,17 @@ def render_markdown(summary: dict, manifests: dict[str, Manifest], title: str, i
         name = (s.get("chatcore_label") or "ChatCORE") if k.startswith("chatcore") else f"chat: {k}{beside}"
         out.append(f"| {name} | {fmt(v)} |")
     out += [f"| throughput (tok/s, MFU %) | {fmt(s['tok_per_s'], 0)}, {fmt(s['mfu_percent'], 2)} |", ""]
+    # built: minutes are enough, and a full ISO stamp pushed the column past the page's width
     out += ["## Stages", "", "| step | artifact | wall time | built |", "|---|---|---:|---|"]
     for role, m in manifests.items():
         resumed = " (resumed)" if m.provenance.get("resumed") else ""
-        out.append(f"| {role} | `{m.ref}` | {hms(s['stage_seconds'].get(role))} | {m.provenance.get('end_time', '?')}{resumed} |")
+        out.append(f"| {role} | `{m.ref}` | {hms(s['stage_seconds'].get(role))} | "
+                   f"{short_time(m.provenance.get('end_time'))}{resumed} |")
     out.append("")
     if "loss" in images:
         out += ["## Training", "", f"![loss]({images['loss']})", ""]
+        if resumes:
+            out += [f"Pretraining was resumed at step {', '.join(map(str, resumes))} (dotted lines).", ""]
     if "throughput" in images:
         out += [f"![throughput]({images['throughput']})", ""]
     if "rl" in s:

@@ -466,6 +466,14 @@ def read_reference_csv(path: str | Path) -> tuple[dict[str, tuple[float, float]]
     return rows, core
 
 
+def reference_core(reference: dict[str, float], baselines: dict[str, float]) -> float | None:
+    """A reference model's CORE over exactly the tasks in `baselines` (task -> random baseline): the
+    mean of its centered accuracies there, None when it lacks one of them. A partial run's CORE is
+    comparable only with this, not with the reference's CORE over all tasks."""
+    vals = [centered(reference[k], b) for k, b in baselines.items() if k in reference]
+    return sum(vals) / len(vals) if vals and len(vals) == len(baselines) else None
+
+
 def format_table(result: CoreResult, references: dict[str, dict[str, float]] | None = None,
                  baselines: dict[str, float] | None = None, fmt: str = "csv") -> str:
     """Per-task accuracy and centered score next to the references' centered scores, in the layout
@@ -480,11 +488,8 @@ def format_table(result: CoreResult, references: dict[str, dict[str, float]] | N
         refs = [references[n].get(label) for n in names]
         lines.append([label, f"{t.accuracy:.6f}", f"{t.centered:.6f}"]
                      + ["" if a is None else f"{centered(a, base[label]):.6f}" for a in refs])
-    ref_cores = []
-    for n in names:
-        vals = [centered(references[n][k], base[k]) for k in result.tasks if k in references[n]]
-        ok = len(vals) == len(result.tasks) and vals
-        ref_cores.append(f"{sum(vals) / len(vals):.6f}" if ok else "")
+    ref_cores = [reference_core(references[n], {k: base[k] for k in result.tasks}) for n in names]
+    ref_cores = ["" if c is None else f"{c:.6f}" for c in ref_cores]
     core = f"{result.core:.6f}" if result.tasks else ""
     lines.append([result.label, "", core] + ref_cores)
     if fmt == "md":

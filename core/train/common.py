@@ -141,9 +141,35 @@ def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype 
     return 2 * n ** 3 / best
 
 
-def peak_flops(device: torch.device | str, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s of one process's device, where the number comes from)."""
+def peak_flops(device: torch.device | str, dtype: torch.dtype, cache: Path | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one process's device, where the number comes from). With `cache` (a file in
+    the run's output directory) the first attempt's number is kept and every resumed attempt on the
+    same hardware reuses it: a re-measured CPU peak varies by tens of percent between launches, which
+    would make the MFU curve jump at a resume while the throughput did not."""
     device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    key = f"{name}|{str(dtype).removeprefix('torch.')}|{torch.get_num_threads()} thread(s)"
+    try:
+        saved = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    if saved.get("hardware") == key:
+        return float(saved["flops"]), saved["source"]
+    flops, source = _peak_flops(device, dtype)
+    if cache is not None:  # written whole (os.replace): a run killed here leaves no torn file
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"hardware": key, "flops": flops, "source": source}) + "\n")
+        os.replace(tmp, cache)
+    return flops, source
+
+
+def run_peak_flops(run: "Run") -> tuple[float, str]:
+    """The peak MFU divides by in this trainer: rank 0 (the one that logs MFU) keeps the first
+    attempt's number in the run directory; other ranks need it only for their start-up table."""
+    return peak_flops(run.device, run.dtype, cache=run.out / "peak_flops.json" if run.rank == 0 else None)
+
+
+def _peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)

@@ -44,7 +44,7 @@ from core.layouts import shard_files
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
-from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, peak_flops,
+from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, run_peak_flops,
                                resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
                                stop_run, tokenizer_record)
 from core.train.config import PretrainConfig, identity_fields
@@ -122,7 +122,7 @@ def train(cfg: PretrainConfig) -> dict:
     train_loader = PackingLoader(train_files, tokenizer, cfg.device_batch_size, cfg.max_seq_len, rank, world,
                                  state=loader_state, device=device, buffer_size=cfg.loader_buffer)
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = run_peak_flops(run)
     derived = {**plan.to_dict(), "world_size": world, "device_batch_size": cfg.device_batch_size,
                "grad_accum_steps": grad_accum, "tokens_per_micro_batch": cfg.device_batch_size * cfg.max_seq_len,
                "device": str(device), "dtype": dtype_name(dtype), "compile": use_compile, "fp8_layers": n_fp8,

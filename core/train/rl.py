@@ -39,7 +39,7 @@ from core.layouts import CHAT_KINDS
 from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
-from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, peak_flops,
+from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, run_peak_flops,
                                resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
                                stop_run)
 from core.train.config import RLConfig
@@ -141,7 +141,7 @@ def train(cfg: RLConfig) -> dict:
     pad = tokenizer.encode_special("<|assistant_end|>")  # padding only: never a target
     my_questions = list(range(rank, len(train_task), world))
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = run_peak_flops(run)
     flops_per_token = model.estimate_flops()
     derived = {"num_iterations": total_steps, "examples_per_rank": per_rank, "passes_per_question": passes,
                "train_questions": len(train_task), "test_questions": len(test_task), "world_size": world,

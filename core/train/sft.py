@@ -57,7 +57,7 @@ from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
 from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
-                               peak_flops, resume_model, resume_state, run_entry_point, save, seed_everything,
+                               run_peak_flops, resume_model, resume_state, run_entry_point, save, seed_everything,
                                start_run, stop_run)
 from core.train.config import SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
@@ -301,7 +301,7 @@ def train(cfg: SFTConfig) -> dict:
         while True:
             yield tuple(t.to(device, non_blocking=True) for t in packer.next_batch())
 
-    peak, peak_source = peak_flops(device, dtype)
+    peak, peak_source = run_peak_flops(run)
     flops_per_token = orig_model.estimate_flops()
     derived = {"max_seq_len": seq, "total_batch_size": total_batch, "device_batch_size": dbs,
                "grad_accum_steps": grad_accum, "num_iterations": total_steps, "pass_micro_batches": pass_batches,

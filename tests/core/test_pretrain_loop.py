@@ -57,6 +57,10 @@ def _resume_matches(cmd: list[str], out, uninterrupted) -> None:
     for kind, key in (("train", "raw_loss"), ("val", "val_bpb")):
         a, b = _rows(uninterrupted, kind), _rows(out, kind)
         assert [(r["step"], r[key]) for r in b] == [(r["step"], r[key]) for r in a]
+    # MFU's denominator: the resumed attempt reuses the first attempt's measured peak (no jump)
+    starts = _rows(out, "start")
+    assert len(starts) == 2 and starts[1]["resumed"]
+    assert starts[0]["derived"]["peak_flops"] == starts[1]["derived"]["peak_flops"]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from core.stats import (betainc, isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit,
+from core.stats import (betainc, isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit, stouffer,
                          regression_check, t_ppf, t_sf, verdict, welch)
 
 
@@ -44,6 +44,26 @@ def test_welch_on_null_data_keeps_its_false_positive_rate():
         covered += r.ci_low <= 0 <= r.ci_high
     assert 0.02 < hits / trials < 0.08           # alpha = 5%
     assert covered == trials - hits               # CI excludes 0 exactly when the test rejects
+
+
+def test_stouffer_pools_depths_with_a_known_effect():
+    rng = np.random.default_rng(2)
+    # B lowers bpb by 0.015 at each of 3 depths, noise 0.01, 3 seeds: no single depth is sure of it
+    cells = [welch(1.0 + 0.01 * rng.standard_normal(3), 0.985 + 0.01 * rng.standard_normal(3)) for _ in range(3)]
+    pooled = stouffer(cells)
+    assert pooled.k == 3 and pooled.z < 0 and pooled.p < 0.05 and -0.03 < pooled.diff < 0
+    assert verdict(pooled, lower_is_better=True) == "better"
+    assert max(c.p for c in cells) > pooled.p
+    assert stouffer([welch([1.0], [0.9, 0.91])]) is None  # one seed: nothing to pool
+
+
+def test_stouffer_on_null_data_keeps_its_false_positive_rate():
+    rng = np.random.default_rng(3)
+    trials, hits = 600, 0
+    for _ in range(trials):
+        cells = [welch(rng.normal(0, s, 3), rng.normal(0, s, 3)) for s in (0.01, 0.02, 0.05)]
+        hits += verdict(stouffer(cells), lower_is_better=True) != "no detectable difference"
+    assert 0.01 < hits / trials < 0.07  # alpha = 5%
 
 
 def test_welch_edge_cases():

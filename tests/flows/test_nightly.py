@@ -7,6 +7,7 @@ the night) is built: the flow logic is what is under test here, not training."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -52,7 +53,8 @@ def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     listed = [r["ref"] for r in rows(preset="tiny")]
     assert str(prev_ref) in listed and str(tonight) in listed and len(listed) == len(set(listed))
     by_ref = {r["ref"]: r for r in rows(preset="tiny")}
-    assert by_ref[str(tonight)]["run"] == "nightly" and by_ref[str(tonight)]["date"] == "2026-11-22"
+    assert by_ref[str(tonight)]["run"] == "2026-11-22" and by_ref[str(tonight)]["recipe"].startswith("tiny ")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", by_ref[str(tonight)]["date"])  # the one date format
 
 
 def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, shared_data, tmp_path, nanorun_home):
@@ -80,12 +82,12 @@ def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, share
     assert added["run"] == f"{night}-2" and added["store"].endswith(f"@nightly/tiny/{night}-2")
     assert added["nights_compared"] == 1 and added["report"] != first["report"]  # its own row, judged
     assert sorted(r["ref"] for r in board()) == sorted([first["report"], added["report"]])
-    assert [(r["date"], r["run"]) for r in board()] == [(night, "nightly")] * 2
+    assert sorted(r["run"] for r in board()) == [night, f"{night}-2"]  # the run ids tell the rows apart
 
     _seed(tiny_run, main_root, "tiny", f"{night}-3")
     again = nightly_leaderboard(rerun="replace", **common)
     assert again["run"] == f"{night}-3" and again["nights_compared"] == 0
-    assert [(r["ref"], r["date"]) for r in board()] == [(again["report"], night)]  # one row for the night
+    assert [(r["ref"], r["run"]) for r in board()] == [(again["report"], f"{night}-3")]  # one row for the night
     assert nightly_runs(main, "tiny") == [f"{night}-3"] and main._dirs("@nightly/tiny") == [f"{night}-3"]
     assert main.list("report") == [main.require(main.resolve(again["report"]))]  # the old reports are gone
 
@@ -99,11 +101,11 @@ def test_the_leaderboard_marks_nightly_rows_and_their_regressions():
     board = [night("20261121", 0.30), night("20261122", 0.10), night("20261122", 0.10, "d20"),
              {**night("", 0.05), "date": "2026-11-23T10:00"}, night("20261121-2", 0.10)]
     _mark_nights(board)
-    assert [r["run"] for r in board] == ["nightly", "nightly", "nightly", "manual", "nightly"]
-    assert [r["date"] for r in board] == ["2026-11-21", "2026-11-22", "2026-11-22", "2026-11-23T10:00", "2026-11-21"]
+    assert [r["run"] for r in board] == ["2026-11-21", "2026-11-22", "2026-11-22", "manual", "2026-11-21-2"]
+    assert [r["date"] for r in board] == ["x", "x", "x", "2026-11-23 10:00", "x"]
     # CORE fell by far more than the fixed tolerance stands in for (one earlier run: no measured noise
     # yet); the night's second row (20261121-2) comes after its first, before the next night
-    assert [r["regressed"] for r in board] == ["", "", "", "", "core"]
+    assert [r["regressed"] for r in board] == ["", "", "", "", "CORE"]
 
 
 def test_pinned_commit_is_enforced(tmp_path):

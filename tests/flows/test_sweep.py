@@ -190,3 +190,49 @@ def test_compare_two_sweeps_results_csv(tmp_path, capsys):
     assert "- d1: val_bpb: no detectable difference" in out and "- d2: val_bpb: B better than A" in out
     assert cli.main(["compare", "--csv", str(tmp_path / "A.csv")]) == 2
     assert "give exactly two results.csv files" in capsys.readouterr().err
+
+
+def test_compare_report_states_its_arms_and_a_pooled_verdict(tmp_path):
+    from artifacts import open_store
+    from flows.sweep import Sweep, report_config
+    from stages.execute import execute
+    from stages.sweep_report import Config, analyze_compare, compare_figure
+
+    sw = Sweep(name="ab", recipe="tiny", grid={"depth": [1, 2]}, seeds=(1, 2, 3),
+               arms={"A": {}, "B": {"base": {"matrix_lr": 0.02}}})
+    cfg = report_config(sw, _rows("compare"))
+    assert cfg["arms"] == [("A", "no overrides"), ("B", "base.matrix_lr=0.02")]
+    store = open_store(str(tmp_path / "store"))
+    m = execute("sweep_report", Config(**cfg), {}, store)
+    d = store.materialize(m.ref)
+    text = (d / "report.md").read_text()
+    head = text.split("## Per cell")[0]
+    assert "- **A**: no overrides" in head and "- **B**: base.matrix_lr=0.02" in head
+    # d1 alone: no difference, d2 alone: better; across both the verdict is one line with its method
+    assert "- val_bpb: **B better than A** (mean Δ -0.0247 over 2 cell(s); Stouffer's Z" in head
+    assert m.metrics["pooled"] == {"val_bpb": "better"}
+    table = list(csv.DictReader(open(d / "results.csv")))
+    assert {(r["arm"], r["arm_overrides"]) for r in table} == {("A", "no overrides"), ("B", "base.matrix_lr=0.02")}
+    fig = compare_figure(analyze_compare(list(Config(**cfg).rows), 0.95, dict(cfg["arms"])))
+    legends = [label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]]
+    assert legends == ["B (base.matrix_lr=0.02) − A (no overrides)"]
+
+
+def test_frontier_is_the_best_point_per_budget_and_fits_need_three_budgets():
+    from stages.sweep_report import analyze_sweep, sweep_markdown
+
+    def row(depth, budget, flops, bpb):
+        return dict(point=f"d{depth}-F{budget:.0e}", arm="", cell=f"d{depth}-F{budget:.0e}", depth=depth, seed=1,
+                    target_flops=budget, flops=flops, val_bpb=bpb, core=None, scaling_params=1e5 * depth,
+                    tokens=flops / (6e5 * depth), status="ok")
+
+    # d3 lands slightly under the 1e10 budget and is worse than d1 at it: not a frontier point
+    rows = [row(1, 1e10, 1e10, 2.00), row(3, 1e10, 9.82e9, 2.20), row(1, 3e10, 3e10, 1.90), row(3, 3e10, 2.9e10, 1.95)]
+    a = analyze_sweep(rows)
+    assert a["frontier"] == ["d1-F1e+10", "d1-F3e+10"]
+    assert "bpb_fit" not in a and "n_opt_fit" not in a
+    md = sweep_markdown("x", rows, a, [])
+    assert "- no frontier fit: 2 budget(s) with points, a fit needs 3+: add 1 more FLOP budget(s) (--flops)" in md
+    assert "- no N_opt(C) / D_opt(C) fit: 2 budget(s) with an isoFLOP optimum, a fit needs 3+" in md
+    a = analyze_sweep(rows + [row(1, 1e11, 1e11, 1.80), row(3, 1e11, 1e11, 1.70)])
+    assert a["frontier"] == ["d1-F1e+10", "d1-F3e+10", "d3-F1e+11"] and a["bpb_fit"]["n"] == 3
