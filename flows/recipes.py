@@ -96,6 +96,13 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def check_force(force: list[str] | None, names: list[str]) -> None:
+    """force names steps of the plan: a typo is one line (the CLI: exit 2, before any server starts)."""
+    unknown = [f for f in force or [] if f not in names]
+    if unknown:
+        raise ConfigError(f"--force {' '.join(unknown)}: not a step of this run; its steps: {', '.join(names)}")
+
+
 def merge(*layers: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for layer in layers:

@@ -22,7 +22,7 @@ from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from flows import settings
 from flows.multinode import across_nodes
-from flows.recipes import PRESETS, speedrun_steps
+from flows.recipes import PRESETS, check_force, speedrun_steps
 from flows.tasks import join_stage, run_stage
 from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
@@ -64,9 +64,7 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
                            eval_bundle=eval_bundle, chat_data=chat_data)
     force = list(force or [])
-    unknown = sorted(set(force) - {s.name for s in steps})
-    if unknown:
-        raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
+    check_force(force, [s.name for s in steps])
     store_url = open_store(settings.value("store", store)).url  # fail fast, with the store named, if unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
     outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o))
