@@ -13,5 +13,6 @@ export NANORUN_POOL=${NANORUN_POOL:-nanorun-local}
 export PATH="$NANORUN_VENV/bin:$PATH"
 # Where the data lives (the CORE bundle and chat data for every run that names none, the scheduled
 # nightly run included) is the checkout's nanorun.toml, which the CLI reads too: written once, naming
-# ../shared/data beside the checkout when it is there; an existing file is kept (flows/settings.py).
-(cd "$NANORUN_REPO" && "$NANORUN_VENV/bin/nanorun" -q config --init >/dev/null)
+# ../shared/data beside the checkout when it is there; an existing file is kept, and none is written
+# when NANORUN_CONFIG names the settings file (docs/settings.md).
+if [ -z "${NANORUN_CONFIG:-}" ]; then (cd "$NANORUN_REPO" && "$NANORUN_VENV/bin/nanorun" -q config --init >/dev/null); fi

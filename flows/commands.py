@@ -275,7 +275,8 @@ class Stage:
 
             state, ref = status(mod, cfg, refs, store)
             state = "run" if args.force and state == "cached" else state
-            row = PlanRow(mod.NAME, mod.NAME, ref, state, note=resume_note(store, ref, args.force) if state == "run" else None)
+            note = resume_note(store, ref, args.force) if state == "run" else None
+            row = PlanRow(mod.NAME, mod.NAME, ref, state, note=note)
             print(f"{ref}  {row.action}")
             return 0
         _prefect_env()

@@ -362,7 +362,7 @@ def resume_note(store, ref: ArtifactRef, force: bool = False) -> str | None:
         found = list_checkpoints(checkpoints)
         step = found[-1][0] if found else None
     if force:
-        return "--force: rebuilt from scratch" + (f", not from its checkpoint at step {step}" if step is not None else "")
+        return "--force: rebuilt from scratch" + ("" if step is None else f", not from its checkpoint at step {step}")
     return f"resumes from step {step}" if step is not None else None
 
 
