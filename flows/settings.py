@@ -142,7 +142,8 @@ class Config:
     @staticmethod
     def add_arguments(p):
         p.add_argument("--init", action="store_true",
-                       help=f"write ./{FILE_NAME} naming ../shared/data beside the checkout (kept if it exists)")
+                       help=f"write ./{FILE_NAME} naming ../shared/data (the folders that exist; an existing "
+                            "file is kept)")
         p.add_argument("--json", action="store_true", help="print the values and their sources as JSON")
 
     @staticmethod
@@ -150,8 +151,8 @@ class Config:
         import json
 
         if args.init:
-            repo = Path(__file__).resolve().parents[1]
-            path, lines = init_file(Path.cwd(), repo.parent / "shared" / "data")
+            # run in the checkout (scripts/speedrun.sh, deploy/env.sh): ../shared/data beside it
+            path, lines = init_file(Path.cwd(), Path.cwd().parent / "shared" / "data")
             print(f"kept {path} (it exists)" if lines is None else f"wrote {path}: {'; '.join(lines) or 'empty'}")
         # the global --store is a flag here too: what the other commands would use
         settings, used = resolve({"store": getattr(args, "store", None)})

@@ -134,6 +134,8 @@ def test_the_ui_and_the_cli_plan_the_same_fingerprints(tmp_path, shared_data):
     ui, cmd = _fingerprints(worker.stdout), _fingerprints(cli.stdout)
     assert set(ui) >= {"eval_bundle", "sft", "chat_eval", "report"} and ui == cmd, (worker.stdout, cli.stdout)
     # and both use the shared data beside the checkout, which deploy/env.sh wrote into its nanorun.toml
+    assert (checkout / "nanorun.toml").read_text().splitlines()[1:] == [
+        'eval_bundle = "../shared/data/eval_bundle"', 'chat_data = "../shared/data/chat"']
     shared = {s.name: s for s in speedrun_steps("tiny", eval_bundle=str(tmp_path / "shared/data/eval_bundle"),
                                                 chat_data=str(tmp_path / "shared/data/chat"))}
     from artifacts import open_store
