@@ -223,6 +223,10 @@ class LocalStore(Store):
         return out
 
     # ---- building and committing --------------------------------------------------------------
+    def work_dir_path(self, ref: ArtifactRef) -> Path:
+        """Where work_dir(ref) is, creating and moving nothing (a plan looks for checkpoints there)."""
+        return self._staging(ref)
+
     def _staging(self, ref: ArtifactRef) -> Path:
         return self.root / STAGING / ref.stage / ref.name
 

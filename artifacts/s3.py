@@ -222,9 +222,13 @@ class S3Store(Store):
         return out
 
     # ---- building and committing --------------------------------------------------------------
+    def work_dir_path(self, ref: ArtifactRef) -> Path:
+        """Where work_dir(ref) is on this machine, creating nothing (a plan looks for checkpoints there)."""
+        return self.local / "staging" / ref.stage / ref.name
+
     def work_dir(self, ref: ArtifactRef, clear: bool = False) -> Path:
         """$NANORUN_HOME/.s3/<store-id>/staging/{stage}/{name}: same dir on every attempt."""
-        d = self.local / "staging" / ref.stage / ref.name
+        d = self.work_dir_path(ref)
         if clear and d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)

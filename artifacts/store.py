@@ -44,6 +44,8 @@ LEASES = ".leases"
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 4
+# a scheme (two letters at least: not a Windows drive) followed by anything but "//"
+_MISTYPED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:(?!//)")
 
 
 def nanorun_home() -> Path:
@@ -60,6 +62,9 @@ def open_store(url: str | None = None, *, index: bool = True) -> "Store":
     $NANORUN_STORE if set, else the local root $NANORUN_HOME (default ~/.cache/nanorun).
     index=False skips updating the machine's run index on commit (benchmarks, scratch stores)."""
     url = url or os.environ.get("NANORUN_STORE") or str(nanorun_home())
+    if _MISTYPED_URL.match(url):  # `s3:/bucket/runs` would silently become a directory in the cwd
+        raise StoreError(f"store {url!r} looks like a mistyped URL: write s3://bucket/prefix (two slashes), "
+                         f"or ./{url} for a directory of that name")
     if url.startswith("s3://"):
         from artifacts.s3 import S3Store
 
@@ -178,6 +183,7 @@ class Store:
     def _artifact_age(self, ref: ArtifactRef) -> float: raise NotImplementedError
     def _gc_local(self, live: set[ArtifactRef], grace_s: float) -> list[GcItem]: raise NotImplementedError
     def work_dir(self, ref: ArtifactRef, clear: bool = False) -> Path: raise NotImplementedError
+    def work_dir_path(self, ref: ArtifactRef) -> Path: raise NotImplementedError
     def materialize(self, ref: ArtifactRef) -> Path: raise NotImplementedError
     def pull(self, ref: ArtifactRef, dest_dir: Path | str) -> Path: raise NotImplementedError
 

@@ -10,9 +10,9 @@ export PREFECT_HOST=${PREFECT_HOST:-127.0.0.1}        # loopback unless told oth
 export PREFECT_PORT=${PREFECT_PORT:-4200}
 export PREFECT_API_URL=${PREFECT_API_URL:-http://$PREFECT_HOST:$PREFECT_PORT/api}
 export NANORUN_POOL=${NANORUN_POOL:-nanorun-local}
-# Offline nodes: the CORE bundle and the chat data for every run that names none (the scheduled
-# nightly run included). Defaults to ../shared/data beside the checkout when it is there.
-shared="$NANORUN_REPO/../shared/data"
-if [ -z "${NANORUN_EVAL_BUNDLE:-}" ] && [ -d "$shared/eval_bundle" ]; then export NANORUN_EVAL_BUNDLE="$shared/eval_bundle"; fi
-if [ -z "${NANORUN_CHAT_DATA:-}" ] && [ -d "$shared/chat" ]; then export NANORUN_CHAT_DATA="$shared/chat"; fi
 export PATH="$NANORUN_VENV/bin:$PATH"
+# Where the data lives (the CORE bundle and chat data for every run that names none, the scheduled
+# nightly run included) is the checkout's nanorun.toml, which the CLI reads too: written once, naming
+# ../shared/data beside the checkout when it is there; an existing file is kept, and none is written
+# when NANORUN_CONFIG names the settings file (docs/settings.md).
+if [ -z "${NANORUN_CONFIG:-}" ]; then (cd "$NANORUN_REPO" && "$NANORUN_VENV/bin/nanorun" -q config --init >/dev/null); fi

@@ -18,7 +18,8 @@
     nanorun compare --b STEP.FIELD=V      A/B across depths x seeds: mean differences, CIs, verdicts
     nanorun import nanochat DIR           a nanochat checkpoint + tokenizer as pretrain/sft/rl + tokenizer artifacts
     nanorun export REF --format nanochat --to DIR   a trained model in nanochat's layout
-Global: --store URL (default $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
+    nanorun config [--init]               the settings in effect (nanorun.toml, env, defaults) and their sources
+Global: --store URL (default: nanorun.toml's store, $NANORUN_STORE, else the local root $NANORUN_HOME), -q, -v.
 REF = stage/label-fingerprint, a unique fingerprint prefix (>= 4 hex chars), or stage@alias.
 
 Adding a subcommand: append (name, "module[:object]", help) to COMMANDS (or call register()); the
@@ -58,6 +59,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("compare", "flows.sweep_commands:Compare", "A/B of two recipes across depths and seeds: differences, CIs, verdicts"),
     ("import", "flows.nanochat_commands:Import", "import a nanochat checkpoint and tokenizer as artifacts"),
     ("export", "flows.nanochat_commands:Export", "write a trained model in another project's layout (nanochat)"),
+    ("config", "flows.settings:Config", "the project's settings (store, eval bundle, chat data) and their sources"),
 ]
 
 
@@ -357,9 +359,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     def add_global_options(p, defaults: bool) -> None:
         # accepted before or after the subcommand; the subcommand's copy only overrides when given
         kw = (lambda d: {"default": d}) if defaults else (lambda d: {"default": argparse.SUPPRESS})
-        p.add_argument("--store", metavar="URL", **kw(os.environ.get("NANORUN_STORE")),
-                       help="artifact store: a directory or s3://bucket/prefix (env NANORUN_STORE; "
-                            "default: the local root $NANORUN_HOME)")
+        p.add_argument("--store", metavar="URL", **kw(None),
+                       help="artifact store: a directory or s3://bucket/prefix (default: nanorun.toml's "
+                            "store, env NANORUN_STORE, else the local root $NANORUN_HOME; `nanorun config`)")
         p.add_argument("-q", "--quiet", action="store_true", **kw(False), help="warnings and errors only")
         p.add_argument("-v", "--verbose", action="store_true", **kw(False), help="debug logging")
 
@@ -441,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_name_the_run)
     try:
+        if args.command != "config":  # config reports the settings even when one is wrong
+            from flows import settings
+
+            args.store = settings.value("store", args.store)
         return int(args._run(args) or 0)
     except Exception as e:
         if isinstance(e, user_error_types()):

@@ -213,17 +213,18 @@ class Speedrun:
 
     @staticmethod
     def run(args) -> int:
-        from flows.recipes import parse_set, speedrun_steps
+        from flows.recipes import check_force, parse_set, speedrun_steps
 
         overrides = parse_set(args.sets)
         kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle,
                       chat_data=args.chat_data)
         steps = speedrun_steps(args.preset, overrides, **kwargs)  # validate here: one clear line, exit 2
+        check_force(args.force, [s.name for s in steps])
         if args.plan or not (args.force or os.environ.get("PREFECT_API_URL")):
             from artifacts import open_store
             from stages.execute import format_plan, plan
 
-            rows = plan(steps, open_store(args.store))
+            rows = plan(steps, open_store(args.store), force=args.force)
             if args.plan:
                 print(format_plan(rows))
                 return 0
@@ -286,10 +287,13 @@ class Stage:
                 raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
             refs[name] = store.resolve(ref)
         if args.plan:
-            from stages.execute import status
+            from stages.execute import PlanRow, resume_note, status
 
             state, ref = status(mod, cfg, refs, store)
-            print(f"{ref}  {state}")
+            state = "run" if args.force and state == "cached" else state
+            note = resume_note(store, ref, args.force) if state == "run" else None
+            row = PlanRow(mod.NAME, mod.NAME, ref, state, note=note)
+            print(f"{ref}  {row.action}")
             return 0
         _prefect_env()
         from flows.speedrun import config_dict, stage

@@ -27,6 +27,7 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.provenance import git_state
+from flows import settings
 from flows.board import format_rows, format_stats, nightly_tag, recipe_key, recipe_stats, rows
 from flows.retention import NIGHTLY_ROOT, keep_nights_default, night_run, night_store_url, prune_nights, run_order
 from flows.speedrun import speedrun
@@ -100,7 +101,7 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     keep_nights = keep_nights or keep_nights_default()
     night = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     dt.date.fromisoformat(night)  # refuse a malformed date with Python's own message
-    main = open_store(store)
+    main = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (flows/settings.py)
     done = [r for r in nightly_runs(main, preset) if run_order(r)[0] == night]
     if done and rerun == "refuse":
         raise ValueError(f"nightly {preset} {night} already has a report ({', '.join(done)}): "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from stages.base import ConfigError
@@ -97,6 +96,13 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def check_force(force: list[str] | None, names: list[str]) -> None:
+    """force names steps of the plan: a typo is one line (the CLI: exit 2, before any server starts)."""
+    unknown = [f for f in force or [] if f not in names]
+    if unknown:
+        raise ConfigError(f"--force {' '.join(unknown)}: not a step of this run; its steps: {', '.join(names)}")
+
+
 def merge(*layers: dict[str, dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for layer in layers:
@@ -123,11 +129,13 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
                    graph: list[Step] | None = None) -> list[Step]:
     """The speedrun pipeline for a preset plus overrides, validated (ConfigError names the step).
 
-    eval_bundle / chat_data default to $NANORUN_EVAL_BUNDLE / $NANORUN_CHAT_DATA: a worker on an
-    offline node sets them once (prefect.yaml's job_variables, deploy/env.sh) and every run it takes,
-    the scheduled nightly one included, finds its data without parameters."""
-    eval_bundle = eval_bundle or os.environ.get("NANORUN_EVAL_BUNDLE") or None
-    chat_data = chat_data or os.environ.get("NANORUN_CHAT_DATA") or None
+    eval_bundle / chat_data default to the project's settings (flows/settings.py: nanorun.toml, then
+    $NANORUN_EVAL_BUNDLE / $NANORUN_CHAT_DATA): the CLI and a worker's flow runs (the scheduled
+    nightly one included) read the same file, so the same recipe plans the same fingerprints."""
+    from flows import settings
+
+    eval_bundle = settings.value("eval_bundle", eval_bundle)
+    chat_data = settings.value("chat_data", chat_data)
     if preset not in PRESETS:
         raise ConfigError(f"unknown speedrun preset {preset!r}; presets: {', '.join(PRESETS)}")
     graph = graph or SPEEDRUN_GRAPH

@@ -21,8 +21,9 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.redact import seal, unseal
+from flows import settings
 from flows.multinode import across_nodes
-from flows.recipes import PRESETS, speedrun_steps
+from flows.recipes import PRESETS, check_force, speedrun_steps
 from flows.tasks import join_stage, run_stage
 from stages.execute import check_outcomes, format_outcomes, load_stage, walk
 
@@ -49,14 +50,15 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
     Args:
         preset: the recipe: cpu-demo (d4, minutes on 2 CPU cores), tiny (seconds, tests), d12, d20,
             d24-speedrun, d26 (8 GPUs).
-        store: artifact store, a directory or s3://bucket/prefix (default $NANORUN_STORE, else the
-            local root $NANORUN_HOME).
+        store: artifact store, a directory or s3://bucket/prefix (default: the settings' store,
+            flows/settings.py: nanorun.toml, $NANORUN_STORE, else the local root $NANORUN_HOME).
         depth: model depth, overriding the preset's.
         data_source: data source for the data step (climbmix, fineweb-edu, chitchat, a directory).
         nproc: training processes per node.
-        eval_bundle: the CORE bundle, a local directory/zip or a URL (default: its public URL; when it
-            cannot be had, CORE is skipped and the run still succeeds).
-        chat_data: directory of SFT / chat-eval files (identity conversations, GSM8K jsonl).
+        eval_bundle: the CORE bundle, a local directory/zip or a URL (default: the settings' eval_bundle,
+            else its public URL; when it cannot be had, CORE is skipped and the run still succeeds).
+        chat_data: directory of SFT / chat-eval files (identity conversations, GSM8K jsonl; default:
+            the settings' chat_data).
         overrides: config fields per step, {step: {field: value}}, e.g. {"base": {"num_iterations": 50}}.
         force: step names to rebuild even if committed (data, tokenizer, base, sft, ...).
     """
@@ -66,10 +68,8 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
     steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
                            eval_bundle=eval_bundle, chat_data=chat_data)
     force = list(force or [])
-    unknown = sorted(set(force) - {s.name for s in steps})
-    if unknown:
-        raise ValueError(f"force names unknown step(s) {unknown}; steps: {', '.join(s.name for s in steps)}")
-    store_url = open_store(store).url  # fail fast, with the store named, if it is unusable
+    check_force(force, [s.name for s in steps])
+    store_url = open_store(settings.value("store", store)).url  # fail fast, with the store named, if unusable
     logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
     outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o),
                     store=open_store(store_url))
@@ -157,7 +157,7 @@ def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None =
     node_rank >= 1): trains in the shared work dir, commits nothing. Node 0's run started from a
     deployment submits the other nodes' join runs itself (flows/multinode.py)."""
     store, config = unseal((store, config))
-    st = open_store(store)
+    st = open_store(settings.value("store", store))
     mod = load_stage(name)
     fields = dict(config or {})  # validated and resolved before any task starts
     cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()

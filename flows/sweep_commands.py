@@ -15,6 +15,7 @@ store would serve A's models to B), then `nanorun compare --csv` their results.c
 from __future__ import annotations
 
 import json
+import sys
 
 
 def _values(text: str):
@@ -79,6 +80,23 @@ def build_sweep(args, compare: bool = False):
     return preset(args.preset, **changes)
 
 
+def _core_without_bundle(args, sw, steps) -> str | None:
+    """Why CORE, a metric of this sweep, could not be computed, or None. Offline, the public URL
+    fails and every point would report no CORE while the command exits 0: a comparison of nothing.
+    So a sweep with CORE needs a bundle it was given (flag, env, nanorun.toml) or one committed."""
+    from artifacts import open_store
+    from flows import settings
+    from stages.execute import status
+
+    if not sw.core or settings.value("eval_bundle", args.eval_bundle):
+        return None
+    step = next((s for s in steps.steps if s.name == "eval_bundle"), None)
+    if step is None or status(step.stage, step.cfg, {}, open_store(args.store))[0] == "cached":
+        return None
+    return ("CORE needs the eval bundle and none is given or committed: pass --eval-bundle DIR|URL (or set "
+            "eval_bundle in nanorun.toml / NANORUN_EVAL_BUNDLE; see `nanorun config`), or --no-core for val_bpb only")
+
+
 def run_sweep(args, sw) -> int:
     from artifacts import open_store
     from flows.commands import _prefect_env, _run_flow
@@ -87,6 +105,13 @@ def run_sweep(args, sw) -> int:
 
     kwargs = dict(eval_bundle=args.eval_bundle, data_source=args.data_source, nproc=args.nproc)
     steps = sweep_steps(sw, **kwargs)  # validate here: one clear line, exit 2
+    missing = _core_without_bundle(args, sw, steps)
+    if missing and not args.plan:
+        from stages.base import ConfigError
+
+        raise ConfigError(f"{sw.kind}: {missing}; nothing was trained")
+    if missing:
+        print(f"note: {missing}", file=sys.stderr)
     if args.plan:
         print(format_plan(plan(steps.steps, open_store(args.store))))
         print(f"then: sweep_report {sw.name} (the table, fits and plots of the {len(steps.points)} points)")

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from artifacts.redact import unseal
+from flows import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
 from flows.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
@@ -41,7 +42,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     spec, store, eval_bundle, data_source = unseal((spec, store, eval_bundle, data_source))
     sw = Sweep.from_dict(spec)
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
-    st = open_store(store)
+    st = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (flows/settings.py)
     logger.info("%s %s -> %s: %d points, %d stage runs at a time", sw.kind, sw.name, st.url, len(plan.points),
                 sw.max_parallel)
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a

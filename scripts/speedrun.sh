@@ -9,8 +9,7 @@ bash scripts/install.sh
 export WANDB_MODE=${WANDB_MODE:-offline}
 args=(--preset cpu-demo)
 # Offline machines: the CORE bundle (and SFT's identity/GSM8K data) from ../shared/data when it is
-# there; otherwise the bundle is downloaded from its public URL.
-shared=../shared/data
-if [ -d "$shared/eval_bundle" ]; then args+=(--eval-bundle "$shared/eval_bundle"); fi
-if [ -d "$shared/chat" ]; then args+=(--chat-data "$shared/chat"); fi
+# there, through ./nanorun.toml (written once, kept after), which later `nanorun` commands and the
+# deployments read too; otherwise the bundle is downloaded from its public URL.
+.venv/bin/nanorun config --init
 exec .venv/bin/nanorun speedrun "${args[@]}" "$@"

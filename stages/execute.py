@@ -302,10 +302,12 @@ class PlanRow:
     ref: ArtifactRef
     status: str  # cached | run | locked
     owner: str | None = None  # who holds the lease, when locked
+    note: str | None = None  # why it runs, or from where: "--force", "resumes from step N"
 
     @property
     def action(self) -> str:
-        return {"cached": "cached", "run": "will run", "locked": f"locked by {self.owner}"}[self.status]
+        action = {"cached": "cached", "run": "will run", "locked": f"locked by {self.owner}"}[self.status]
+        return f"{action} ({self.note})" if self.note else action
 
 
 def _resolve_inputs(step: Step, refs: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
@@ -334,15 +336,33 @@ def _walk(steps: list[Step]):
         yield step, mod, inputs, ref
 
 
-def plan(steps: list[Step], store) -> list[PlanRow]:
-    """Fingerprint every step (no stage runs) and say whether it is cached, will run, or is being
-    built by someone else. Fingerprints depend only on configs, code and upstream fingerprints, so
-    steps below a step that will run are still named exactly."""
+def plan(steps: list[Step], store, force: tuple[str, ...] | list[str] = ()) -> list[PlanRow]:
+    """Fingerprint every step (no stage runs) and say whether it is cached, will run (rebuilt by
+    force, or resuming from a checkpoint its work dir holds), or is being built by someone else.
+    Fingerprints depend only on configs, code and upstream fingerprints, so steps below a step that
+    will run are still named exactly."""
     rows = []
     for step, mod, _, ref in _walk(steps):
         state, holder = _status(store, ref)
-        rows.append(PlanRow(step.name, mod.NAME, ref, state, holder.describe() if holder else None))
+        forced = step.name in force
+        state = "run" if forced and state == "cached" else state
+        rows.append(PlanRow(step.name, mod.NAME, ref, state, holder.describe() if holder else None,
+                            note=resume_note(store, ref, forced) if state == "run" else None))
     return rows
+
+
+def resume_note(store, ref: ArtifactRef, force: bool = False) -> str | None:
+    """"resumes from step N" when the work dir on this machine holds a complete checkpoint; with
+    force, that it starts from an empty work dir instead (as execute() does)."""
+    checkpoints, step = store.work_dir_path(ref) / "checkpoints", None
+    if checkpoints.is_dir():
+        from core.checkpoint import list_checkpoints  # torch: only where a trainer left checkpoints
+
+        found = list_checkpoints(checkpoints)
+        step = found[-1][0] if found else None
+    if force:
+        return "--force: rebuilt from scratch" + ("" if step is None else f", not from its checkpoint at step {step}")
+    return f"resumes from step {step}" if step is not None else None
 
 
 def format_plan(rows: list[PlanRow]) -> str:

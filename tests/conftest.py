@@ -23,6 +23,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_DIR", str(_session_tmp / "wandb"))
 os.environ["NANORUN_HOME"] = str(_session_tmp / "home")
+# An empty settings file: a nanorun.toml in the checkout (written by scripts/speedrun.sh) must not
+# change what the tests plan; tests that exercise settings set their own.
+(_session_tmp / "nanorun.toml").write_text("")
+os.environ["NANORUN_CONFIG"] = str(_session_tmp / "nanorun.toml")
 # Fake credentials so boto3 never looks for real ones (and never reaches AWS).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
