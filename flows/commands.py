@@ -39,6 +39,20 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("NANORUN_PROGRESS_BAR", "1")
+    bypass_proxy_for_loopback(os.environ)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bypass_proxy_for_loopback(env) -> None:
+    """The temporary Prefect server listens on 127.0.0.1 and Prefect's client (httpx) honours
+    HTTP(S)_PROXY: with a proxy set and no NO_PROXY its health checks went to the proxy, and the run
+    failed with "Timed out while attempting to connect to ephemeral Prefect API server". Loopback is
+    added to both spellings of NO_PROXY (httpx reads either), keeping what is already there."""
+    for key in ("NO_PROXY", "no_proxy"):
+        have = [h.strip() for h in env.get(key, "").split(",") if h.strip()]
+        env[key] = ",".join(have + [h for h in LOOPBACK if h not in have])
 
 
 def _run_flow(flow, what: str, **params):
