@@ -58,9 +58,13 @@ def bypass_proxy_for_loopback(env) -> None:
 def _run_flow(flow, what: str, **params):
     """Run a flow; a failure the user cannot fix by editing the command becomes one RunFailed line
     (Prefect has already logged the traceback) that says how to resume."""
+    import logging
+
     from flows.cli import RunFailed, one_line, user_error_types
+    from flows.console import tidy_console
 
     _check_prefect_server()
+    tidy_console(tracebacks=logging.getLogger("nanorun").isEnabledFor(logging.DEBUG))  # -v keeps them
     try:
         return _run_interruptible(what, flow, params)
     except Exception as e:
@@ -89,6 +93,17 @@ def _check_prefect_server() -> None:
         raise StoreError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}): "
                          "start it (bash deploy/server.sh) or unset PREFECT_API_URL to run on a temporary "
                          "local server") from None
+
+
+def all_cached(rows) -> bool:
+    """Every step of the plan committed and verified: then the command answers from the store alone
+    (saying so) instead of starting (and stopping) Prefect's temporary server for a run of cache hits.
+    Callers ask only without PREFECT_API_URL: with a server configured the run is recorded on it."""
+    if not all(r.status == "cached" for r in rows):
+        return False
+    print(f"all {len(rows)} steps are committed and verified: nothing to run (no Prefect run started; with "
+          "PREFECT_API_URL set the run is recorded on that server)", file=sys.stderr)
+    return True
 
 
 def _print_refs(refs: dict[str, str]) -> None:
@@ -225,11 +240,7 @@ class Speedrun:
             if args.plan:
                 print(format_plan(rows))
                 return 0
-            if all(r.status == "cached" for r in rows):
-                # Nothing to run and no server to record it on: answer from the store alone instead
-                # of starting (and stopping) Prefect's temporary server for a run of cache hits.
-                print(f"all {len(rows)} steps are committed and verified: nothing to run (no Prefect run "
-                      "started; with PREFECT_API_URL set the run is recorded on that server)", file=sys.stderr)
+            if all_cached(rows):
                 _print_refs({r.step: str(r.ref) for r in rows})
                 return 0
         _prefect_env()

@@ -54,11 +54,83 @@ def test_loopback_bypasses_a_proxy_without_no_proxy(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_on_the_temporary_server_under_a_proxy(tmp_path):
+def test_runs_on_the_temporary_server_under_a_proxy_and_a_failure_without_traceback(tmp_path):
+    """Under a dead proxy (today: "Timed out while attempting to connect to ephemeral Prefect API
+    server"), a failing run ends with its one-line reason and no traceback, a good one succeeds."""
     env = _proxied(prefect_env(tmp_path, PYTHONPATH=str(REPO), NANORUN_PROGRESS_BAR="0"))
     env.pop("PREFECT_API_URL", None)
-    r = subprocess.run([sys.executable, "-c", NANORUN, "--store", str(tmp_path / "store"), "stage", "sleepy",
-                        "--set", "seconds=0", "--set", f"pid_file={tmp_path / 'pids'}"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+
+    def sleepy(pid_file):
+        return subprocess.run([sys.executable, "-c", NANORUN, "--store", str(tmp_path / "store"), "stage", "sleepy",
+                               "--set", "seconds=0", "--set", f"pid_file={pid_file}"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = sleepy(tmp_path / "missing" / "pids")  # the trainer cannot write its pid file: it exits 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("nanorun stage sleepy: stage sleepy failed: "), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Timed out" not in r.stderr
+    r = sleepy(tmp_path / "pids")
     assert r.returncode == 0 and r.stdout.startswith("sleepy/"), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
+
+
+def test_the_terminal_gets_no_traceback_unless_verbose_and_the_server_log_keeps_it(capsys):
+    import io
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.console import tidy_console
+
+    terminal, server = io.StringIO(), []
+    console = PrefectConsoleHandler(stream=terminal)
+    keeper = logging.Handler()  # stands in for Prefect's API handler: the run's log on the server
+    keeper.emit = lambda record: server.append(logging.Formatter().format(record))
+    logger = logging.getLogger("prefect.flow_runs.test-less-noise")
+    logger.propagate = False
+    for h in (console, keeper):
+        logger.addHandler(h)
+    try:
+        def fail():
+            try:
+                raise RuntimeError("pretrain: torchrun exited with code 1")
+            except RuntimeError as e:
+                logger.exception("Encountered exception during execution: %r", e)
+
+        tidy_console(tracebacks=False)
+        fail()
+        printed = terminal.getvalue()
+        assert "Encountered exception during execution: RuntimeError(" in printed and "Traceback" not in printed
+        assert len(printed.strip().splitlines()) == 1
+        assert "Traceback" in server[-1] and "raise RuntimeError" in server[-1]
+        tidy_console(tracebacks=True)  # -v
+        fail()
+        assert "Traceback" in terminal.getvalue()[len(printed):]
+    finally:
+        for h in (console, keeper):
+            logger.removeHandler(h)
+
+
+def test_a_log_line_does_not_land_inside_the_progress_bar(capsys):
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from flows.console import tidy_console
+
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("nanorun.test-less-noise")
+    logger.addHandler(handler)
+    try:
+        tidy_console(tracebacks=False)
+        bar = tqdm(total=10, desc="pretrain", file=sys.stderr, dynamic_ncols=False, ncols=60)
+        bar.update(3)
+        logger.warning("step 3 val bpb 2.1")
+        bar.update(1)
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    screen = capsys.readouterr().err
+    line = next(part for part in screen.replace("\r", "\n").split("\n") if "val bpb" in part)
+    assert line == "step 3 val bpb 2.1"  # on a line of its own, not after the bar's text
+    assert "pretrain:  40%" in screen.split("step 3 val bpb 2.1\n", 1)[1]  # the bar is drawn again below it
