@@ -5,7 +5,11 @@
 
 Without PREFECT_API_URL the flow runs against a temporary local Prefect server (started for the
 run); with it, the run appears on that server's UI like a deployment run. `--plan` prints what
-would be cached / run / waited for and runs nothing (no Prefect either).
+would be cached / run / waited for and runs nothing (no Prefect either); a run whose every step is
+committed answers from the store alone. A failed run ends with its table of steps and one line;
+Prefect's tracebacks are left off the terminal (the run's log on the server keeps them; -v prints
+them), and trainer step lines are logged every N-th step (flows/tasks.py) beside the progress bar.
+The temporary server is reached directly even when HTTP(S)_PROXY is set (loopback joins NO_PROXY).
 
 One SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the run: trainers get TERM, then KILL after
 stages.launch.INTERRUPT_GRACE; the temporary Prefect server is stopped; the command exits within

@@ -66,9 +66,12 @@ def test_runs_on_the_temporary_server_under_a_proxy_and_a_failure_without_traceb
                               capture_output=True, text=True, timeout=300)
 
     r = sleepy(tmp_path / "missing" / "pids")  # the trainer cannot write its pid file: it exits 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 1 and last.startswith("nanorun stage sleepy: stage sleepy failed: "), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and "Timed out" not in r.stderr
+    said = [line for line in r.stderr.splitlines() if line.startswith("nanorun")]
+    assert r.returncode == 1 and len(said) == 1, r.stderr[-3000:]
+    assert said[0].startswith("nanorun stage: stage sleepy failed: LaunchError: sleepy exited with code 1")
+    # the trainer's own traceback is its output (quoted in the reason); Prefect's are not printed
+    assert "prefect/flow_engine.py" not in r.stderr and "prefect/task_engine.py" not in r.stderr, r.stderr[-3000:]
+    assert "Encountered exception during execution: LaunchError(" in r.stderr and "Timed out" not in r.stderr
     r = sleepy(tmp_path / "pids")
     assert r.returncode == 0 and r.stdout.startswith("sleepy/"), r.stderr[-3000:]
 
@@ -134,3 +137,64 @@ def test_a_log_line_does_not_land_inside_the_progress_bar(capsys):
     line = next(part for part in screen.replace("\r", "\n").split("\n") if "val bpb" in part)
     assert line == "step 3 val bpb 2.1"  # on a line of its own, not after the bar's text
     assert "pretrain:  40%" in screen.split("step 3 val bpb 2.1\n", 1)[1]  # the bar is drawn again below it
+
+
+def test_nanorun_nightly_refuses_a_second_run_of_a_night_before_starting_prefect(tmp_path, capsys, monkeypatch):
+    import flows.cli as cli
+    import flows.commands as commands
+    from artifacts import ArtifactRef, open_store
+    from tests.artifacts.fixtures import put
+
+    store = open_store(str(tmp_path / "main"))
+    ref = put(store, ArtifactRef("report", "tiny", "ab" * 8), {"report.md": b"# r"}).ref
+    store.set_alias("report", "nightly-tiny-2026-11-21", ref)
+    monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")
+    monkeypatch.setattr(commands, "_run_flow", lambda *a, **k: pytest.fail("ran the flow of a refused night"))
+    code = cli.main(["--store", store.url, "nightly", "--preset", "tiny", "--date", "2026-11-21"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("nanorun")]
+    assert code == 2 and lines == ["nanorun nightly: error: nightly tiny 2026-11-21 already has a report "
+                                   "(2026-11-21): give --rerun add for another row of that night or --rerun "
+                                   "replace to rebuild it"], err
+    assert cli.main(["--store", store.url, "nightly", "--preset", "tiny", "--date", "2026-21-11"]) == 2
+    assert "--date '2026-21-11': month must be in 1..12" in capsys.readouterr().err
+
+
+def test_a_1500_step_run_logs_about_100_step_lines_into_prefect():
+    import logging
+
+    from core.train.common import format_step_line
+    from flows.tasks import _ForwardToRunLogger
+
+    run_log = []
+    run_logger = logging.getLogger("test-less-noise.run")  # stands in for the Prefect task run's logger
+    run_logger.propagate = False
+    run_logger.setLevel(logging.DEBUG)
+    collect = logging.Handler()
+    collect.emit = lambda record: run_log.append(record.getMessage())
+    run_logger.addHandler(collect)
+    nanorun, launch = logging.getLogger("nanorun"), logging.getLogger("nanorun.launch")
+    level = nanorun.level
+    forward = _ForwardToRunLogger(run_logger)
+    launch.addHandler(forward)
+    try:
+        for verbose in (False, True):
+            run_log.clear()
+            nanorun.setLevel(logging.DEBUG if verbose else logging.INFO)
+            launch.info("[pretrain] launching: torchrun ...")
+            for step in range(1, 1501):
+                line = format_step_line(step, 1500, 3.0, 1.0, 0.1, 1000.0, 1.0, 10.0, 5.0)
+                launch.info("[%s] %s", "pretrain", line)
+                if step % 250 == 0:
+                    launch.info("[pretrain] step %d | val bpb 2.1", step)
+            steps = [m for m in run_log if m.startswith("[pretrain] step ") and "val bpb" not in m]
+            if verbose:  # -v: every line
+                assert len(steps) == 1500
+                continue
+            assert len(steps) == 101 and len(run_log) == 101 + 1 + 6  # + the launch line + the eval lines
+            assert steps[0].startswith("[pretrain] step 00001/01500") and steps[-1].startswith("[pretrain] step 01500/01500")
+            assert steps[1].startswith("[pretrain] step 00015/01500")
+    finally:
+        launch.removeHandler(forward)
+        nanorun.setLevel(level)
+        run_logger.removeHandler(collect)
