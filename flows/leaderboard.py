@@ -74,12 +74,14 @@ def night_of(date: str | None) -> str:
     return night
 
 
-def refusal(main, preset: str, night: str, rerun: Rerun) -> tuple[list[str], str | None]:
-    """(the night's runs with a report, why this run is refused or None)."""
+def refusal(main, preset: str, night: str, rerun: Rerun, option: str = "rerun='{}'") -> tuple[list[str], str | None]:
+    """(the night's runs with a report, why this run is refused or None); `option` spells the
+    parameter in the reason (the CLI: "--rerun {}")."""
     done = [r for r in nightly_runs(main, preset) if run_order(r)[0] == night]
     if done and rerun == "refuse":
-        return done, (f"nightly {preset} {night} already has a report ({', '.join(done)}): "
-                      f"set rerun='add' for another row of that night or rerun='replace' to rebuild it")
+        return done, (f"nightly {preset} {night} already has a report ({', '.join(done)}): set "
+                      f"{option.format('add')} for another row of that night or {option.format('replace')} to "
+                      "rebuild it")
     return done, None
 
 

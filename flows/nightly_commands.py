@@ -45,10 +45,9 @@ class Nightly:
         except ValueError as e:
             raise ConfigError(f"--date {args.date!r}: {e}") from None
         rerun = args.rerun or "refuse"
-        _, refused = refusal(open_store(args.store), args.preset, night, rerun)
+        _, refused = refusal(open_store(args.store), args.preset, night, rerun, option="--rerun {}")
         if refused:  # the flow would refuse it too: say so before starting Prefect
-            raise ConfigError(refused.replace("set rerun='add'", "give --rerun add").replace(
-                "rerun='replace'", "--rerun replace"))
+            raise ConfigError(refused)
         result = _run_flow(nightly_leaderboard, f"nightly {args.preset}", preset=args.preset,
                            overrides=parse_set(args.sets) or None, store=args.store, eval_bundle=args.eval_bundle,
                            chat_data=args.chat_data, nproc=args.nproc, date=night, rerun=rerun)

@@ -154,7 +154,7 @@ def test_nanorun_nightly_refuses_a_second_run_of_a_night_before_starting_prefect
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.startswith("nanorun")]
     assert code == 2 and lines == ["nanorun nightly: error: nightly tiny 2026-11-21 already has a report "
-                                   "(2026-11-21): give --rerun add for another row of that night or --rerun "
+                                   "(2026-11-21): set --rerun add for another row of that night or --rerun "
                                    "replace to rebuild it"], err
     assert cli.main(["--store", store.url, "nightly", "--preset", "tiny", "--date", "2026-21-11"]) == 2
     assert "--date '2026-21-11': month must be in 1..12" in capsys.readouterr().err
@@ -192,7 +192,8 @@ def test_a_1500_step_run_logs_about_100_step_lines_into_prefect():
                 assert len(steps) == 1500
                 continue
             assert len(steps) == 101 and len(run_log) == 101 + 1 + 6  # + the launch line + the eval lines
-            assert steps[0].startswith("[pretrain] step 00001/01500") and steps[-1].startswith("[pretrain] step 01500/01500")
+            assert steps[0].startswith("[pretrain] step 00001/01500")
+            assert steps[-1].startswith("[pretrain] step 01500/01500")
             assert steps[1].startswith("[pretrain] step 00015/01500")
     finally:
         launch.removeHandler(forward)
