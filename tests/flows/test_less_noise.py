@@ -29,6 +29,20 @@ def _proxied(env: dict) -> dict:
                                      "all_proxy")}
 
 
+def _kill_marked(mark: str) -> None:
+    """Kill the processes whose environment holds `mark` (the test's own leftovers)."""
+    import os
+    import signal
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass  # gone meanwhile, or not ours to read
+
+
 def test_loopback_bypasses_a_proxy_without_no_proxy(monkeypatch):
     import os
 
@@ -57,13 +71,18 @@ def test_loopback_bypasses_a_proxy_without_no_proxy(monkeypatch):
 def test_runs_on_the_temporary_server_under_a_proxy_and_a_failure_without_traceback(tmp_path):
     """Under a dead proxy (today: "Timed out while attempting to connect to ephemeral Prefect API
     server"), a failing run ends with its one-line reason and no traceback, a good one succeeds."""
-    env = _proxied(prefect_env(tmp_path, PYTHONPATH=str(REPO), NANORUN_PROGRESS_BAR="0"))
+    mark = f"NANORUN_TEST_RUN={tmp_path}"  # inherited by the sleepy trainer's worker, which outlives it
+    env = _proxied(prefect_env(tmp_path, PYTHONPATH=str(REPO), NANORUN_PROGRESS_BAR="0",
+                               NANORUN_TEST_RUN=str(tmp_path)))
     env.pop("PREFECT_API_URL", None)
 
     def sleepy(pid_file):
-        return subprocess.run([sys.executable, "-c", NANORUN, "--store", str(tmp_path / "store"), "stage", "sleepy",
-                               "--set", "seconds=0", "--set", f"pid_file={pid_file}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        try:
+            return subprocess.run([sys.executable, "-c", NANORUN, "--store", str(tmp_path / "store"), "stage",
+                                   "sleepy", "--set", "seconds=0", "--set", f"pid_file={pid_file}"], cwd=REPO,
+                                  env=env, capture_output=True, text=True, timeout=300)
+        finally:
+            _kill_marked(mark)
 
     r = sleepy(tmp_path / "missing" / "pids")  # the trainer cannot write its pid file: it exits 1
     said = [line for line in r.stderr.splitlines() if line.startswith("nanorun")]
