@@ -12,6 +12,7 @@
     nanorun speedrun --preset P [--plan]  the speedrun flow (data -> ... -> report), or its plan
     nanorun stage NAME --input N=REF ...  run or rerun one stage (--force rebuilds)
     nanorun leaderboard [--format F]      completed speedruns, fastest to GPT-2 CORE first
+    nanorun nightly [--preset P] [--rerun add|replace]   the nightly leaderboard run, by hand
     nanorun chat [REF] [-p PROMPT]        chat with an export / sft artifact (streamed)
     nanorun serve [REF] [--port N]        the web chat UI on 127.0.0.1
     nanorun sweep --preset P [--plan]     a grid of pretrain runs with scaling fits and plots
@@ -52,6 +53,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("speedrun", "flows.commands:Speedrun", "run the speedrun flow for a preset (or --plan it)"),
     ("stage", "flows.commands:Stage", "run or rerun one stage with explicit inputs"),
     ("leaderboard", "flows.board:Leaderboard", "completed speedruns, fastest to GPT-2 first"),
+    ("nightly", "flows.nightly_commands:Nightly", "the nightly leaderboard reproduction, run by hand"),
     ("chat", "flows.chat_commands:Chat", "chat with a model in the terminal (interactive, or -p for one shot)"),
     ("serve", "flows.chat_commands:Serve", "serve the web chat UI and API for a model"),
     ("bench-infer", "flows.bench_commands:BenchInfer", "inference benchmark of a model: TTFT, TPOT, tok/s, MFU/MBU"),

@@ -5,7 +5,11 @@
 
 Without PREFECT_API_URL the flow runs against a temporary local Prefect server (started for the
 run); with it, the run appears on that server's UI like a deployment run. `--plan` prints what
-would be cached / run / waited for and runs nothing (no Prefect either).
+would be cached / run / waited for and runs nothing (no Prefect either); a run whose every step is
+committed answers from the store alone. A failed run ends with its table of steps and one line;
+Prefect's tracebacks are left off the terminal (the run's log on the server keeps them; -v prints
+them), and trainer step lines are logged every N-th step (flows/tasks.py) beside the progress bar.
+The temporary server is reached directly even when HTTP(S)_PROXY is set (loopback joins NO_PROXY).
 
 One SIGTERM, SIGINT (Ctrl-C) or SIGHUP stops the run: trainers get TERM, then KILL after
 stages.launch.INTERRUPT_GRACE; the temporary Prefect server is stopped; the command exits within
@@ -39,16 +43,34 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("NANORUN_PROGRESS_BAR", "1")
+    bypass_proxy_for_loopback(os.environ)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bypass_proxy_for_loopback(env) -> None:
+    """The temporary Prefect server listens on 127.0.0.1 and Prefect's client (httpx) honours
+    HTTP(S)_PROXY: with a proxy set and no NO_PROXY its health checks went to the proxy, and the run
+    failed with "Timed out while attempting to connect to ephemeral Prefect API server". Loopback is
+    added to both spellings of NO_PROXY (httpx reads either), keeping what is already there."""
+    for key in ("NO_PROXY", "no_proxy"):
+        have = [h.strip() for h in env.get(key, "").split(",") if h.strip()]
+        env[key] = ",".join(have + [h for h in LOOPBACK if h not in have])
 
 
 def _run_flow(flow, what: str, **params):
     """Run a flow; a failure the user cannot fix by editing the command becomes one RunFailed line
     (Prefect has already logged the traceback) that says how to resume."""
+    import logging
+
     from flows.cli import RunFailed, one_line, user_error_types
+    from flows.console import tidy_console
 
     from artifacts.redact import seal
 
     _check_prefect_server()
+    tidy_console(tracebacks=logging.getLogger("nanorun").isEnabledFor(logging.DEBUG))  # -v keeps them
     try:  # the server records parameters for everyone to see: credentials stay in this process
         return _run_interruptible(what, flow, seal(params))
     except Exception as e:
@@ -77,6 +99,17 @@ def _check_prefect_server() -> None:
         raise StoreError(f"the Prefect server at PREFECT_API_URL={url} does not answer ({type(e).__name__}): "
                          "start it (bash deploy/server.sh) or unset PREFECT_API_URL to run on a temporary "
                          "local server") from None
+
+
+def all_cached(rows) -> bool:
+    """Every step of the plan committed and verified: then the command answers from the store alone
+    (saying so) instead of starting (and stopping) Prefect's temporary server for a run of cache hits.
+    Callers ask only without PREFECT_API_URL: with a server configured the run is recorded on it."""
+    if not all(r.status == "cached" for r in rows):
+        return False
+    print(f"all {len(rows)} steps are committed and verified: nothing to run (no Prefect run started; with "
+          "PREFECT_API_URL set the run is recorded on that server)", file=sys.stderr)
+    return True
 
 
 def _print_refs(refs: dict[str, str]) -> None:
@@ -228,11 +261,7 @@ class Speedrun:
             if args.plan:
                 print(format_plan(rows))
                 return 0
-            if all(r.status == "cached" for r in rows):
-                # Nothing to run and no server to record it on: answer from the store alone instead
-                # of starting (and stopping) Prefect's temporary server for a run of cache hits.
-                print(f"all {len(rows)} steps are committed and verified: nothing to run (no Prefect run "
-                      "started; with PREFECT_API_URL set the run is recorded on that server)", file=sys.stderr)
+            if all_cached(rows):
                 _print_refs({r.step: str(r.ref) for r in rows})
                 return 0
         _prefect_env()

@@ -66,6 +66,27 @@ def replaced(main, preset: str, run: str) -> None:
 
 # What a second run for a night that already has a report does (the flow's `rerun` parameter).
 Rerun = Literal["refuse", "add", "replace"]
+# The final state of a refused run: its name is what `prefect deployment run --watch` ends with.
+REFUSED = "Refused: the night has a report; rerun=add or replace"
+
+
+def night_of(date: str | None) -> str:
+    """The night a run is for: `date` (YYYY-MM-DD, refused with Python's own message when
+    malformed) or today in UTC."""
+    night = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    dt.date.fromisoformat(night)
+    return night
+
+
+def refusal(main, preset: str, night: str, rerun: Rerun, option: str = "rerun='{}'") -> tuple[list[str], str | None]:
+    """(the night's runs with a report, why this run is refused or None); `option` spells the
+    parameter in the reason (the CLI: "--rerun {}")."""
+    done = [r for r in nightly_runs(main, preset) if run_order(r)[0] == night]
+    if done and rerun == "refuse":
+        return done, (f"nightly {preset} {night} already has a report ({', '.join(done)}): set "
+                      f"{option.format('add')} for another row of that night or {option.format('replace')} to "
+                      "rebuild it")
+    return done, None
 
 
 @flow(name="nightly-leaderboard", log_prints=True, validate_parameters=True)
@@ -85,10 +106,10 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     alarm rate per metric per night. core_noise / bpb_noise / slowdown: the tolerances used only
     until two earlier nights measure the noise. keep_nights: how many nights' store roots to keep
     (default $NANORUN_KEEP_NIGHTS or 7; their reports stay regardless). rerun: when the night
-    already has a report, "refuse" (the default, and the schedule's: one row a night; the run fails
-    saying so), "add" (a second row for the night, reproduced from scratch in its own store root) or
-    "replace" (the night rebuilt from scratch; its earlier rows and store roots are deleted once the
-    new report is committed)."""
+    already has a report, "refuse" (the default, and the schedule's: one row a night; the run ends
+    in a failed state named REFUSED whose message says why), "add" (a second row for the night,
+    reproduced from scratch in its own store root) or "replace" (the night rebuilt from scratch; its
+    earlier rows and store roots are deleted once the new report is committed)."""
     from prefect.artifacts import create_markdown_artifact
 
     logger = get_run_logger()
@@ -99,13 +120,14 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
     if commit and code["dirty"]:
         raise ValueError(f"nightly-leaderboard is pinned to {commit}, but the worker's checkout has local changes")
     keep_nights = keep_nights or keep_nights_default()
-    night = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    dt.date.fromisoformat(night)  # refuse a malformed date with Python's own message
+    night = night_of(date)
     main = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (flows/settings.py)
-    done = [r for r in nightly_runs(main, preset) if run_order(r)[0] == night]
-    if done and rerun == "refuse":
-        raise ValueError(f"nightly {preset} {night} already has a report ({', '.join(done)}): "
-                         f"set rerun='add' for another row of that night or rerun='replace' to rebuild it")
+    done, refused = refusal(main, preset, night, rerun)
+    if refused:  # the reason is the final state's message (its name in `deployment run --watch`)
+        from prefect.states import Failed
+
+        logger.error(refused)
+        return Failed(name=REFUSED, message=refused, data=ValueError(refused))
     # a retried run that crashed before its report resumes in its own root: the name is the same
     run = night_run(night, run_order(done[-1])[1] + 1 if done else 1)
     # "@nightly" is not a stage name: the main store never lists (or garbage-collects) these roots

@@ -103,6 +103,27 @@ def _is_transient(task, task_run, state) -> bool:
     return isinstance(exc, (StoreUnreachableError, ConnectionError, TimeoutError))
 
 
+STEP_LINES = 100  # trainer step lines a run's log gets at most (all of them: train.log, nanorun -v)
+
+
+def step_log_every(total: int) -> int:
+    """A `total`-step run logs every N-th step line: a 1,500-step run put 1,500 lines into the
+    Prefect run and the terminal; now ~STEP_LINES, beside the progress artifact and bar."""
+    return max(1, -(-total // STEP_LINES))
+
+
+def _thinned(message: str) -> bool:
+    """A trainer step line ("[name] step i/N ..." as stages/launch.py logs it) other than the first,
+    the last and every step_log_every(N)-th."""
+    _, sep, line = message.partition("] ")
+    if not sep or not line.startswith("step "):
+        return False
+    from core.train.common import parse_step_line  # loaded already: the stage launching a trainer did
+
+    p = parse_step_line(line)
+    return p is not None and p["step"] % step_log_every(p["total"]) != 0 and p["step"] not in (1, p["total"])
+
+
 class _ForwardToRunLogger(logging.Handler):
     """Forward `nanorun.*` records emitted on the task's own thread to the Prefect run logger."""
 
@@ -115,7 +136,9 @@ class _ForwardToRunLogger(logging.Handler):
         if record.thread != self.thread:
             return  # another task running concurrently in this process owns that record
         try:
-            self.run_logger.log(record.levelno, "%s", record.getMessage())
+            message = record.getMessage()
+            if not _thinned(message) or logging.getLogger("nanorun").isEnabledFor(logging.DEBUG):  # -v: all
+                self.run_logger.log(record.levelno, "%s", message)
             setattr(record, FORWARDED, True)  # the console handlers skip it (print_forwarded_once)
         except Exception:
             self.handleError(record)

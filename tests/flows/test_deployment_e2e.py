@@ -1,15 +1,19 @@
 """The operational path end to end: a Prefect server on loopback, the process work pool, the
 deployments of prefect.yaml, a worker, a speedrun triggered through the API, its rerun served
-entirely from the store, and a screenshot of the finished run in the Prefect UI.
+entirely from the store, a refused nightly run watched from the command line, and a screenshot
+of the finished run in the Prefect UI.
 
 Slow (a few minutes on 2 cores): the speedrun runs the `tiny` preset for real.
 """
 from __future__ import annotations
 
+import subprocess
+
 import httpx
 import pytest
 
 from artifacts import open_store
+from flows.leaderboard import REFUSED
 from flows.recipes import speedrun_steps
 from stages.execute import load_stage
 from tests.conftest import png_size
@@ -60,6 +64,20 @@ def test_speedrun_deployment_end_to_end(tmp_path, shared_data, chromium):
             assert second["state"]["type"] == "COMPLETED"
             again = task_runs(api, second["id"])
             assert sorted(t["state"]["name"] for t in again) == ["Cached"] * len(graph), again
+
+            # a second nightly run of a night that has a report is refused: `--watch` ends saying so
+            store.set_alias("report", "nightly-tiny-2026-11-21", store.list("report")[0].ref)
+            watch = subprocess.run([str(BIN / "prefect"), "deployment", "run", "nightly-leaderboard/nightly-leaderboard",
+                                    "--param", "preset=tiny", "--param", f"store={store_dir}", "--param",
+                                    "date=2026-11-21", "--watch", "--watch-timeout", "300"], env=env,
+                                   capture_output=True, text=True, timeout=360)
+            said = " ".join((watch.stdout + watch.stderr).split())
+            assert watch.returncode == 1 and f"Flow run finished in state '{REFUSED}'." in said, said[-3000:]
+            # (the run's ERROR line with the full reason may reach the server after the watch ended)
+            assert "Traceback" not in said, said[-3000:]
+            (refused,) = [fr for fr in httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+                          if fr["state"]["name"] == REFUSED]
+            assert refused["state"]["message"].startswith("nightly tiny 2026-11-21 already has a report")
 
         page = chromium.new_page(viewport={"width": 1400, "height": 900})
         ui = api.removesuffix("/api")

@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
+import flows.cli as cli
 from artifacts import open_store
 from flows.board import rows
-from flows.leaderboard import compare, nightly_leaderboard, nightly_runs
+from flows.leaderboard import REFUSED, compare, nightly_leaderboard, nightly_runs
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,9 @@ def test_two_nights_then_a_regression(tiny_run, shared_data, tmp_path):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", by_ref[str(tonight)]["date"])  # the one date format
 
 
-def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, shared_data, tmp_path, nanorun_home):
+def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, shared_data, tmp_path, nanorun_home,
+                                                                  capsys, monkeypatch):
+    monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")  # `nanorun nightly` would set it for the session
     main_root = tmp_path / "main"
     main = open_store(str(main_root))
     night = "2026-11-21"
@@ -73,12 +76,22 @@ def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, share
 
     # the default (the schedule's): a night has one row; a second run says how to get another
     state = nightly_leaderboard(return_state=True, **common)
-    with pytest.raises(ValueError, match=r"^nightly tiny 2026-11-21 already has a report \(2026-11-21\): "
-                                         r"set rerun='add' .* or rerun='replace' to rebuild it$"):
+    reason = (r"^nightly tiny 2026-11-21 already has a report \(2026-11-21\): "
+              r"set rerun='add' .* or rerun='replace' to rebuild it$")
+    with pytest.raises(ValueError, match=reason):
         state.result()
+    # `prefect deployment run --watch` ends with the final state's name; the UI shows its message
+    assert state.is_failed() and state.name == REFUSED and re.match(reason, state.message)
 
     _seed(tiny_run, main_root, "tiny", f"{night}-2")
-    added = nightly_leaderboard(rerun="add", **common)
+    capsys.readouterr()
+    assert cli.main(["--store", str(main_root), "nightly", "--preset", "tiny", "--rerun", "add", "--date", night,
+                     "--eval-bundle", common["eval_bundle"], "--chat-data", common["chat_data"]]) == 0
+    said = capsys.readouterr().out  # `nanorun nightly` ran the flow: its result, from its line and the store
+    added = {"run": f"{night}-2", "report": str(main.get_alias("report", f"nightly-tiny-{night}-2")),
+             "store": said.split("(store ")[1].split(")")[0],
+             "nights_compared": int(said.split("compared with ")[1].split()[0])}
+    assert said.startswith(f"nightly tiny {night}-2: report {added['report']} (store ") and "regressions: none" in said
     assert added["run"] == f"{night}-2" and added["store"].endswith(f"@nightly/tiny/{night}-2")
     assert added["nights_compared"] == 1 and added["report"] != first["report"]  # its own row, judged
     assert sorted(r["ref"] for r in board()) == sorted([first["report"], added["report"]])

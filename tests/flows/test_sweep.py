@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+import time
 
 import pytest
 
@@ -166,14 +167,28 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
     rows = list(csv.DictReader(open(Path(report_dir) / "results.csv")))
     assert [r["depth"] for r in rows] == ["1", "2", "3"] and all(r["core"] and r["val_bpb"] for r in rows)
 
+    # all cached: answered from the store, without Prefect's temporary server (14 s before)
+    import flows.commands as commands
+
+    prefect_env = commands._prefect_env
+    monkeypatch.setattr(commands, "_prefect_env", lambda: pytest.fail("started Prefect for a fully cached sweep"))
+    t0 = time.monotonic()
     assert cli.main([*common, "sweep", *grid, "--depths", "1", "2", "3"]) == 0
-    assert len(launched) == 3 and capsys.readouterr().out.strip().endswith(report_dir)  # all cached
+    assert time.monotonic() - t0 <= 2.0
+    cached = capsys.readouterr()
+    assert cached.out == out and len(launched) == 3 and "all 10 steps are committed and verified" in cached.err
+    monkeypatch.setattr(commands, "_prefect_env", prefect_env)
 
     assert cli.main([*common, "compare", *grid, "--depths", "1", "--seeds", "42", "43", "--no-core",
                      "--b", "base.matrix_lr=0.02"]) == 0
     assert len(launched) == 3 + 3  # A-s42 is the sweep's d1 model
     out = capsys.readouterr().out
     assert "# Compare tiny-compare: B vs A" in out and "| d1-F2.5e09 | val_bpb | 2 / 2 |" in out
+    monkeypatch.setattr(commands, "_prefect_env", lambda: pytest.fail("started Prefect for a fully cached compare"))
+    t0 = time.monotonic()
+    assert cli.main([*common, "compare", *grid, "--depths", "1", "--seeds", "42", "43", "--no-core",
+                     "--b", "base.matrix_lr=0.02"]) == 0
+    assert time.monotonic() - t0 <= 2.0 and capsys.readouterr().out == out
     verdict = next(line for line in out.splitlines() if line.startswith("- d1-F2.5e09: val_bpb: "))
     assert verdict.split(": ")[-1] in ("B better than A", "B worse than A", "no detectable difference")
 
