@@ -17,7 +17,7 @@ from core.optim import (POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, apply_sc
 from core.scaling import derive, reference_lrs
 
 REPO = Path(__file__).resolve().parents[2]
-# The coefficients as printed in reference-behaviour.md (5 decimals).
+# The coefficients as printed in docs/reference.md#optimizer (5 decimals).
 NOTES_COEFFS = [(8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002), (3.89167, -2.77248, 0.50606),
                 (3.28575, -2.36813, 0.46449), (2.34654, -1.70978, 0.42324)]
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, window_pattern="SL")
