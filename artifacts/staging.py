@@ -128,7 +128,7 @@ class CheckpointStaging:
         `step`, then commit it by writing its STAGED.json. Files the step's current snapshot
         already holds (same path, size and sha256) are not sent again. Returns None, committing
         nothing, if stop() turns true on the way (checked between files) or this process lost the
-        build's lease (the area is the new builder's now: issue 19 §3)."""
+        build's lease (the area is the new builder's now)."""
         if self._fenced():
             return None
         self.store._write(f"{self.base}/{INFO}", json.dumps(

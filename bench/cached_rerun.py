@@ -4,7 +4,7 @@
     python -m bench.cached_rerun --store DIR --preset cpu-demo --repeat 7
 
 Both flows run in this process against the same Prefect API (the temporary local server unless
-PREFECT_API_URL is set), alternating, after one warm-up each. The target (issue 8): the cached
+PREFECT_API_URL is set), alternating, after one warm-up each. The target: the cached
 speedrun costs < 2 s more than the empty flow, and launches no subprocess. Then the CLI as a user
 runs it, a fresh process each time: a fully cached `nanorun speedrun` <= 5 s (decided from the plan,
 no Prefect server started), `--plan` <= 3 s.

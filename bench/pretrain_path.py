@@ -5,7 +5,7 @@ it, against a plain reference-style step measured in the same run.
     python -m bench.pretrain_path --variants auto reference --steps 40 --budget 240   # + time-to-bpb
     python -m bench.pretrain_path --work /tmp/bench-pp             # keeps the 8192-token tokenizer between runs
 
-Setup (issue 13): the stage's cpu-demo preset with aspect_ratio 64 (d4, dim 256, head_dim 64, seq 256,
+Setup: the stage's cpu-demo preset with aspect_ratio 64 (d4, dim 256, head_dim 64, seq 256,
 device batch 16, total batch 4,096 tokens), a vocab-8192 tokenizer trained on ../shared/data/corpus
 (cached under --work), the corpus as a data_shards layout (last shard = val), 2 threads, --steps
 optimizer steps and one val-bpb evaluation at the end (and at step 0, as the stage does).

@@ -7,7 +7,7 @@ bench/pretrain_path.py.
     python -m bench.train_step --reference                       # also the reference-style step
     python -m bench.train_step --no-compile                      # eager everything
 
-Setup (issue 3): head_dim 64, window L, seq 256, device batch 16, vocab 32768, 2 threads, the real
+Setup: head_dim 64, window L, seq 256, device batch 16, vocab 32768, 2 threads, the real
 optimizer (Muon + AdamW) and byte-level tokens of the real corpus when ../shared/data is there (so
 loss@N is meaningful and comparable between dtypes). Each config runs in its own process (clean
 peak RSS, own compile); the matmul peak used for MFU is measured in this run, per dtype, on the

@@ -6,7 +6,7 @@
     ...
     cleanup_distributed()
 
-Precision policy (reference-behaviour.md, Model): master weights are always fp32; the *compute*
+Precision policy (docs/reference.md#precision): master weights are always fp32; the *compute*
 dtype is bf16 on CUDA with SM >= 80 and fp32 on CPU/MPS, overridable with
 NANORUN_DTYPE=bfloat16|float32|float16. On a CPU with AMX/avx512_bf16 (this machine) bf16 matmuls
 run 4-10x faster than fp32, so the CPU benchmarks and trainers may opt in with the env override.

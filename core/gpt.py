@@ -1,4 +1,4 @@
-"""The GPT of the nanochat speedrun (reference-behaviour.md, section Model), in plain PyTorch.
+"""The GPT of the nanochat speedrun (docs/reference.md#model), in plain PyTorch.
 
     from core.gpt import GPTConfig, build_model, KVCache
     model = build_model(GPTConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=256), "cpu")

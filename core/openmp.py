@@ -11,7 +11,7 @@ shape's training step while the test suite and a speedrun ran beside it, load 4-
     policy                          quiet fp32   quiet bf16   busy bf16 (cpu-demo shape)
     OMP_WAIT_POLICY=PASSIVE         3,514        6,904        4,962 / 5,750
     GOMP_SPINCOUNT=20000            3,988        9,247          819 / 1,338
-    libgomp default (300k spins)    -            -            the 63 s bf16 steps of issue 13
+    libgomp default (300k spins)    -            -            63 s per bf16 step (seen once)
 
 Spinning wins 13-34% on a machine the trainer has to itself and loses 4-6x as soon as anything
 else wants the cores (each small matmul's team waits for a thread whose core a spinner holds).

@@ -341,7 +341,7 @@ def _dtype(name: str) -> torch.dtype:
 def param_groups(model, *, lm_head_lr: float, wte_lr: float, value_embeds_lr: float, resid_lr: float,
                  x0_lr: float, smear_lr: float, matrix_lr: float, weight_decay: float,
                  muon_momentum: float = 0.95, muon_beta2: float = 0.9, ns_steps: int = 5) -> list[dict]:
-    """The reference grouping (reference-behaviour.md, Optimizer). LRs are final (already scaled)."""
+    """The reference grouping (docs/reference.md#optimizer). LRs are final (already scaled)."""
     def adamw(name, params, lr, betas, wd):
         return dict(kind="adamw", name=name, params=list(params), lr=lr, initial_lr=lr, betas=betas,
                     eps=1e-10, weight_decay=wd)

@@ -8,7 +8,7 @@
     model = build_model(plan.model_config(), device)
     lrm = plan.lr_multiplier(step)
 
-Rules (reference-behaviour.md, The depth dial; numbers as nanochat's base_train):
+Rules (docs/reference.md#the-depth-dial; numbers as nanochat's base_train):
 - model_dim = ceil(depth * aspect_ratio / head_dim) * head_dim, n_head = model_dim / head_dim.
 - scaling params = transformer matrices + lm_head; target tokens = ratio * scaling params.
 - D_REF = ratio * scaling params of the same recipe at depth 12; B_REF = 2^19 tokens.

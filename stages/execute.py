@@ -195,7 +195,7 @@ def execute(stage, cfg, inputs: dict[str, ArtifactRef], store, *, force: bool = 
         emit("running", work_dir=work, resumed=leftovers)
         start = time.time()
         try:
-            # building(): launch() kills the trainer if the lease is lost (issue 19 §3)
+            # building(): launch() kills the trainer if the lease is lost (another builder took the work over)
             pins = SourcePins(store)  # URL sources: the first fetch's sha256 recorded, later ones enforced
             with mirror_checkpoints_to(staging), pin_sources_to(pins), building(lease):
                 metrics = _plain_metrics(mod.NAME, mod.run(cfg, upstream, work))

@@ -52,7 +52,7 @@ class FetchError(RuntimeError):
     opposed to a permanent answer (404/403, a host name that does not resolve: offline or a typo)."""
 
     def __init__(self, message: str, transient: bool = False):
-        super().__init__(redact(message))  # the URL without its credentials (issue 19 §5)
+        super().__init__(redact(message))  # the URL without its credentials: error text reaches logs
         self.transient = transient
 
 

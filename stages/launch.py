@@ -1,7 +1,7 @@
 """Run a training entry point under torchrun as a subprocess, supervised.
 
 Why a subprocess and not an in-process call: torchrun owns the worker processes (one per GPU or
-CPU slot), and a Prefect task's own timeout cannot interrupt a running subprocess (stack.md), so
+CPU slot), and a Prefect task's own timeout cannot interrupt a running subprocess (docs/stack.md#prefect-3), so
 the launcher enforces the timeout itself by signalling the whole process group (TERM, then KILL).
 
     result = launch(torchrun_cmd("core.train.pretrain", ["--config", "cfg.json"], nproc=2),
@@ -249,7 +249,7 @@ def launch(cmd: list[str], *, log_path: Path | None = None, env: dict[str, str] 
     eof = False
     try:
         while True:
-            if (lost := lost_lease()) is not None:  # another builder owns the work dir now (issue 19 §3)
+            if (lost := lost_lease()) is not None:  # another builder owns the work dir now: stop ours
                 _kill_group(proc, 0)  # at once: no checkpoint may land in someone else's work dir
                 raise LeaseLostError(lost.lost_message())
             try:  # no `continue` after a line: a chatty child must not starve the checks below

@@ -9,7 +9,7 @@ Benchmark: `python -m bench.core_eval`. Under torchrun every rank calls evaluate
 rank / world_size; examples are split round-robin and the per-example results are summed with
 all_reduce, so every rank returns the same CoreResult.
 
-Scoring (reference-behaviour.md, CORE) -- these details decide the numbers, keep them exact:
+Scoring (docs/reference.md#core) -- these details decide the numbers, keep them exact:
 - a task's rows are shuffled with random.Random(1337) before the max_per_task cut; few-shot
   examples for row i are random.Random(1234 + i).sample(all rows but i, k) of the (cut) task;
 - prompts: few-shot blocks joined by a blank line, then the item; BOS prepended to every sequence;

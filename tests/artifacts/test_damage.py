@@ -1,4 +1,4 @@
-"""A damaged artifact is never consumed silently (issue 19 §1): same-size damage is caught by the
+"""A damaged artifact is never consumed silently: same-size damage is caught by the
 sha256 check on every consuming path, unchanged files are not rehashed, unlisted files and
 malformed manifests are reported in one line."""
 from __future__ import annotations

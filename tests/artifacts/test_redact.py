@@ -1,5 +1,5 @@
 """Credentials inside URLs never reach a manifest, the run index, provenance, a fingerprint or a log
-line (issue 19 §5)."""
+line."""
 from __future__ import annotations
 
 import hashlib

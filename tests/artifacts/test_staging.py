@@ -110,7 +110,7 @@ def test_gc_removes_staging_of_committed_and_abandoned_builds(store, tmp_path): 
 
 def test_a_lost_lease_stops_writing_the_area(tmp_path):
     """Once this builder lost the lease the area is the new builder's: no upload, no prune, from any
-    thread (the checkpoint uploader runs on its own) (issue 19 §3)."""
+    thread (the checkpoint uploader runs on its own)."""
     import threading
 
     from artifacts.lease import building

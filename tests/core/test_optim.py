@@ -17,8 +17,8 @@ from core.optim import (POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, apply_sc
 from core.scaling import derive, reference_lrs
 
 REPO = Path(__file__).resolve().parents[2]
-# The coefficients as printed in reference-behaviour.md (5 decimals).
-NOTES_COEFFS = [(8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002), (3.89167, -2.77248, 0.50606),
+# The coefficients as printed in docs/reference.md#optimizer (5 decimals).
+REFERENCE_COEFFS = [(8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002), (3.89167, -2.77248, 0.50606),
                 (3.28575, -2.36813, 0.46449), (2.34654, -1.70978, 0.42324)]
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, window_pattern="SL")
 
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op 
 
 
 def test_coefficients_are_the_reference_ones():
-    for ours, notes in zip(POLAR_EXPRESS_COEFFS, NOTES_COEFFS):
-        assert [round(c, 5) for c in ours] == list(notes)
+    for ours, ref in zip(POLAR_EXPRESS_COEFFS, REFERENCE_COEFFS):
+        assert [round(c, 5) for c in ours] == list(ref)
 
 
 def test_polar_express_scalar_map_band():
@@ -64,7 +64,7 @@ def test_orthogonalize_singular_values_in_band(shape, dtype):
 
 
 def _muon_by_hand(p, g, state, momentum, lr, wd, beta2):
-    """One Muon step on one float64 matrix, written out from the notes."""
+    """One Muon step on one float64 matrix, written out from docs/reference.md#optimizer."""
     buf = state.setdefault("buf", torch.zeros_like(p))
     buf.mul_(momentum).add_((1 - momentum) * g)
     u = (1 - momentum) * g + momentum * buf

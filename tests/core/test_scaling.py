@@ -1,4 +1,4 @@
-"""The depth dial reproduces the reference table exactly (reference-behaviour.md, The depth dial)."""
+"""The depth dial reproduces the reference table exactly (docs/reference.md#the-depth-dial)."""
 from __future__ import annotations
 
 import math

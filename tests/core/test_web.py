@@ -301,7 +301,7 @@ def test_create_app_checks_its_arguments(tok, model):
         make_server(create_app([(Engine(model, tok), tok)], model_name="x"), header_timeout=0)
 
 
-# ---- guards (issue 19 §4): body limit, Host allow-list, token, /docs, seed ----------------------
+# ---- guards: body limit, Host allow-list, token, /docs, seed ----------------------
 def test_body_over_the_limit_is_413_before_parsing_announced_or_chunked(url, tok, model):
     big = json.dumps({"messages": [user("x" * 100)] * 12000}).encode()          # ~1.4 MB > 1 MiB
     r = httpx.post(url + "/chat/completions", content=big, headers={"content-type": "application/json"}, timeout=30)

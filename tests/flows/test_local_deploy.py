@@ -2,7 +2,7 @@
 that fails at its first step, retried the way the UI's Retry button does it; then one signal stops
 everything the script started within 15 s, a speedrun in progress included.
 
-What it checks (issue 18): every task run of the retried flow run, in the API and in the run graph,
+What it checks: every task run of the retried flow run, in the API and in the run graph,
 is named after its step (no `stage-5e0` ghost bars); the worker's console prints each log line of
 the run once; SIGTERM to the script, or SIGINT to its process group (a terminal's Ctrl-C), leaves no
 server, worker or child of theirs behind.

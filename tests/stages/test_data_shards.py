@@ -225,7 +225,7 @@ def test_config_errors():
                                               "val_docs": 0, "shard_chars": 0, "content_digest": ""}
 
 
-# ---- bad source files are refused up front, naming the source (issue 19 §5) ------------------------
+# ---- bad source files are refused up front, naming the source ------------------------------------
 def _damage(kind: str, good: bytes) -> bytes:
     import io
 

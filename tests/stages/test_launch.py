@@ -180,7 +180,7 @@ def test_failure_summary_skips_torchruns_own_traceback():
     assert failure_summary([]) == "  | (no output)"
 
 
-# ---- interruption (issue 19 §2) -------------------------------------------------------------------
+# ---- interruption: no child outlives a shutdown, an exception or a signal ------------------------
 @pytest.fixture
 def shutdown(monkeypatch):
     import stages.launch as launch_mod
