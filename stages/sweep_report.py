@@ -11,7 +11,7 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (val bpb vs FLOPs per depth, the compute-optimal frontier, the isoFLOP optima), scaling_fits.png
 (N_opt(C) and D_opt(C) with fitted exponents ± standard error; 2+ FLOP budgets), core_vs_flops.png
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
-grid cell with its confidence interval). Method: core/stats.py; what a compare report states (the
+grid cell with its confidence interval). Method: stages/stats.py; what a compare report states (the
 arms, one verdict over all cells) and when a fit is shown: docs/reports.md.
 
 The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
+from stages.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "sweep_report"
@@ -136,7 +136,7 @@ def analyze_sweep(rows) -> dict:
 
 def analyze_compare(rows, confidence: float, overrides: dict[str, str] | None = None) -> dict:
     """Per grid cell: B - A on val bpb (and CORE where run) over seeds, Welch's t-test, a verdict;
-    then per metric one verdict over all cells (core.stats.stouffer). `overrides`: what each arm changes."""
+    then per metric one verdict over all cells (stages.stats.stouffer). `overrides`: what each arm changes."""
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "A", a))
     a_name, b_name = arms[0], arms[1]
     by = defaultdict(lambda: defaultdict(list))
