@@ -31,7 +31,7 @@ from stages.stats import isoflop_optimum, mean_spread, pareto_frontier, power_la
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "sweep_report"
-code_version = "2"
+code_version = "3"  # 3: compare cells carry a bootstrap CI
 INPUTS: tuple[str, ...] = ()
 log = stage_logger(NAME)
 
@@ -231,6 +231,10 @@ def _says(B: str, A: str, v: str) -> str:
     return f"{B} {v} than {A}" if v in ("better", "worse") else v
 
 
+def _interval(low, high) -> str:
+    return "–" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+
+
 def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
     A, B = a["arms"]
     pct = f"{a['confidence']:.0%}"
@@ -245,17 +249,18 @@ def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
               "Z = Σ z_i / √k is standard normal when B and A do not differ anywhere; p = 2 (1 − Φ(|Z|)). "
               "Mean Δ weighs the cells equally.", "", "## Per cell", "",
              f"{a['n_ok']} of {a['n_points']} points done. Δ = {B} − {A}, mean over seeds; {pct} CI and two-sided "
-             "p from Welch's t-test.", "",
-             f"| cell | metric | n {A} / {B} | {A} | {B} | Δ | {pct} CI | p | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "p from Welch's t-test; bootstrap: a seeded percentile bootstrap CI of Δ that assumes no normality "
+             "(docs/reports.md).", "",
+             f"| cell | metric | n {A} / {B} | {A} | {B} | Δ | {pct} CI | {pct} bootstrap | p | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in a["cells"]:
         for metric in ("val_bpb", "core"):
             w = c.get(metric)
             if not w:
                 continue
-            ci = "–" if w["ci_low"] is None else f"[{w['ci_low']:+.4f}, {w['ci_high']:+.4f}]"
+            ci, boot = (_interval(w.get(lo), w.get(hi)) for lo, hi in (("ci_low", "ci_high"), ("boot_low", "boot_high")))
             lines.append(f"| {c['cell']} | {metric} | {w['n_a']} / {w['n_b']} | {_pm(w['mean_a'], w['sd_a'])} | "
-                         f"{_pm(w['mean_b'], w['sd_b'])} | {w['diff']:+.4f} | {ci} | {_g(w['p'], '.3g')} | "
+                         f"{_pm(w['mean_b'], w['sd_b'])} | {w['diff']:+.4f} | {ci} | {boot} | {_g(w['p'], '.3g')} | "
                          f"**{w['verdict']}** |")
     lines += ["", "Verdicts:", ""]
     for c in a["cells"]:
