@@ -11,9 +11,9 @@ The distributions, tests and fits are scipy's (scipy.stats.ttest_ind, t, linregr
 combine_pvalues, bootstrap: docs/reports.md lists which number comes from where); this module only
 picks the method, handles the edge cases (one seed, no spread) and shapes the results for reports.
 It lives outside core/ because core/ must import with torch, numpy, pyarrow and tokenizers alone
-(the GPU image has no scipy) and nothing in core/ uses it. Power laws are fitted as straight lines in log-log space (ordinary least squares) and
-their uncertainty is the regression standard error — the method of nanochat's
-dev/scaling_analysis.ipynb (a parabola in log N per FLOP budget, then N_opt(C), D_opt(C)).
+(the GPU image has no scipy) and nothing in core/ uses it. Power laws are fitted as straight lines
+in log-log space (ordinary least squares) and their uncertainty is the regression standard error —
+the method of nanochat's dev/scaling_analysis.ipynb (a parabola in log N per FLOP budget, then N_opt(C), D_opt(C)).
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+
 def _scipy_stats():
-    """scipy.stats, imported on first use: it costs ~2 s of CPU, which `nanorun leaderboard` and a
-    cached `nanorun compare` answered from the store should not pay when no test runs."""
+    """scipy.stats, imported on first use: it costs ~2.7 s of CPU, which commands that compute no
+    statistic (a cached `nanorun compare` answered from the store, `nanorun ls`) should not pay."""
     from scipy import stats
 
     return stats
