@@ -20,7 +20,7 @@ import csv
 import io
 import json
 
-from core.stats import regression_check
+from stages.stats import regression_check
 from flows.retention import night_run, run_order
 from stages.reporting import short_time
 
@@ -67,7 +67,7 @@ def compare(tonight: dict, history: list[dict], *, alpha: float = 0.01, core_noi
     (oldest first).
 
     A regression is a value outside the run-to-run noise measured from the earlier nights: beyond
-    the one-sided (1 - alpha) prediction limit of their mean and spread (core.stats.
+    the one-sided (1 - alpha) prediction limit of their mean and spread (stages.stats.
     regression_check). Until two earlier nights exist the spread is unknown, and the fixed
     tolerances stand in against the last night (CORE - core_noise, bpb + bpb_noise, time x (1 +
     slowdown)); the judgement row says which rule was used."""
@@ -217,8 +217,8 @@ STAT_COLUMNS = (("val_bpb", "val bpb", 4), ("core", "CORE", 4), ("total_seconds"
 
 def recipe_stats(rows: list[dict]) -> list[dict]:
     """Per recipe (preset and its digest, recipe_key): the number of runs and, per metric, mean,
-    sample sd and count (core.stats)."""
-    from core.stats import mean_spread
+    sample sd and count (stages.stats)."""
+    from stages.stats import mean_spread
 
     by: dict[str, list[dict]] = {}
     for r in rows:

@@ -5,7 +5,7 @@ Each night the pinned recipe runs from scratch into its own store root,
 artifacts; the run is named after the night, YYYY-MM-DD), its report is copied into the main store
 under the alias `report@nightly-{preset}-{run}` (so it lands on `nanorun leaderboard`), and it is
 judged against the earlier nights: CORE, val bpb or wall time worse than the run-to-run noise those
-nights measure (a prediction limit from their mean and spread, core/stats.py) is a regression; until
+nights measure (a prediction limit from their mean and spread, stages/stats.py) is a regression; until
 two earlier nights exist, fixed tolerances against the last night stand in. The comparison and the
 recipe's mean ± spread are published as a Markdown artifact; with fail_on_regression the flow run
 then fails so that notifications fire.

@@ -11,7 +11,7 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (val bpb vs FLOPs per depth, the compute-optimal frontier, the isoFLOP optima), scaling_fits.png
 (N_opt(C) and D_opt(C) with fitted exponents ± standard error; 2+ FLOP budgets), core_vs_flops.png
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
-grid cell with its confidence interval). Method: core/stats.py; what a compare report states (the
+grid cell with its confidence interval). Method: stages/stats.py; what a compare report states (the
 arms, one verdict over all cells) and when a fit is shown: docs/reports.md.
 
 The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
@@ -27,11 +27,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
+from stages.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "sweep_report"
-code_version = "2"
+code_version = "3"  # 3: compare cells carry a bootstrap CI
 INPUTS: tuple[str, ...] = ()
 log = stage_logger(NAME)
 
@@ -136,7 +136,7 @@ def analyze_sweep(rows) -> dict:
 
 def analyze_compare(rows, confidence: float, overrides: dict[str, str] | None = None) -> dict:
     """Per grid cell: B - A on val bpb (and CORE where run) over seeds, Welch's t-test, a verdict;
-    then per metric one verdict over all cells (core.stats.stouffer). `overrides`: what each arm changes."""
+    then per metric one verdict over all cells (stages.stats.stouffer). `overrides`: what each arm changes."""
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "A", a))
     a_name, b_name = arms[0], arms[1]
     by = defaultdict(lambda: defaultdict(list))
@@ -231,6 +231,10 @@ def _says(B: str, A: str, v: str) -> str:
     return f"{B} {v} than {A}" if v in ("better", "worse") else v
 
 
+def _interval(low, high) -> str:
+    return "–" if low is None else f"[{low:+.4f}, {high:+.4f}]"
+
+
 def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
     A, B = a["arms"]
     pct = f"{a['confidence']:.0%}"
@@ -245,17 +249,18 @@ def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
               "Z = Σ z_i / √k is standard normal when B and A do not differ anywhere; p = 2 (1 − Φ(|Z|)). "
               "Mean Δ weighs the cells equally.", "", "## Per cell", "",
              f"{a['n_ok']} of {a['n_points']} points done. Δ = {B} − {A}, mean over seeds; {pct} CI and two-sided "
-             "p from Welch's t-test.", "",
-             f"| cell | metric | n {A} / {B} | {A} | {B} | Δ | {pct} CI | p | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "p from Welch's t-test; bootstrap: a seeded percentile bootstrap CI of Δ that assumes no normality "
+             "(docs/reports.md).", "",
+             f"| cell | metric | n {A} / {B} | {A} | {B} | Δ | {pct} CI | {pct} bootstrap | p | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in a["cells"]:
         for metric in ("val_bpb", "core"):
             w = c.get(metric)
             if not w:
                 continue
-            ci = "–" if w["ci_low"] is None else f"[{w['ci_low']:+.4f}, {w['ci_high']:+.4f}]"
+            ci, boot = (_interval(w.get(lo), w.get(hi)) for lo, hi in (("ci_low", "ci_high"), ("boot_low", "boot_high")))
             lines.append(f"| {c['cell']} | {metric} | {w['n_a']} / {w['n_b']} | {_pm(w['mean_a'], w['sd_a'])} | "
-                         f"{_pm(w['mean_b'], w['sd_b'])} | {w['diff']:+.4f} | {ci} | {_g(w['p'], '.3g')} | "
+                         f"{_pm(w['mean_b'], w['sd_b'])} | {w['diff']:+.4f} | {ci} | {boot} | {_g(w['p'], '.3g')} | "
                          f"**{w['verdict']}** |")
     lines += ["", "Verdicts:", ""]
     for c in a["cells"]:

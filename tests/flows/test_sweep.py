@@ -83,7 +83,7 @@ def test_presets_reproduce_the_reference_scripts():
 
 
 def _rows(kind):
-    from tests.core.test_stats import chinchilla_rows
+    from tests.stages.test_stats import chinchilla_rows
 
     if kind == "sweep":
         rows, _, _ = chinchilla_rows([1e18, 1e19, 1e20], [-0.4, 0.0, 0.4, 0.8], noise=1e-4)
@@ -226,6 +226,11 @@ def test_compare_report_states_its_arms_and_a_pooled_verdict(tmp_path):
     # d1 alone: no difference, d2 alone: better; across both the verdict is one line with its method
     assert "- val_bpb: **B better than A** (mean Δ -0.0247 over 2 cell(s); Stouffer's Z" in head
     assert m.metrics["pooled"] == {"val_bpb": "better"}
+    # every cell also gets a seeded bootstrap interval of Δ beside Welch's: its own column, in the JSON too
+    assert "| Δ | 95% CI | 95% bootstrap | p | verdict |" in text
+    cells = analyze_compare(list(Config(**cfg).rows), 0.95)["cells"]
+    assert all(c["val_bpb"]["boot_low"] <= c["val_bpb"]["diff"] <= c["val_bpb"]["boot_high"] for c in cells)
+    assert cells == analyze_compare(list(Config(**cfg).rows), 0.95)["cells"]  # seeded: the same report twice
     table = list(csv.DictReader(open(d / "results.csv")))
     assert {(r["arm"], r["arm_overrides"]) for r in table} == {("A", "no overrides"), ("B", "base.matrix_lr=0.02")}
     fig = compare_figure(analyze_compare(list(Config(**cfg).rows), 0.95, dict(cfg["arms"])))

@@ -27,3 +27,12 @@ def test_no_stage_imports_another_stage_or_flows():
         imports = _imports(REPO / (module.replace(".", "/") + ".py"))
         assert not (imports & (stage_modules - {module})), f"{module} imports {sorted(imports & stage_modules)}"
         assert not any(i == "flows" or i.startswith(("flows.", "prefect")) for i in imports), module
+
+
+def test_core_imports_nothing_above_it_nor_scipy():
+    # core/ runs on the GPU image (torch, numpy, pyarrow, tokenizers...; no scipy) and under torchrun,
+    # where the orchestration layers must not load: statistics live in stages/stats.py.
+    banned = ("scipy", "prefect", "stages", "flows", "artifacts")
+    for path in sorted((REPO / "core").rglob("*.py")):
+        bad = sorted(i for i in _imports(path) if i.split(".")[0] in banned)
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"

@@ -1,5 +1,6 @@
-"""core/stats.py: the t distribution against tables, Welch's test on data with and without an
-effect, power-law fits that recover known exponents, and the noise-based regression check."""
+"""stages/stats.py: textbook t quantiles and the numbers of the hand-written code it replaced, Welch's
+test on data with and without an effect, the bootstrap interval, power-law fits that recover known
+exponents, and the noise-based regression check."""
 from __future__ import annotations
 
 import math
@@ -7,20 +8,50 @@ import math
 import numpy as np
 import pytest
 
-from core.stats import (betainc, isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit, stouffer,
-                         regression_check, t_ppf, t_sf, verdict, welch)
+from stages.stats import (isoflop_optimum, linear_fit, mean_spread, pareto_frontier, power_law_fit, regression_check,
+                          stouffer, verdict, welch)
 
 
-def test_t_distribution_matches_tables():
-    # two-sided 95% / 99% critical values (any statistics table)
-    for df, q, want in ((1, 0.975, 12.706), (2, 0.975, 4.303), (10, 0.975, 2.228), (30, 0.995, 2.750),
-                        (5, 0.95, 2.015)):
-        assert t_ppf(q, df) == pytest.approx(want, abs=1e-3)
-    assert t_sf(0.0, 7) == pytest.approx(0.5)
-    assert t_sf(2.0, 5) == pytest.approx(0.050970, abs=1e-6)
-    assert t_sf(-1.3, 4) == pytest.approx(1 - t_sf(1.3, 4))
-    assert t_ppf(0.975, 1e6) == pytest.approx(1.95996, abs=1e-4)  # -> the normal
-    assert betainc(2, 3, 0.5) == pytest.approx(0.6875)            # 11/16
+def test_t_quantiles_match_tables():
+    # a line through n points has n - 2 degrees of freedom: its 95% slope CI is slope ± t(0.975, n-2) · SE
+    for n, want in ((3, 12.706), (4, 4.303), (12, 2.228)):
+        x = np.arange(n, dtype=float)
+        fit = linear_fit(x, 2 * x + np.sin(x))
+        lo, hi = fit.slope_ci()
+        assert (hi - lo) / 2 / fit.slope_se == pytest.approx(want, abs=1e-3)
+    # the regression limit is mean + t(1 - alpha, n-1) · s · sqrt(1 + 1/n); t(0.99, 30) = 2.457, t(0.95, 5) = 2.015
+    for n, alpha, want in ((31, 0.01, 2.457), (6, 0.05, 2.015)):
+        hist = list(np.linspace(1.0, 2.0, n))
+        r = regression_check(hist, 9.0, lower_is_better=True, alpha=alpha)
+        assert (r["limit"] - r["mean"]) / (r["sd"] * math.sqrt(1 + 1 / n)) == pytest.approx(want, abs=1e-3)
+
+
+def test_results_match_the_hand_written_statistics_they_replace():
+    # values printed by the previous implementation (own incomplete beta, bisected t quantiles)
+    a, b = [1.012, 0.998, 1.004], [0.981, 0.990, 0.979, 0.986]
+    r = welch(a, b)
+    assert (r.df, r.t, r.p, r.ci_low, r.ci_high) == pytest.approx(
+        (3.457142857142857, -4.34619775084323, 0.016721461130454973, -0.034728167240851676, -0.006605166092481548),
+        rel=1e-6)
+    pooled = stouffer([r, welch([2.0, 2.1, 2.05], [2.02, 2.12, 2.09]), welch([3, 3.2], [3.1, 3.0])])
+    assert (pooled.z, pooled.p) == pytest.approx((-1.2534046921942774, 0.21005846471681933), rel=1e-6)
+    limit = regression_check([1.0, 1.01, 0.99, 1.02, 0.995], 1.03, lower_is_better=True)["limit"]
+    assert limit == pytest.approx(1.0524256306251896, rel=1e-6)
+    fit = power_law_fit([1e18, 3e18, 1e19, 3e19, 1e20], [2.1e8, 3.3e8, 6.5e8, 1.02e9, 2.05e9]).to_dict()
+    assert (fit["slope"], fit["slope_se"], fit["intercept_se"], fit["r2"], *fit["slope_ci95"]) == pytest.approx(
+        (0.49427872727119776, 0.01638616110828982, 0.31140279386445935, 0.9967137371279291, 0.442130649394698,
+         0.5464268051476975), rel=1e-6)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_difference():
+    a, b = [1.012, 0.998, 1.004], [0.981, 0.990, 0.979, 0.986]
+    r = welch(a, b)
+    assert r.boot_low < r.diff < r.boot_high < 0          # a clear effect: the interval excludes 0
+    assert (r.boot_low, r.boot_high) == (welch(a, b).boot_low, welch(a, b).boot_high)  # same data, same interval
+    # percentile bootstrap: the interval ends at attainable differences of resampled means
+    assert min(b) - max(a) <= r.boot_low and r.boot_high <= max(b) - min(a)
+    assert welch([1.0], [0.9, 0.91]).boot_low is None
+    assert (welch([1.0, 1.0], [0.5, 0.5]).boot_low, welch([1.0, 1.0], [0.5, 0.5]).boot_high) == (-0.5, -0.5)
 
 
 def test_welch_finds_a_known_effect_and_its_sign():
@@ -70,6 +101,7 @@ def test_welch_edge_cases():
     one = welch([1.0], [0.9, 0.91])
     assert one.p is None and verdict(one, lower_is_better=True) == "not enough seeds"
     same = welch([1.0, 1.0], [1.0, 1.0])
+    assert welch([1.0, 1.0], [0.9, 0.92]).ci_low < -0.09 < welch([1.0, 1.0], [0.9, 0.92]).ci_high  # one flat arm
     assert same.p == 1.0 and verdict(same, lower_is_better=True) == "no detectable difference"
     with pytest.raises(ValueError):
         welch([], [1.0])

@@ -1,99 +1,44 @@
-"""Statistics for sweeps, A/B comparisons and the nightly check: plain numpy, no Prefect, no scipy.
+"""Statistics for sweeps, A/B comparisons and the nightly check: scipy.stats and numpy, no Prefect.
 
-    from core.stats import welch, verdict, power_law_fit, isoflop_optimum, regression_check
+    from stages.stats import welch, verdict, power_law_fit, isoflop_optimum, regression_check
     r = welch(bpb_a, bpb_b)                   # B - A: diff, CI, p-value over seeds (Welch's t-test)
     stouffer([r_d1, r_d2, r_d3])              # B - A over depths: Stouffer's Z of the per-depth tests
     verdict(r, lower_is_better=True)          # "better" | "worse" | "no detectable difference"
     fit = power_law_fit(flops, n_opt)         # N_opt = k * C^a: a, its standard error and CI
     n, d, bpb, how = isoflop_optimum(params, bpb, tokens)   # the valley of one isoFLOP curve
 
-The Student t distribution is computed here (regularized incomplete beta by Lentz's continued
-fraction, Numerical Recipes 6.4) so the project needs no scipy; tests check it against tabulated
-quantiles. Power laws are fitted as straight lines in log-log space (ordinary least squares) and
-their uncertainty is the regression standard error — the method of nanochat's
-dev/scaling_analysis.ipynb (a parabola in log N per FLOP budget, then N_opt(C), D_opt(C)).
+The distributions, tests and fits are scipy's (scipy.stats.ttest_ind, t, linregress,
+combine_pvalues, bootstrap: docs/reports.md lists which number comes from where); this module only
+picks the method, handles the edge cases (one seed, no spread) and shapes the results for reports.
+It lives outside core/ because core/ must import with torch, numpy, pyarrow and tokenizers alone
+(the GPU image has no scipy) and nothing in core/ uses it. Power laws are fitted as straight lines
+in log-log space (ordinary least squares) and their uncertainty is the regression standard error —
+the method of nanochat's dev/scaling_analysis.ipynb (a parabola in log N per FLOP budget, then N_opt(C), D_opt(C)).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# ---- the t distribution ----------------------------------------------------------------------------
 
+def _scipy_stats():
+    """scipy.stats, imported on first use: it costs ~2.7 s of CPU, which commands that compute no
+    statistic (a cached `nanorun compare` answered from the store, `nanorun ls`) should not pay."""
+    from scipy import stats
 
-def _betacf(a: float, b: float, x: float) -> float:
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side
-        return math.exp(ln_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom (df may be fractional: Welch)."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2.0))
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t >= 0 else 1.0 - tail
-
-
-def t_ppf(q: float, df: float) -> float:
-    """The q-quantile of Student's t (bisection on t_sf; 1e-10 absolute)."""
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"quantile {q} must be in (0, 1)")
-    if q < 0.5:
-        return -t_ppf(1.0 - q, df)
-    lo, hi = 0.0, 1.0
-    while t_sf(hi, df) > 1.0 - q:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_sf(mid, df) > 1.0 - q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-10:
-            break
-    return 0.5 * (lo + hi)
+    return stats
 
 
 # ---- two samples: Welch's t-test -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Welch:
-    """B - A for one metric: the mean difference, its confidence interval and two-sided p-value.
-    ci_low/ci_high/p are None when an arm has fewer than 2 values (no spread to judge with)."""
+    """B - A for one metric: the mean difference, its confidence interval and two-sided p-value
+    (Welch's t-test), and a percentile bootstrap interval of the same difference that assumes no
+    normality (boot_low/boot_high). The intervals and p are None when an arm has fewer than 2
+    values (no spread to judge with)."""
     n_a: int
     n_b: int
     mean_a: float
@@ -108,9 +53,26 @@ class Welch:
     ci_low: float | None
     ci_high: float | None
     confidence: float
+    boot_low: float | None = None
+    boot_high: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+BOOTSTRAP_SEED = 0  # one fixed seed: the same runs give the same report, cached or not
+
+
+def _mean_diff(a, b, axis):
+    return b.mean(axis=axis) - a.mean(axis=axis)
+
+
+def bootstrap_diff_ci(a, b, confidence: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of mean(b) - mean(a), arms resampled independently. Percentile, not
+    scipy's default BCa: BCa's jackknife acceleration is undefined or wild with 2-3 seeds per arm."""
+    res = _scipy_stats().bootstrap((a, b), _mean_diff, vectorized=True, paired=False, confidence_level=confidence,
+                                   method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def welch(a, b, confidence: float = 0.95) -> Welch:
@@ -121,19 +83,18 @@ def welch(a, b, confidence: float = 0.95) -> Welch:
     diff = mb - ma
     if len(a) < 2 or len(b) < 2:
         return Welch(len(a), len(b), ma, mb, None, None, diff, None, None, None, None, None, None, confidence)
-    va, vb = float(a.var(ddof=1)), float(b.var(ddof=1))
-    qa, qb = va / len(a), vb / len(b)
-    se = math.sqrt(qa + qb)
-    if se == 0.0:  # every seed gave the same value in both arms: the difference is exact
+    sd_a, sd_b = float(a.std(ddof=1)), float(b.std(ddof=1))
+    if sd_a == 0.0 and sd_b == 0.0:  # every seed gave the same value in both arms: the difference is exact
         p = 1.0 if diff == 0 else 0.0
-        return Welch(len(a), len(b), ma, mb, 0.0, 0.0, diff, 0.0, None, None, p, diff, diff, confidence)
-    # Welch-Satterthwaite degrees of freedom
-    df = (qa + qb) ** 2 / ((qa * qa / (len(a) - 1) if qa else 0.0) + (qb * qb / (len(b) - 1) if qb else 0.0))
-    t = diff / se
-    p = min(1.0, 2.0 * t_sf(abs(t), df))
-    half = t_ppf(0.5 + confidence / 2.0, df) * se
-    return Welch(len(a), len(b), ma, mb, math.sqrt(va), math.sqrt(vb), diff, se, df, t, p, diff - half, diff + half,
-                 confidence)
+        return Welch(len(a), len(b), ma, mb, 0.0, 0.0, diff, 0.0, None, None, p, diff, diff, confidence, diff, diff)
+    with warnings.catch_warnings():  # one flat arm (a deterministic recipe) is exact, not "precision loss"
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        res = _scipy_stats().ttest_ind(b, a, equal_var=False)  # Welch-Satterthwaite degrees of freedom
+    ci = res.confidence_interval(confidence)
+    boot = bootstrap_diff_ci(a, b, confidence)
+    se = math.sqrt(sd_a ** 2 / len(a) + sd_b ** 2 / len(b))
+    return Welch(len(a), len(b), ma, mb, sd_a, sd_b, diff, se, float(res.df),
+                 float(res.statistic), float(res.pvalue), float(ci.low), float(ci.high), confidence, *boot)
 
 
 def verdict(r: "Welch | Pooled", *, lower_is_better: bool, alpha: float | None = None) -> str:
@@ -168,15 +129,14 @@ class Pooled:
 
 def stouffer(results: list[Welch]) -> Pooled | None:
     """The pooled B - A of per-stratum Welch results (those with a t statistic); None without any."""
-    from statistics import NormalDist
-
     used = [r for r in results if r.t is not None]
     if not used:
         return None
-    normal = NormalDist()
+    st = _scipy_stats()
     eps = 1e-15  # keeps Phi^-1 finite for a stratum with an overwhelming t
-    z = sum(normal.inv_cdf(min(1 - eps, max(eps, 1.0 - t_sf(r.t, r.df)))) for r in used) / math.sqrt(len(used))
-    return Pooled(len(used), z, 2.0 * (1.0 - normal.cdf(abs(z))), sum(r.diff for r in used) / len(used),
+    one_sided = [min(1 - eps, max(eps, float(st.t.sf(r.t, r.df)))) for r in used]
+    z = float(st.combine_pvalues(one_sided, method="stouffer").statistic)
+    return Pooled(len(used), z, float(2.0 * st.norm.sf(abs(z))), sum(r.diff for r in used) / len(used),
                   used[0].confidence)
 
 
@@ -200,7 +160,7 @@ def regression_check(history, value: float, *, lower_is_better: bool, alpha: flo
     mean, sd, n = mean_spread(history)
     if n < 2 or value is None:
         return {"judged": False, "n": n, "mean": mean, "sd": sd, "limit": None, "regressed": False}
-    margin = t_ppf(1.0 - alpha, n - 1) * sd * math.sqrt(1.0 + 1.0 / n)
+    margin = float(_scipy_stats().t.ppf(1.0 - alpha, n - 1)) * sd * math.sqrt(1.0 + 1.0 / n)
     limit = mean + margin if lower_is_better else mean - margin
     regressed = value > limit if lower_is_better else value < limit
     return {"judged": True, "n": n, "mean": mean, "sd": sd, "limit": limit, "regressed": bool(regressed)}
@@ -220,7 +180,7 @@ class LineFit:
     def slope_ci(self, confidence: float = 0.95) -> tuple[float, float] | None:
         if self.slope_se is None:
             return None
-        half = t_ppf(0.5 + confidence / 2.0, self.n - 2) * self.slope_se
+        half = float(_scipy_stats().t.ppf(0.5 + confidence / 2.0, self.n - 2)) * self.slope_se
         return self.slope - half, self.slope + half
 
     def to_dict(self) -> dict:
@@ -233,17 +193,11 @@ def linear_fit(x, y) -> LineFit:
     n = len(x)
     if n < 2 or np.ptp(x) == 0:
         raise ValueError(f"a line needs at least 2 distinct x values (got {n} point(s))")
-    xm, ym = x.mean(), y.mean()
-    sxx = float(((x - xm) ** 2).sum())
-    slope = float(((x - xm) * (y - ym)).sum() / sxx)
-    intercept = float(ym - slope * xm)
-    resid = y - (intercept + slope * x)
-    sst = float(((y - ym) ** 2).sum())
-    r2 = 1.0 - float((resid ** 2).sum()) / sst if sst > 0 else None
-    if n < 3:
-        return LineFit(slope, intercept, None, None, r2, n)
-    s2 = float((resid ** 2).sum()) / (n - 2)
-    return LineFit(slope, intercept, math.sqrt(s2 / sxx), math.sqrt(s2 * (1.0 / n + xm * xm / sxx)), r2, n)
+    res = _scipy_stats().linregress(x, y)
+    r2 = float(res.rvalue) ** 2 if np.ptp(y) > 0 else None  # a flat y explains nothing and leaves nothing
+    if n < 3:  # two points: the line passes through both, no residual to estimate an error from
+        return LineFit(float(res.slope), float(res.intercept), None, None, r2, n)
+    return LineFit(float(res.slope), float(res.intercept), float(res.stderr), float(res.intercept_stderr), r2, n)
 
 
 def power_law_fit(x, y) -> LineFit:
