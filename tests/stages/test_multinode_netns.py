@@ -170,7 +170,7 @@ def test_two_hosts_train_the_same_weights_as_one_host(built, single_node, two_ho
     finally:
         for p in procs:
             _kill(p)
-    ref = artifact_ref(pretrain, pretrain.preset("tiny", seed=SEED), inputs)
+    ref = artifact_ref(pretrain, pretrain.preset("tiny", seed=SEED, nproc=2), inputs)  # world size 2, as 2 x 1
     m = store.require(ref)
     got = _result(store, m)
     assert got["world_size"] == 2
@@ -187,7 +187,7 @@ def test_a_lost_node_fails_the_step_in_seconds_and_both_nodes_resume(built, sing
     seconds, its step fails with one line naming the lost node, and a rerun of both nodes resumes
     from the last checkpoint in the shared work dir to the single-node weights."""
     store, inputs = built
-    ref = artifact_ref(pretrain, pretrain.preset("tiny", seed=SEED), inputs)
+    ref = artifact_ref(pretrain, pretrain.preset("tiny", seed=SEED, nproc=2), inputs)  # world size 2, as 2 x 1
     if store.manifest(ref) is not None:  # the other test's: build it again
         store.delete(ref)
     first = store.work_dir(ref) / "checkpoints" / "step_000004" / "meta.json"
