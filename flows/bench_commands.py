@@ -79,9 +79,12 @@ class BenchInfer:
             chat_log.removeFilter(quiet)
         device = _device(args.device)
         engine, _ = found.load(device, dtype)
-        flops, bandwidth, source = device_peaks(engine.device, engine.dtype)
-        flops = args.peak_flops or flops
-        bandwidth = args.peak_bandwidth or bandwidth
+        if args.peak_flops and args.peak_bandwidth:  # both given: measuring them costs minutes on a CPU in bf16
+            flops, bandwidth, source = args.peak_flops, args.peak_bandwidth, "given (--peak-flops, --peak-bandwidth)"
+        else:
+            flops, bandwidth, source = device_peaks(engine.device, engine.dtype)
+            flops = args.peak_flops or flops
+            bandwidth = args.peak_bandwidth or bandwidth
         progress = (lambda s: None) if args.quiet else (lambda s: print(f"[bench-infer] {s}", file=sys.stderr,
                                                                            flush=True))
         progress(f"{found.name} ({found.kind}) on {engine.device}, {str(engine.dtype).removeprefix('torch.')}; "
