@@ -149,7 +149,7 @@ def environment(device: torch.device) -> dict:
     import core.attention as attention
     from core.bench_infer import gpu_peak_bandwidth
     from core.fp8 import fp8_available
-    from core.train.common import gpu_peak_flops
+    from core.train.telemetry import gpu_peak_flops
 
     packages = {}
     for dist_name in ("numpy", "pyarrow", "tokenizers", "safetensors", "triton", "pytest", "flash-attn",
@@ -374,7 +374,7 @@ class Kit:
     def env(self) -> None:
         from core.bench_infer import gpu_peak_bandwidth
         from core.common import compute_dtype
-        from core.train.common import peak_flops
+        from core.train.telemetry import peak_flops
 
         env = self.report["env"] = environment(self.device)
         say(f"torch {torch.__version__} | {env.get('gpu') or 'cpu'} | attention: {env['attention']} | "

@@ -139,7 +139,7 @@ def checked(rc: int, log: Path, what: str, want: int = 0) -> None:
 
 
 def train_rows(out: Path) -> dict[int, dict]:
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
     return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"}
 
 
@@ -224,7 +224,7 @@ def sft_and_rl(root: Path, inputs: dict, sizes: StageSizes, cuda: bool, timeout_
                 "--eval-examples", "2", "--eval-samples", "2", *common]
     rc, record["rl_s"] = launch(torchrun("core.train.rl", *rl_flags), root / "rl.log", timeout_s)
     checked(rc, root / "rl.log", "RL")
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
     sft_rows = [r for r in read_metrics(root / "sft" / "metrics.jsonl") if r.get("kind") == "train"]
     rl_rows = [r for r in read_metrics(root / "rl" / "metrics.jsonl") if r.get("kind") == "rollout"]
     if len(sft_rows) != 1 or len(rl_rows) != 1:

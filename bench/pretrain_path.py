@@ -135,7 +135,7 @@ class CpuSampler(threading.Thread):
 
 def summarise(name: str, out: Path, cpu: dict[str, float] | None, wall: float) -> dict:
     """One table row from a trainer's metrics.jsonl (and the CPU the sampler saw)."""
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
     rows = read_metrics(out / "metrics.jsonl")
     start = next(r for r in rows if r["kind"] == "start")
     train = [r for r in rows if r["kind"] == "train"]
@@ -239,7 +239,8 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     from core.optim import apply_schedule, build_optimizer
     from core.scaling import derive
     from core.tokenizer import Tokenizer
-    from core.train.common import peak_flops, seed_everything
+    from core.train.common import seed_everything
+    from core.train.telemetry import peak_flops
 
     set_num_threads(a.threads)
     cfg = stage_config(a, "float32", True)  # --steps: the budget mode passes the reference's own count

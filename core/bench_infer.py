@@ -244,7 +244,7 @@ def format_report(r: dict) -> str:
 def device_peaks(device: torch.device | str, dtype: torch.dtype) -> tuple[float | None, float | None, str]:
     """(peak FLOP/s, peak bytes/s, where they come from) for MFU/MBU: datasheets for known GPUs (an
     unknown GPU gets a measured matmul peak and no bandwidth), a measured matmul peak on CPU."""
-    from core.train.common import peak_flops
+    from core.train.telemetry import peak_flops
 
     device = torch.device(device)
     flops, source = peak_flops(device, dtype)

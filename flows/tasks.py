@@ -118,7 +118,7 @@ def _thinned(message: str) -> bool:
     _, sep, line = message.partition("] ")
     if not sep or not line.startswith("step "):
         return False
-    from core.train.common import parse_step_line  # loaded already: the stage launching a trainer did
+    from core.train.telemetry import parse_step_line  # loaded already: the stage launching a trainer did
 
     p = parse_step_line(line)
     return p is not None and p["step"] % step_log_every(p["total"]) != 0 and p["step"] not in (1, p["total"])

@@ -44,7 +44,7 @@ class Config(StageConfig):
 
 def resume_steps(base_dir: Path) -> list[int]:
     """The steps a resumed attempt of pretraining started from (metrics.jsonl "start" rows)."""
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
 
     return [r["step"] for r in read_metrics(base_dir / "metrics.jsonl") if r.get("kind") == "start" and r.get("resumed")]
 
@@ -80,7 +80,7 @@ def throughput_figure(base_dir: Path, resumes: list[int]):
     """tok/s (and MFU) per step from metrics.jsonl, resumes marked (None: no train rows)."""
     from matplotlib.figure import Figure
 
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
 
     rows = [r for r in read_metrics(base_dir / "metrics.jsonl") if r.get("kind") == "train" and r.get("tok_per_s") is not None]
     if not rows:

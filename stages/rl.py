@@ -132,7 +132,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
 
 def finish(out: Path) -> dict:
     """Keep the final checkpoint only, drop downloads, draw the curves, compute the metrics."""
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
 
     latest, _, _, _, common = read_training(out)
     derived = latest["start"]["derived"]

@@ -166,7 +166,7 @@ def launch_trainer(module: str, run_json: Path, out: Path, *, name: str, nproc: 
     most once a second, always the last). Every attempt, failed ones too, appends a row to the
     attempts ledger (the cost estimate counts them all); a failure names the log and how to resume.
     With a remote store the checkpoints are mirrored to it and restored from it (checkpoint_sync.py)."""
-    from core.train.common import parse_step_line
+    from core.train.telemetry import parse_step_line
     from stages.checkpoint_sync import CheckpointSync
     from stages.launch import LaunchError, launch, torchrun_cmd, worker_env
     from stages.nodes import NodeBeacons, cause_line
@@ -247,7 +247,7 @@ def read_training(out: Path) -> tuple[dict, dict, list[dict], list[dict], dict]:
     """(the latest metrics row of each kind, train rows, val rows, launch attempts, the metrics both
     trainer stages report) from a finished work dir. Train and val rows are deduplicated by step: a
     resumed run repeats the steps after its checkpoint."""
-    from core.train.common import read_metrics
+    from core.train.telemetry import read_metrics
 
     rows = read_metrics(out / "metrics.jsonl")
     latest = {r["kind"]: r for r in rows}

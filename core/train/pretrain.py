@@ -44,9 +44,10 @@ from core.layouts import shard_files
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
-from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, run_peak_flops,
-                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
-                               stop_run, tokenizer_record)
+from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, resume_model,
+                               resume_state, run_entry_point, save, seed_everything, start_run, stop_run,
+                               tokenizer_record)
+from core.train.telemetry import run_peak_flops
 from core.train.config import PretrainConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 

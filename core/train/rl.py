@@ -39,9 +39,9 @@ from core.layouts import CHAT_KINDS
 from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
-from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, run_peak_flops,
-                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
-                               stop_run)
+from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, resume_model,
+                               resume_state, run_entry_point, save, seed_everything, start_run, stop_run)
+from core.train.telemetry import run_peak_flops
 from core.train.config import RLConfig
 from core.train.config import parse_config as _parse_config
 

@@ -57,8 +57,8 @@ from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import reference_lrs
 from core.tasks.mixture import build_mixture
 from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
-                               run_peak_flops, resume_model, resume_state, run_entry_point, save, seed_everything,
-                               start_run, stop_run)
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run, stop_run)
+from core.train.telemetry import run_peak_flops
 from core.train.config import SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 

@@ -1,9 +1,9 @@
-"""MFU's peak: measured once per hardware and reused by every attempt of a run (core/train/common.py)."""
+"""MFU's peak: measured once per hardware and reused by every attempt of a run (core/train/telemetry.py)."""
 import json
 
 import torch
 
-from core.train.common import peak_flops
+from core.train.telemetry import peak_flops
 
 
 def test_two_attempts_report_the_same_peak(tmp_path):

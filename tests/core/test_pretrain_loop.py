@@ -16,8 +16,9 @@ import time
 import pytest
 import torch
 
-from core.train.common import (MetricsLog, ResumeError, StepClock, check_resume, format_step_line,
-                               measure_matmul_flops, parse_step_line, read_metrics)
+from core.train.common import ResumeError, check_resume
+from core.train.telemetry import (MetricsLog, StepClock, format_step_line, measure_matmul_flops, parse_step_line,
+                                  read_metrics)
 from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig, main, parse_config, train
 from tests.train_helpers import (REPO, RUNTIME_TOLERANCE, assert_states_equal, final_state, make_data_dir,
                                  make_tokenizer_dir, run_trainer, trainer_cmd, trainer_env, weights_distance)

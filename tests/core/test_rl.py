@@ -13,7 +13,8 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.gpt import build_model
 from core.scaling import derive
-from core.train.common import read_metrics, tokenizer_record
+from core.train.common import tokenizer_record
+from core.train.telemetry import read_metrics
 from core.train.config import RLConfig
 from core.train.rl import group_advantages, lr_multiplier, pass_at_k, pg_loss, rollout_seed, rollout_tensors
 from tests.train_helpers import REPO, assert_states_equal, kill_after, make_tokenizer_dir, trainer_env

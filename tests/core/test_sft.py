@@ -15,7 +15,8 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.gpt import build_model
 from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import derive
-from core.train.common import read_metrics, tokenizer_record
+from core.train.common import tokenizer_record
+from core.train.telemetry import read_metrics
 from core.train.sft import (Packer, SFTConfig, batches_per_pass, lr_multiplier, muon_momentum,
                             warm_start_optimizer)
 from tests.train_helpers import REPO, assert_states_equal, kill_after, make_tokenizer_dir, trainer_env

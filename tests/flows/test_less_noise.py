@@ -182,7 +182,7 @@ def test_nanorun_nightly_refuses_a_second_run_of_a_night_before_starting_prefect
 def test_a_1500_step_run_logs_about_100_step_lines_into_prefect():
     import logging
 
-    from core.train.common import format_step_line
+    from core.train.telemetry import format_step_line
     from flows.tasks import _ForwardToRunLogger
 
     run_log = []
