@@ -33,7 +33,7 @@ RESUME_HINT = ("run the same command again to resume (committed stages are reuse
 
 
 def _prefect_env() -> None:
-    """Defaults that keep a local run quiet and self-contained (docs/stack.md#prefect-3)."""
+    """Defaults that keep a local run quiet and self-contained (docs/versions.md#prefect-3)."""
     from artifacts.store import nanorun_home
 
     os.environ.setdefault("PREFECT_HOME", str(nanorun_home() / "prefect"))

@@ -2,7 +2,7 @@
 
     ref = run_stage.submit("tokenizer", {"vocab_size": 8192}, {"data": shards_future}, store_url)
 
-Caching: Prefect's result cache alone is not trusted (docs/stack.md#prefect-3: a Cached state survives the
+Caching: Prefect's result cache alone is not trusted (docs/versions.md#prefect-3: a Cached state survives the
 artifact being deleted). The cache key is the artifact's fingerprint and is offered only when the
 store holds that artifact committed and verified; otherwise the policy returns no key and the task
 runs, and execute() does the lookup/lease/build/commit. So a cached rerun shows every stage as

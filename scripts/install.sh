@@ -9,7 +9,7 @@
 #
 # Why torch first: a bare torch requirement resolved with nothing installed pulls a multi-GB CUDA
 # build. `pip install torch==2.13.0` takes the CPU wheel that pip's find-links point at (see
-# docs/stack.md#installing); the lock file leaves torch out so that it never overrides this choice.
+# docs/versions.md#installing); the lock file leaves torch out so that it never overrides this choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${NANORUN_VENV:-.venv}

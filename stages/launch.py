@@ -1,7 +1,7 @@
 """Run a training entry point under torchrun as a subprocess, supervised.
 
 Why a subprocess and not an in-process call: torchrun owns the worker processes (one per GPU or
-CPU slot), and a Prefect task's own timeout cannot interrupt a running subprocess (docs/stack.md#prefect-3), so
+CPU slot), and a Prefect task's own timeout cannot interrupt a running subprocess (docs/versions.md#prefect-3), so
 the launcher enforces the timeout itself by signalling the whole process group (TERM, then KILL).
 
     result = launch(torchrun_cmd("core.train.pretrain", ["--config", "cfg.json"], nproc=2),

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NANORUN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Isolate every tool that writes under $HOME, before anything imports it (docs/stack.md#prefect-3, #wandb).
+# Isolate every tool that writes under $HOME, before anything imports it (docs/versions.md#prefect-3, #wandb).
 _session_tmp = Path(tempfile.mkdtemp(prefix="nanorun-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_session_tmp / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -106,7 +106,7 @@ def nanorun_home(tmp_path, monkeypatch) -> Path:
 
 
 CHROMIUM = "/usr/bin/chromium"
-# without the background-networking flags Chromium keeps dialling Google (docs/stack.md#browser-tests)
+# without the background-networking flags Chromium keeps dialling Google (docs/versions.md#browser-tests)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 

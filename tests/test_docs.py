@@ -74,6 +74,6 @@ def test_the_rules_catch_what_they_are_for():
     assert bad_citations("core/x.py", '"""(reference-behaviour.md, Model)"""')
     assert bad_citations("bench/x.py", "Setup (issue 13): d4")
     assert bad_citations("docs/x.md", "as issue #19 asked")
-    assert not bad_citations("core/x.py", "# why: docs/stack.md#prefect-3")
-    assert not bad_citations("docs/README.md", "| [stack.md](stack.md) | pins |")
+    assert not bad_citations("core/x.py", "# why: docs/versions.md#prefect-3")
+    assert not bad_citations("docs/README.md", "| [versions.md](versions.md) | pins |")
     assert "chat-sft-and-tools" in heading_anchors("## Chat, SFT and tools")
