@@ -16,7 +16,7 @@ host whose clock runs ahead cannot take a live lease (it did: two trainers share
 A builder that can no longer renew (another builder took over after presuming it dead, or renewing
 failed for most of a ttl, by its own monotonic clock) has *lost* its lease: someone else may be
 building the same artifact in the same work dir. It must stop: Lease.check() raises before commit,
-and while a stage runs inside `building(lease)` (stages/execute.py), stages/launch.py's supervision
+and while a stage runs inside `building(lease)` (pipeline/execute.py), stagekit/launch.py's supervision
 loop polls lost_lease() and kills the trainer's process group.
 
     lease = Lease(store, ref)
@@ -339,7 +339,7 @@ def building(lease: Lease):
 
 def lost_lease(ref: ArtifactRef | None = None) -> Lease | None:
     """The lease of the build this code runs for (or of `ref`, from any thread), if it has been
-    lost: the caller must stop at once (stages/launch.py kills the trainer; artifacts/staging.py
+    lost: the caller must stop at once (stagekit/launch.py kills the trainer; artifacts/staging.py
     stops writing resume checkpoints). Cheap enough to poll every fraction of a second."""
     lease = _ACTIVE.get(ref) if ref is not None else _BUILDING.get()
     return lease if lease is not None and lease.lost else None

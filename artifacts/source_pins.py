@@ -1,8 +1,8 @@
 """Trust on first use for data named by URL alone: the first fetch records the file's sha256 on the
 store, every later fetch (on any machine using the store) must match it.
 
-    pins = SourcePins(store)            # stages/execute.py binds one per build (stages.base.pin_sources_to)
-    pins.check(url, sha256, size)       # stages/fetch.py, after each download: records or enforces
+    pins = SourcePins(store)            # pipeline/execute.py binds one per build (stages.base.pin_sources_to)
+    pins.check(url, sha256, size)       # stagekit/fetch.py, after each download: records or enforces
     pins.seen                           # {redacted url: {"sha256", "pin"}}: goes into the manifest
 
 Why: a fingerprint hashes a URL source (the GPU presets' Hugging Face `resolve/main` files) by its

@@ -3,7 +3,7 @@
 A trainer stage checkpoints into its work dir, and for an S3 store that dir is machine-local
 ($NANORUN_HOME/.s3/...): a retry on another node, or after a spot instance is lost, would start
 from step 0. So while such a stage runs, each complete checkpoint is also uploaded to the store
-(stages/checkpoint_sync.py does that in a background thread and restores from it), here:
+(stagekit/checkpoint_sync.py does that in a background thread and restores from it), here:
 
     {root}/_staging/{stage}/{label}-{fp}/STAGING.json                 {"ref", "updated", "host"}: for gc
     {root}/_staging/{stage}/{label}-{fp}/step_NNNNNN/{gen}/{path}     the files of one snapshot

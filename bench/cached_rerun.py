@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     from prefect import flow
 
     from artifacts import open_store
-    from flows.recipes import speedrun_steps
+    from pipeline.recipes import speedrun_steps
     from flows.speedrun import speedrun
-    from stages.execute import run_pipeline
+    from pipeline.execute import run_pipeline
 
     store = open_store(args.store or str(tmp / "store"))
     kwargs = dict(preset=args.preset, store=store.url, eval_bundle=args.eval_bundle)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     # What a user waits for: the whole `nanorun` process, fresh each time, no PREFECT_API_URL. A
     # fully cached speedrun is decided from the plan and starts no Prefect server.
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    base = [sys.executable, "-m", "flows.cli", "--store", store.url, "speedrun", "--preset", args.preset,
+    base = [sys.executable, "-m", "cli.main", "--store", store.url, "speedrun", "--preset", args.preset,
             "--eval-bundle", args.eval_bundle]
     print(f"\n{'nanorun command':<32} {'median s':>9} {'min s':>7} {'max s':>7} {'target':>8}")
     for label, cmd, target in (("speedrun (fully cached)", base, 5.0), ("speedrun --plan", base + ["--plan"], 3.0)):

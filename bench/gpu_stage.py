@@ -6,7 +6,7 @@ the byte-level tokenizer of tests/gpu/_helpers.py.
     python -m bench.gpu_check --cpu-dry-run --only stage
 
 (b) pretrain: the same recipe three times. `full` runs all steps; `termed` gets SIGTERM (to its
-    process group, as stages/launch.py stops a run) once it has logged step `term_after`, must save
+    process group, as stagekit/launch.py stops a run) once it has logged step `term_after`, must save
     a checkpoint at the next step boundary and exit (128+15; torchrun reports 1); the rerun resumes.
     After the resume, every step's loss and token count and the final weights are compared with
     `full`: bitwise on CPU (fp32, deterministic); on CUDA within `GPU_*_TOLERANCE`, because the

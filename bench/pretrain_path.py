@@ -151,7 +151,7 @@ def summarise(name: str, out: Path, cpu: dict[str, float] | None, wall: float) -
 
 
 def run_pipeline(a, name: str, data: Path, tok: Path, steps: int | None = None) -> dict:
-    from stages.training import launch_trainer
+    from stagekit.training import launch_trainer
 
     dtype, compile_ = VARIANTS[name]
     cfg = stage_config(a, dtype, compile_, steps)
@@ -195,7 +195,7 @@ def run_flow(a, data: Path, tok: Path) -> dict:
                PYTHONPATH=str(REPO), WANDB_MODE="disabled")
 
     def cli(*args) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--store", str(store), "-q", *args], cwd=a.work,
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--store", str(store), "-q", *args], cwd=a.work,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return proc
 

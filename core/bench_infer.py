@@ -1,7 +1,7 @@
 """Inference benchmark: time to first token, per-token latency, tokens/s, memory, MFU and MBU of a GPT
 generating through core.engine.Engine, swept over prompt lengths and batch sizes (CPU or CUDA).
 
-    nanorun bench-infer export@latest --batch-sizes 1,8,32 --json        # flows/bench_commands.py
+    nanorun bench-infer export@latest --batch-sizes 1,8,32 --json        # cli/bench_commands.py
     from core.bench_infer import InferSweep, run_sweep, format_report
     result = run_sweep(engine, InferSweep(prompt_lens=(512,), batch_sizes=(1, 8, 32), decode_tokens=64))
     print(format_report(result))                                          # a card and a table

@@ -5,7 +5,7 @@ Each night the pinned recipe runs from scratch into its own store root,
 artifacts; the run is named after the night, YYYY-MM-DD), its report is copied into the main store
 under the alias `report@nightly-{preset}-{run}` (so it lands on `nanorun leaderboard`), and it is
 judged against the earlier nights: CORE, val bpb or wall time worse than the run-to-run noise those
-nights measure (a prediction limit from their mean and spread, stages/stats.py) is a regression; until
+nights measure (a prediction limit from their mean and spread, stagekit/stats.py) is a regression; until
 two earlier nights exist, fixed tolerances against the last night stand in. The comparison and the
 recipe's mean ± spread are published as a Markdown artifact; with fail_on_regression the flow run
 then fails so that notifications fire.
@@ -27,11 +27,11 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.provenance import git_state
-from flows import settings
-from flows.board import format_rows, format_stats, nightly_tag, recipe_key, recipe_stats, rows
-from flows.retention import NIGHTLY_ROOT, keep_nights_default, night_run, night_store_url, prune_nights, run_order
+from pipeline import settings
+from pipeline.board import format_rows, format_stats, nightly_tag, recipe_key, recipe_stats, rows
+from pipeline.retention import NIGHTLY_ROOT, keep_nights_default, night_run, night_store_url, prune_nights, run_order
 from flows.speedrun import speedrun
-from flows.board import DEFAULT_TOLERANCES, compare  # noqa: F401 (compare: the nightly judgement)
+from pipeline.board import DEFAULT_TOLERANCES, compare  # noqa: F401 (compare: the nightly judgement)
 
 
 def nightly_runs(store, preset: str) -> list[str]:
@@ -121,7 +121,7 @@ def nightly_leaderboard(preset: str = "cpu-demo", overrides: dict[str, dict] | N
         raise ValueError(f"nightly-leaderboard is pinned to {commit}, but the worker's checkout has local changes")
     keep_nights = keep_nights or keep_nights_default()
     night = night_of(date)
-    main = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (flows/settings.py)
+    main = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (pipeline/settings.py)
     done, refused = refusal(main, preset, night, rerun)
     if refused:  # the reason is the final state's message (its name in `deployment run --watch`)
         from prefect.states import Failed

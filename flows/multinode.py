@@ -130,7 +130,7 @@ def _to_build(stage: str, config: dict, inputs: dict[str, str], store_url: str |
     from artifacts import open_store
     from artifacts.redact import unseal
     from flows.tasks import build_call
-    from stages.execute import status
+    from pipeline.execute import status
 
     mod, cfg, refs = build_call(stage, config, inputs)
     return status(mod, cfg, refs, open_store(unseal(store_url)))[0] == "run"

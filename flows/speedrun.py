@@ -21,11 +21,11 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.redact import seal, unseal
-from flows import settings
+from pipeline import settings
 from flows.multinode import across_nodes
-from flows.recipes import PRESETS, check_force, speedrun_steps
+from pipeline.recipes import PRESETS, check_force, speedrun_steps
 from flows.tasks import join_stage, run_stage
-from stages.execute import check_outcomes, format_outcomes, load_stage, walk
+from pipeline.execute import check_outcomes, format_outcomes, load_stage, walk
 
 
 def config_dict(cfg) -> dict:
@@ -51,7 +51,7 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
         preset: the recipe: cpu-demo (d4, minutes on 2 CPU cores), tiny (seconds, tests), d12, d20,
             d24-speedrun, d26 (8 GPUs).
         store: artifact store, a directory or s3://bucket/prefix (default: the settings' store,
-            flows/settings.py: nanorun.toml, $NANORUN_STORE, else the local root $NANORUN_HOME).
+            pipeline/settings.py: nanorun.toml, $NANORUN_STORE, else the local root $NANORUN_HOME).
         depth: model depth, overriding the preset's.
         data_source: data source for the data step (climbmix, fineweb-edu, chitchat, a directory).
         nproc: training processes per node.

@@ -1,14 +1,14 @@
-"""The Prefect flow of a sweep or an A/B comparison (the grid and its Steps: flows/sweep.py).
+"""The Prefect flow of a sweep or an A/B comparison (the grid and its Steps: pipeline/sweep.py).
 
     nanorun sweep --preset tiny --eval-bundle ../shared/data/eval_bundle [--max-parallel 2]
     nanorun compare --preset tiny --depths 1 2 --seeds 1 2 3 --b base.matrix_lr=0.4
 
-    from flows.sweep import preset
+    from pipeline.sweep import preset
     from flows.sweep_flow import sweep
     result = sweep(spec=preset("tiny").to_dict(), store="/tmp/store", eval_bundle="../shared/data/eval_bundle")
 
 Shared artifacts (data, tokenizer, CORE bundle) are built first, then every point's pretrain step
-and its core_eval, at most `max_parallel` stage runs at once (stages.execute.walk, as the speedrun
+and its core_eval, at most `max_parallel` stage runs at once (pipeline.execute.walk, as the speedrun
 flow). A failed point is reported and the others go on; the sweep_report stage then writes the
 table, fits and plots of what finished (a Markdown artifact in the UI), and only then does the flow
 fail, naming the failed points. The CORE bundle is optional evidence, as in the speedrun: without
@@ -21,17 +21,17 @@ from prefect import flow, get_run_logger
 
 from artifacts import open_store
 from artifacts.redact import unseal
-from flows import settings
+from pipeline import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
-from flows.sweep import Sweep, point_row, report_config, sweep_steps
+from pipeline.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
-from stages.execute import format_outcomes, walk
+from pipeline.execute import format_outcomes, walk
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True)
 def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, data_source: str | None = None,
           nproc: int | None = None) -> dict:
-    """Build every point of a sweep or comparison (flows.sweep.Sweep as a dict) and its report; returns
+    """Build every point of a sweep or comparison (pipeline.sweep.Sweep as a dict) and its report; returns
     {"report": ref, "path": local dir of the report, "markdown": report.md, "points": {key: pretrain
     ref or None}, "failed": {key: error}}.
 
@@ -42,7 +42,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     spec, store, eval_bundle, data_source = unseal((spec, store, eval_bundle, data_source))
     sw = Sweep.from_dict(spec)
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
-    st = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (flows/settings.py)
+    st = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (pipeline/settings.py)
     logger.info("%s %s -> %s: %d points, %d stage runs at a time", sw.kind, sw.name, st.url, len(plan.points),
                 sw.max_parallel)
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a

@@ -1,4 +1,4 @@
-"""The one Prefect task every flow uses: run a stage through stages.execute.
+"""The one Prefect task every flow uses: run a stage through pipeline.execute.
 
     ref = run_stage.submit("tokenizer", {"vocab_size": 8192}, {"data": shards_future}, store_url)
 
@@ -30,11 +30,27 @@ from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
 from artifacts.redact import unseal
-from flows.cli import FORWARDED, print_forwarded_once
 from stages.base import ConfigError, report_progress_to
-from stages.execute import execute, join, load_stage, status
+from pipeline.execute import execute, join, load_stage, status
 
 PROGRESS_EVERY_S = 2.0
+
+
+FORWARDED = "nanorun_forwarded"  # set on records flows.tasks handed to the Prefect run logger
+
+
+def _not_forwarded(record: logging.LogRecord) -> bool:
+    return not getattr(record, FORWARDED, False)
+
+
+def print_forwarded_once() -> None:
+    """A `nanorun.*` record that flows.tasks handed to the Prefect run logger is printed by that
+    logger (as `Task run 'base' - ...`): the root logger's console handlers (the CLI's, or Prefect's
+    in a flow run a worker started) skip it, so a worker's console shows each line once, not twice.
+    Idempotent: called by the CLI and at the start of every task."""
+    for handler in logging.getLogger().handlers:
+        if _not_forwarded not in handler.filters:
+            handler.addFilter(_not_forwarded)
 
 
 def build_call(stage: str, config: dict, inputs: dict[str, str]):
@@ -92,7 +108,7 @@ def _is_transient(task, task_run, state) -> bool:
         return False
     if isinstance(exc, ConfigError):
         return False
-    from stages.fetch import FetchError
+    from stagekit.fetch import FetchError
 
     if isinstance(exc, FetchError):
         # never retried here: a 404 or an unresolvable host is permanent, and connection errors
@@ -113,7 +129,7 @@ def step_log_every(total: int) -> int:
 
 
 def _thinned(message: str) -> bool:
-    """A trainer step line ("[name] step i/N ..." as stages/launch.py logs it) other than the first,
+    """A trainer step line ("[name] step i/N ..." as stagekit/launch.py logs it) other than the first,
     the last and every step_log_every(N)-th."""
     _, sep, line = message.partition("] ")
     if not sep or not line.startswith("step "):

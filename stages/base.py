@@ -156,7 +156,7 @@ class Input:
 
 
 class StageModule(Protocol):
-    """What callers use of a stage module; stages.execute.load_stage() checks it. Optional, with
+    """What callers use of a stage module; pipeline.execute.load_stage() checks it. Optional, with
     these defaults when absent: OPTIONAL_INPUTS = (), PRESETS = {} (name -> Config fields, used by
     Config.from_preset), join (multi-node: this node's share of a build another node commits)."""
 
@@ -209,7 +209,7 @@ def _bound(var: ContextVar, value: Any):
 # While execute() runs a stage whose work dir the store cannot see (an S3 store's is machine-local),
 # it binds the store's staging area for that artifact (artifacts/staging.CheckpointStaging); a
 # long stage uploads its checkpoints there and, on a machine without its work dir, resumes from
-# them (stages/checkpoint_sync.py). None otherwise: a stage never gets the store itself.
+# them (stagekit/checkpoint_sync.py). None otherwise: a stage never gets the store itself.
 _mirror: ContextVar[Any] = ContextVar("nanorun_checkpoint_mirror", default=None)
 
 
@@ -223,7 +223,7 @@ def mirror_checkpoints_to(staging):
 
 # ---- URL sources: trust on first use -------------------------------------------------------------
 # While execute() runs a stage it binds the store's record of URL sources (artifacts/source_pins.py);
-# stages/fetch.py checks each download against it. None outside execute() (a bare fetch checks nothing).
+# stagekit/fetch.py checks each download against it. None outside execute() (a bare fetch checks nothing).
 _pins: ContextVar[Any] = ContextVar("nanorun_source_pins", default=None)
 
 

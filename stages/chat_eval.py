@@ -27,7 +27,7 @@ ChatCORE (or its partial form and label) and a few sample completions; results.j
 printed table are in the artifact.
 
 Generation and grading run on one device in a child process of their own, never in the caller's
-(the CLI's or the flow's): run() writes the job to WORK/job.json and stages/launch.py supervises
+(the CLI's or the flow's): run() writes the job to WORK/job.json and stagekit/launch.py supervises
 
     python -m stages.chat_eval WORK/job.json       # writes WORK/results.json and WORK/table.txt
 
@@ -49,7 +49,7 @@ from pathlib import Path
 from core.tasks.mixture import REFERENCE_SOURCES
 from core.train.config import DEVICE_TYPES
 from stages.base import ConfigError, Input, StageConfig, identity, progress, runtime, stage_logger
-from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
+from stagekit.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
 
 NAME = "chat_eval"
 code_version = "4"  # 4: evaluated in a child process; 3: HumanEval graded under bubblewrap
@@ -169,7 +169,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     from core.eval.chat import TASK_LINE
     from core.layouts import model_checkpoint, tokenizer_dir
     from core.tokenizer import Tokenizer
-    from stages.launch import launch, worker_env
+    from stagekit.launch import launch, worker_env
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     if cfg.nproc == 1:
         metrics = evaluate(job)
     else:
-        from stages.launch import launch, torchrun_cmd, worker_env
+        from stagekit.launch import launch, torchrun_cmd, worker_env
 
         (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
         launch(torchrun_cmd("stages.core_eval", [str(out / "job.json")], nproc=cfg.nproc),

@@ -22,7 +22,7 @@ document filter (min_doc_chars / max_doc_chars) are re-sharded: documents in sou
 `val_docs` of them to val/, the rest into train shards of ~shard_chars characters, row groups of
 1024 documents (jsonl: the "text" field; txt: one document per file).
 
-Downloads run `workers` at a time through stages/fetch.py (resume with Range, retries with backoff,
+Downloads run `workers` at a time through stagekit/fetch.py (resume with Range, retries with backoff,
 sha256 per file, parquet check before the atomic rename); shards already complete in the work dir
 from an earlier attempt are not fetched again. The metrics hold DuckDB statistics per split
 (documents, characters, length percentiles); sources.json maps every output file to its origin.
@@ -271,7 +271,7 @@ class Config(StageConfig):
     def _listing(self, kind: str) -> tuple[list[tuple[str, int, str]], bool]:
         """(name, size, sha256/etag) of the source files used, and whether they need re-sharding."""
         if kind == "s3":
-            from stages.fetch import list_s3
+            from stagekit.fetch import list_s3
             try:
                 objs = [o for o in list_s3(self.source) if _ext(o["key"])]
             except Exception as e:
@@ -334,7 +334,7 @@ def _plan(cfg: Config) -> tuple[str, list[_Item]]:
         raise RuntimeError(f"{cfg.local_path or cfg.source} changed since the config was built (digest "
                            f"{fresh}, config {cfg.content_digest}): rebuild the config to take the new files")
     if kind == "s3":
-        from stages.fetch import list_s3
+        from stagekit.fetch import list_s3
         objs = [o for o in list_s3(cfg.source) if _ext(o["key"])]
         uris = [(f"s3://{cfg.source[5:].split('/')[0]}/{o['key']}", o["key"]) for o in objs]
     else:
@@ -483,7 +483,7 @@ def _clear_unexpected(out: Path, keep: set[str]) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
-    from stages.fetch import PARTIAL_SUFFIX, fetch_many
+    from stagekit.fetch import PARTIAL_SUFFIX, fetch_many
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
     nanorun stage eval_bundle --set local_path=../shared/data/eval_bundle   # a local directory (offline)
 
 Sources:
-- `url` (default: the reference bundle, a zip): downloaded with stages.fetch into the artifact's
+- `url` (default: the reference bundle, a zip): downloaded with stagekit.fetch into the artifact's
   work directory, so an interrupted download resumes from its partial file; verified against
   `sha256` when given; extracted safely (no member may leave the directory).
 - `local_path`: a bundle directory (or a .zip file) on this machine. The path is a runtime field;
@@ -191,7 +191,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
         else:
             _place(_extract(src, out / _EXTRACT), out, move=True)
     else:
-        from stages.fetch import fetch
+        from stagekit.fetch import fetch
         zip_path = out / _DOWNLOAD / "eval_bundle.zip"
         zip_path.parent.mkdir(exist_ok=True)
         log.info("downloading %s", cfg.url)

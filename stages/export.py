@@ -91,7 +91,7 @@ def _demote(markdown: str) -> str:
 def report_section(inputs: dict[str, Input], kind: str, out: Path, title: str) -> str:
     """The training report: a given report artifact (plots copied along), else rendered from the
     manifests at hand (needs the pretrain manifest: the model's own, or the `base` input)."""
-    from stages.reporting import render_markdown, summarize
+    from stagekit.reporting import render_markdown, summarize
 
     if "report" in inputs:
         src = inputs["report"].path

@@ -15,7 +15,7 @@ dtype, fp8, the world size, the platform); runtime = how it runs (how the world 
 processes and nodes, device batch size, threads, eval / sample / save cadence, compile, wandb,
 timeout, price). Which fields are runtime, and the tolerance each was measured to keep: docs/identity.md.
 
-run() writes the trainer's config to run.json, launches torchrun through stages/launch.py (output
+run() writes the trainer's config to run.json, launches torchrun through stagekit/launch.py (output
 streamed into train.log and the `nanorun.launch` logger, heartbeat while silent, TERM-then-KILL on
 timeout, LaunchError naming the last error lines), turns each step line into progress(step, total,
 loss=, tok_per_s=, mfu=), and on success lays out the artifact:
@@ -40,7 +40,7 @@ from pathlib import Path
 from core.layouts import tokenizer_dir
 from core.train.config import PretrainConfig
 from stages.base import ConfigError, Input, progress, runtime, stage_logger
-from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
+from stagekit.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "pretrain"
 code_version = "1"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from artifacts.manifest import Manifest
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
-from stages.reporting import fmt, hms, plot_rl_curves, render_markdown, summarize
+from stagekit.reporting import fmt, hms, plot_rl_curves, render_markdown, summarize
 
 NAME = "report"
 code_version = "4"

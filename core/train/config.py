@@ -10,7 +10,7 @@ Each field says what it is in its metadata, with the same keys as stages.base.id
 - "runtime": how the run executes (device batch size, cadences, wandb);
 - "input": a path the stage fills in from its inputs (never part of a stage config).
 The stages (stages/pretrain.py, stages/sft.py) build their Config from these fields
-(stages.training.stage_fields), so a default or a rule lives here once. Torch-free on purpose: the
+(stagekit.training.stage_fields), so a default or a rule lives here once. Torch-free on purpose: the
 CLI imports the stages (and so this module) without paying for torch.
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ def auto_dtype(device_type: str, cuda_major: int | None = None) -> tuple[str, st
     bf16 on such CPUs: the pretrain stage's cpu-demo setup ran 2.0x faster than fp32 at the same val
     bpb on a quiet machine (6,650 vs 3,382 tok/s, bpb 2.2048 vs 2.2030 after 40 steps;
     bench/pretrain_path.py), and reached its step-0 evaluation sooner. The stages call this when the
-    plan is built, so the fingerprint hashes the dtype the run will use (stages/training.py)."""
+    plan is built, so the fingerprint hashes the dtype the run will use (stagekit/training.py)."""
     override = os.environ.get("NANORUN_DTYPE", "").strip().lower()
     if override:
         name = _DTYPE_ALIASES.get(override, override)

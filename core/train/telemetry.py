@@ -1,5 +1,5 @@
 """What a trainer reports, apart from its loop: the step log line (the contract with the stages:
-stages/training.py and flows/tasks.py parse it with parse_step_line while torchrun runs, so change
+stagekit/training.py and flows/tasks.py parse it with parse_step_line while torchrun runs, so change
 both together), the step clock, the peak FLOP/s that MFU divides by (measured once per hardware and
 kept for every attempt of a run), metrics.jsonl (one object per line with "kind": "train" | "val" |
 "core" | "sample" | "start" | "done") and wandb. The loop itself is core/train/common.py."""

@@ -48,7 +48,7 @@ def test_comments_and_docstrings_do_not_count_code_does(tree):
 
 def test_modules_outside_the_closure_do_not_count(tree):
     before = code_identity("stages.pretrain", tree)
-    assert "core.web" not in before.modules and "flows.cli" not in before.modules
+    assert "core.web" not in before.modules and "cli.main" not in before.modules
     with open(tree / "core" / "web.py", "a") as f:
         f.write("\nEXTRA = 1\n")
     assert code_identity("stages.pretrain", tree).digest == before.digest
@@ -78,7 +78,7 @@ def test_closure_follows_lazy_and_relative_imports_and_records_numeric_deps(tmp_
 
 def _plan(tree: Path, home: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(tree), "NANORUN_HOME": str(home), "NANORUN_STORE": ""}
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "speedrun", "--preset", "tiny", "--plan"],
+    r = subprocess.run([sys.executable, "-m", "cli.main", "speedrun", "--preset", "tiny", "--plan"],
                        cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line and not line.startswith(("STEP", " "))]

@@ -10,8 +10,8 @@ import pytest
 
 from artifacts import ChecksumError, CorruptManifestError
 from artifacts import verified
-from flows.cli import main
-from stages.execute import Step, execute, format_plan, plan, status
+from cli.main import main
+from pipeline.execute import Step, execute, format_plan, plan, status
 from tests.artifacts import toy_consumer, toy_stage
 from tests.artifacts.fixtures import forget_local_copy, make_ref, put, s3_store, store, tamper  # noqa: F401 (fixtures)
 

@@ -79,7 +79,7 @@ def test_busy_index_never_blocks_a_commit(tmp_path, nanorun_home, monkeypatch):
 
 
 def test_ls_follows_the_store_not_a_stale_index(nanorun_home, capsys, monkeypatch):
-    from flows.cli import main
+    from cli.main import main
 
     monkeypatch.delenv("NANORUN_STORE", raising=False)
     store = open_store()  # the local root is $NANORUN_HOME, where the Prefect home lives too
@@ -116,7 +116,7 @@ CORRUPTIONS = {
 def test_a_corrupt_index_is_moved_aside_and_rebuilt(nanorun_home, capsys, monkeypatch, kind):
     """A damaged index.duckdb made ls, index --rebuild and leaderboard fail forever with "locked by
     another process": it is a cache of the manifests, so it is rebuilt from them."""
-    from flows.cli import main
+    from cli.main import main
 
     monkeypatch.delenv("NANORUN_STORE", raising=False)
     store = open_store()

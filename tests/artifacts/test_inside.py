@@ -14,9 +14,9 @@ from artifacts import ChecksumError, open_store
 from artifacts import verified
 from artifacts.local import require_intact_folder, verify_folder
 from core.layouts import CHECKPOINT_POINTER, LayoutError, model_checkpoint
-from flows.cli import main
+from cli.main import main
 from tests.artifacts.fixtures import make_ref, put, s3_store, store, tamper  # noqa: F401 (fixtures)
-from tests.flows.test_cli import one_line_error
+from tests.cli.test_cli import one_line_error
 
 WEIGHTS = bytes(range(256)) * 4096  # 1 MiB
 

@@ -180,7 +180,7 @@ def test_lost_lease_kills_the_trainer(store, tmp_path):
     execute() raises one clear line, instead of training on until commit."""
     import psutil
 
-    from stages.execute import artifact_ref, execute
+    from pipeline.execute import artifact_ref, execute
     from tests.artifacts import toy_trainer
 
     cfg = toy_trainer.Config(seconds=60)

@@ -12,8 +12,8 @@ import pytest
 from artifacts import open_store
 from artifacts.index import RunIndex
 from artifacts.redact import redact, redact_value
-from stages.execute import artifact_ref, execute
-from stages.fetch import FetchError
+from pipeline.execute import artifact_ref, execute
+from stagekit.fetch import FetchError
 from tests.artifacts import toy_fetch
 
 
@@ -68,7 +68,7 @@ def test_no_credentials_in_prefect_flow_parameters(tmp_path, nanorun_home, monke
     credentials through its environment, and the stage still gets the whole URL."""
     from prefect.client.orchestration import get_client
 
-    from flows.cli import main
+    from cli.main import main
     from stages import STAGE_MODULES
 
     monkeypatch.setitem(STAGE_MODULES, "toy_fetch", "tests.artifacts.toy_fetch")

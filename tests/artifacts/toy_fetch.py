@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.base import StageConfig, identity, runtime
-from stages.fetch import fetch
+from stagekit.fetch import fetch
 
 NAME = "toy_fetch"
 code_version = "1"
@@ -21,7 +21,7 @@ log = logging.getLogger("nanorun.toy_fetch")
 class Config(StageConfig):
     url: str = identity("https://example.invalid/data.parquet", help="where the data comes from")
     mirror: str = runtime("", help="another URL, not part of the identity")
-    download: bool = identity(False, help="really fetch url into data.bin (stages/fetch.py)")
+    download: bool = identity(False, help="really fetch url into data.bin (stagekit/fetch.py)")
     sha256: str = identity("", help="the content's sha256, when the config pins it")
 
 

@@ -1,4 +1,4 @@
-"""A stage that "trains" by supervising a dummy subprocess through stages.launch.launch() (the way
+"""A stage that "trains" by supervising a dummy subprocess through stagekit.launch.launch() (the way
 the trainer stages run torchrun), for the lost-lease tests: the child prints a line every 50 ms for
 `seconds` and its pid is written to `<out>/child.pid` so a test can check it is gone."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.base import StageConfig, identity, runtime
-from stages.launch import launch
+from stagekit.launch import launch
 
 NAME = "toy_trainer"
 code_version = "1"

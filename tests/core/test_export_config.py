@@ -56,8 +56,8 @@ def test_hostile_configs_are_refused_before_building(bundle, tmp_path, file, key
 
 
 def test_the_cli_says_so_in_one_line(bundle, tmp_path, capsys):
-    from flows import cli
-    from tests.flows.test_cli import one_line_error
+    from cli import main
+    from tests.cli.test_cli import one_line_error
 
     path = _copy(bundle, tmp_path)
     gen = json.loads((path / "generation_config.json").read_text())

@@ -95,7 +95,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(
 
 
 def _term_after_step(cmd: list[str], log_path, step: int, timeout: float = 240) -> int:
-    """Start a trainer in its own process group, SIGTERM the group (as stages/launch.py does) once it
+    """Start a trainer in its own process group, SIGTERM the group (as stagekit/launch.py does) once it
     has logged optimizer step `step`; its exit status."""
     marker = f"step {step:05d}/{STEPS:05d} ("
     with open(log_path, "w") as log:
@@ -164,7 +164,7 @@ def test_two_gloo_processes_reach_the_same_total_batch_and_train(inputs, uninter
     final = out / "checkpoints" / f"step_{STEPS:06d}"
     assert (final / "optim_rank0.pt").is_file() and (final / "optim_rank1.pt").is_file()  # ZeRO-2 shards
     # each rank reads its own rows: the process count changes what a step sees, far beyond summation
-    # noise, so the stages hash the world size (stages/training.py)
+    # noise, so the stages hash the world size (stagekit/training.py)
     assert weights_distance(final_state(uninterrupted, STEPS)[0], final_state(out, STEPS)[0]) > 10 * RUNTIME_TOLERANCE
     # one process cannot continue what two started: refused, saying why (in-process: a fresh
     # interpreter per refusal would cost seconds of imports)

@@ -1,6 +1,6 @@
 """A stage whose "trainer" runs until it is stopped: the signal tests' stand-in for pretraining.
 
-run() launches, through stages.launch like the trainer stages, a Python child that starts a
+run() launches, through stagekit.launch like the trainer stages, a Python child that starts a
 grandchild (torchrun's workers), writes both pids to `pid_file` and sleeps; with ignore_term the
 child ignores SIGTERM, so only the launcher's KILL after the grace period stops it.
 """
@@ -37,7 +37,7 @@ class Config(StageConfig):
 
 
 def run(cfg: Config, inputs: dict, out: Path) -> dict:
-    from stages.launch import launch
+    from stagekit.launch import launch
 
     launch([sys.executable, "-c", CHILD.format(ignore_term=cfg.ignore_term, pid_file=cfg.pid_file,
                                                   seconds=cfg.seconds)],

@@ -14,8 +14,8 @@ import pytest
 
 from artifacts import open_store
 from flows.leaderboard import REFUSED
-from flows.recipes import speedrun_steps
-from stages.execute import load_stage
+from pipeline.recipes import speedrun_steps
+from pipeline.execute import load_stage
 from tests.conftest import png_size
 from tests.flows.prefect_server import BIN, background, prefect_server, run, task_runs, wait_flow_run
 

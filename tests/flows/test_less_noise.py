@@ -16,7 +16,7 @@ from tests.conftest import REPO, free_port
 from tests.flows.prefect_server import prefect_env
 
 NANORUN = ("import sys, stages; stages.STAGE_MODULES['sleepy'] = 'tests.flows.sleepy_stage'; "
-           "from flows.cli import main; sys.exit(main(sys.argv[1:]))")
+           "from cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _proxied(env: dict) -> dict:
@@ -46,7 +46,7 @@ def _kill_marked(mark: str) -> None:
 def test_loopback_bypasses_a_proxy_without_no_proxy(monkeypatch):
     import os
 
-    from flows.commands import _prefect_env
+    from cli.commands import _prefect_env
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -101,7 +101,7 @@ def test_the_terminal_gets_no_traceback_unless_verbose_and_the_server_log_keeps_
 
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from flows.console import tidy_console
+    from cli.console import tidy_console
 
     terminal, server = io.StringIO(), []
     console = PrefectConsoleHandler(stream=terminal)
@@ -138,7 +138,7 @@ def test_a_log_line_does_not_land_inside_the_progress_bar(capsys):
 
     from tqdm import tqdm
 
-    from flows.console import tidy_console
+    from cli.console import tidy_console
 
     handler = logging.StreamHandler(sys.stderr)
     logger = logging.getLogger("nanorun.test-less-noise")
@@ -159,8 +159,8 @@ def test_a_log_line_does_not_land_inside_the_progress_bar(capsys):
 
 
 def test_nanorun_nightly_refuses_a_second_run_of_a_night_before_starting_prefect(tmp_path, capsys, monkeypatch):
-    import flows.cli as cli
-    import flows.commands as commands
+    import cli.main as cli
+    import cli.commands as commands
     from artifacts import ArtifactRef, open_store
     from tests.artifacts.fixtures import put
 

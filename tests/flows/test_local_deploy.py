@@ -98,7 +98,7 @@ def _graph_labels(api: str, flow_run_id: str) -> list[str]:
 
 
 def test_local_sh_retry_names_console_and_ctrl_c(tmp_path, shared_data):
-    from flows.recipes import speedrun_steps
+    from pipeline.recipes import speedrun_steps
 
     bad = tmp_path / "bad-corpus"  # a data source that passes the flow's checks and fails when read
     bad.mkdir()

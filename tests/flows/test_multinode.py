@@ -152,7 +152,7 @@ def test_a_stage_deployment_run_starts_node_1_on_its_queue_end_to_end(tmp_path, 
     import httpx
 
     from stages import pretrain
-    from stages.execute import artifact_ref
+    from pipeline.execute import artifact_ref
     from tests.conftest import free_port
     from tests.flows.prefect_server import BIN, background, prefect_server, run, wait_flow_run
     from tests.train_helpers import store_with_data_and_tokenizer

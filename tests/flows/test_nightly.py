@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 
-import flows.cli as cli
+import cli.main as cli
 from artifacts import open_store
-from flows.board import rows
+from pipeline.board import rows
 from flows.leaderboard import REFUSED, compare, nightly_leaderboard, nightly_runs
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_a_second_run_of_a_night_is_refused_added_or_replaces_it(tiny_run, share
 
 
 def test_the_leaderboard_marks_nightly_rows_and_their_regressions():
-    from flows.board import _mark_nights
+    from pipeline.board import _mark_nights
 
     def night(tag, core, preset="tiny"):
         return {"tag": tag, "preset": preset, "core": core, "val_bpb": 1.0, "total_seconds": 100.0, "date": "x"}

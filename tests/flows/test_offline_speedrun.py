@@ -20,7 +20,7 @@ def _cli(tmp_path, store, *args, timeout=600):
     env.update(NANORUN_HOME=str(tmp_path / "home"), NANORUN_PROGRESS_BAR="0", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", PYTHONPATH=str(REPO))
     env.pop("NANORUN_SHARED_DATA", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "--store", store.url, *args], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "cli.main", "--store", store.url, *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -87,7 +87,7 @@ def test_cli_on_a_fresh_machine_creates_its_homes(tmp_path, shared_data):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(NANORUN_HOME=str(tmp_path / "fresh" / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "eval_bundle",
+    res = subprocess.run([sys.executable, "-m", "cli.main", "stage", "eval_bundle",
                           "--set", f"local_path={shared_data / 'eval_bundle'}"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -98,10 +98,10 @@ def test_cli_on_a_fresh_machine_creates_its_homes(tmp_path, shared_data):
 def test_stage_cli_refuses_a_mismatched_tokenizer_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
     """`nanorun stage core_eval` with a tokenizer the model was not trained with: exit 2 and one line
     that says what to pass instead, through the real flow (not a traceback)."""
-    import flows.cli as cli
+    import cli.main as cli
     from artifacts import open_store
     from stages import tokenizer
-    from stages.execute import execute
+    from pipeline.execute import execute
 
     shared, run = tiny_run
     store = open_store(str(tmp_path / "store"))  # the session's store keeps its aliases
@@ -123,8 +123,8 @@ def test_stage_cli_refuses_a_mismatched_tokenizer_in_one_line(tiny_run, tmp_path
 def test_a_fully_cached_speedrun_answers_from_the_store_without_prefect(tiny_run, shared_data, capsys, monkeypatch):
     """No step to run and no server configured: the CLI decides from the plan and never starts
     Prefect's temporary server (which cost ~50 s of a cached rerun)."""
-    import flows.cli as cli
-    import flows.commands as commands
+    import cli.main as cli
+    import cli.commands as commands
 
     store, run = tiny_run
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
@@ -139,7 +139,7 @@ def test_a_fully_cached_speedrun_answers_from_the_store_without_prefect(tiny_run
 def test_stage_with_recipe_hits_the_speedruns_fingerprint(tiny_run, shared_data, capsys):
     """`nanorun stage NAME --recipe PRESET` builds the step exactly as the speedrun does, upstream
     artifacts included, without copying its config out of `nanorun show`."""
-    import flows.cli as cli
+    import cli.main as cli
 
     store, run = tiny_run
     common = ["--recipe", "tiny", "--eval-bundle", str(shared_data / "eval_bundle"), "--chat-data",

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-import flows.cli as cli
-from flows.sweep import PRESETS, Sweep, preset, sweep_steps
+import cli.main as cli
+from pipeline.sweep import PRESETS, Sweep, preset, sweep_steps
 from stages.base import ConfigError
-from stages.execute import artifact_ref
+from pipeline.execute import artifact_ref
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -83,7 +83,7 @@ def test_presets_reproduce_the_reference_scripts():
 
 
 def _rows(kind):
-    from tests.stages.test_stats import chinchilla_rows
+    from tests.stagekit.test_stats import chinchilla_rows
 
     if kind == "sweep":
         rows, _, _ = chinchilla_rows([1e18, 1e19, 1e20], [-0.4, 0.0, 0.4, 0.8], noise=1e-4)
@@ -103,7 +103,7 @@ def _rows(kind):
 
 def test_report_stage_writes_table_fits_and_plots(tmp_path):
     from artifacts import open_store
-    from stages.execute import execute
+    from pipeline.execute import execute
     from stages.sweep_report import Config
     from tests.conftest import png_size
 
@@ -168,7 +168,7 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
     assert [r["depth"] for r in rows] == ["1", "2", "3"] and all(r["core"] and r["val_bpb"] for r in rows)
 
     # all cached: answered from the store, without Prefect's temporary server (14 s before)
-    import flows.commands as commands
+    import cli.commands as commands
 
     prefect_env = commands._prefect_env
     monkeypatch.setattr(commands, "_prefect_env", lambda: pytest.fail("started Prefect for a fully cached sweep"))
@@ -209,8 +209,8 @@ def test_compare_two_sweeps_results_csv(tmp_path, capsys):
 
 def test_compare_report_states_its_arms_and_a_pooled_verdict(tmp_path):
     from artifacts import open_store
-    from flows.sweep import Sweep, report_config
-    from stages.execute import execute
+    from pipeline.sweep import Sweep, report_config
+    from pipeline.execute import execute
     from stages.sweep_report import Config, analyze_compare, compare_figure
 
     sw = Sweep(name="ab", recipe="tiny", grid={"depth": [1, 2]}, seeds=(1, 2, 3),

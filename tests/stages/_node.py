@@ -1,6 +1,6 @@
 """One node of a multi-node pretrain without Prefect, for the namespace tests (a temporary Prefect
 server costs ~30 s per start on the CI box): `python -m tests.stages._node STORE RANK CONFIG INPUTS`
-runs stages.execute.execute (rank 0: lease, train, commit) or join (rank >= 1) and ends a failure
+runs pipeline.execute.execute (rank 0: lease, train, commit) or join (rank >= 1) and ends a failure
 with the stage's one-line error (`error: ...`) and its full message on stderr, exit 1."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def main(store_url: str, rank: str, config: str, inputs: str) -> int:
     from artifacts import open_store
     from artifacts.manifest import ArtifactRef
     from stages import pretrain
-    from stages.execute import execute, join
+    from pipeline.execute import execute, join
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     store = open_store(store_url)

@@ -17,8 +17,8 @@ import pytest
 from stages import chat_eval, eval_bundle
 from core.checkpoint import TokenizerMismatchError
 from stages.base import ConfigError, Input
-from stages.execute import execute
-from stages.launch import LaunchError
+from pipeline.execute import execute
+from stagekit.launch import LaunchError
 from tests.stages.test_sft_stage import build_base
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from core.checkpoint import TokenizerMismatchError
 from stages import core_eval
-from stages.execute import execute
+from pipeline.execute import execute
 
 pytestmark = pytest.mark.slow
 

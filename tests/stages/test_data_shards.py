@@ -12,7 +12,7 @@ import pytest
 from core.layouts import shard_files
 from stages import data_shards as stage
 from stages.base import ConfigError
-from stages.fetch import FetchError
+from stagekit.fetch import FetchError
 from tests.stages._http_server import FileServer
 
 FAST = dict(backoff=0.0, timeout=10, workers=3)
@@ -81,7 +81,7 @@ def test_dropped_connection_resumes_and_failed_run_keeps_finished_shards(server,
 
 def test_corrupt_shard_fails_after_retries_and_nothing_is_committed(server, tmp_path):
     from artifacts import open_store
-    from stages.execute import artifact_ref, execute
+    from pipeline.execute import artifact_ref, execute
 
     server.corrupt["/data/shard_00001.parquet"] = 99
     store = open_store(str(tmp_path / "store"), index=False)
@@ -248,8 +248,8 @@ def _damage(kind: str, good: bytes) -> bytes:
                                        ("no rows", "no rows")])
 def test_a_bad_local_parquet_is_refused_before_any_work_naming_the_source(kind, why, corpus_files, tmp_path,
                                                                          capsys, nanorun_home):
-    import flows.cli as cli
-    from tests.flows.test_cli import one_line_error
+    import cli.main as cli
+    from tests.cli.test_cli import one_line_error
 
     src = local_copy(corpus_files[:3], tmp_path)
     bad = src / "shard_00001.parquet"

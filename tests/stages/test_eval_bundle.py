@@ -185,7 +185,7 @@ def test_download_resumes_a_partial_file(bundle_dir, bundle_zip, http_server, tm
 
 
 def test_bad_checksum_and_missing_url_fail_loudly(http_server, tmp_path):
-    from stages.fetch import FetchError
+    from stagekit.fetch import FetchError
     server, base = http_server
     with pytest.raises(FetchError, match="eval_bundle.zip"):
         stage.run(stage.Config(url=f"{base}/eval_bundle.zip", sha256="0" * 64, retries=1), {}, tmp_path / "a")
@@ -197,7 +197,7 @@ def test_bad_checksum_and_missing_url_fail_loudly(http_server, tmp_path):
 def test_committed_through_the_store_and_copies_hit_the_cache(bundle_dir, tmp_path):
     from artifacts import open_store
     from core.eval.core import load_bundle
-    from stages.execute import execute
+    from pipeline.execute import execute
 
     store = open_store(str(tmp_path / "store"), index=False)
     m = execute("eval_bundle", stage.Config(local_path=str(bundle_dir)), {}, store)

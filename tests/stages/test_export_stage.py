@@ -12,7 +12,7 @@ from core.engine import Engine, render_chat
 from core.export import load
 from stages import export
 from stages.base import ConfigError
-from stages.execute import execute
+from pipeline.execute import execute
 from core.layouts import model_checkpoint, tokenizer_dir
 from tests.conftest import png_size
 

@@ -8,7 +8,7 @@ import pytest
 
 from stages import pretrain
 from stages.base import ConfigError
-from stages.execute import artifact_ref, execute, join
+from pipeline.execute import artifact_ref, execute, join
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

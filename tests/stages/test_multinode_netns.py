@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from stages import pretrain
-from stages.execute import artifact_ref, execute
+from pipeline.execute import artifact_ref, execute
 from tests.train_helpers import REPO, assert_states_equal, store_with_data_and_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def _node(host: Host, rank: int, store, inputs, tmp: Path, run_id: str, *, cli: 
                   nproc=1, omp_threads=1, timeout=150, **sets)
     refs = {k: str(v) for k, v in inputs.items()}
     if cli:
-        args = ["-m", "flows.cli", "--store", str(store.root), "stage", "pretrain", "--preset", "tiny",
+        args = ["-m", "cli.main", "--store", str(store.root), "stage", "pretrain", "--preset", "tiny",
                 *[f"--input={k}={v}" for k, v in refs.items()],
                 *[f"--set={k}={json.dumps(v)}" for k, v in fields.items()], *(["--join"] if rank else [])]
     else:

@@ -18,8 +18,8 @@ from core.layouts import model_checkpoint
 from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig
 from stages import pretrain
 from stages.base import ConfigError, report_progress_to
-from stages.execute import artifact_ref, execute
-from stages.launch import LaunchError
+from pipeline.execute import artifact_ref, execute
+from stagekit.launch import LaunchError
 from tests.train_helpers import store_with_data_and_tokenizer
 
 
@@ -84,7 +84,7 @@ def _machine(monkeypatch, *, env_dtype: str = "", native_bf16: bool = True) -> N
 def test_auto_values_are_resolved_when_the_plan_is_built(built, monkeypatch, capsys):
     """dtype=auto resolves per machine: two machines that would train in different dtypes get two
     fingerprints, two that resolve the same values share one (and the artifact says what was decided)."""
-    from flows.cli import main
+    from cli.main import main
 
     store, inputs = built
     small = dict(num_iterations=2, eval_every=-1, save_every=-1, sample_every=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stages import report
-from stages.execute import execute
+from pipeline.execute import execute
 from tests.conftest import png_size
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Resume on any machine: a trainer's checkpoints mirrored to the store's staging area while it runs
-(stages/checkpoint_sync.py over artifacts/staging.py) and restored on a machine without its work
+(stagekit/checkpoint_sync.py over artifacts/staging.py) and restored on a machine without its work
 dir. Unit tests on fake checkpoints, then the real thing: two NANORUN_HOMEs on one S3 (moto) store,
 pretraining killed on "machine A" after its second checkpoint, rerun on "machine B", with final
 weights equal to an uninterrupted run's."""
@@ -21,8 +21,8 @@ import pytest
 from artifacts import open_store
 from artifacts.staging import STAGING, CheckpointStaging
 from stages import pretrain
-from stages.checkpoint_sync import CheckpointSync
-from stages.execute import artifact_ref, execute
+from stagekit.checkpoint_sync import CheckpointSync
+from pipeline.execute import artifact_ref, execute
 from tests.artifacts.fixtures import REPO, make_ref, subprocess_env
 from tests.train_helpers import assert_states_equal, final_state, store_with_data_and_tokenizer, trainer_env
 
@@ -155,7 +155,7 @@ MACHINE_A = """
 import json, logging, sys
 from artifacts import ArtifactRef, open_store
 from stages import pretrain
-from stages.execute import execute
+from pipeline.execute import execute
 logging.basicConfig(level=logging.INFO)
 url, inputs, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 execute(pretrain, pretrain.preset("tiny", **overrides), {k: ArtifactRef.parse(v) for k, v in inputs.items()},

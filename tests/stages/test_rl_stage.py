@@ -13,7 +13,7 @@ from core.checkpoint import load_checkpoint
 from core.layouts import model_checkpoint
 from stages import rl
 from stages.base import ConfigError
-from stages.execute import execute, plan, run_pipeline
+from pipeline.execute import execute, plan, run_pipeline
 from tests.conftest import png_size
 
 
@@ -50,7 +50,7 @@ def rl_store(tiny_run, tmp_path_factory):
 
 
 def _cli(store, *args) -> int:
-    import flows.cli as cli
+    import cli.main as cli
 
     return cli.main(["--store", store.url, "stage", "rl", "--preset", "tiny", *args])
 
@@ -98,7 +98,7 @@ def test_stage_rl_commits_an_rl_model_and_warns_on_a_pretrain_base(rl_store, sha
 
 
 def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data, capsys):
-    from flows.recipes import speedrun_steps
+    from pipeline.recipes import speedrun_steps
 
     store, run = rl_store
     steps = speedrun_steps("tiny", {"rl": {"enabled": True}}, eval_bundle=str(shared_data / "eval_bundle"),
@@ -115,11 +115,11 @@ def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data, caps
     assert json.loads((report / "summary.json").read_text())["rl"]["iterations"] == 2
     card = (store.materialize(out["export"].ref) / "README.md").read_text()
     assert "reinforcement learning" in card
-    from flows.chat_commands import find_chat_model
+    from cli.chat_commands import find_chat_model
 
     assert find_chat_model(str(out["rl"].ref), store).kind == "rl"  # `nanorun chat` / serve load it as a chat model
     assert {r.status for r in plan(steps, store)} == {"cached"}
-    import flows.cli as cli  # `stage rl --recipe tiny`: the recipe's rl step, on because it is the one asked for
+    import cli.main as cli  # `stage rl --recipe tiny`: the recipe's rl step, on because it is the one asked for
 
     assert cli.main(["--store", store.url, "stage", "rl", "--recipe", "tiny", "--eval-bundle",
                      str(shared_data / "eval_bundle"), "--chat-data", str(shared_data / "chat"), "--plan"]) == 0

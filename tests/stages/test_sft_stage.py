@@ -11,9 +11,10 @@ import pytest
 
 from core.checkpoint import check_tokenizer, load_model
 from core.layouts import model_checkpoint
-from stages import pretrain, sft, sources
+from stages import pretrain, sft
+from stagekit import sources
 from stages.base import ConfigError, report_progress_to
-from stages.execute import execute
+from pipeline.execute import execute
 from tests.stages._http_server import FileServer
 from tests.train_helpers import store_with_data_and_tokenizer
 

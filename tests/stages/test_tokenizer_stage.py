@@ -9,7 +9,7 @@ from core.tokenizer import SPECIAL_TOKENS, Tokenizer
 from stages import data_shards
 from stages import tokenizer as stage
 from stages.base import ConfigError, Input
-from stages.execute import execute
+from pipeline.execute import execute
 
 
 @pytest.fixture(scope="module")
