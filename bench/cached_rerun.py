@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from artifacts import open_store
     from pipeline.recipes import speedrun_steps
     from flows.speedrun import speedrun
-    from pipeline.execute import run_pipeline
+    from pipeline.plan import run_pipeline
 
     store = open_store(args.store or str(tmp / "store"))
     kwargs = dict(preset=args.preset, store=store.url, eval_bundle=args.eval_bundle)

@@ -243,34 +243,52 @@ class Speedrun:
                        help="override one config field of one step (repeatable), e.g. base.num_iterations=50")
         p.add_argument("--force", action="append", default=[], metavar="STEP", help="rebuild this step (repeatable)")
         p.add_argument("--plan", action="store_true", help="print the plan (cached / will run / locked) and exit")
+        p.add_argument("--json", action="store_true", help="with --plan: the compiled plan as JSON (each step's stage, "
+                                                            "full config, inputs, artifact and status)")
 
     @staticmethod
     def run(args) -> int:
-        from pipeline.recipes import check_force, parse_set, speedrun_steps
+        from pipeline.recipes import check_force, parse_set, speedrun_plan
 
         overrides = parse_set(args.sets)
         kwargs = dict(depth=args.depth, data_source=args.data_source, nproc=args.nproc, eval_bundle=args.eval_bundle,
                       chat_data=args.chat_data)
-        steps = speedrun_steps(args.preset, overrides, **kwargs)  # validate here: one clear line, exit 2
-        check_force(args.force, [s.name for s in steps])
+        plan = speedrun_plan(args.preset, overrides, **kwargs)  # compiled once here: a bad value is one line, exit 2
+        check_force(args.force, plan.names)
         if args.plan or not (args.force or os.environ.get("PREFECT_API_URL")):
-            from artifacts import open_store
-            from pipeline.execute import format_plan, plan
-
-            rows = plan(steps, open_store(args.store), force=args.force)
-            if args.plan:
-                print(format_plan(rows))
-                return 0
-            if all_cached(rows):
-                _print_refs({r.step: str(r.ref) for r in rows})
+            if _plan_answers(args, plan, args.force):
                 return 0
         _prefect_env()
         from flows.speedrun import speedrun
 
         refs = _run_flow(speedrun, f"speedrun {args.preset}", preset=args.preset, store=args.store,
-                         overrides=overrides, force=args.force, **kwargs)
+                         overrides=overrides, force=args.force, plan=plan.to_dict(), **kwargs)
         _print_refs(refs)
         return 0
+
+
+def _plan_answers(args, plan, force: list[str]) -> bool:
+    """--plan: print the plan (a table, or with --json the plan itself plus each step's status) and
+    answer; without it, answer from the store alone when every step is committed."""
+    import json
+
+    from artifacts import open_store
+    from pipeline.plan import format_plan, plan_rows
+
+    rows = plan_rows(plan, open_store(args.store), force=force)
+    if args.plan and args.json:
+        data = plan.to_dict()
+        for step, row in zip(data["steps"], rows):
+            step.update(status=row.status, action=row.action)
+        print(json.dumps(data, indent=1, default=str))
+        return True
+    if args.plan:
+        print(format_plan(rows))
+        return True
+    if all_cached(rows):
+        _print_refs({r.step: str(r.ref) for r in rows})
+        return True
+    return False
 
 
 class Stage:
@@ -292,13 +310,15 @@ class Stage:
         p.add_argument("--join", action="store_true", help="multi-node: run this node's share of the run node 0 "
                                                            "builds (pretrain, node_rank >= 1); commits nothing")
         p.add_argument("--plan", action="store_true", help="say cached / will run / locked and exit")
+        p.add_argument("--json", action="store_true", help="with --plan: the compiled one-step plan as JSON")
 
     @staticmethod
     def run(args) -> int:
         from artifacts import open_store
+        from pipeline.execute import load_stage
+        from pipeline.plan import Step, compile_plan
         from pipeline.recipes import parse_set
         from stages.base import ConfigError
-        from pipeline.execute import load_stage
 
         fields = parse_set([f"x.{s}" for s in args.sets]).get("x", {})
         if args.recipe and args.preset:
@@ -315,54 +335,53 @@ class Stage:
             if not eq or not name or not ref:
                 raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
             refs[name] = store.resolve(ref)
-        if args.plan:
-            from pipeline.execute import PlanRow, resume_note, status
+        plan = compile_plan([Step(mod.NAME, mod, cfg, refs)], {"stage": mod.NAME, "fields": fields})
+        if args.plan and not args.json:
+            from pipeline.plan import plan_rows
 
-            state, ref = status(mod, cfg, refs, store)
-            state = "run" if args.force and state == "cached" else state
-            note = resume_note(store, ref, args.force) if state == "run" else None
-            row = PlanRow(mod.NAME, mod.NAME, ref, state, note=note)
-            print(f"{ref}  {row.action}")
+            (row,) = plan_rows(plan, store, force=[mod.NAME] if args.force else [])
+            print(f"{row.ref}  {row.action}")
+            return 0
+        if args.plan:
+            _plan_answers(args, plan, [mod.NAME] if args.force else [])
             return 0
         _prefect_env()
-        from flows.speedrun import config_dict, stage
+        from flows.speedrun import stage
 
-        print(_run_flow(stage, f"stage {mod.NAME}", name=mod.NAME, config=config_dict(cfg),
+        print(_run_flow(stage, f"stage {mod.NAME}", name=mod.NAME, config=fields, preset=args.preset,
                         inputs={k: str(v) for k, v in refs.items()}, store=args.store, force=args.force,
-                        join=args.join))
+                        join=args.join, plan=plan.to_dict()))
         return 0
 
 
 def _recipe_step(args, fields: dict, store):
     """(stage module, Config, input refs) of one step of a speedrun recipe, built exactly as the
-    speedrun builds it; its inputs are the recipe's upstream artifacts, which must be in the store
-    (optional ones that are not are left out, as the speedrun leaves them out when missing)."""
-    from pipeline.recipes import TOGGLED_STAGES, speedrun_steps
+    speedrun builds it (each config once); its inputs are the recipe's upstream artifacts, which must
+    be in the store (optional ones that are not are left out, as the speedrun leaves them out)."""
+    from pipeline.execute import load_stage
+    from pipeline.plan import compile_plan, plan_rows
+    from pipeline.recipes import SPEEDRUN_GRAPH, TOGGLED_STAGES, speedrun_steps
     from stages.base import ConfigError, optional_inputs
-    from pipeline.execute import load_stage, plan
 
-    # a step the recipe leaves off (rl in cpu-demo) is on when it is the step asked for
-    toggled = {args.name: {"enabled": True}} if args.name in TOGGLED_STAGES else {}
-
-    def build(overrides=None):
-        return speedrun_steps(args.recipe, {**toggled, **(overrides or {})}, eval_bundle=args.eval_bundle,
-                              chat_data=args.chat_data)
-
-    matches = [s for s in build() if s.name == args.name or load_stage(s.stage).NAME == args.name]
+    matches = [n for n in SPEEDRUN_GRAPH if args.name in (n.name, n.stage)]
     if len(matches) != 1:
-        names = ", ".join(f"{s.name} ({load_stage(s.stage).NAME})" for s in build())
+        names = ", ".join(f"{n.name} ({n.stage})" for n in SPEEDRUN_GRAPH)
         raise ConfigError(f"recipe {args.recipe} has {'no' if not matches else 'more than one'} step {args.name!r}; "
                           f"its steps: {names}")
-    steps = build({matches[0].name: {**toggled.get(matches[0].name, {}), **fields}})
-    rows = {r.step: r for r in plan(steps, store)}
-    step = next(s for s in steps if s.name == matches[0].name)
+    name = matches[0].name
+    # a step the recipe leaves off (rl in cpu-demo) is on when it is the step asked for
+    toggled = {"enabled": True} if name in TOGGLED_STAGES else {}
+    steps = speedrun_steps(args.recipe, {name: {**toggled, **fields}}, eval_bundle=args.eval_bundle,
+                           chat_data=args.chat_data)
+    rows = {r.step: r for r in plan_rows(compile_plan(steps), store)}
+    step = next(s for s in steps if s.name == name)
     mod = load_stage(step.stage)
     refs = {}
-    for name, upstream in step.inputs.items():
+    for role, upstream in step.inputs.items():
         row = rows[upstream]
         if row.status == "cached":
-            refs[name] = row.ref
-        elif name not in optional_inputs(mod):
-            raise ConfigError(f"step {step.name}: its input {name} ({row.ref}) is not committed in {store.url}: "
+            refs[role] = row.ref
+        elif role not in optional_inputs(mod):
+            raise ConfigError(f"step {step.name}: its input {role} ({row.ref}) is not committed in {store.url}: "
                               f"run `nanorun speedrun --preset {args.recipe}` (or that step) first, or pass --input")
     return mod, step.cfg, refs

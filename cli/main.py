@@ -333,10 +333,10 @@ class Plan:
 
     @staticmethod
     def run(args) -> int:
-        from pipeline.execute import format_plan, load_steps, plan
+        from pipeline.plan import format_plan, load_steps, plan_rows
 
         store = open_store_from(args)
-        print(format_plan(plan(load_steps(args.file, store), store)))
+        print(format_plan(plan_rows(load_steps(args.file, store), store)))
         return 0
 
 

@@ -103,7 +103,7 @@ def run_sweep(args, sw) -> int:
     from artifacts import open_store
     from cli.commands import _prefect_env, _run_flow
     from pipeline.sweep import sweep_steps
-    from pipeline.execute import format_plan, plan
+    from pipeline.plan import format_plan, plan_rows
 
     kwargs = dict(eval_bundle=args.eval_bundle, data_source=args.data_source, nproc=args.nproc)
     steps = sweep_steps(sw, **kwargs)  # validate here: one clear line, exit 2
@@ -115,7 +115,7 @@ def run_sweep(args, sw) -> int:
     if missing:
         print(f"note: {missing}", file=sys.stderr)
     if args.plan:
-        print(format_plan(plan(steps.steps, open_store(args.store))))
+        print(format_plan(plan_rows(steps.steps, open_store(args.store))))
         print(f"then: sweep_report {sw.name} (the table, fits and plots of the {len(steps.points)} points)")
         return 0
     result = None if os.environ.get("PREFECT_API_URL") else cached_report(sw, steps, open_store(args.store))
@@ -136,9 +136,10 @@ def cached_report(sw, steps, store) -> dict | None:
     so its fingerprint is the one the flow would look up."""
     from cli.commands import all_cached
     from pipeline.sweep import point_row, report_config
-    from pipeline.execute import PlanRow, load_stage, plan, status
+    from pipeline.execute import load_stage, status
+    from pipeline.plan import PlanRow, plan_rows
 
-    rows = {r.step: r for r in plan(steps.steps, store)}
+    rows = {r.step: r for r in plan_rows(steps.steps, store)}
     if any(r.status != "cached" for r in rows.values()):
         return None
     manifest = {name: store.require(r.ref) for name, r in rows.items()}

@@ -7,7 +7,7 @@ worker listens (deploy/README.md "Several nodes"); after node 0 is done it waits
 on any node fails the step with that node's one-line reason; a retry of the flow submits every node
 again and each resumes from the newest checkpoint in the shared work dir.
 
-    ref = across_nodes("pretrain", config, inputs, store_url, lambda: run_stage(...))
+    ref = across_nodes(step, inputs, store_url, lambda: run_stage(...))   # step: a PlanStep's dict
 
 When the nodes start: NANORUN_START_NODES=1 always, 0 never (every node started by hand with
 `nanorun stage ... --join`), unset: when the flow itself runs from a deployment (the UI, a
@@ -48,18 +48,20 @@ def start_nodes_here() -> bool:
     return deployment.id is not None
 
 
-def across_nodes(stage: str, config: dict, inputs: dict[str, str], store_url: str | None, run_node0: Callable[[], Any],
+def across_nodes(step: dict, inputs: dict[str, str], store_url: str | None, run_node0: Callable[[], Any],
                  *, submit: Callable | None = None, state_of: Callable | None = None,
                  cancel: Callable | None = None, to_build: Callable[[], bool] | None = None,
                  finish_s: float = FINISH_S, poll_s: float = POLL_S) -> Any:
     """run_node0() with the other nodes' join runs submitted first and awaited after; returns its
-    result. submit(stage, config, inputs, store_url, rank) -> a run handle; state_of(handle) ->
+    result. step: the plan step (pipeline/plan.py PlanStep.to_dict()). submit(stage, config, inputs,
+    store_url, rank) -> a run handle; state_of(handle) ->
     (state name, final?, message); cancel(handle); to_build() -> whether the artifact is neither
     committed nor being built elsewhere: the Prefect and store calls, replaceable in tests."""
+    stage, config = step["stage"], step["config"]
     ranks = other_nodes(config)
     if not ranks or not start_nodes_here():
         return run_node0()
-    if not (to_build or (lambda: _to_build(stage, config, inputs, store_url)))():
+    if not (to_build or (lambda: _to_build(step, inputs, store_url)))():
         return run_node0()  # a cache hit, or another run builds it: no node has anything to do
     submit, state_of, cancel = submit or _submit, state_of or _state_of, cancel or _cancel
     runs = {}
@@ -126,14 +128,14 @@ def _deployment() -> str:
     return os.environ.get("NANORUN_STAGE_DEPLOYMENT") or DEPLOYMENT
 
 
-def _to_build(stage: str, config: dict, inputs: dict[str, str], store_url: str | None) -> bool:
+def _to_build(step: dict, inputs: dict[str, str], store_url: str | None) -> bool:
     from artifacts import open_store
     from artifacts.redact import unseal
-    from flows.tasks import build_call
-    from pipeline.execute import status
+    from flows.tasks import planned_ref
+    from pipeline.execute import stage_status
 
-    mod, cfg, refs = build_call(stage, config, inputs)
-    return status(mod, cfg, refs, open_store(unseal(store_url)))[0] == "run"
+    store = open_store(unseal(store_url))
+    return stage_status(store, planned_ref(unseal(step), inputs, store))[0] == "run"
 
 
 def _submit(stage: str, config: dict, inputs: dict[str, str], store_url: str | None, rank: int):

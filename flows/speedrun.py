@@ -11,7 +11,6 @@ between them run concurrently (the CORE bundle is fetched while the tokenizer tr
 from __future__ import annotations
 
 import base64
-import dataclasses
 import re
 from pathlib import Path
 from typing import Literal
@@ -21,16 +20,11 @@ from prefect import flow, get_run_logger
 from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from artifacts.redact import seal, unseal
-from pipeline import settings
 from flows.multinode import across_nodes
-from pipeline.recipes import PRESETS, check_force, speedrun_steps
 from flows.tasks import join_stage, run_stage
-from pipeline.execute import check_outcomes, format_outcomes, load_stage, walk
-
-
-def config_dict(cfg) -> dict:
-    """A config as task / flow parameters: credentials sealed (artifacts/redact.py seal)."""
-    return seal({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+from pipeline import settings
+from pipeline.plan import Plan, PlanStep, check_outcomes, format_outcomes, walk
+from pipeline.recipes import PRESETS, check_force, speedrun_plan, stage_plan
 
 
 # the UI's run form shows a dropdown of the known recipes (a typed parameter, checked before the run)
@@ -41,7 +35,7 @@ Preset = Literal[tuple(PRESETS)]
 def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int | None = None,
              data_source: str | None = None, nproc: int | None = None, eval_bundle: str | None = None,
              chat_data: str | None = None, overrides: dict[str, dict] | None = None,
-             force: list[str] | None = None) -> dict[str, str]:
+             force: list[str] | None = None, plan: dict | None = None) -> dict[str, str]:
     """The whole speedrun for a preset; returns {step: artifact ref} of the steps that have one.
 
     Every step whose inputs are available runs, even after another step failed; the run log ends
@@ -61,17 +55,23 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
             the settings' chat_data).
         overrides: config fields per step, {step: {field: value}}, e.g. {"base": {"num_iterations": 50}}.
         force: step names to rebuild even if committed (data, tokenizer, base, sft, ...).
+        plan: the compiled plan (pipeline/plan.py; `nanorun speedrun` passes the one it planned, and
+            the recipe fields above are then only its label). Without it (a run from the UI or a
+            schedule) the recipe is compiled here, once.
     """
     logger = get_run_logger()
-    store, data_source, eval_bundle, chat_data, overrides = unseal((store, data_source, eval_bundle, chat_data,
-                                                                    overrides))
-    steps = speedrun_steps(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
-                           eval_bundle=eval_bundle, chat_data=chat_data)
+    store, plan = unseal((store, plan))
+    if plan is None:
+        data_source, eval_bundle, chat_data, overrides = unseal((data_source, eval_bundle, chat_data, overrides))
+        compiled = speedrun_plan(preset, overrides, depth=depth, data_source=data_source, nproc=nproc,
+                                 eval_bundle=eval_bundle, chat_data=chat_data)
+    else:
+        compiled = Plan.from_dict(plan)
     force = list(force or [])
-    check_force(force, [s.name for s in steps])
+    check_force(force, compiled.names)
     store_url = open_store(settings.value("store", store)).url  # fail fast, with the store named, if unusable
-    logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(s.name for s in steps))
-    outcomes = walk(steps, prefect_step(store_url, force), on_outcome=lambda o: log_outcome(logger, o),
+    logger.info("speedrun %s -> %s: %s", preset, store_url, " -> ".join(compiled.names))
+    outcomes = walk(compiled, prefect_step(compiled, store_url, force), on_outcome=lambda o: log_outcome(logger, o),
                     store=open_store(store_url))
     logger.info("speedrun %s:\n%s", preset, format_outcomes(outcomes))
     refs = {name: str(o.ref) for name, o in outcomes.items() if o.ref is not None}
@@ -81,23 +81,25 @@ def speedrun(preset: Preset = "cpu-demo", store: str | None = None, depth: int |
     return refs
 
 
-def prefect_step(store_url: str, force: list[str]):
+def prefect_step(plan: Plan, store_url: str, force: list[str]):
     """walk()'s run_step for a flow: each step is a run_stage task run named after the step, waiting
     for its upstream task runs (so the UI draws the graph's edges)."""
     futures: dict[str, object] = {}
 
-    def run_step(step, inputs):
+    def run_step(step: PlanStep, inputs: dict):
         # only upstreams that produced what this step takes: Prefect never starts a task whose
         # wait_for holds a failed run (an optional input the walker left out, say)
-        upstream = [futures[v] for k, v in step.inputs.items() if isinstance(v, str) and k in inputs and v in futures]
-        name, config, refs = load_stage(step.stage).NAME, config_dict(step.cfg), {k: str(r) for k, r in inputs.items()}
+        upstream = [futures[v] for k, v in step.inputs.items() if k in inputs and v in futures]
+        refs = {k: str(r) for k, r in inputs.items()}
+        # credentials in a config stay out of the parameters the server records (artifacts/redact.py)
+        params = seal({**step.to_dict(), "as_planned": inputs == plan.input_refs(step)})
 
         def node0():
             fut = futures[step.name] = run_stage.with_options(task_run_name=step.name).submit(
-                name, config, refs, store_url, step.name in force, wait_for=upstream)
+                params, refs, store_url, step.name in force, wait_for=upstream)
             return fut.result()  # raises the task's own exception when it failed
 
-        ref = across_nodes(name, config, refs, store_url, node0)  # nnodes > 1: the other nodes join
+        ref = across_nodes(params, refs, store_url, node0)  # nnodes > 1: the other nodes join
         return open_store(store_url).require(ArtifactRef.parse(ref)), futures[step.name].state.name == "Cached"
     return run_step
 
@@ -146,24 +148,28 @@ def publish_markdown(markdown: str, artifact_dir: Path, *, key: str, description
 
 @flow(name="stage", log_prints=True, validate_parameters=True)
 def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None = None,
-          store: str | None = None, force: bool = False, join: bool = False, preset: str | None = None) -> str:
+          store: str | None = None, force: bool = False, join: bool = False, preset: str | None = None,
+          plan: dict | None = None) -> str:
     """Run or rerun one stage with explicit inputs (refs `stage/label-fp`, fingerprint prefixes or
     `stage@alias`); force rebuilds it even if committed. Returns the artifact ref.
 
     preset: the stage's own preset (pretrain: tiny, cpu-demo, d20, ...); config then holds only the
     fields that differ from it, so a rerun from the UI does not mean retyping the whole config.
+    plan: the one-step plan `nanorun stage` compiled (the fields above are then only its label);
+    without it the stage's config is built and resolved here, once.
 
     join: this node's share of a multi-node run that node 0 runs (pretrain with nnodes > 1 and
     node_rank >= 1): trains in the shared work dir, commits nothing. Node 0's run started from a
     deployment submits the other nodes' join runs itself (flows/multinode.py)."""
-    store, config = unseal((store, config))
+    store, config, plan = unseal((store, config, plan))
     st = open_store(settings.value("store", store))
-    mod = load_stage(name)
-    fields = dict(config or {})  # validated and resolved before any task starts
-    cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
-    refs = {k: str(st.resolve(v)) for k, v in (inputs or {}).items()}
+    if plan is None:
+        compiled = stage_plan(name, config, preset, {k: st.resolve(v) for k, v in (inputs or {}).items()})
+    else:
+        compiled = Plan.from_dict(plan)
+    (step,) = compiled.steps
+    params, refs = seal(step.to_dict()), {k: str(v) for k, v in compiled.input_refs(step).items()}
     if join:
-        return join_stage.with_options(task_run_name=f"{mod.NAME}-join")(mod.NAME, config_dict(cfg), refs, st.url)
-    return across_nodes(mod.NAME, config_dict(cfg), refs, st.url,  # nnodes > 1: the other nodes join
-                        lambda: run_stage.with_options(task_run_name=mod.NAME)(mod.NAME, config_dict(cfg), refs,
-                                                                                st.url, force))
+        return join_stage.with_options(task_run_name=f"{step.stage}-join")(params, refs, st.url)
+    return across_nodes(params, refs, st.url,  # nnodes > 1: the other nodes join
+                        lambda: run_stage.with_options(task_run_name=step.stage)(params, refs, st.url, force))

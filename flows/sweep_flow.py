@@ -20,12 +20,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
-from artifacts.redact import unseal
+from artifacts.redact import seal, unseal
 from pipeline import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
 from pipeline.sweep import Sweep, point_row, report_config, sweep_steps
 from flows.tasks import run_stage
-from pipeline.execute import format_outcomes, walk
+from pipeline.plan import compile_plan, format_outcomes, walk
+from pipeline.recipes import stage_plan
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True)
@@ -47,7 +48,8 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
                 sw.max_parallel)
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
     # point takes all its GPUs: 1); a failed point stops only its own CORE step
-    outcomes = walk(plan.steps, prefect_step(st.url, []), max_parallel=sw.max_parallel,
+    compiled = compile_plan(plan.steps)
+    outcomes = walk(compiled, prefect_step(compiled, st.url, []), max_parallel=sw.max_parallel,
                     on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
     rows, errors = [], {}
@@ -58,8 +60,8 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
         elif core is not None and core.status == "failed":  # "not run": no bundle, CORE is optional
             errors[p.key] = f"CORE failed: {core.detail}"
         rows.append(point_row(p, pre.manifest, core.manifest if core else None, errors.get(p.key)))
-    report = run_stage.with_options(task_run_name=f"{sw.kind} report")("sweep_report", report_config(sw, rows), {},
-                                                                       st.url)
+    (report_step,) = stage_plan("sweep_report", report_config(sw, rows), None, {}).steps
+    report = run_stage.with_options(task_run_name=f"{sw.kind} report")(seal(report_step.to_dict()), {}, st.url)
     ref = st.resolve(report)
     path = st.materialize(ref)
     markdown = (path / "report.md").read_text()

@@ -1,11 +1,11 @@
 """The one Prefect task every flow uses: run a stage through pipeline.execute.
 
-    ref = run_stage.submit("tokenizer", {"vocab_size": 8192}, {"data": shards_future}, store_url)
+    ref = run_stage.submit(plan.step("tokenizer").to_dict(), {"data": "data_shards/..."}, store_url)
 
 Caching: Prefect's result cache alone is not trusted (docs/versions.md#prefect-3: a Cached state survives the
 artifact being deleted). The cache key is the artifact's fingerprint and is offered only when the
 store holds that artifact committed and verified; otherwise the policy returns no key and the task
-runs, and execute() does the lookup/lease/build/commit. So a cached rerun shows every stage as
+runs, and execute_step() does the lookup/lease/build/commit. So a cached rerun shows every stage as
 Cached in the UI, and a deleted or damaged artifact is rebuilt.
 
 Logs: the `nanorun` loggers of the stage (and of the launcher streaming torchrun's output) are
@@ -31,7 +31,8 @@ from artifacts.errors import StoreUnreachableError
 from artifacts.manifest import ArtifactRef
 from artifacts.redact import unseal
 from stages.base import ConfigError, report_progress_to
-from pipeline.execute import execute, join, load_stage, status
+from pipeline.execute import execute_step, join, load_stage, stage_status
+from pipeline.plan import PlanStep
 
 PROGRESS_EVERY_S = 2.0
 
@@ -53,12 +54,18 @@ def print_forwarded_once() -> None:
             handler.addFilter(_not_forwarded)
 
 
-def build_call(stage: str, config: dict, inputs: dict[str, str]):
-    """(stage module, Config, {name: ArtifactRef}) from the task's JSON-friendly parameters."""
-    mod = load_stage(stage)
-    cfg = mod.Config.from_dict(unseal(dict(config)))  # parameters carry credentials sealed (artifacts/redact.py)
-    refs = {name: r if isinstance(r, ArtifactRef) else ArtifactRef.parse(r) for name, r in inputs.items()}
-    return mod, cfg, refs
+def planned_ref(step: dict, inputs: dict[str, str], store) -> ArtifactRef:
+    """The artifact a task run builds: the plan's ref when its inputs are the planned ones (no Config
+    is built: the plan carries the fingerprint), else (an optional input left out) the ref of the
+    config with these inputs."""
+    ref = ArtifactRef.parse(step["ref"])
+    if step.get("as_planned", True):
+        return ref
+    from pipeline.execute import artifact_ref, config_from_plan
+
+    mod = load_stage(step["stage"])
+    return artifact_ref(mod, config_from_plan(mod, step["config"], step["name"]),
+                        {k: ArtifactRef.parse(v) for k, v in inputs.items()})
 
 
 class StoreVerifiedCache(CachePolicy):
@@ -66,16 +73,16 @@ class StoreVerifiedCache(CachePolicy):
     the artifact committed and verified.
 
     When the store lacks the artifact, any record Prefect still has under that key is expired
-    before the key is returned: the task then runs (execute() rebuilds the artifact) and writes a
-    fresh record, so the very next run is Cached again."""
+    before the key is returned: the task then runs (execute_step() rebuilds the artifact) and writes
+    a fresh record, so the very next run is Cached again."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         if inputs.get("force"):
             return None
         try:
-            mod, cfg, refs = build_call(inputs["stage"], inputs["config"], inputs.get("inputs") or {})
             store = open_store(unseal(inputs.get("store_url")))
-            state, ref = status(mod, cfg, refs, store)
+            ref = planned_ref(inputs["step"], inputs.get("inputs") or {}, store)
+            state = stage_status(store, ref)[0]
         except Exception:  # let the task itself run and report the problem with a clear message
             return None
         # the same artifact in two stores is two cache entries (a rerun must verify the store it uses)
@@ -189,11 +196,14 @@ class _TerminalBar:
     """stages.base.progress() -> a tqdm bar on stderr (the CLI's view of a long stage)."""
 
     def __init__(self, name: str):
-        self.name, self.bar = name, None
-
-    def __call__(self, step: int, total: int, info: dict) -> None:
+        # imported here, on the task's thread: a stage reporting from several download threads at
+        # once made concurrent first imports of tqdm, and one saw the module half-initialised
         from tqdm import tqdm
 
+        self.name, self.bar, self.tqdm = name, None, tqdm
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        tqdm = self.tqdm
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.name, unit="step", dynamic_ncols=True, leave=True)
         self.bar.total = total
@@ -235,18 +245,25 @@ def _observed(name: str):
 
 @task(name="stage", cache_policy=StoreVerifiedCache(), persist_result=True, result_serializer="json",
       retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_is_transient)
-def run_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str | None = None,
-              force: bool = False) -> str:
-    """Build (or find) one stage's artifact; returns its ref `stage/label-fingerprint`."""
-    mod, cfg, refs = build_call(stage, config, inputs)
-    with _observed(mod.NAME):
-        manifest = execute(mod, cfg, refs, open_store(unseal(store_url)), force=force)
+def run_stage(step: dict, inputs: dict[str, str], store_url: str | None = None, force: bool = False) -> str:
+    """Build (or find) one plan step's artifact (pipeline/plan.py PlanStep.to_dict(), plus
+    `as_planned`: whether `inputs` are the ones the plan wired); returns its ref `stage/label-fingerprint`."""
+    step = unseal(step)
+    refs = {name: ArtifactRef.parse(r) for name, r in inputs.items()}
+    with _observed(step["stage"]):
+        manifest = execute_step(PlanStep.from_dict(step), refs, open_store(unseal(store_url)), force=force,
+                                as_planned=step.get("as_planned", True))
     return str(manifest.ref)
 
 
 @task(name="join-stage", cache_policy=NO_CACHE)
-def join_stage(stage: str, config: dict, inputs: dict[str, str], store_url: str | None = None) -> str:
+def join_stage(step: dict, inputs: dict[str, str], store_url: str | None = None) -> str:
     """This node's share of a multi-node build that another node runs (and commits)."""
-    mod, cfg, refs = build_call(stage, config, inputs)
+    from pipeline.execute import config_from_plan
+
+    step = unseal(step)
+    mod = load_stage(step["stage"])
+    cfg = config_from_plan(mod, step["config"], step["name"])
+    refs = {name: ArtifactRef.parse(r) for name, r in inputs.items()}
     with _observed(mod.NAME):
         return str(join(mod, cfg, refs, open_store(unseal(store_url))))

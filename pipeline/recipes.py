@@ -1,10 +1,11 @@
-"""Speedrun recipes as data: the stage graph, the presets, and overrides -> pipeline Steps.
+"""Speedrun recipes as data: the stage graph, the presets, and overrides -> a compiled Plan.
 
-No Prefect here: `nanorun plan --preset cpu-demo` and the Prefect flows build the same Steps.
+No Prefect here: `nanorun speedrun --plan` compiles the plan the flow then receives (a run started
+from the UI compiles it inside the flow, once).
 
-    steps = speedrun_steps("cpu-demo", {"base": {"num_iterations": 50}}, eval_bundle="../shared/data/eval_bundle",
-                           chat_data="../shared/data/chat")
-    print(format_plan(plan(steps, store)))
+    plan = speedrun_plan("cpu-demo", {"base": {"num_iterations": 50}}, eval_bundle="../shared/data/eval_bundle",
+                         chat_data="../shared/data/chat")   # configs built and resolved once, refs computed
+    print(format_plan(plan_rows(plan, store)))
 
 A preset maps each step of the graph to config overrides for that step's stage. Overrides given by
 the user are layered on top, as {step: {field: value}} (the CLI spells them `--set base.depth=6`).
@@ -15,8 +16,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from artifacts.manifest import ArtifactRef
+from pipeline.execute import load_stage
+from pipeline.plan import Plan, Step, compile_plan
 from stages.base import ConfigError
-from pipeline.execute import Step, load_stage
 
 
 # The speedrun: data -> tokenizer -> pretrain -> CORE (base) -> SFT -> [RL] -> chat eval -> export -> report.
@@ -173,6 +176,24 @@ def speedrun_steps(preset: str = "cpu-demo", overrides: dict[str, dict] | None =
             inputs.pop("eval_bundle", None)
         steps.append(dataclasses.replace(n, cfg=cfg, inputs=inputs))
     return steps
+
+
+def speedrun_plan(preset: str = "cpu-demo", overrides: dict[str, dict] | None = None, **recipe) -> Plan:
+    """The speedrun recipe compiled once (speedrun_steps' arguments): what the CLI prints with
+    --plan, what the flow receives, what every task runs from."""
+    steps = speedrun_steps(preset, overrides, **recipe)
+    given = {k: v for k, v in recipe.items() if v is not None}
+    return compile_plan(steps, {"preset": preset, "overrides": overrides or {}, **given})
+
+
+def stage_plan(stage: str, fields: dict | None, preset: str | None, inputs: dict[str, ArtifactRef]) -> Plan:
+    """One stage with explicit inputs (`nanorun stage`), as a one-step plan: its config from the
+    stage's own preset plus fields (or the fields alone), validated and resolved here, once."""
+    mod = load_stage(stage)
+    fields = dict(fields or {})
+    cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
+    return compile_plan([Step(mod.NAME, mod, cfg, dict(inputs))],
+                        {"stage": mod.NAME, **({"preset": preset} if preset else {}), "fields": fields})
 
 
 def _toggle(graph: list[Step], layers: dict[str, dict]) -> list[Step]:

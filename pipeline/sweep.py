@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pipeline.recipes import PRESETS as RECIPES
 from pipeline.recipes import merge, speedrun_steps
 from stages.base import ConfigError
-from pipeline.execute import Step, artifact_ref
+from pipeline.execute import artifact_ref
+from pipeline.plan import Step
 
 SHARED_STEPS = ("data", "tokenizer", "eval_bundle")
 HORIZON_FIELDS = ("target_flops", "target_param_data_ratio")

@@ -145,7 +145,7 @@ def tiny_run(tmp_path_factory, shared_data):
     (store, {step name: Manifest}). Tests that only read these artifacts share it."""
     from artifacts import open_store
     from pipeline.recipes import speedrun_steps
-    from pipeline.execute import run_pipeline
+    from pipeline.plan import run_pipeline
 
     store = open_store(str(tmp_path_factory.mktemp("tiny-store")))
     steps = speedrun_steps("tiny", eval_bundle=str(shared_data / "eval_bundle"), chat_data=str(shared_data / "chat"))

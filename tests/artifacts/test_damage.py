@@ -11,7 +11,8 @@ import pytest
 from artifacts import ChecksumError, CorruptManifestError
 from artifacts import verified
 from cli.main import main
-from pipeline.execute import Step, execute, format_plan, plan, status
+from pipeline.execute import execute, status
+from pipeline.plan import Step, format_plan, plan_rows
 from tests.artifacts import toy_consumer, toy_stage
 from tests.artifacts.fixtures import forget_local_copy, make_ref, put, s3_store, store, tamper  # noqa: F401 (fixtures)
 
@@ -126,7 +127,7 @@ def test_cache_hit_rebuilds_damaged_target_and_consumer_refuses(tmp_path, store)
     if not hasattr(store, "root"):
         return  # S3: a cache hit compares sizes; the bytes are hashed when a consumer downloads them
     steps = [Step("toy", toy_stage, cfg)]
-    assert "will run" in format_plan(plan(steps, store))
+    assert "will run" in format_plan(plan_rows(steps, store))
     execute(toy_stage, cfg, {}, store)
     assert (tmp_path / "calls").read_text().count("\n") == 2 and status(toy_stage, cfg, {}, store)[0] == "cached"
     assert execute(toy_consumer, toy_consumer.Config(), {"src": m.ref}, store).metrics == {"total": 80_000}

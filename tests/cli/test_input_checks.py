@@ -10,7 +10,7 @@ from artifacts import open_store
 from artifacts.manifest import ArtifactRef
 from cli.main import main
 from pipeline.recipes import speedrun_steps
-from pipeline.execute import plan
+from pipeline.plan import plan_rows
 
 
 @pytest.mark.parametrize("url", ["s3:/bucket/runs", "s3:bucket", "file:/tmp/x", "https:/host/runs"])
@@ -34,13 +34,13 @@ def test_a_force_typo_is_one_line_before_anything_starts(tmp_path, capsys):
 def test_the_plan_shows_what_force_and_a_checkpoint_do(tmp_path, capsys):
     store = open_store(str(tmp_path))
     steps = speedrun_steps("tiny")
-    rows = {r.step: r for r in plan(steps, store)}
+    rows = {r.step: r for r in plan_rows(steps, store)}
     assert rows["base"].action == "will run"
     ckpt = store.work_dir_path(rows["base"].ref) / "checkpoints" / "step_000007"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text("{}")  # a complete checkpoint (meta.json is written last)
     (ckpt.parent / "step_000009.tmp-1").mkdir()  # an interrupted save is not one
-    rows = {r.step: r for r in plan(steps, store, force=["tokenizer", "base"])}
+    rows = {r.step: r for r in plan_rows(steps, store, force=["tokenizer", "base"])}
     assert rows["base"].action == "will run (--force: rebuilt from scratch, not from its checkpoint at step 7)"
     assert rows["tokenizer"].action == "will run (--force: rebuilt from scratch)"
     assert main(["--store", str(tmp_path), "speedrun", "--preset", "tiny", "--plan"]) == 0

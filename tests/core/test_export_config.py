@@ -56,7 +56,7 @@ def test_hostile_configs_are_refused_before_building(bundle, tmp_path, file, key
 
 
 def test_the_cli_says_so_in_one_line(bundle, tmp_path, capsys):
-    from cli import main
+    import cli.main as cli
     from tests.cli.test_cli import one_line_error
 
     path = _copy(bundle, tmp_path)

@@ -51,7 +51,7 @@ def test_node_0_starts_the_others_on_their_queues_and_waits_for_them():
             fake.states[rank] = ("Completed", True, "")
         return "pretrain/d2-abc"
 
-    assert across_nodes("pretrain", CONFIG, {"data": "d/x"}, "/store", node0, **fake.kw()) == "pretrain/d2-abc"
+    assert across_nodes({"stage": "pretrain", "config": CONFIG}, {"data": "d/x"}, "/store", node0, **fake.kw()) == "pretrain/d2-abc"
     (stage, config, inputs, store, rank), _ = fake.submitted
     assert (stage, inputs, store, rank) == ("pretrain", {"data": "d/x"}, "/store", 1)
     assert config == {**CONFIG, "node_rank": 1} and fake.submitted[1][1]["node_rank"] == 2
@@ -69,7 +69,7 @@ def test_a_failed_node_fails_the_step_with_its_reason_and_the_rest_are_stopped()
         raise RuntimeError("pretrain: node 1 (10.0.0.2) failed: ...")
 
     with pytest.raises(NodeFailed) as exc:
-        across_nodes("pretrain", CONFIG, {}, None, node0, **fake.kw())
+        across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, node0, **fake.kw())
     msg = str(exc.value)
     assert msg.startswith("pretrain: node 1 failed: Flow run encountered an exception: LaunchError: pretrain-node1: "
                           "CUDA OOM more lines; node 2 never started (its join run is Scheduled: is a worker "
@@ -86,7 +86,7 @@ def test_node_0_failing_alone_keeps_its_own_error():
         raise ValueError("pretrain: bad config")
 
     with pytest.raises(ValueError, match="bad config"):
-        across_nodes("pretrain", CONFIG, {}, None, node0, **fake.kw())
+        across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, node0, **fake.kw())
 
 
 def test_an_interrupt_stops_the_other_nodes_at_once():
@@ -96,7 +96,7 @@ def test_an_interrupt_stops_the_other_nodes_at_once():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        across_nodes("pretrain", CONFIG, {}, None, node0, **fake.kw(finish_s=60))
+        across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, node0, **fake.kw(finish_s=60))
     assert fake.cancelled == [1, 2]
 
 
@@ -104,10 +104,10 @@ def test_no_submission_for_one_node_a_joining_node_a_cache_hit_or_by_hand(monkey
     fake = FakePrefect()
     assert other_nodes({"nnodes": 1}) == [] and other_nodes({"nnodes": 2, "node_rank": 1}) == []
     assert other_nodes({"vocab_size": 4096}) == []  # stages without nodes
-    assert across_nodes("pretrain", {"nnodes": 1}, {}, None, lambda: "one", **fake.kw()) == "one"
-    assert across_nodes("pretrain", CONFIG, {}, None, lambda: "hit", **fake.kw(to_build=lambda: False)) == "hit"
+    assert across_nodes({"stage": "pretrain", "config": {"nnodes": 1}}, {}, None, lambda: "one", **fake.kw()) == "one"
+    assert across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, lambda: "hit", **fake.kw(to_build=lambda: False)) == "hit"
     monkeypatch.setenv("NANORUN_START_NODES", "0")
-    assert across_nodes("pretrain", CONFIG, {}, None, lambda: "by hand", **fake.kw()) == "by hand"
+    assert across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, lambda: "by hand", **fake.kw()) == "by hand"
     assert fake.submitted == []
 
 
@@ -121,7 +121,7 @@ def test_a_missing_deployment_is_one_line_saying_what_to_do():
 
     with pytest.raises(NodeFailed, match=r"could not start node 2 of 3: Deployment 'stage/stage' not found .*"
                                          r"NANORUN_START_NODES=0"):
-        across_nodes("pretrain", CONFIG, {}, None, lambda: pytest.fail("node 0 ran"), **fake.kw(submit=submit))
+        across_nodes({"stage": "pretrain", "config": CONFIG}, {}, None, lambda: pytest.fail("node 0 ran"), **fake.kw(submit=submit))
     assert fake.cancelled == [1]
 
 
@@ -130,13 +130,19 @@ def test_the_stage_flow_runs_node_0_through_across_nodes(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_across(stage, config, inputs, store_url, run_node0):
-        seen.update(stage=stage, config=config, store=store_url)
+    def fake_across(step, inputs, store_url, run_node0):
+        seen.update(stage=step["stage"], config=step["config"], store=store_url)
         return "pretrain/d2-fake"
 
     monkeypatch.setattr(flows.speedrun, "across_nodes", fake_across)
-    ref = flows.speedrun.stage.fn("pretrain", config={"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500"}, preset="tiny",
-                                  store=str(tmp_path / "store"))
+    from artifacts.manifest import ArtifactRef
+    from pipeline.recipes import stage_plan
+
+    config = {"nnodes": 2, "rdzv_endpoint": "10.0.0.1:29500"}
+    inputs = {"data": ArtifactRef("data_shards", "x", "a" * 16), "tokenizer": ArtifactRef("tokenizer", "v", "b" * 16)}
+    plan = stage_plan("pretrain", config, "tiny", inputs)  # as `nanorun stage` compiles it
+    ref = flows.speedrun.stage.fn("pretrain", config=config, preset="tiny", store=str(tmp_path / "store"),
+                                  plan=plan.to_dict())
     assert ref == "pretrain/d2-fake" and seen["stage"] == "pretrain"
     assert (seen["config"]["nnodes"], seen["config"]["node_rank"], seen["config"]["depth"]) == (2, 0, 2)
 

@@ -10,7 +10,8 @@ import pytest
 import pipeline.execute as ex
 from artifacts.lease import Lease
 from stages.base import ConfigError
-from pipeline.execute import PlanError, Step, execute, format_plan, load_steps, plan, run_pipeline, status
+from pipeline.execute import PlanError, execute, execute_step, status
+from pipeline.plan import Step, format_plan, load_steps, plan_rows, run_pipeline
 from tests.artifacts import toy_consumer, toy_stage
 from tests.artifacts.fixtures import run_python, store, tamper  # noqa: F401 (fixture)
 
@@ -94,13 +95,13 @@ def test_plan_statuses_and_pipeline(store, tmp_path):
     steps = [Step("a", toy_stage, toy_stage.Config(n=1, calls_dir=str(tmp_path))),
              Step("b", toy_consumer, toy_consumer.Config(scale=2), {"src": "a"}),
              Step("c", toy_stage, toy_stage.Config(n=2))]
-    rows = plan(steps, store)
+    rows = plan_rows(steps, store)
     assert [r.status for r in rows] == ["run", "run", "run"]
     execute(toy_stage, steps[0].cfg, {}, store)
     holder = Lease(store, rows[2].ref, ttl=30)
     assert holder.try_acquire()
     try:
-        rows = plan(steps, store)
+        rows = plan_rows(steps, store)
         assert [r.status for r in rows] == ["cached", "run", "locked"]
         assert rows[2].owner.startswith(holder.owner.rsplit(":", 2)[0]) and "locked by" in rows[2].action
         text = format_plan(rows)
@@ -110,11 +111,11 @@ def test_plan_statuses_and_pipeline(store, tmp_path):
     results = run_pipeline(steps, store)
     assert {k: m.ref for k, m in results.items()} == {r.step: r.ref for r in rows}  # plan named them exactly
     assert results["b"].inputs == {"src": results["a"].ref} and calls(tmp_path) == 1
-    assert [r.status for r in plan(steps, store)] == ["cached"] * 3
+    assert [r.status for r in plan_rows(steps, store)] == ["cached"] * 3
     with pytest.raises(PlanError, match="not an earlier step"):
-        plan([Step("b", toy_consumer, toy_consumer.Config(), {"src": "later"})], store)
+        plan_rows([Step("b", toy_consumer, toy_consumer.Config(), {"src": "later"})], store)
     with pytest.raises(PlanError, match="duplicate step name"):
-        plan([steps[0], steps[0]], store)
+        plan_rows([steps[0], steps[0]], store)
     with pytest.raises(PlanError, match="unknown step"):
         run_pipeline(steps, store, force=["zzz"])
 
@@ -128,7 +129,7 @@ def test_plan_file(store, tmp_path, toy_stages):
                  f"  - {{name: c, stage: toy_sum, config: {{scale: 5}}, inputs: {{src: '{up.ref.fingerprint[:6]}'}}}}\n")
     steps = load_steps(f, store)
     assert steps[1].inputs == {"src": "a"} and steps[2].inputs == {"src": up.ref}
-    assert [r.status for r in plan(steps, store)] == ["run", "run", "run"]
+    assert [r.status for r in plan_rows(steps, store)] == ["run", "run", "run"]
     f.write_text(json.dumps({"steps": [{"name": "a", "stage": "toy", "config": {"n": 0}}]}))
     with pytest.raises(ConfigError, match="n must be >= 1"):
         load_steps(f, store)
@@ -247,7 +248,7 @@ def test_a_failed_step_stops_only_what_needs_it(store, tmp_path):
     from dataclasses import dataclass
 
     from stages.base import StageConfig, identity
-    from pipeline.execute import PipelineFailed, format_outcomes, walk
+    from pipeline.plan import PipelineFailed, format_outcomes, walk
 
     @dataclass(frozen=True)
     class _Cfg(StageConfig):
@@ -277,7 +278,7 @@ def test_a_failed_step_stops_only_what_needs_it(store, tmp_path):
     # the rerun reuses what was committed and, with nothing failing any more, succeeds
     fixed = [Step(s.name, s.stage, toy_stage.Config(n=2) if s.name == "bad" else s.cfg, s.inputs, s.optional)
              for s in steps if s.name not in ("evidence", "uses_evidence", "needs_evidence")]
-    outcomes = walk(fixed, lambda step, inputs: (execute(step.stage, step.cfg, inputs, store),
+    outcomes = walk(fixed, lambda step, inputs: (execute_step(step, inputs, store),
                                                   step.name in ("good", "needs_good")), max_parallel=2)
     assert {n: o.status for n, o in outcomes.items()} == {
         "bad": "committed", "needs_bad": "committed", "good": "cached", "needs_good": "cached"}

@@ -104,10 +104,10 @@ def _fingerprints(plan_text: str) -> dict[str, str]:
 # does), in the checkout (prefect.yaml's pull step), building the plan as flows/speedrun.py does.
 FLOW_PLAN = """
 from pipeline.recipes import speedrun_steps
-from pipeline.execute import format_plan, plan
+from pipeline.plan import format_plan, plan_rows
 from artifacts import open_store
 from pipeline import settings
-print(format_plan(plan(speedrun_steps("tiny"), open_store(settings.value("store")))))
+print(format_plan(plan_rows(speedrun_steps("tiny"), open_store(settings.value("store")))))
 """
 
 
@@ -139,7 +139,7 @@ def test_the_ui_and_the_cli_plan_the_same_fingerprints(tmp_path, shared_data):
     shared = {s.name: s for s in speedrun_steps("tiny", eval_bundle=str(tmp_path / "shared/data/eval_bundle"),
                                                 chat_data=str(tmp_path / "shared/data/chat"))}
     from artifacts import open_store
-    from pipeline.execute import plan
+    from pipeline.plan import plan_rows
 
-    expected = {r.step: str(r.ref) for r in plan(list(shared.values()), open_store(str(tmp_path / "store")))}
+    expected = {r.step: str(r.ref) for r in plan_rows(list(shared.values()), open_store(str(tmp_path / "store")))}
     assert cmd == expected

@@ -13,7 +13,8 @@ from core.checkpoint import load_checkpoint
 from core.layouts import model_checkpoint
 from stages import rl
 from stages.base import ConfigError
-from pipeline.execute import execute, plan, run_pipeline
+from pipeline.execute import execute
+from pipeline.plan import plan_rows, run_pipeline
 from tests.conftest import png_size
 
 
@@ -118,7 +119,7 @@ def test_tiny_speedrun_with_rl_on_and_a_cached_rerun(rl_store, shared_data, caps
     from cli.chat_commands import find_chat_model
 
     assert find_chat_model(str(out["rl"].ref), store).kind == "rl"  # `nanorun chat` / serve load it as a chat model
-    assert {r.status for r in plan(steps, store)} == {"cached"}
+    assert {r.status for r in plan_rows(steps, store)} == {"cached"}
     import cli.main as cli  # `stage rl --recipe tiny`: the recipe's rl step, on because it is the one asked for
 
     assert cli.main(["--store", store.url, "stage", "rl", "--recipe", "tiny", "--eval-bundle",
