@@ -1,7 +1,9 @@
 """The run index: a DuckDB file ($NANORUN_HOME/index.duckdb, one per machine) listing every committed
 artifact of every store used here (rows carry the store URL), with configs, metrics, provenance and
 lineage, for `nanorun ls` and the leaderboard. The manifests in the stores are the truth; this is a
-cache of them, rebuilt from a store's manifests when missing (`nanorun index --rebuild`).
+cache of them, rebuilt from a store's manifests when missing (`nanorun index --rebuild`). Stores
+keep it current on commit, push and delete through RunIndex, which artifacts/__init__.py registers
+with artifacts/store.py (the store does not import this module).
 
 DuckDB lets one process write at a time (a file lock; readers are locked out meanwhile too), so
 every access opens, works for milliseconds and closes. Updates go through a journal first: a commit

@@ -1,4 +1,5 @@
-"""The local-directory backend (see artifacts/store.py for the layout and the interface).
+"""The local-directory backend (see artifacts/store.py for the layout and the interface), built on the
+store; artifacts/__init__.py registers it with open_store for directory paths and file:// URLs.
 
 Commit is a rename: the work dir lives under `{root}/.staging/{stage}/{label}-{fp}` on the same
 filesystem, so after hashing (and fsyncing) its files it is renamed to `{root}/{stage}/{label}-{fp}`

@@ -1,5 +1,6 @@
 """The S3 backend (boto3; any S3-compatible server: the endpoint comes from $NANORUN_S3_ENDPOINT_URL,
-else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL). See artifacts/store.py for the layout.
+else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL). See artifacts/store.py for the layout. Built on the
+store; artifacts/__init__.py registers it with open_store for s3:// URLs, loaded on first use.
 
 - commit: every file goes up through boto3's transfer manager (multipart, parallel parts) while
   another thread hashes it; objects left over from an older or interrupted commit are deleted; the

@@ -19,7 +19,8 @@ against the listed size and sha256.
 
 execute() discards the area once the artifact is committed, and `nanorun gc` treats it like any
 other uncommitted leftover: removed when its artifact is committed, or when no live lease protects
-it and it was not updated for the grace period.
+it and it was not updated for the grace period (gc_items below, which artifacts/__init__.py
+registers with Store.gc: this module builds on the store, never the reverse).
 
 Only the store's primitives are used (_read/_write/_dirs/_files/_remove, _put_file/_get_file to
 stream large files, _remove_tree), so every backend gets it; mirroring is switched on only where

@@ -1,5 +1,7 @@
 """The artifact store: one interface, two backends (local directory: artifacts/local.py, S3:
-artifacts/s3.py), the same behaviour on both.
+artifacts/s3.py), the same behaviour on both. This module is the bottom of the package: the modules
+built on it (the backends, the run index, the staging area) register with it and it imports none of
+them (artifacts/__init__.py wires them up; tests/artifacts/test_no_import_cycle.py keeps it so).
 
     store = open_store()                      # $NANORUN_STORE, else the local root $NANORUN_HOME
     store = open_store("s3://bucket/prefix")  # endpoint from $NANORUN_S3_ENDPOINT_URL (any S3 server)
@@ -57,6 +59,33 @@ def utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# ---- what plugs into the store ---------------------------------------------------------------
+# Registered by artifacts/__init__.py, which Python runs before any artifacts.* module: every
+# process that can reach open_store has them all.
+Backend = Callable[[str, bool], "Store"]  # (the URL, a directory path for "file"; index) -> the store
+GcSource = Callable[["Store", set, float], list["GcItem"]]  # (store, refs being built, grace_s) -> items
+_BACKENDS: dict[str, Backend] = {}
+_GC_SOURCES: dict[str, GcSource] = {}
+_RUN_INDEX: Callable[[], object] | None = None  # RunIndex (artifacts/index.py): .record / .forget artifacts
+
+
+def register_backend(scheme: str, open_backend: Backend) -> None:
+    """open_store(f"{scheme}://...") builds its store with open_backend(url, index); "file" also
+    serves plain paths."""
+    _BACKENDS[scheme] = open_backend
+
+
+def register_gc_source(name: str, items: GcSource) -> None:
+    """Store.gc also removes items(store, live refs, grace_s): leftovers of a layer built on the store."""
+    _GC_SOURCES[name] = items
+
+
+def register_run_index(run_index: Callable[[], object]) -> None:
+    """The machine's run index that commits, pushes and deletes keep up to date (unless index=False)."""
+    global _RUN_INDEX
+    _RUN_INDEX = run_index
+
+
 def open_store(url: str | None = None, *, index: bool = True) -> "Store":
     """The store at `url`: `s3://bucket/prefix`, a directory path (or file://path); None means
     $NANORUN_STORE if set, else the local root $NANORUN_HOME (default ~/.cache/nanorun).
@@ -65,17 +94,12 @@ def open_store(url: str | None = None, *, index: bool = True) -> "Store":
     if _MISTYPED_URL.match(url):  # `s3:/bucket/runs` would silently become a directory in the cwd
         raise StoreError(f"store {url!r} looks like a mistyped URL: write s3://bucket/prefix (two slashes), "
                          f"or ./{url} for a directory of that name")
-    if url.startswith("s3://"):
-        from artifacts.s3 import S3Store
-
-        return S3Store(url, index=index)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "file", url
+    if scheme not in _BACKENDS:
         raise StoreError(f"unsupported store URL {url!r}: use a directory path or s3://bucket/prefix")
-    from artifacts.local import LocalStore
-
-    return LocalStore(Path(url), index=index)
+    return _BACKENDS[scheme](rest if scheme == "file" else url, index)
 
 
 @dataclass
@@ -483,9 +507,8 @@ class Store:
                 items.append(GcItem("unreferenced", ref.key, m.total_bytes,
                                     "no alias reaches it", lambda r=ref: self.delete(r), ref))
         items += self._gc_local(set(live), grace_s)
-        from artifacts.staging import gc_items as staging_gc_items  # (it builds on this module)
-
-        items += staging_gc_items(self, set(live), grace_s)
+        for source in _GC_SOURCES.values():  # the staging area's (artifacts/staging.py)
+            items += source(self, set(live), grace_s)
         if not dry_run:
             for item in items:
                 item.delete()
@@ -494,15 +517,11 @@ class Store:
     # ---- run index hooks (best effort: the index can always be rebuilt from manifests) ---------
     def _index_record(self, m: Manifest) -> None:
         if self._use_index:
-            from artifacts.index import RunIndex
-
-            RunIndex().record(self.url, m)
+            _RUN_INDEX().record(self.url, m)
 
     def _index_forget(self, ref: ArtifactRef) -> None:
         if self._use_index:
-            from artifacts.index import RunIndex
-
-            RunIndex().forget(self.url, ref)
+            _RUN_INDEX().forget(self.url, ref)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"

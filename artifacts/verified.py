@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from artifacts.files import HASH_THREADS, sha256_file
+from artifacts.store import nanorun_home
 
 log = logging.getLogger("nanorun.store")
 
@@ -37,8 +38,6 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER
 
 
 def db_path() -> Path:
-    from artifacts.store import nanorun_home  # store.py imports this module
-
     return nanorun_home() / "verified.sqlite"
 
 
