@@ -109,6 +109,28 @@ def parse_candidate(spec: str) -> Candidate:
     return Candidate(name, "config", parse_set(items))
 
 
+def _is_candidate(item: str) -> bool:
+    """Whether a `compare --a/--b` item is a candidate rather than an arm's STEP.FIELD=VALUE override:
+    "baseline", NAME=git:/patch:, or NAME=STEP.FIELD=VALUE (a second '=')."""
+    _, _, rest = item.strip().partition("=")
+    return item.strip() == "baseline" or rest.startswith(("git:", "patch:")) or "=" in rest
+
+
+def arm_candidate(arm: str, items: list[str]) -> Candidate:
+    """One arm of a comparison from its command-line items: at most one candidate (FORMS), and any
+    STEP.FIELD=VALUE overrides layered on it; no candidate is the baseline, named `arm` once overridden."""
+    found = [parse_candidate(i) for i in items if _is_candidate(i)]
+    if len(found) > 1:
+        raise ConfigError(f"arm {arm}: one candidate per arm, got {', '.join(c.name for c in found)}")
+    c = found[0] if found else Candidate("baseline", "baseline")
+    sets = parse_set([i for i in items if not _is_candidate(i)])
+    if not sets:
+        return c
+    if c.kind == "baseline":
+        return Candidate(arm, "config", sets)
+    return dataclasses.replace(c, overrides=merge(c.overrides, sets))
+
+
 # ---- checkouts: the code a candidate runs -------------------------------------------------------------
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
@@ -229,13 +251,13 @@ def _log_outcome(o) -> None:
 
 
 def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, data_source: str | None = None,
-               run_step=None) -> list[dict]:
+               nproc: int | None = None, run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with this process's code: the rows, failed points included.
     run_step: how each step runs (pipeline.execute.RunStep; a Prefect flow passes its task)."""
     from artifacts import open_store
     from pipeline.execute import walk
 
-    plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source)
+    plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     st = open_store(store)
     outcomes = walk(plan.steps, run_step or _execute_step(st), max_parallel=sw.max_parallel,
                     on_outcome=_log_outcome, store=st)
@@ -243,41 +265,63 @@ def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, 
 
 
 def local_plan(sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
-               data_source: str | None = None) -> list[dict]:
+               data_source: str | None = None, nproc: int | None = None) -> list[dict]:
     """What running sw's points here would do: {step, stage, ref, status} per step, nothing run."""
     from artifacts import open_store
     from pipeline.execute import plan
 
-    rows = plan(sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source).steps, open_store(store))
+    rows = plan(sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc).steps, open_store(store))
     return [{"step": r.step, "stage": r.stage, "ref": str(r.ref), "status": r.status} for r in rows]
 
 
 def point_rows(c: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
-               data_source: str | None = None, repo: Path | str | None = None, run_step=None) -> list[dict]:
+               data_source: str | None = None, nproc: int | None = None, repo: Path | str | None = None,
+               run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with c's code and overrides: pipeline.sweep.point_row dicts,
     one per point; a failed point is a row with its error and does not stop the others. A code
     candidate whose process fails as a whole (its code does not import, say) gives every point that
     error. run_step applies to the points run in this process (baseline, config)."""
-    csw = candidate_sweep(c, sw)
+    csw, kw = candidate_sweep(c, sw), dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     if not c.code:
-        return local_rows(csw, store=store, eval_bundle=eval_bundle, data_source=data_source, run_step=run_step)
+        return local_rows(csw, run_step=run_step, **kw)
     try:
-        return in_checkout(c, "rows", csw, store=store, eval_bundle=eval_bundle, data_source=data_source,
-                           repo=repo)["rows"]
+        return in_checkout(c, "rows", csw, repo=repo, **kw)["rows"]
     except CandidateFailed as e:
-        plan = sweep_steps(csw, eval_bundle=eval_bundle, data_source=data_source)
+        plan = sweep_steps(csw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
         return [point_row(p, error=str(e)) for p in plan.points]
 
 
 def plan_rows(c: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
-              data_source: str | None = None, repo: Path | str | None = None) -> list[dict]:
+              data_source: str | None = None, nproc: int | None = None, repo: Path | str | None = None) -> list[dict]:
     """What point_rows would run and find cached, nothing run: {step, stage, ref, status} per step,
     fingerprinted with c's code (a code candidate's checkout is made if needed)."""
-    csw = candidate_sweep(c, sw)
+    csw, kw = candidate_sweep(c, sw), dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     if not c.code:
-        return local_plan(csw, store=store, eval_bundle=eval_bundle, data_source=data_source)
-    return in_checkout(c, "plan", csw, store=store, eval_bundle=eval_bundle, data_source=data_source,
-                       repo=repo)["plan"]
+        return local_plan(csw, **kw)
+    return in_checkout(c, "plan", csw, repo=repo, **kw)["plan"]
+
+
+def compare(a: Candidate, b: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
+            data_source: str | None = None, nproc: int | None = None, repo: Path | str | None = None,
+            run_step=None) -> dict:
+    """Arm A = a's points, arm B = b's, over sw's grid and seeds, and the sweep_report stage's
+    comparison of them (stages/sweep_report.py does the statistics): {"report": ref, "path": its
+    local dir, "markdown", "failed": {point: error}}. A failed point is left out of the statistics."""
+    from artifacts import open_store
+    from pipeline.execute import execute, load_stage
+
+    kw = dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc, repo=repo)
+    rows, arms = [], []
+    for arm, c in (("A", a), ("B", b)):
+        rows += [{**r, "arm": arm, "point": f"{arm}-{r['point']}"} for r in point_rows(c, sw, run_step=run_step, **kw)]
+        where = f" (checkout {checkout(c, repo=repo).name})" if c.code else ""
+        arms.append((arm, f"{c.name}: {c.describe()}{where}"))
+    st = open_store(_store_url(store))
+    mod = load_stage("sweep_report")
+    m = execute(mod, mod.Config.from_dict({"name": sw.name, "kind": "compare", "rows": rows, "arms": arms}), {}, st)
+    path = st.materialize(m.ref)
+    return {"report": str(m.ref), "path": str(path), "markdown": (path / "report.md").read_text(),
+            "failed": {r["point"]: r["status"] for r in rows if r["status"] != "ok"}}
 
 
 class CandidateFailed(RuntimeError):
@@ -295,7 +339,7 @@ def checkout_env(path: Path) -> dict[str, str]:
 
 
 def in_checkout(c: Candidate, action: str, sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
-                data_source: str | None = None, repo: Path | str | None = None) -> dict:
+                data_source: str | None = None, nproc: int | None = None, repo: Path | str | None = None) -> dict:
     """`action` ("rows" or "plan") of sw done by `python -m pipeline.candidates` in c's checkout; its
     output is passed through to stderr. Checks that the process imported the checkout's modules."""
     from pipeline import settings
@@ -306,7 +350,7 @@ def in_checkout(c: Candidate, action: str, sw: Sweep, *, store: str | None, eval
                           "pipeline/candidates.py in it); base it on a newer commit")
     store = _store_url(store)
     request = {"action": action, "sweep": sw.to_dict(), "store": store,
-               "eval_bundle": _absolute(eval_bundle), "data_source": _absolute(data_source)}
+               "eval_bundle": _absolute(eval_bundle), "data_source": _absolute(data_source), "nproc": nproc}
     env = checkout_env(path)
     config = settings.settings_file(store)  # ./nanorun.toml is read from here, not from the checkout
     if config is not None:
@@ -343,7 +387,7 @@ def _answer(request: dict) -> dict:
     from artifacts.code import module_root
 
     sw = Sweep.from_dict(request["sweep"])
-    kw = dict(store=request["store"], eval_bundle=request["eval_bundle"], data_source=request["data_source"])
+    kw = {k: request[k] for k in ("store", "eval_bundle", "data_source", "nproc")}
     roots = {pkg: str(module_root(importlib.import_module(pkg))) for pkg in ("pipeline", "stages", "stagekit", "core")}
     if request["action"] == "plan":
         return {"plan": local_plan(sw, **kw), "roots": roots}
