@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.candidates import (Candidate, checkout, checkout_env, checkouts_dir, in_checkout, parse_candidate,
-                                 plan_rows)
+from pipeline.candidates import (Candidate, arm_candidate, checkout, checkout_env, checkouts_dir, in_checkout,
+                                 parse_candidate, plan_rows)
 from pipeline.sweep import preset
 from stages.base import ConfigError
 
@@ -156,7 +157,8 @@ def test_code_candidates_fingerprint_their_own_code(repo, nanorun_home, tmp_path
     assert differ == sorted(step for step in base if step.startswith(("pretrain ", "core ")))
 
     # overrides on top of code: the config layer still reaches only the steps it configures
-    lr = {r["step"]: r["ref"] for r in plan_rows(Candidate("lr", "git", {"base": {"matrix_lr": 0.4}}, "main"), sw, **kw)}
+    lr_on_main = Candidate("lr", "git", {"base": {"matrix_lr": 0.4}}, "main")
+    lr = {r["step"]: r["ref"] for r in plan_rows(lr_on_main, sw, **kw)}
     assert [s for s in base if lr[s] == base[s]] == ["data", "tokenizer", "eval_bundle"]
 
 
@@ -173,3 +175,60 @@ def test_the_subprocess_imports_the_checkout_not_the_installed_tree(repo, nanoru
     out = subprocess.run([sys.executable, "-c", probe], cwd="/", env=checkout_env(path), capture_output=True,
                          text=True, check=True).stdout.split()
     assert len(out) == 3 and all(Path(f).is_relative_to(path) for f in out), out
+
+
+# ---- nanorun compare ------------------------------------------------------------------------------------
+def test_compare_arms_take_candidates_and_overrides():
+    assert arm_candidate("A", []) == Candidate("baseline", "baseline")
+    assert arm_candidate("B", ["base.matrix_lr=0.4"]) == Candidate("B", "config", {"base": {"matrix_lr": 0.4}})
+    assert arm_candidate("B", ["lr=base.matrix_lr=0.4,base.embedding_lr=2"]).name == "lr"
+    on_code = arm_candidate("B", ["x=git:main", "base.matrix_lr=0.4"])
+    assert on_code == Candidate("x", "git", {"base": {"matrix_lr": 0.4}}, "main")
+    with pytest.raises(ConfigError, match="arm B: one candidate per arm, got x, y"):
+        arm_candidate("B", ["x=git:a", "y=base.q=1"])
+
+    # two config arms stay one sweep with two arms (the Prefect flow's); a code arm makes it two candidates
+    import cli.main as cli
+    from cli.sweep_commands import build_sweep
+
+    def sweep(*argv):
+        return build_sweep(cli.build_parser(["compare"]).parse_args(["compare", "--depths", "1", *argv]), compare=True)
+    assert sweep("--b", "base.matrix_lr=0.4").arms == {"A": {}, "B": {"base": {"matrix_lr": 0.4}}}
+    assert sweep("--a", "wd=base.weight_decay=0.1", "--b", "lr=base.matrix_lr=0.4").arms == {
+        "A": {"base": {"weight_decay": 0.1}}, "B": {"base": {"matrix_lr": 0.4}}}
+    assert sweep("--b", "x=git:main").arms == {}
+
+
+def test_compare_refuses_bad_candidates_in_one_line(capsys):
+    import cli.main as cli
+
+    for argv, message in ((["--b", "x=git:a", "--b", "y=git:b"], "arm B: one candidate per arm"),
+                          (["--b", "x=git:no-such-ref-anywhere"], "git ref 'no-such-ref-anywhere' does not resolve"),
+                          (["--a", "baseline"], "A and B are the same recipe")):
+        assert cli.main(["compare", "--depths", "1", "--seeds", "1", "2", "--no-core", *argv, "--plan"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("nanorun compare: error:") and message in err[0], err
+
+
+@pytest.mark.slow
+def test_compare_two_commits_in_one_command(repo, tmp_path):
+    """`nanorun compare --a baseline --b doc=git:gpt-doc`, run from `repo` as a user runs it from their
+    checkout: B's commit differs from A's in prose only, so its process plans the same fingerprints
+    and A's two models serve both arms (two pretrain artifacts in the store, not four); the rerun is
+    answered from the store."""
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(repo), "NANORUN_HOME": str(tmp_path / "home"), "NANORUN_PROGRESS_BAR": "0"}
+    cmd = [sys.executable, "-m", "cli.main", "--store", str(store), "compare", "--preset", "tiny", "--depths", "1",
+           "--flops", "2.5e9", "--seeds", "1", "2", "--no-core", "--a", "baseline", "--b", "doc=git:gpt-doc"]
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    assert "# Compare tiny-compare: B vs A" in out and "- **A**: baseline: the recipe unchanged" in out
+    assert f"- **B**: doc: git:gpt-doc (checkout git-{_git(repo, 'rev-parse', 'gpt-doc')[:16]})" in out
+    assert "| d1-F2.5e09 | val_bpb | 2 / 2 |" in out and "- d1-F2.5e09: val_bpb: no detectable difference" in out
+    assert len(list((store / "pretrain").glob("d1-*"))) == 2
+
+    t0 = time.monotonic()
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == out and time.monotonic() - t0 < 20
+    assert "committed" not in again.stderr
