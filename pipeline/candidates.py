@@ -184,6 +184,10 @@ def checkout(c: Candidate, *, repo: Path | str | None = None) -> Path:
     else:
         sha = _commit(repo, "HEAD", c)
         patch_sha = hashlib.sha256(Path(c.source).read_bytes()).hexdigest()
+        edited = _git(repo, "status", "--porcelain", "--untracked-files=no", check=False).stdout.split()
+        if edited:  # the baseline runs the working tree: HEAD + patch is not the baseline + patch
+            print(f"note: candidate {c.name}: the patch applies to HEAD {sha[:12]}, without the uncommitted edits "
+                  f"of {repo} that the baseline runs with; commit them to compare like with like", file=sys.stderr)
         name = f"patch-{sha[:12]}-{patch_sha[:12]}"
     root = checkouts_dir()
     path, marker = root / name, root / f"{name}.complete"
@@ -246,10 +250,6 @@ def _execute_step(store):
     return run_step
 
 
-def _log_outcome(o) -> None:
-    print(f"  {o.step}: {o.status}{f' ({o.detail[:160]})' if o.detail else ''}", file=sys.stderr, flush=True)
-
-
 def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, data_source: str | None = None,
                nproc: int | None = None, run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with this process's code: the rows, failed points included.
@@ -259,8 +259,7 @@ def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, 
 
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     st = open_store(store)
-    outcomes = walk(plan.steps, run_step or _execute_step(st), max_parallel=sw.max_parallel,
-                    on_outcome=_log_outcome, store=st)
+    outcomes = walk(plan.steps, run_step or _execute_step(st), max_parallel=sw.max_parallel, store=st)
     return sweep_rows(plan, outcomes)[0]
 
 
@@ -400,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m pipeline.candidates REQUEST.json ANSWER.json", file=sys.stderr)
         return 2
+    import logging
+
+    # what `nanorun` prints of a stage run (cli/main.py): the caller passes it through
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("nanorun").setLevel(logging.INFO)
     try:
         answer = _answer(json.loads(Path(args[0]).read_text()))
     except ConfigError as e:
