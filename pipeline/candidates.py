@@ -279,7 +279,8 @@ def point_rows(c: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str |
     """Run (or find cached) sw's points with c's code and overrides: pipeline.sweep.point_row dicts,
     one per point; a failed point is a row with its error and does not stop the others. A code
     candidate whose process fails as a whole (its code does not import, say) gives every point that
-    error. run_step applies to the points run in this process (baseline, config)."""
+    error. run_step: how the points run in this process (baseline, config) run each step (default:
+    pipeline.execute.execute; a Prefect flow passes flows.speedrun.prefect_step to make them tasks)."""
     csw, kw = candidate_sweep(c, sw), dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     if not c.code:
         return local_rows(csw, run_step=run_step, **kw)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.candidates import (Candidate, CandidateFailed, arm_candidate, checkout, checkout_env, checkouts_dir,
-                                 in_checkout, parse_candidate, plan_rows, point_rows)
+from pipeline.candidates import (Candidate, CandidateFailed, arm_candidate, candidate_sweep, checkout, checkout_env,
+                                 checkouts_dir, in_checkout, parse_candidate, plan_rows, point_rows)
 from pipeline.sweep import preset
 from stages.base import ConfigError
 
@@ -212,6 +212,8 @@ def test_compare_arms_take_candidates_and_overrides():
     assert sweep("--a", "wd=base.weight_decay=0.1", "--b", "lr=base.matrix_lr=0.4").arms == {
         "A": {"base": {"weight_decay": 0.1}}, "B": {"base": {"matrix_lr": 0.4}}}
     assert sweep("--b", "x=git:main").arms == {}
+    with pytest.raises(ConfigError, match="candidate x: sweep tiny-compare has arms"):  # a candidate is one arm
+        candidate_sweep(parse_candidate("x=git:main"), sweep("--b", "base.matrix_lr=0.4"))
 
 
 def test_compare_refuses_bad_candidates_in_one_line(capsys):
