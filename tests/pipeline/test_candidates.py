@@ -237,6 +237,10 @@ def test_compare_two_commits_in_one_command(repo, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(repo), "NANORUN_HOME": str(tmp_path / "home"), "NANORUN_PROGRESS_BAR": "0"}
     cmd = [sys.executable, "-m", "cli.main", "--store", str(store), "compare", "--preset", "tiny", "--depths", "1",
            "--flops", "2.5e9", "--seeds", "1", "2", "--no-core", "--a", "baseline", "--b", "doc=git:gpt-doc"]
+    plan = subprocess.run([*cmd, "--plan"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "arm A = baseline: the recipe unchanged" in plan.stdout and "arm B = doc: git:gpt-doc" in plan.stdout
+    assert plan.stdout.count("4 steps: 0 cached, 4 to run") == 2 and not (store / "pretrain").exists()
     first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
