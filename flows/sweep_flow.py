@@ -23,7 +23,7 @@ from artifacts import open_store
 from artifacts.redact import seal, unseal
 from pipeline import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
-from pipeline.sweep import Sweep, point_row, report_config, sweep_steps
+from pipeline.sweep import Sweep, report_config, sweep_rows, sweep_steps
 from flows.tasks import run_stage
 from pipeline.plan import compile_plan, format_outcomes, walk
 from pipeline.recipes import stage_plan
@@ -52,14 +52,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     outcomes = walk(compiled, prefect_step(compiled, st.url, []), max_parallel=sw.max_parallel,
                     on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
-    rows, errors = [], {}
-    for p in plan.points:
-        pre, core = outcomes[p.pretrain], outcomes.get(p.core)
-        if pre.manifest is None:
-            errors[p.key] = pre.detail or pre.status
-        elif core is not None and core.status == "failed":  # "not run": no bundle, CORE is optional
-            errors[p.key] = f"CORE failed: {core.detail}"
-        rows.append(point_row(p, pre.manifest, core.manifest if core else None, errors.get(p.key)))
+    rows, errors = sweep_rows(plan, outcomes)
     (report_step,) = stage_plan("sweep_report", report_config(sw, rows), None, {}).steps
     report = run_stage.with_options(task_run_name=f"{sw.kind} report")(seal(report_step.to_dict()), {}, st.url)
     ref = st.resolve(report)
