@@ -200,7 +200,7 @@ def compare_code(args, sw, a, b) -> int:
     from artifacts import open_store
     from artifacts.manifest import ArtifactRef
     from pipeline import candidates
-    from pipeline.execute import PlanRow, format_plan
+    from pipeline.plan import PlanRow, format_plan
 
     from pipeline.sweep import sweep_steps
 
