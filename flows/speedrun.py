@@ -99,7 +99,8 @@ def prefect_step(plan: Plan, store_url: str, force: list[str]):
                 params, refs, store_url, step.name in force, wait_for=upstream)
             return fut.result()  # raises the task's own exception when it failed
 
-        ref = across_nodes(params, refs, store_url, node0)  # nnodes > 1: the other nodes join
+        # nnodes > 1: the other nodes join (flows/multinode.py); a one-node step is just its task
+        ref = across_nodes(params, refs, store_url, node0) if int(step.config.get("nnodes") or 1) > 1 else node0()
         return open_store(store_url).require(ArtifactRef.parse(ref)), futures[step.name].state.name == "Cached"
     return run_step
 
