@@ -138,7 +138,8 @@ def run_sweep(args, sw) -> int:
         _prefect_env()
         from flows.sweep_flow import sweep
 
-        result = _run_flow(sweep, f"{sw.kind} {sw.name}", spec=sw.to_dict(), store=args.store, **kwargs)
+        result = _run_flow(sweep, f"{sw.kind} {sw.name}", spec=sw.to_dict(), store=args.store,
+                           plan=steps.compiled(), **kwargs)
     print("\n".join(line for line in result["markdown"].splitlines() if not line.startswith("![")).rstrip())
     print(f"\nreport {result['report']}: {result['path']}")
     return 0

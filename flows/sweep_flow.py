@@ -23,36 +23,38 @@ from artifacts import open_store
 from artifacts.redact import seal, unseal
 from pipeline import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
-from pipeline.sweep import Sweep, report_config, sweep_rows, sweep_steps
+from pipeline.sweep import Sweep, from_compiled, report_config, sweep_rows, sweep_steps
 from flows.tasks import run_stage
-from pipeline.plan import compile_plan, format_outcomes, walk
+from pipeline.plan import format_outcomes, walk
 from pipeline.recipes import stage_plan
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True)
 def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, data_source: str | None = None,
-          nproc: int | None = None) -> dict:
+          nproc: int | None = None, plan: dict | None = None) -> dict:
     """Build every point of a sweep or comparison (pipeline.sweep.Sweep as a dict) and its report; returns
     {"report": ref, "path": local dir of the report, "markdown": report.md, "points": {key: pretrain
     ref or None}, "failed": {key: error}}.
 
     store: a directory or s3://bucket/prefix. eval_bundle: the CORE bundle (local dir/zip or URL;
-    without it CORE is not run and the points still are). The flow run fails after the report is
-    written if any point failed."""
+    without it CORE is not run and the points still are). plan: the compiled steps and points
+    (SweepPlan.compiled(); `nanorun sweep` / `compare` pass the ones they planned); without it they
+    are compiled here, once. The flow run fails after the report is written if any point failed."""
     logger = get_run_logger()
-    spec, store, eval_bundle, data_source = unseal((spec, store, eval_bundle, data_source))
+    spec, store, eval_bundle, data_source, plan = unseal((spec, store, eval_bundle, data_source, plan))
     sw = Sweep.from_dict(spec)
-    plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
+    if plan is None:
+        plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc).compiled()
+    compiled, points = from_compiled(plan)
     st = open_store(settings.value("store", store))  # nanorun.toml, as the CLI (pipeline/settings.py)
-    logger.info("%s %s -> %s: %d points, %d stage runs at a time", sw.kind, sw.name, st.url, len(plan.points),
+    logger.info("%s %s -> %s: %d points, %d stage runs at a time", sw.kind, sw.name, st.url, len(points),
                 sw.max_parallel)
     # the walker runs each step once its inputs are there, max_parallel at once (on a GPU node a
     # point takes all its GPUs: 1); a failed point stops only its own CORE step
-    compiled = compile_plan(plan.steps)
     outcomes = walk(compiled, prefect_step(compiled, st.url, []), max_parallel=sw.max_parallel,
                     on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
-    rows, errors = sweep_rows(plan, outcomes)
+    rows, errors = sweep_rows(points, outcomes)
     (report_step,) = stage_plan("sweep_report", report_config(sw, rows), None, {}).steps
     report = run_stage.with_options(task_run_name=f"{sw.kind} report")(seal(report_step.to_dict()), {}, st.url)
     ref = st.resolve(report)

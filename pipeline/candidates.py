@@ -263,7 +263,7 @@ def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, 
     st = _open_store(store)
     compiled = compile_plan(plan.steps)
     outcomes = walk(compiled, (run_step or _execute_step)(st, compiled), max_parallel=sw.max_parallel, store=st)
-    return sweep_rows(plan, outcomes)[0]
+    return sweep_rows(plan.points, outcomes)[0]
 
 
 def local_plan(sw: Sweep, *, store: str | None, eval_bundle: str | None = None,

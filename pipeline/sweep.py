@@ -29,7 +29,7 @@ from pipeline.recipes import PRESETS as RECIPES
 from pipeline.recipes import merge, speedrun_steps
 from stages.base import ConfigError
 from pipeline.execute import artifact_ref
-from pipeline.plan import Step
+from pipeline.plan import Plan, Step, compile_plan
 
 SHARED_STEPS = ("data", "tokenizer", "eval_bundle")
 HORIZON_FIELDS = ("target_flops", "target_param_data_ratio")
@@ -163,6 +163,15 @@ class SweepPlan:
     steps: list[Step]      # shared steps first, then every pretrain, then every core_eval
     points: list[Point]
 
+    def compiled(self) -> dict:
+        """The steps compiled once (pipeline/plan.py) and the points, as the sweep flow receives them."""
+        return {"plan": compile_plan(self.steps).to_dict(), "points": [dataclasses.asdict(p) for p in self.points]}
+
+
+def from_compiled(data: dict) -> tuple[Plan, list[Point]]:
+    """SweepPlan.compiled()'s dict back: the Plan and the points."""
+    return Plan.from_dict(data["plan"]), [Point(**p) for p in data["points"]]
+
     @property
     def shared(self) -> list[Step]:
         names = {p.pretrain for p in self.points} | {p.core for p in self.points}
@@ -271,11 +280,11 @@ def point_row(point: Point, pretrain=None, core=None, error: str | None = None) 
     return {**row, **extra, "cell": point_key("", point.values, None)}
 
 
-def sweep_rows(plan: SweepPlan, outcomes: dict) -> tuple[list[dict], dict[str, str]]:
-    """One row per point from the walked steps' outcomes (pipeline.execute.walk), and {point: error}
+def sweep_rows(points: list[Point], outcomes: dict) -> tuple[list[dict], dict[str, str]]:
+    """One row per point from the walked steps' outcomes (pipeline.plan.walk), and {point: error}
     of the failed ones. A core_eval step "not run" for want of a bundle is no error: CORE is optional."""
     rows, errors = [], {}
-    for p in plan.points:
+    for p in points:
         pre, core = outcomes[p.pretrain], outcomes.get(p.core)
         if pre.manifest is None:
             errors[p.key] = pre.detail or pre.status
