@@ -102,12 +102,7 @@ def train(cfg: PretrainConfig) -> dict:
     tok_rec = tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint or None)
     token_bytes = tokenizer.token_bytes().to(device)
     train_files, val_files = shard_files(Path(cfg.data_dir))
-    plan = derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, tokenizer.vocab_size,
-                  cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
-                  window_pattern=cfg.window_pattern, embedding_lr=cfg.embedding_lr,
-                  unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
-                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                  final_lr_frac=cfg.final_lr_frac)
+    plan = derive(cfg, tokenizer.vocab_size)
     grad_accum = plan.grad_accum_steps(cfg.device_batch_size, world)  # refuses a batch that does not divide
     total_steps, batch = plan.num_iterations, plan.total_batch_size
 

@@ -54,12 +54,12 @@ from core.checkpoint import load_model
 from core.common import dtype_name, print0
 from core.eval.bpb import evaluate_loss_bpb
 from core.optim import build_optimizer, shard_state, unshard_state
-from core.scaling import reference_lrs
+from core.scaling import B_REF, reference_lrs
 from core.tasks.mixture import build_mixture
 from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
                                resume_model, resume_state, run_entry_point, save, seed_everything, start_run, stop_run)
 from core.train.telemetry import run_peak_flops
-from core.train.config import SFTConfig, identity_fields
+from core.train.config import PretrainConfig, SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 
 
@@ -237,16 +237,17 @@ def train(cfg: SFTConfig) -> dict:
     base = base_ck.meta
     run_cfg = base.get("run_config") or {}
     model_cfg = base["model_config"]
-    seq = int(_inherit(cfg.max_seq_len, model_cfg.get("sequence_len"), 2048))
-    total_batch = int(_inherit(cfg.total_batch_size, (base.get("plan") or {}).get("total_batch_size"), 524288))
-    dbs = int(_inherit(cfg.device_batch_size, base.get("device_batch_size"), 32))
+    # a base without a record of its own gets the pretraining defaults (PretrainConfig's, B_REF)
+    seq = int(_inherit(cfg.max_seq_len, model_cfg.get("sequence_len"), PretrainConfig.max_seq_len))
+    total_batch = int(_inherit(cfg.total_batch_size, (base.get("plan") or {}).get("total_batch_size"), B_REF))
+    dbs = int(_inherit(cfg.device_batch_size, base.get("device_batch_size"), PretrainConfig.device_batch_size))
     per_step = dbs * seq * world
     if total_batch % per_step:
         raise ValueError(f"total batch {total_batch:,} tokens is not a multiple of device_batch_size {dbs} x seq {seq} "
                          f"x {world} process(es) = {per_step:,}: change --device-batch-size or --total-batch-size")
     grad_accum = total_batch // per_step
-    raw = {k: float(_inherit(getattr(cfg, k), run_cfg.get(k), d)) for k, d in
-           (("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("matrix_lr", 0.02), ("scalar_lr", 0.5))}
+    raw = {k: float(_inherit(getattr(cfg, k), run_cfg.get(k), getattr(PretrainConfig, k)))
+           for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
     lrs = reference_lrs(model_cfg["n_embd"], 1.0, weight_decay=cfg.weight_decay, **raw)
     lrs = {k: (v * cfg.init_lr_frac if k.endswith("_lr") else v) for k, v in lrs.items()}
     mixture = json.loads(Path(cfg.mixture).read_text())
