@@ -56,14 +56,14 @@ def test_hostile_configs_are_refused_before_building(bundle, tmp_path, file, key
 
 
 def test_the_cli_says_so_in_one_line(bundle, tmp_path, capsys):
-    from cli import main
+    from cli.main import main
     from tests.cli.test_cli import one_line_error
 
     path = _copy(bundle, tmp_path)
     gen = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps({**gen, "temperature": "hot"}))
     for command in ("chat", "serve"):
-        code = cli.main([command, str(path), *(["-p", "hi"] if command == "chat" else ["--port", str(free_port())])])
+        code = main([command, str(path), *(["-p", "hi"] if command == "chat" else ["--port", str(free_port())])])
         one_line_error(code, capsys.readouterr().err, "temperature is 'hot'")
 
 
