@@ -240,10 +240,11 @@ def _train_once(depth: int, precision: str, recipe: str | None, rows: int, sizes
     from core.gpt import build_model
     from core.optim import apply_schedule, build_optimizer
     from core.scaling import derive
+    from core.train.config import PretrainConfig
 
     dtype = compute_dtype(device)  # bf16 on SM >= 80, fp32 on CPU (and older GPUs), as the trainers
-    plan = derive(depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq, vocab_size=sizes.vocab,
-                  num_iterations=1000, total_batch_size=rows * sizes.seq)
+    plan = derive(PretrainConfig(depth=depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq, num_iterations=1000,
+                                 total_batch_size=rows * sizes.seq), sizes.vocab)
     model = build_model(plan.model_config(), device, dtype, seed=0)
     n_fp8 = convert_to_fp8(model, recipe) if recipe else 0
     optimizer = build_optimizer(model, plan)
@@ -321,8 +322,9 @@ def inference(sizes: Sizes, device: torch.device, peak_flops: float, peak_bw: fl
     from core.engine import Engine
     from core.gpt import build_model
     from core.scaling import derive
+    from core.train.config import PretrainConfig
 
-    plan = derive(sizes.infer_depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq, vocab_size=sizes.vocab)
+    plan = derive(PretrainConfig(depth=sizes.infer_depth, head_dim=sizes.head_dim, max_seq_len=sizes.seq), sizes.vocab)
     model = build_model(plan.model_config(), device, seed=0).eval()
     tokenizer = SpecialsOnlyTokenizer(sizes.vocab)
     tokenizer.bos_token_id = 0  # the prompt's first token must be a row of the embedding (its specials are not)
@@ -388,11 +390,13 @@ class Kit:
     def plan(self) -> None:
         """The GPU run's shapes and budget (the dry run prints the GPU plan too: that is what it is for)."""
         from core.scaling import derive
+        from core.train.config import PretrainConfig
 
         shapes = {d: shape_check(d, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[d]) for d in GPU.depths}
         trace = {12: trace_s(12, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[12])} if self.dry else {}
         z = GPU_STAGE
-        stage_flops = derive(z.depth, head_dim=z.head_dim, max_seq_len=z.seq, vocab_size=BYTE_VOCAB).flops_per_token
+        stage_flops = derive(PretrainConfig(depth=z.depth, head_dim=z.head_dim, max_seq_len=z.seq),
+                             BYTE_VOCAB).flops_per_token
         fp8 = self.dry or self.report["env"]["fp8"]
         plan = budget_plan(GPU, z, shapes, stage_flops, fp8, self.peak if not self.dry else H100_BF16_PEAK, trace)
         self.estimates = {s.key: s.estimate_s for s in plan}

@@ -59,9 +59,10 @@ def _flash_like_sdpa(q, k, v, window):
 def _plan_model(depth: int, head_dim: int, seq: int, vocab: int, rows: int):
     from core.gpt import build_model
     from core.scaling import derive
+    from core.train.config import PretrainConfig
 
-    plan = derive(depth, head_dim=head_dim, max_seq_len=seq, vocab_size=vocab, num_iterations=1000,
-                  total_batch_size=rows * seq)
+    plan = derive(PretrainConfig(depth=depth, head_dim=head_dim, max_seq_len=seq, num_iterations=1000,
+                                 total_batch_size=rows * seq), vocab)
     return plan, build_model(plan.model_config(), "meta", torch.bfloat16)
 
 
@@ -185,10 +186,12 @@ def main() -> int:
     from bench.gpu_check import GPU, H100_BF16_PEAK
     from bench.gpu_stage import BYTE_VOCAB, GPU_STAGE
     from core.scaling import derive
+    from core.train.config import PretrainConfig
 
     shapes = {d: shape_check(d, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[d]) for d in GPU.depths}
     trace = {12: trace_s(12, GPU.head_dim, GPU.seq, GPU.vocab, GPU.device_batch[12])}
-    flops = derive(GPU_STAGE.depth, head_dim=GPU_STAGE.head_dim, max_seq_len=GPU_STAGE.seq, vocab_size=BYTE_VOCAB).flops_per_token
+    flops = derive(PretrainConfig(depth=GPU_STAGE.depth, head_dim=GPU_STAGE.head_dim, max_seq_len=GPU_STAGE.seq),
+                   BYTE_VOCAB).flops_per_token
     plan = budget_plan(GPU, GPU_STAGE, shapes, flops, fp8=True, peak=H100_BF16_PEAK, trace=trace)
     print("\n".join(plan_lines(plan, GPU.budget_s, shapes, trace)))
     return 0 if all(s["fp8_ok"] and s["fits_80gb"] for s in shapes.values()) else 1

@@ -237,7 +237,7 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     from core.eval.bpb import evaluate_bpb
     from core.gpt import build_model
     from core.optim import apply_schedule, build_optimizer
-    from core.scaling import derive
+    from core.scaling import derive, recipe_of
     from core.tokenizer import Tokenizer
     from core.train.common import seed_everything
     from core.train.telemetry import peak_flops
@@ -245,11 +245,7 @@ def run_reference(a, data: Path, tok: Path) -> dict:
     set_num_threads(a.threads)
     cfg = stage_config(a, "float32", True)  # --steps: the budget mode passes the reference's own count
     tokenizer = Tokenizer.from_directory(tok)
-    plan = derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, tokenizer.vocab_size,
-                  cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
-                  window_pattern=cfg.window_pattern, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-                  matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay,
-                  warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac)
+    plan = derive(recipe_of(cfg), tokenizer.vocab_size)
     seed_everything(cfg.seed)
     model = build_model(plan.model_config(), "cpu", torch.float32, seed=cfg.seed)
     model.fused_loss = False                                   # full logits + F.cross_entropy

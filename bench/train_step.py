@@ -68,12 +68,14 @@ def run_one(a) -> dict:
     from core.gpt import build_model
     from core.optim import apply_schedule, build_optimizer
     from core.scaling import derive
+    from core.train.config import PretrainConfig
 
     set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = DTYPES[a.dtype]
-    plan = derive(a.depth, aspect_ratio=64, head_dim=a.head_dim, max_seq_len=a.seq, vocab_size=a.vocab,
-                  window_pattern=a.window, num_iterations=1000, total_batch_size=a.batch * a.seq)
+    plan = derive(PretrainConfig(depth=a.depth, aspect_ratio=64, head_dim=a.head_dim, max_seq_len=a.seq,
+                                 window_pattern=a.window, num_iterations=1000, total_batch_size=a.batch * a.seq),
+                  a.vocab)
     model = build_model(plan.model_config(), "cpu", dtype=dtype, seed=0)
     reference = a.variant == "reference"
     model.fused_loss = not reference

@@ -4,7 +4,8 @@
     python -m core.scaling --depth 12 20 24 26                         # the reference table
 
     from core.scaling import derive
-    plan = derive(depth=20)
+    from core.train.config import PretrainConfig
+    plan = derive(PretrainConfig(depth=20), vocab_size=32768)    # its defaults and checks are PretrainConfig's
     model = build_model(plan.model_config(), device)
     lrm = plan.lr_multiplier(step)
 
@@ -29,11 +30,16 @@ import math
 from dataclasses import asdict, dataclass
 
 from core.gpt import GPTConfig, count_params, estimate_flops
+from core.train.config import PretrainConfig, add_field_flags
 
 B_REF = 2 ** 19
 REF_DEPTH = 12
 REF_MODEL_DIM = 768
 BATCH_EXPONENT = 0.383
+# the PretrainConfig fields derive() reads: the recipe; the rest of a PretrainConfig says how it runs
+RECIPE_FIELDS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "target_param_data_ratio",
+                 "target_flops", "num_iterations", "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr",
+                 "scalar_lr", "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac")
 
 
 def model_dims(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
@@ -42,10 +48,11 @@ def model_dims(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple
     return model_dim, model_dim // head_dim
 
 
-def reference_lrs(model_dim: int, batch_lr_scale: float = 1.0, embedding_lr: float = 0.3,
-                  unembedding_lr: float = 0.008, matrix_lr: float = 0.02, scalar_lr: float = 0.5,
-                  weight_decay: float = 0.28) -> dict:
-    """Final per-group LRs (core.optim.param_groups keywords) for a width and batch scale."""
+def reference_lrs(model_dim: int, batch_lr_scale: float = 1.0, embedding_lr: float = PretrainConfig.embedding_lr,
+                  unembedding_lr: float = PretrainConfig.unembedding_lr, matrix_lr: float = PretrainConfig.matrix_lr,
+                  scalar_lr: float = PretrainConfig.scalar_lr, weight_decay: float = PretrainConfig.weight_decay) -> dict:
+    """Final per-group LRs (core.optim.param_groups keywords) for a width and batch scale; the base
+    LRs default to the reference's (PretrainConfig's defaults)."""
     s = (model_dim / REF_MODEL_DIM) ** -0.5
     return dict(
         lm_head_lr=unembedding_lr * batch_lr_scale * s,
@@ -97,10 +104,10 @@ class TrainingPlan:
     smear_lr: float
     matrix_lr: float
     weight_decay: float         # Muon, at step 0 (cosine-decayed by muon_weight_decay)
-    # schedules
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
+    # schedules (the LR's from the recipe; Muon's momentum is the reference's, not a setting)
+    warmup_steps: int
+    warmdown_ratio: float
+    final_lr_frac: float
     momentum_warmup_steps: int = 400
     momentum_start: float = 0.85
     momentum_peak: float = 0.97
@@ -182,38 +189,33 @@ def _scaling_params(config: GPTConfig) -> int:
     return c["transformer_matrices"] + c["lm_head"]
 
 
-def derive(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
-           vocab_size: int = 32768, target_param_data_ratio: float = 12.0, target_flops: float | None = None,
-           num_iterations: int | None = None, total_batch_size: int | None = None, n_kv_head: int | None = None,
-           window_pattern: str = "SSSL", embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
-           matrix_lr: float = 0.02, scalar_lr: float = 0.5, weight_decay: float = 0.28, warmup_steps: int = 40,
-           warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> TrainingPlan:
-    """Every derived hyperparameter for a depth. None (or <= 0) disables target_flops,
-    num_iterations and total_batch_size (auto)."""
-    if depth < 1 or aspect_ratio < 1 or head_dim < 1:
-        raise ValueError(f"depth, aspect_ratio and head_dim must be >= 1 (got {depth}, {aspect_ratio}, {head_dim})")
-    if not target_param_data_ratio or target_param_data_ratio <= 0:
-        raise ValueError("target_param_data_ratio must be > 0: it sets the batch size and weight decay "
-                         "even when --num-iterations or --target-flops chooses the horizon")
-    if not 0 <= warmdown_ratio <= 1 or not 0 <= final_lr_frac <= 1 or warmup_steps < 0:
-        raise ValueError("warmdown_ratio and final_lr_frac must be in [0, 1], warmup_steps >= 0")
-    target_flops = target_flops if target_flops and target_flops > 0 else None
-    num_iterations = num_iterations if num_iterations and num_iterations > 0 else None
-    total_batch_size = total_batch_size if total_batch_size and total_batch_size > 0 else None
+def recipe_of(source) -> PretrainConfig:
+    """A PretrainConfig holding source's RECIPE_FIELDS (any object with those attributes, e.g. a pretrain
+    stage Config, whose fields are PretrainConfig's), validated by PretrainConfig; the rest defaults."""
+    return PretrainConfig(**{name: getattr(source, name) for name in RECIPE_FIELDS})
 
-    model_dim, n_head = model_dims(depth, aspect_ratio, head_dim)
-    kv = n_head if n_kv_head is None else n_kv_head
-    config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                       n_kv_head=kv, n_embd=model_dim, window_pattern=window_pattern)
-    ref_dim, ref_heads = model_dims(REF_DEPTH, aspect_ratio, head_dim)
-    ref_config = GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=REF_DEPTH, n_head=ref_heads,
-                           n_kv_head=ref_heads, n_embd=ref_dim, window_pattern=window_pattern)
+
+def derive(cfg: PretrainConfig, vocab_size: int = GPTConfig.vocab_size) -> TrainingPlan:
+    """Every derived hyperparameter of a pretraining recipe (the RECIPE_FIELDS of cfg) for a vocab.
+    cfg's defaults and validation are PretrainConfig's: they live there once. A target_flops,
+    num_iterations or total_batch_size <= 0 is off (total_batch_size: auto)."""
+    target_flops = cfg.target_flops if cfg.target_flops > 0 else None
+    num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else None
+    total_batch_size = cfg.total_batch_size if cfg.total_batch_size > 0 else None
+    ratio = cfg.target_param_data_ratio
+
+    model_dim, n_head = model_dims(cfg.depth, cfg.aspect_ratio, cfg.head_dim)
+    config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=cfg.depth, n_head=n_head,
+                       n_kv_head=n_head, n_embd=model_dim, window_pattern=cfg.window_pattern)
+    ref_dim, ref_heads = model_dims(REF_DEPTH, cfg.aspect_ratio, cfg.head_dim)
+    ref_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=vocab_size, n_layer=REF_DEPTH, n_head=ref_heads,
+                           n_kv_head=ref_heads, n_embd=ref_dim, window_pattern=cfg.window_pattern)
 
     counts = count_params(config)
     scaling = counts["transformer_matrices"] + counts["lm_head"]
     flops = estimate_flops(config)
-    target_tokens = int(target_param_data_ratio * scaling)
-    ref_tokens = target_param_data_ratio * _scaling_params(ref_config)
+    target_tokens = int(ratio * scaling)
+    ref_tokens = ratio * _scaling_params(ref_config)
 
     if total_batch_size is None:
         predicted = B_REF * (target_tokens / ref_tokens) ** BATCH_EXPONENT
@@ -232,35 +234,35 @@ def derive(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len:
                          "or lower --total-batch-size")
 
     batch_lr_scale = (batch / B_REF) ** 0.5
-    wd = weight_decay * batch_lr_scale * (ref_tokens / target_tokens)
-    lrs = reference_lrs(model_dim, batch_lr_scale, embedding_lr, unembedding_lr, matrix_lr, scalar_lr, wd)
+    wd = cfg.weight_decay * batch_lr_scale * (ref_tokens / target_tokens)
+    lrs = reference_lrs(model_dim, batch_lr_scale, cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr,
+                        cfg.scalar_lr, wd)
     return TrainingPlan(
-        depth=depth, aspect_ratio=aspect_ratio, head_dim=head_dim, max_seq_len=max_seq_len, vocab_size=vocab_size,
-        window_pattern=config.window_pattern, target_param_data_ratio=float(target_param_data_ratio),
-        target_flops=target_flops, n_layer=depth, n_embd=model_dim, n_head=n_head, n_kv_head=kv,
+        depth=cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
+        vocab_size=vocab_size, window_pattern=config.window_pattern, target_param_data_ratio=float(ratio),
+        target_flops=target_flops, n_layer=cfg.depth, n_embd=model_dim, n_head=n_head, n_kv_head=n_head,
         num_params=counts["total"], num_scaling_params=scaling, flops_per_token=flops,
         ref_tokens=int(ref_tokens), target_tokens=target_tokens, total_batch_size=batch,
         batch_size_source=batch_source, num_iterations=iters, horizon_source=horizon, total_tokens=iters * batch,
         batch_lr_scale=batch_lr_scale, dmodel_lr_scale=(model_dim / REF_MODEL_DIM) ** -0.5,
-        warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac, **lrs)
+        warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac, **lrs)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Print the derived training plan for one or more depths")
+    """python -m core.scaling [--depth D ...] [--<recipe field> V ...]: one plan per depth. Every other
+    flag is a PretrainConfig field (its default and its checks are that class's)."""
+    ap = argparse.ArgumentParser(prog="python -m core.scaling",
+                                 description="Print the derived training plan for one or more depths")
     ap.add_argument("--depth", type=int, nargs="+", default=[12, 20, 24, 26])
-    ap.add_argument("--aspect-ratio", type=int, default=64)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--max-seq-len", type=int, default=2048)
-    ap.add_argument("--vocab-size", type=int, default=32768)
-    ap.add_argument("--window-pattern", default="SSSL")
-    ap.add_argument("--target-param-data-ratio", type=float, default=12.0)
-    ap.add_argument("--target-flops", type=float, default=None)
-    ap.add_argument("--num-iterations", type=int, default=None)
-    ap.add_argument("--total-batch-size", type=int, default=None)
-    a = ap.parse_args(argv)
-    for depth in a.depth:
-        plan = derive(depth, a.aspect_ratio, a.head_dim, a.max_seq_len, a.vocab_size, a.target_param_data_ratio,
-                      a.target_flops, a.num_iterations, a.total_batch_size, window_pattern=a.window_pattern)
+    ap.add_argument("--vocab-size", type=int, default=GPTConfig.vocab_size)
+    add_field_flags(ap, PretrainConfig, RECIPE_FIELDS[1:])  # all but depth
+    a = vars(ap.parse_args(argv))
+    depths, vocab_size = a.pop("depth"), a.pop("vocab_size")
+    for depth in depths:
+        try:
+            plan = derive(PretrainConfig(depth=depth, **a), vocab_size)
+        except ValueError as e:
+            ap.error(str(e))
         print(plan.table(), end="\n\n")
 
 

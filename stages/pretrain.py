@@ -117,13 +117,10 @@ preset = Config.from_preset  # preset("tiny", seed=1): a resolved Config from a 
 
 
 def _plan(cfg: Config, vocab_size: int):
-    from core.scaling import derive
+    from core.scaling import derive, recipe_of
 
     try:
-        return derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, vocab_size,
-                      cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
-                      window_pattern=cfg.window_pattern, warmup_steps=cfg.warmup_steps,
-                      warmdown_ratio=cfg.warmdown_ratio, final_lr_frac=cfg.final_lr_frac)
+        return derive(recipe_of(cfg), vocab_size)
     except ValueError as e:
         raise ConfigError(f"pretrain: {e}") from None
 

@@ -1,9 +1,10 @@
 """What every trainer shares: the skeleton of its phases (start_run, resume_model, resume_state,
-open_log, save, optimizer_step, log_step, log_eval, finish_run), SIGTERM, seeding and the resume checks.
+open_log, save, optimizer_step, log_step, log_eval, finish_run), the loop state carried across a
+resume (LoopState, a typed value each trainer extends), SIGTERM, seeding and the resume checks.
 Used by core/train/pretrain.py, core/train/sft.py and core/train/rl.py; what they report (the step line,
 MFU's peak, metrics.jsonl, wandb) is core/train/telemetry.py.
 
-    run = start_run(cfg, val_bpb=None)                 # process group, threads, out dir, loop state
+    run = start_run(cfg, PretrainLoop())               # process group, threads, out dir, loop state
     model = build...; notes = resume_model(run, model, identity=..., tokenizer=..., device_batch_size=...)
     optimizer = build...; loader_state = resume_state(run, optimizer)
     open_log(run, total_steps=..., rows=[...], ...)    # start-up table, metrics "start" row, wandb
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,40 @@ def check_resume(meta: dict, *, where: Path | str, identity: dict, tokenizer: di
 # What differs (data, schedule, evals, the meta record) stays in the trainer.
 
 
+LOSS_EMA_BETA = 0.9  # the logged training loss is an EMA of the step losses, debiased for the first steps
+
+
+@dataclass
+class LoopState:
+    """What a trainer's loop carries across a resume, saved by save() in every checkpoint as meta.json
+    "loop_state": a JSON object keyed by these field names, the trainer's own fields last. Each
+    trainer extends it with its own fields (core/train/pretrain.py PretrainLoop, sft.py SFTLoop,
+    rl.py RLLoop) and updates them in place: the object lives as long as its Run."""
+    smooth_train_loss: float = 0.0  # EMA (LOSS_EMA_BETA) of the step losses, not yet debiased
+    training_time: float = 0.0      # seconds of timed optimizer steps over all attempts (telemetry.StepClock)
+    timed_steps: int = 0            # the steps training_time covers
+    wall_time: float = 0.0          # process seconds over all attempts, counted up to each save
+    wandb_id: str | None = None     # the wandb run this one logs into: a resume continues it
+
+    def train_loss(self, step: int) -> float:
+        """The smoothed training loss after `step` optimizer steps (the EMA, debiased)."""
+        return self.smooth_train_loss / (1 - LOSS_EMA_BETA ** max(step, 1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def restore(self, saved: dict, where: Path | str) -> None:
+        """Take over a checkpoint's loop_state, in place; a key absent from it keeps its start value.
+        A key this trainer does not know means the checkpoint is another trainer's: ResumeError."""
+        unknown = sorted(set(saved) - {f.name for f in fields(self)})
+        if unknown:
+            raise ResumeError(f"refusing to resume from {where}: its loop state has {unknown}, which "
+                              f"{type(self).__name__} does not carry (it was written by another trainer); use "
+                              f"another --out directory, or delete {where} to start over")
+        for name, value in saved.items():
+            setattr(self, name, value)
+
+
 @dataclass
 class Run:
     """One trainer process: where it runs, where it writes, and the loop state saved in checkpoints."""
@@ -139,7 +174,7 @@ class Run:
     dtype: torch.dtype
     out: Path
     metrics: "MetricsLog"
-    loop: dict                           # carried across resumes (meta.json "loop_state")
+    loop: LoopState                      # carried across resumes (meta.json "loop_state")
     t_process: float = field(default_factory=time.time)
     ck: Checkpoint | None = None         # the checkpoint this process resumed from
     start_step: int = 0
@@ -205,9 +240,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return parse_dtype(auto_dtype(device.type, major)[0])
 
 
-def start_run(cfg, **loop_fields) -> Run:
-    """Join the process group, set CPU threads, make the output directory. loop_fields: the trainer's
-    own loop state (what it must carry across a resume besides the shared fields)."""
+def start_run(cfg, loop: LoopState) -> Run:
+    """Join the process group, set CPU threads, make the output directory. loop: the trainer's loop
+    state at its start values (a LoopState subclass with what the trainer itself carries)."""
     info = init_distributed(cfg.device_type or None)
     if info.device.type == "cpu":
         set_num_threads()  # OMP_NUM_THREADS, else the cores we may use (torchrun would default to 1)
@@ -216,8 +251,6 @@ def start_run(cfg, **loop_fields) -> Run:
                    "on a busy CPU OpenMP's default spin-waiting made steps many times slower here")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    loop = {"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "wandb_id": None,
-            **loop_fields}
     return Run(info=info, dtype=resolve_dtype(cfg.dtype, info.device), out=out,
                metrics=MetricsLog(out / "metrics.jsonl", enabled=info.rank == 0), loop=loop)
 
@@ -260,7 +293,7 @@ def resume_state(run: Run, optimizer) -> dict | None:
     optimizer.load_state_dict(run.ck.optim_state(run.rank, run.device))
     rank_state = run.ck.rank_state(run.rank)
     set_rng_state(rank_state["rng"])
-    run.loop.update(run.ck.meta["loop_state"])
+    run.loop.restore(run.ck.meta["loop_state"], run.ck.path)
     run.start_step = run.ck.step
     return rank_state["loader"]
 
@@ -283,17 +316,19 @@ def open_log(run: Run, *, total_steps: int, rows: list[tuple[str, str]], notes: 
     run.metrics.append("start", step=run.start_step, resumed=run.ck is not None, config=config, identity=identity,
                        derived=derived, tokenizer=tokenizer)
     run.wandb = setup_wandb(wandb_mode, project=wandb_project, name=wandb_name, config=wandb_config,
-                            directory=run.out, rank=run.rank, run_id=run.loop.get("wandb_id"))
-    run.loop["wandb_id"] = getattr(run.wandb, "id", None)
-    run.clock = StepClock(total_steps, training_time=run.loop["training_time"], timed_steps=run.loop["timed_steps"])
+                            directory=run.out, rank=run.rank, run_id=run.loop.wandb_id)
+    run.loop.wandb_id = getattr(run.wandb, "id", None)
+    run.clock = StepClock(total_steps, training_time=run.loop.training_time, timed_steps=run.loop.timed_steps)
     mark_loop_started()
 
 
 def save(run: Run, step: int, *, model: torch.nn.Module, optimizer, loader_state: dict, meta: dict | None,
          keep: int) -> None:
-    """A checkpoint of everything needed to continue exactly (collective: every rank calls it)."""
-    run.loop["wall_time"] += time.time() - run.t_process
+    """A checkpoint of everything needed to continue exactly (collective: every rank calls it). meta:
+    the trainer's record; the loop state, as it stands at this save, is added as its "loop_state"."""
+    run.loop.wall_time += time.time() - run.t_process
     run.t_process = time.time()
+    meta = {**meta, "loop_state": run.loop.to_dict()} if meta is not None else None
     path = save_checkpoint(run.ckpt_root, step, rank=run.rank, world_size=run.world,
                            model_state=model.state_dict() if run.master else None, optim_state=optimizer.state_dict(),
                            rank_state={"loader": loader_state, "rng": rng_state()},
@@ -329,10 +364,10 @@ def log_step(run: Run, step: int, train_loss: float, lrm: float, dt: float, *, t
                                  "learning rates or check the data (resuming would diverge the same way)")
     clock, loop = run.clock, run.loop
     clock.tick(dt, step)
-    beta = 0.9  # EMA of the loss for a readable log, debiased for the first steps
-    loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * train_loss
-    smooth = loop["smooth_train_loss"] / (1 - beta ** step)
-    loop["training_time"], loop["timed_steps"] = clock.training_time, clock.timed_steps
+    beta = LOSS_EMA_BETA  # an EMA of the loss for a readable log
+    loop.smooth_train_loss = beta * loop.smooth_train_loss + (1 - beta) * train_loss
+    smooth = loop.train_loss(step)
+    loop.training_time, loop.timed_steps = clock.training_time, clock.timed_steps
     tok_per_s = tokens_per_step / dt
     mfu = 100 * flops_per_token * tokens_per_step / dt / (peak * run.world)
     print0(format_step_line(step, run.total_steps, smooth, lrm, dt, tok_per_s, mfu, clock.training_time,
@@ -360,7 +395,7 @@ def log_eval(run: Run, step: int, wandb_row: dict, **fields) -> None:
     """An eval's row in metrics.jsonl (kind = fields["kind"]) and in wandb, with the reference's totals."""
     kind = fields.pop("kind")
     run.metrics.append(kind, step=step, **fields)
-    run.wandb.log({"step": step, "total_training_time": run.loop["training_time"], **wandb_row})
+    run.wandb.log({"step": step, "total_training_time": run.loop.training_time, **wandb_row})
 
 
 def finish_run(run: Run, summary: dict, message: str) -> dict:
@@ -369,7 +404,7 @@ def finish_run(run: Run, summary: dict, message: str) -> dict:
     if run.start_step < run.total_steps or not any(r["kind"] == "done" for r in read_metrics(run.metrics.path)):
         run.metrics.append("done", **summary)
     if run.start_step < run.total_steps:
-        print0(f"done: {message} | training time {run.loop['training_time'] / 60:.2f}m")
+        print0(f"done: {message} | training time {run.loop.training_time / 60:.2f}m")
     run.wandb.finish()
     cleanup_distributed()
     return summary

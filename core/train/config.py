@@ -336,19 +336,27 @@ def identity_fields(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls) if f.metadata["kind"] == "identity")
 
 
-def parse_config(cls, argv: list[str] | None, prog: str, description: str):
-    """A trainer config from flags (--depth 4) and/or --config FILE.json (underscored keys; flags win).
-    Every input path is required. Errors exit 2 with one line (argparse)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="JSON file with any of the options below (underscored keys); "
-                                    "options given on the command line win")
+def add_field_flags(p: argparse.ArgumentParser, cls, names: tuple[str, ...] | None = None) -> None:
+    """A --flag per field of the config class cls (or per field in names), with its help; an absent
+    flag is absent from the parsed namespace, so the class's own default applies."""
     for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default})")
         if str(f.type).startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(str(f.type), str), **kw)
+
+
+def parse_config(cls, argv: list[str] | None, prog: str, description: str):
+    """A trainer config from flags (--depth 4) and/or --config FILE.json (underscored keys; flags win).
+    Every input path is required. Errors exit 2 with one line (argparse)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="JSON file with any of the options below (underscored keys); "
+                                    "options given on the command line win")
+    add_field_flags(p, cls)
     args = vars(p.parse_args(argv))
     config_file = args.pop("config", None)
     values = {}

@@ -44,7 +44,7 @@ from core.layouts import shard_files
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
 from core.tokenizer import Tokenizer
-from core.train.common import (finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, resume_model,
+from core.train.common import (LoopState, finish_run, log_eval, log_step, maybe_compile, open_log, optimizer_step, resume_model,
                                resume_state, run_entry_point, save, seed_everything, start_run, stop_run,
                                tokenizer_record)
 from core.train.telemetry import run_peak_flops
@@ -95,19 +95,21 @@ def greedy_samples(model, tokenizer, max_tokens: int = 16) -> list[str]:
 # ---- the run -------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class PretrainLoop(LoopState):
+    """The pretrain loop's state across resumes: the shared fields plus its validation results."""
+    min_val_bpb: float = math.inf   # the lowest val bits-per-byte so far
+    val_bpb: float | None = None    # the latest one (None before the first evaluation)
+
+
 def train(cfg: PretrainConfig) -> dict:
-    run = start_run(cfg, min_val_bpb=math.inf, val_bpb=None)
+    run = start_run(cfg, PretrainLoop())
     device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
     tokenizer = Tokenizer.from_directory(cfg.tokenizer_dir)
     tok_rec = tokenizer_record(cfg.tokenizer_dir, tokenizer.vocab_size, cfg.tokenizer_fingerprint or None)
     token_bytes = tokenizer.token_bytes().to(device)
     train_files, val_files = shard_files(Path(cfg.data_dir))
-    plan = derive(cfg.depth, cfg.aspect_ratio, cfg.head_dim, cfg.max_seq_len, tokenizer.vocab_size,
-                  cfg.target_param_data_ratio, cfg.target_flops, cfg.num_iterations, cfg.total_batch_size,
-                  window_pattern=cfg.window_pattern, embedding_lr=cfg.embedding_lr,
-                  unembedding_lr=cfg.unembedding_lr, matrix_lr=cfg.matrix_lr, scalar_lr=cfg.scalar_lr,
-                  weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                  final_lr_frac=cfg.final_lr_frac)
+    plan = derive(cfg, tokenizer.vocab_size)
     grad_accum = plan.grad_accum_steps(cfg.device_batch_size, world)  # refuses a batch that does not divide
     total_steps, batch = plan.num_iterations, plan.total_batch_size
 
@@ -171,7 +173,7 @@ def train(cfg: PretrainConfig) -> dict:
                 "identity": cfg.identity(), "run_config": dataclasses.asdict(cfg), "plan": plan.to_dict(),
                 "derived": derived, "device_batch_size": cfg.device_batch_size, "grad_accum_steps": grad_accum,
                 "data": {"train": [f.name for f in train_files], "val": [f.name for f in val_files]},
-                "val_bpb": loop["val_bpb"], "loop_state": loop}
+                "val_bpb": loop.val_bpb}
 
     step = run.start_step
     if step == total_steps:
@@ -186,8 +188,8 @@ def train(cfg: PretrainConfig) -> dict:
             with disable_fp8(orig_model):
                 bpb = evaluate_bpb(orig_model if cfg.fp8 else model, val_batches(), token_bytes, steps=eval_steps)
             model.train()
-            loop["val_bpb"], loop["min_val_bpb"] = bpb, min(loop["min_val_bpb"], bpb)
-            print0(f"step {step:05d}/{total_steps:05d} | val bpb {bpb:.6f} (min {loop['min_val_bpb']:.6f})")
+            loop.val_bpb, loop.min_val_bpb = bpb, min(loop.min_val_bpb, bpb)
+            print0(f"step {step:05d}/{total_steps:05d} | val bpb {bpb:.6f} (min {loop.min_val_bpb:.6f})")
             log_eval(run, step, {"val/bpb": bpb, "tokens": step * batch, "total_training_flops": flops},
                      kind="val", val_bpb=bpb, tokens=step * batch)
         if cfg.eval_bundle_dir and due(cfg.core_metric_every):
@@ -225,15 +227,15 @@ def train(cfg: PretrainConfig) -> dict:
         log_step(run, step, train_loss, lrm, dt, tokens_per_step=batch, flops_per_token=plan.flops_per_token,
                  peak=peak, epoch=train_loader.stats()["epoch"])
 
-    summary = {"step": total_steps, "val_bpb": loop["val_bpb"],
-               "min_val_bpb": None if math.isinf(loop["min_val_bpb"]) else loop["min_val_bpb"],
-               "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** max(total_steps, 1)),
-               "training_time": loop["training_time"], "wall_time": loop["wall_time"],
+    summary = {"step": total_steps, "val_bpb": loop.val_bpb,
+               "min_val_bpb": None if math.isinf(loop.min_val_bpb) else loop.min_val_bpb,
+               "train_loss": loop.train_loss(total_steps),
+               "training_time": loop.training_time, "wall_time": loop.wall_time,
                "tokens": total_steps * batch, "num_params": plan.num_params,
                "num_scaling_params": plan.num_scaling_params, "world_size": world}
     train_loader.close()
     return finish_run(run, summary, f"{total_steps:,} steps, {total_steps * batch:,} tokens | val bpb "
-                                    f"{loop['val_bpb']} (min {summary['min_val_bpb']})")
+                                    f"{loop.val_bpb} (min {summary['min_val_bpb']})")
 
 
 def main(argv: list[str] | None = None) -> None:

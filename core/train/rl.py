@@ -39,8 +39,9 @@ from core.layouts import CHAT_KINDS
 from core.optim import build_optimizer
 from core.scaling import reference_lrs
 from core.tasks.gsm8k import GSM8K
-from core.train.common import (finish_run, load_base, log_eval, log_step, open_log, optimizer_step, resume_model,
-                               resume_state, run_entry_point, save, seed_everything, start_run, stop_run)
+from core.train.common import (LoopState, finish_run, load_base, log_eval, log_step, open_log, optimizer_step,
+                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run,
+                               stop_run)
 from core.train.telemetry import run_peak_flops
 from core.train.config import RLConfig
 from core.train.config import parse_config as _parse_config
@@ -102,8 +103,15 @@ def _all_reduce(values: list[float], device, op=None) -> list[float]:
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class RLLoop(LoopState):
+    """The RL loop's state across resumes: the shared fields plus its latest results."""
+    reward: float | None = None             # mean reward of the last step's rollouts, over all ranks
+    passk: list[float] | None = None        # the latest pass@1..k on held-out questions
+
+
 def train(cfg: RLConfig) -> dict:
-    run = start_run(cfg, reward=None, passk=None)
+    run = start_run(cfg, RLLoop())
     device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
 
     tokenizer, base_ck, tok_rec, base_id = load_base(cfg)
@@ -167,7 +175,7 @@ def train(cfg: RLConfig) -> dict:
         return {"kind": "rl", "model_config": model_cfg, "tokenizer": tok_rec, "identity": identity,
                 "run_config": dataclasses.asdict(cfg), "derived": derived, "device_batch_size": cfg.device_batch_size,
                 "base": {"checkpoint": str(base_ck.path), "step": base_ck.step, "kind": base.get("kind"),
-                         "id": base_id}, "reward": loop["reward"], "passk": loop["passk"], "loop_state": loop}
+                         "id": base_id}, "reward": loop.reward, "passk": loop.passk}
 
     stats = {"rewards": [], "lengths": [], "tokens": 0}
 
@@ -216,7 +224,7 @@ def train(cfg: RLConfig) -> dict:
         fresh = not run.resumed_at(step)
         if fresh and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             passk = evaluate_passk()
-            loop["passk"] = passk
+            loop.passk = passk
             row = {f"pass@{k}": v for k, v in enumerate(passk, 1)}
             print0(f"step {step:05d}/{total_steps:05d} | " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             log_eval(run, step, row, kind="passk", **row)
@@ -235,17 +243,17 @@ def train(cfg: RLConfig) -> dict:
         reward, length, tokens = _all_reduce([sum(stats["rewards"]) / len(stats["rewards"]),
                                               sum(stats["lengths"]) / len(stats["lengths"]), stats["tokens"]], device)
         reward, length = reward / world, length / world  # the reference's all-reduce AVG
-        loop["reward"] = reward
+        loop.reward = reward
         step += 1
         log_step(run, step, loss, lrm, dt, tokens_per_step=int(tokens), flops_per_token=flops_per_token, peak=peak)
         print0(f"step {step:05d}/{total_steps:05d} | reward {reward:.4f} | sequence length {length:.1f}")
         log_eval(run, step, {"reward": reward, "sequence_length": length, "lrm": lrm}, kind="rollout", reward=reward,
                  sequence_length=length, lrm=lrm)
 
-    summary = {"step": total_steps, "reward": loop["reward"], "passk": loop["passk"],
-               "training_time": loop["training_time"], "wall_time": loop["wall_time"], "world_size": world}
-    return finish_run(run, summary, f"{total_steps:,} steps | reward {loop['reward']} | pass@1 "
-                                    f"{(loop['passk'] or [None])[0]}")
+    summary = {"step": total_steps, "reward": loop.reward, "passk": loop.passk,
+               "training_time": loop.training_time, "wall_time": loop.wall_time, "world_size": world}
+    return finish_run(run, summary, f"{total_steps:,} steps | reward {loop.reward} | pass@1 "
+                                    f"{(loop.passk or [None])[0]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,12 +54,13 @@ from core.checkpoint import load_model
 from core.common import dtype_name, print0
 from core.eval.bpb import evaluate_loss_bpb
 from core.optim import build_optimizer, shard_state, unshard_state
-from core.scaling import reference_lrs
+from core.scaling import B_REF, reference_lrs
 from core.tasks.mixture import build_mixture
-from core.train.common import (finish_run, load_base, log_eval, log_step, maybe_compile, open_log, optimizer_step,
-                               resume_model, resume_state, run_entry_point, save, seed_everything, start_run, stop_run)
+from core.train.common import (LoopState, finish_run, load_base, log_eval, log_step, maybe_compile, open_log,
+                               optimizer_step, resume_model, resume_state, run_entry_point, save, seed_everything,
+                               start_run, stop_run)
 from core.train.telemetry import run_peak_flops
-from core.train.config import SFTConfig, identity_fields
+from core.train.config import PretrainConfig, SFTConfig, identity_fields
 from core.train.config import parse_config as _parse_config
 
 
@@ -228,8 +229,16 @@ def _inherit(value, base_value, fallback):
     return base_value if base_value is not None else fallback
 
 
+@dataclasses.dataclass
+class SFTLoop(LoopState):
+    """The SFT loop's state across resumes: the shared fields plus its validation results."""
+    val_loss: float | None = None   # the latest val loss (None before the first evaluation)
+    val_bpb: float | None = None    # the latest val bits-per-byte
+    min_val_loss: float = math.inf  # the lowest val loss so far
+
+
 def train(cfg: SFTConfig) -> dict:
-    run = start_run(cfg, val_loss=None, val_bpb=None, min_val_loss=math.inf)
+    run = start_run(cfg, SFTLoop())
     device, rank, world, dtype, loop = run.device, run.rank, run.world, run.dtype, run.loop
 
     # ---- the base model and what it inherits
@@ -237,16 +246,17 @@ def train(cfg: SFTConfig) -> dict:
     base = base_ck.meta
     run_cfg = base.get("run_config") or {}
     model_cfg = base["model_config"]
-    seq = int(_inherit(cfg.max_seq_len, model_cfg.get("sequence_len"), 2048))
-    total_batch = int(_inherit(cfg.total_batch_size, (base.get("plan") or {}).get("total_batch_size"), 524288))
-    dbs = int(_inherit(cfg.device_batch_size, base.get("device_batch_size"), 32))
+    # a base without a record of its own gets the pretraining defaults (PretrainConfig's, B_REF)
+    seq = int(_inherit(cfg.max_seq_len, model_cfg.get("sequence_len"), PretrainConfig.max_seq_len))
+    total_batch = int(_inherit(cfg.total_batch_size, (base.get("plan") or {}).get("total_batch_size"), B_REF))
+    dbs = int(_inherit(cfg.device_batch_size, base.get("device_batch_size"), PretrainConfig.device_batch_size))
     per_step = dbs * seq * world
     if total_batch % per_step:
         raise ValueError(f"total batch {total_batch:,} tokens is not a multiple of device_batch_size {dbs} x seq {seq} "
                          f"x {world} process(es) = {per_step:,}: change --device-batch-size or --total-batch-size")
     grad_accum = total_batch // per_step
-    raw = {k: float(_inherit(getattr(cfg, k), run_cfg.get(k), d)) for k, d in
-           (("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("matrix_lr", 0.02), ("scalar_lr", 0.5))}
+    raw = {k: float(_inherit(getattr(cfg, k), run_cfg.get(k), getattr(PretrainConfig, k)))
+           for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
     lrs = reference_lrs(model_cfg["n_embd"], 1.0, weight_decay=cfg.weight_decay, **raw)
     lrs = {k: (v * cfg.init_lr_frac if k.endswith("_lr") else v) for k, v in lrs.items()}
     mixture = json.loads(Path(cfg.mixture).read_text())
@@ -331,7 +341,7 @@ def train(cfg: SFTConfig) -> dict:
                 "run_config": dataclasses.asdict(cfg), "derived": derived, "device_batch_size": dbs,
                 "grad_accum_steps": grad_accum, "base": {"checkpoint": str(base_ck.path), "step": base_ck.step,
                                                          "kind": base.get("kind"), "id": base_id},
-                "val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"], "loop_state": loop}
+                "val_loss": loop.val_loss, "val_bpb": loop.val_bpb}
 
     step, batches = run.start_step, train_batches()
     while True:
@@ -341,8 +351,8 @@ def train(cfg: SFTConfig) -> dict:
             model.eval()
             val_loss, val_bpb = evaluate_loss_bpb(model, val_batches, token_bytes)
             model.train()
-            loop["val_loss"], loop["val_bpb"] = val_loss, val_bpb
-            loop["min_val_loss"] = min(loop["min_val_loss"], val_loss)
+            loop.val_loss, loop.val_bpb = val_loss, val_bpb
+            loop.min_val_loss = min(loop.min_val_loss, val_loss)
             print0(f"step {step:05d}/{total_steps:05d} | val loss {val_loss:.6f} | val bpb {val_bpb:.6f}")
             log_eval(run, step, {"val/loss": val_loss, "val/bpb": val_bpb,
                                  "total_training_flops": flops_per_token * total_batch * step},
@@ -363,11 +373,11 @@ def train(cfg: SFTConfig) -> dict:
         log_step(run, step, train_loss, lrm, dt, tokens_per_step=total_batch, flops_per_token=flops_per_token,
                  peak=peak, epoch=packer.packed / len(convs))
 
-    summary = {"step": total_steps, "val_loss": loop["val_loss"], "val_bpb": loop["val_bpb"],
-               "min_val_loss": None if math.isinf(loop["min_val_loss"]) else loop["min_val_loss"],
-               "train_loss": loop["smooth_train_loss"] / (1 - 0.9 ** max(total_steps, 1)),
-               "training_time": loop["training_time"], "wall_time": loop["wall_time"], "world_size": world}
-    return finish_run(run, summary, f"{total_steps:,} steps | val loss {loop['val_loss']}")
+    summary = {"step": total_steps, "val_loss": loop.val_loss, "val_bpb": loop.val_bpb,
+               "min_val_loss": None if math.isinf(loop.min_val_loss) else loop.min_val_loss,
+               "train_loss": loop.train_loss(total_steps),
+               "training_time": loop.training_time, "wall_time": loop.wall_time, "world_size": world}
+    return finish_run(run, summary, f"{total_steps:,} steps | val loss {loop.val_loss}")
 
 
 def main(argv: list[str] | None = None) -> None:

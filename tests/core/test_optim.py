@@ -15,6 +15,7 @@ from core.gpt import GPTConfig, build_model
 from core.optim import (POLAR_EXPRESS_COEFFS, DistMuonAdamW, MuonAdamW, apply_schedule, build_optimizer,
                         orthogonalize, param_groups)
 from core.scaling import derive, reference_lrs
+from core.train.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # The coefficients as printed in docs/reference.md#optimizer (5 decimals).
@@ -163,7 +164,7 @@ def test_groups_follow_the_reference():
 
 
 def test_state_dict_roundtrip_and_schedule():
-    plan = derive(3, aspect_ratio=11, head_dim=8, max_seq_len=32, vocab_size=256, num_iterations=50)
+    plan = derive(PretrainConfig(depth=3, aspect_ratio=11, head_dim=8, max_seq_len=32, num_iterations=50), 256)
     model = build_model(TINY, "cpu", seed=0)
     _randomize(model)
     opt = build_optimizer(model, plan)

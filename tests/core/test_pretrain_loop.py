@@ -16,10 +16,10 @@ import time
 import pytest
 import torch
 
-from core.train.common import ResumeError, check_resume
+from core.train.common import LoopState, ResumeError, check_resume
 from core.train.telemetry import (MetricsLog, StepClock, format_step_line, measure_matmul_flops, parse_step_line,
                                   read_metrics)
-from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig, main, parse_config, train
+from core.train.pretrain import IDENTITY_FIELDS, PretrainConfig, PretrainLoop, main, parse_config, train
 from tests.train_helpers import (REPO, RUNTIME_TOLERANCE, assert_states_equal, final_state, make_data_dir,
                                  make_tokenizer_dir, run_trainer, trainer_cmd, trainer_env, weights_distance)
 
@@ -262,6 +262,62 @@ def test_check_resume_rules(tmp_path):
         check_resume({}, where=tmp_path, identity=ident, tokenizer=tok, world_size=2)
 
 
+# meta.json "loop_state" as the trainers wrote it while the loop state was a plain dict: the typed
+# state must write these bytes and read them back (checkpoints from then resume).
+DICT_ERA_LOOP_STATES = {
+    "pretrain": '{"smooth_train_loss": 4.25, "training_time": 1.5, "timed_steps": 6, "wall_time": 9.0, '
+                '"wandb_id": null, "min_val_bpb": 3.1, "val_bpb": 3.2}',
+    "pretrain-fresh": '{"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0, "wall_time": 0.0, '
+                      '"wandb_id": null, "min_val_bpb": Infinity, "val_bpb": null}',
+    "sft": '{"smooth_train_loss": 1.5, "training_time": 2.0, "timed_steps": 3, "wall_time": 4.0, '
+           '"wandb_id": "abc123", "val_loss": 1.25, "val_bpb": 0.75, "min_val_loss": 1.0}',
+    "rl": '{"smooth_train_loss": 0.0, "training_time": 2.0, "timed_steps": 3, "wall_time": 4.0, '
+          '"wandb_id": null, "reward": 0.5, "passk": [0.25, 0.5]}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(DICT_ERA_LOOP_STATES))
+def test_loop_state_reads_and_writes_the_checkpoint_format(name, tmp_path):
+    from core.train.rl import RLLoop
+    from core.train.sft import SFTLoop
+
+    cls = {"pretrain": PretrainLoop, "pretrain-fresh": PretrainLoop, "sft": SFTLoop, "rl": RLLoop}[name]
+    saved = DICT_ERA_LOOP_STATES[name]
+    loop = cls()
+    loop.restore(json.loads(saved), tmp_path)
+    assert json.dumps(loop.to_dict()) == saved  # the same keys, order and values
+    if name == "pretrain-fresh":
+        assert json.dumps(PretrainLoop().to_dict()) == saved  # what a fresh run starts from
+    assert loop.train_loss(10) == pytest.approx(loop.smooth_train_loss / (1 - 0.9 ** 10))
+
+
+def test_loop_state_refuses_another_trainers_state(tmp_path):
+    loop = PretrainLoop()
+    loop.restore({"smooth_train_loss": 2.0}, tmp_path)  # a key it lacks keeps its start value
+    assert loop.smooth_train_loss == 2.0 and loop.min_val_bpb == math.inf and loop.val_bpb is None
+    with pytest.raises(ResumeError, match=r"\['passk', 'reward'\], which PretrainLoop does not carry"):
+        PretrainLoop().restore(json.loads(DICT_ERA_LOOP_STATES["rl"]), tmp_path)
+    assert LoopState().to_dict() == {"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0,
+                                     "wall_time": 0.0, "wandb_id": None}
+
+def test_save_writes_the_loop_state_as_it_stands_at_the_save(tmp_path):
+    """The checkpoint's loop_state includes this save's wall time (save() adds it, then writes)."""
+    from core.common import DistInfo
+    from core.train.common import Run, save
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop = PretrainLoop(val_bpb=3.0, min_val_bpb=3.0)
+    run = Run(info=DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+              dtype=torch.float32, out=tmp_path, metrics=MetricsLog(tmp_path / "metrics.jsonl"), loop=loop,
+              t_process=time.time() - 5.0, total_steps=4)
+    for step in (2, 4):
+        save(run, step, model=model, optimizer=optimizer, loader_state={}, meta={"kind": "base"}, keep=2)
+    metas = [json.loads((tmp_path / "checkpoints" / f"step_{s:06d}" / "meta.json").read_text()) for s in (2, 4)]
+    assert list(metas[1])[:2] == ["kind", "loop_state"]  # the trainer's record, then the loop state
+    assert metas[1]["loop_state"] == loop.to_dict() and loop.wall_time >= 5.0
+    assert metas[0]["loop_state"]["wall_time"] >= 5.0 and metas[0]["loop_state"]["val_bpb"] == 3.0
+
 def test_metrics_log_truncates_an_interrupted_attempt(tmp_path):
     m = MetricsLog(tmp_path / "metrics.jsonl")
     m.append("start", step=0)
@@ -314,7 +370,7 @@ def test_wandb_rows_carry_the_references_keys(tmp_path):
 
     run = Run(info=DistInfo(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
               dtype=torch.float32, out=tmp_path, metrics=MetricsLog(tmp_path / "metrics.jsonl"),
-              loop={"smooth_train_loss": 0.0, "training_time": 0.0, "timed_steps": 0}, start_step=8,
+              loop=LoopState(), start_step=8,
               total_steps=10, wandb=Recorder(), clock=StepClock(10, skip_first=0))
     try:
         for step in (9, 10):  # (a process's first step is never timed: warm-up)

@@ -13,6 +13,7 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.gpt import build_model
 from core.scaling import derive
+from core.train.config import PretrainConfig
 from core.train.common import tokenizer_record
 from core.train.telemetry import read_metrics
 from core.train.config import RLConfig
@@ -88,7 +89,7 @@ def inputs(tmp_path_factory, shared_data):
     GSM8K-format files of one question whose answer is 5."""
     root = tmp_path_factory.mktemp("rl-inputs")
     tok_dir = make_tokenizer_dir(root / "tok", shared_data / "corpus")
-    plan = derive(2, head_dim=64, max_seq_len=64, vocab_size=1024, num_iterations=2, total_batch_size=256)
+    plan = derive(PretrainConfig(depth=2, head_dim=64, max_seq_len=64, num_iterations=2, total_batch_size=256), 1024)
     model = build_model(plan.model_config(), "cpu", torch.float32, seed=0)
     _teach_the_answer_format(model, tok_dir)
     base = save_checkpoint(root / "sft", 3, rank=0, world_size=1, model_state=model.state_dict(), optim_state={},

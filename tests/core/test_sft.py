@@ -15,6 +15,7 @@ from core.checkpoint import load_checkpoint, save_checkpoint
 from core.gpt import build_model
 from core.optim import build_optimizer, shard_state, unshard_state
 from core.scaling import derive
+from core.train.config import PretrainConfig
 from core.train.common import tokenizer_record
 from core.train.telemetry import read_metrics
 from core.train.sft import (Packer, SFTConfig, batches_per_pass, lr_multiplier, muon_momentum,
@@ -94,7 +95,7 @@ def test_schedule():
 
 
 def _tiny_model_and_optimizer(seed=0):
-    plan = derive(2, head_dim=64, max_seq_len=64, vocab_size=1024, num_iterations=2, total_batch_size=256)
+    plan = derive(PretrainConfig(depth=2, head_dim=64, max_seq_len=64, num_iterations=2, total_batch_size=256), 1024)
     model = build_model(plan.model_config(), "cpu", torch.float32, seed=seed)
     opt = build_optimizer(model, plan, distributed=False)
     x = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(seed))

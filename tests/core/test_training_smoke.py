@@ -12,6 +12,7 @@ import torch
 from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
+from core.train.config import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (conftest.py)
 
@@ -30,8 +31,8 @@ def corpus(corpus_files):
 
 def _train(train, val, steps: int, dtype: torch.dtype, seed: int = 0):
     """The real recipe at toy scale: derive() schedules, reference LRs at batch scale 1."""
-    plan = derive(2, aspect_ratio=32, head_dim=32, max_seq_len=T, vocab_size=256, num_iterations=steps,
-                  total_batch_size=B * T, warmup_steps=10)
+    plan = derive(PretrainConfig(depth=2, aspect_ratio=32, head_dim=32, max_seq_len=T, num_iterations=steps,
+                                 total_batch_size=B * T, warmup_steps=10), 256)
     model = build_model(plan.model_config(), "cpu", dtype=dtype, seed=seed)
     unscaled = {k: (v / plan.batch_lr_scale if k not in ("weight_decay", "smear_lr") else v)
                 for k, v in plan.optimizer_lrs().items()}

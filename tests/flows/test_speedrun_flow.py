@@ -152,3 +152,32 @@ def test_stage_with_recipe_hits_the_speedruns_fingerprint(tiny_run, shared_data,
     assert ref != str(run["base"].ref) and state == "will run"  # the speedrun plan's words
     assert cli.main(["--store", store.url, "stage", "nope", *common]) == 2
     assert "recipe tiny has no step 'nope'; its steps: data (data_shards)" in capsys.readouterr().err
+
+
+def test_a_stage_config_is_built_once_per_step_by_the_plan_and_never_by_the_flow(tiny_run, shared_data, monkeypatch):
+    """Per step, a stage Config is built once where the plan is compiled (the CLI) and once by
+    execute_step() where the stage runs. A flow handed the plan builds none (the task's cache key is
+    the planned fingerprint), so a fully cached run builds none at all; a flow run without a plan (the
+    UI, a schedule) compiles it once itself. Counted at StageConfig.from_dict, which every build
+    (from_preset, a plan's fields) goes through."""
+    from flows.speedrun import speedrun
+    from pipeline.recipes import speedrun_plan
+    from stages.base import StageConfig
+
+    store, run = tiny_run
+    built: list[str] = []
+    original = StageConfig.__dict__["from_dict"].__func__
+
+    def counted(cls, d):
+        built.append(cls.__module__)
+        return original(cls, d)
+
+    monkeypatch.setattr(StageConfig, "from_dict", classmethod(counted))
+    recipe = dict(eval_bundle=str(shared_data / "eval_bundle"), chat_data=str(shared_data / "chat"))
+    plan = speedrun_plan("tiny", **recipe)
+    assert sorted(built) == sorted(f"stages.{s.stage}" for s in plan)  # once per step
+    built.clear()
+    state = speedrun(preset="tiny", store=store.url, plan=plan.to_dict(), return_state=True)
+    assert set(_task_states(state).values()) == {"Cached"} and built == []
+    speedrun(preset="tiny", store=store.url, **recipe)  # no plan given: compiled in the flow, once
+    assert sorted(built) == sorted(f"stages.{s.stage}" for s in plan)

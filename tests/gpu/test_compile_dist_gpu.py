@@ -18,12 +18,14 @@ from core.fp8 import RECIPES, convert_to_fp8, fp8_available
 from core.gpt import build_model
 from core.optim import DistMuonAdamW, MuonAdamW, apply_schedule, build_optimizer
 from core.scaling import derive
+from core.train.config import PretrainConfig
 
 pytestmark = pytest.mark.gpu
 
 
 def tiny_plan():
-    return derive(2, head_dim=128, max_seq_len=256, vocab_size=1024, num_iterations=10, total_batch_size=4 * 256)
+    return derive(PretrainConfig(depth=2, head_dim=128, max_seq_len=256, num_iterations=10,
+                                 total_batch_size=4 * 256), 1024)
 
 
 def train(model, step_model, opt, plan, data, start: int = 0) -> list[float]:

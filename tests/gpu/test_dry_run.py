@@ -11,6 +11,7 @@ import sys
 
 from bench.gpu_check import REFERENCE, reference_tok_s
 from core.scaling import derive
+from core.train.config import PretrainConfig
 from tests.conftest import REPO
 
 GPU_TESTS = {"test_backend_matches_naive_reference", "test_flash_matches_sdpa", "test_bf16_step_tracks_fp32",
@@ -75,7 +76,7 @@ def test_without_a_gpu_the_full_run_refuses_in_its_json_line():
 
 def test_reference_figures_follow_the_published_numbers():
     """d12: 41% MFU on H100 (~534k tok/s/GPU with our FLOPs per token); d20: the d24 record's 50% MFU."""
-    d12, d20 = (derive(d).flops_per_token for d in (12, 20))
+    d12, d20 = (derive(PretrainConfig(depth=d)).flops_per_token for d in (12, 20))
     assert 5.2e5 < reference_tok_s(12, "bf16", d12)[0] < 5.5e5
     assert 1.65e5 < reference_tok_s(20, "bf16", d20)[0] < 1.75e5
     assert reference_tok_s(20, "fp8", d20)[0] == reference_tok_s(20, "bf16", d20)[0] * 1.17

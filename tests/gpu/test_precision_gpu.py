@@ -13,6 +13,7 @@ from core.fp8 import RECIPES, convert_to_fp8, fp8_available, fp8_linear
 from core.gpt import build_model
 from core.optim import apply_schedule, build_optimizer
 from core.scaling import derive
+from core.train.config import PretrainConfig
 from tests.gpu._helpers import random_gpt, small_config
 
 pytestmark = pytest.mark.gpu
@@ -83,8 +84,8 @@ def test_fp8_linear_matches_bf16(device, recipe):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fp8_training_tracks_bf16(device, recipe):
     needs_fp8(device)
-    plan = derive(4, head_dim=128, max_seq_len=256, vocab_size=1024, num_iterations=50, total_batch_size=8 * 256,
-                  warmup_steps=0)
+    plan = derive(PretrainConfig(depth=4, head_dim=128, max_seq_len=256, num_iterations=50, total_batch_size=8 * 256,
+                                 warmup_steps=0), 1024)
     bf16 = build_model(plan.model_config(), device, torch.bfloat16, seed=0)
     fp8 = copy.deepcopy(bf16)
     assert convert_to_fp8(fp8, recipe, check_hardware=device.type == "cuda") == 4 * 6  # q k v proj fc mlp-proj

@@ -69,6 +69,19 @@ def test_config_validation_identity_and_presets():
     assert a.identity_dict() != pretrain.preset("tiny", loader_buffer=64).identity_dict()
 
 
+def test_the_stage_plans_with_the_trainers_recipe():
+    """The stage's plan (its step count and batch, what it logs and checks before launching) is the
+    trainer's plan for the same run.json: every recipe field reaches derive(), the LRs included."""
+    from core.scaling import derive
+
+    cfg = pretrain.preset("tiny")
+    run_json = cfg.trainer_config(data_dir="d", tok_dir="t", out="o", tokenizer_fingerprint="", eval_bundle_dir=None)
+    assert pretrain._plan(cfg, 1024) == derive(PretrainConfig(**run_json), 1024)
+    assert pretrain._plan(cfg, 1024).matrix_lr == pytest.approx(0.2 * (256 / 2 ** 19) ** 0.5)
+    with pytest.raises(ConfigError, match="pretrain: the horizon gives 0 iterations"):
+        pretrain._plan(pretrain.preset("tiny", num_iterations=-1, target_param_data_ratio=1e-6), 1024)
+
+
 def _machine(monkeypatch, *, env_dtype: str = "", native_bf16: bool = True) -> None:
     """Simulate a machine: its NANORUN_DTYPE and whether its CPU multiplies bf16 natively."""
     from core.train import config
