@@ -335,7 +335,7 @@ class Stage:
             if not eq or not name or not ref:
                 raise ConfigError(f"--input {item!r}: expected NAME=REF, e.g. data=data_shards@latest")
             refs[name] = store.resolve(ref)
-        plan = compile_plan([Step(mod.NAME, mod, cfg, refs)], {"stage": mod.NAME, "fields": fields})
+        plan = compile_plan([Step(mod.NAME, mod.NAME, cfg, refs)], {"stage": mod.NAME, "fields": fields})
         if args.plan and not args.json:
             from pipeline.plan import plan_rows
 

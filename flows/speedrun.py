@@ -171,6 +171,6 @@ def stage(name: str, config: dict | None = None, inputs: dict[str, str] | None =
     (step,) = compiled.steps
     params, refs = seal(step.to_dict()), {k: str(v) for k, v in compiled.input_refs(step).items()}
     if join:
-        return join_stage.with_options(task_run_name=f"{step.stage}-join")(params, refs, st.url)
+        return join_stage.with_options(task_run_name=f"{step.stage_name}-join")(params, refs, st.url)
     return across_nodes(params, refs, st.url,  # nnodes > 1: the other nodes join
-                        lambda: run_stage.with_options(task_run_name=step.stage)(params, refs, st.url, force))
+                        lambda: run_stage.with_options(task_run_name=step.stage_name)(params, refs, st.url, force))

@@ -192,7 +192,7 @@ def stage_plan(stage: str, fields: dict | None, preset: str | None, inputs: dict
     mod = load_stage(stage)
     fields = dict(fields or {})
     cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
-    return compile_plan([Step(mod.NAME, mod, cfg, dict(inputs))],
+    return compile_plan([Step(mod.NAME, mod.NAME, cfg, dict(inputs))],
                         {"stage": mod.NAME, **({"preset": preset} if preset else {}), "fields": fields})
 
 

@@ -167,15 +167,15 @@ class SweepPlan:
         """The steps compiled once (pipeline/plan.py) and the points, as the sweep flow receives them."""
         return {"plan": compile_plan(self.steps).to_dict(), "points": [dataclasses.asdict(p) for p in self.points]}
 
-
-def from_compiled(data: dict) -> tuple[Plan, list[Point]]:
-    """SweepPlan.compiled()'s dict back: the Plan and the points."""
-    return Plan.from_dict(data["plan"]), [Point(**p) for p in data["points"]]
-
     @property
     def shared(self) -> list[Step]:
         names = {p.pretrain for p in self.points} | {p.core for p in self.points}
         return [s for s in self.steps if s.name not in names]
+
+
+def from_compiled(data: dict) -> tuple[Plan, list[Point]]:
+    """SweepPlan.compiled()'s dict back: the Plan and the points."""
+    return Plan.from_dict(data["plan"]), [Point(**p) for p in data["points"]]
 
 
 def sweep_steps(sw: Sweep, *, eval_bundle: str | None = None, data_source: str | None = None,
