@@ -120,7 +120,8 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     progress(1, 2, phase="evaluate")
     t0 = time.perf_counter()
     samples = {"train": _first_docs(train[0]), "val": _first_docs(val[0]),
-               "code": [Path(__file__).with_name(n).read_text(encoding="utf-8") for n in ("data_shards.py", "fetch.py")]}
+               "code": [p.read_text(encoding="utf-8") for p in (Path(__file__).with_name("data_shards.py"),
+                                                            Path(__file__).parents[1] / "stagekit" / "fetch.py")]}
     table = compression_table(tok, samples)
     encode_s = time.perf_counter() - t0
     lines = [f"{'text':<8} {'bytes':>12} {'tokens':>11} {'bytes/token':>12}"]
