@@ -180,14 +180,15 @@ def rung_sweep(r: Research, c, depth: int) -> Sweep:
                  overrides=merge(r.overrides, c.overrides), core="core" in r.metrics, max_parallel=r.max_parallel)
 
 
-def reproduce(r: Research, spec: str, depth: int, seed: int) -> str:
-    """The command that builds (or finds cached) one point of candidate `spec` ("" = the baseline)
-    and the baseline's point beside it."""
+def reproduce(r: Research, spec: str, depth: int) -> str:
+    """The command that builds (or finds cached) candidate `spec`'s points at one rung ("" = the
+    baseline's), with the baseline's beside them: a point with its rung's other seeds, as the test
+    needs them."""
     sets = "".join(f" --set {shlex.quote(f'{s}.{k}={json.dumps(v)}')}" for s, kv in r.overrides.items()
                    for k, v in kv.items())
     metrics = "" if r.metrics == ("val_bpb",) else " --metrics " + " ".join(r.metrics)
     cand = f" --candidate {shlex.quote(spec)}" if spec else ""
-    return f"nanorun research --preset {r.recipe} --depths {depth} --seeds {seed}{sets}{metrics}{cand}"
+    return f"nanorun research --preset {r.recipe} --depths {depth} --seeds {' '.join(map(str, r.seeds))}{sets}{metrics}{cand}"
 
 
 class CostModel:
@@ -227,21 +228,22 @@ class CostModel:
 
 def point_estimates(r: Research, c, depth: int, store, cost: CostModel, *, eval_bundle=None,
                     data_source=None) -> list[dict]:
-    """Per point of c at this rung: {"point", "seed", "hours", "flops", "basis", "cached"}; cached is
-    True/False for the baseline and config candidates (their fingerprints are this checkout's) and
-    None for code candidates (their code lives in their checkout: counted as not cached)."""
-    from pipeline.execute import plan
+    """Per point of c at this rung: {"point", "seed", "hours", "flops", "basis", "cached"}. Whether it
+    is cached comes from its fingerprints under its own code (pipeline.candidates.plan_rows: a code
+    candidate's are computed in its checkout); its FLOPs from the recipe, which code does not change."""
+    from pipeline.candidates import plan_rows
     from pipeline.sweep import sweep_steps
 
-    sp = sweep_steps(rung_sweep(r, c, depth), eval_bundle=eval_bundle, data_source=data_source)
+    sw = rung_sweep(r, c, depth)
+    sp = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source)
     steps = {s.name: s for s in sp.steps}
-    status = {row.step: row.status for row in plan(sp.steps, store)} if c.kind in ("baseline", "config") else {}
+    status = {row["step"]: row["status"] for row in plan_rows(c, sw, store=store.url, eval_bundle=eval_bundle,
+                                                               data_source=data_source)}
     vocab = steps["tokenizer"].cfg.vocab_size
     out = []
     for p in sp.points:
         hours, flops, basis = cost.point(steps[p.pretrain].cfg, vocab)
-        mine = [status.get(n) for n in (p.pretrain, p.core) if n]
-        cached = None if not status else all(s == "cached" for s in mine)
+        cached = all(status.get(n) == "cached" for n in (p.pretrain, p.core) if n)
         out.append({"point": p.key, "seed": p.seed, "hours": hours, "flops": flops, "basis": basis, "cached": cached})
     return out
 
@@ -308,16 +310,23 @@ def judge(r: Research, base_rows: list[dict], cand_rows: dict[str, list[dict]]) 
 
 # ---- the loop -----------------------------------------------------------------------------------------
 def _default_runner(store: str, eval_bundle, data_source):
-    from pipeline.candidates import point_rows
+    def rows(c, sw):
+        from pipeline.candidates import point_rows
 
-    return lambda c, sw: point_rows(c, sw, store=store, eval_bundle=eval_bundle, data_source=data_source)
+        return point_rows(c, sw, store=store, eval_bundle=eval_bundle, data_source=data_source)
+    return rows
+
+
+class NotCached(Exception):
+    """research(only_cached=True) met a point that would have to be built."""
 
 
 def research(r: Research, *, store: str, eval_bundle: str | None = None, data_source: str | None = None,
-             point_rows: Callable | None = None, log: Callable[[str], None] = print) -> dict:
+             point_rows: Callable | None = None, log: Callable[[str], None] = print, only_cached: bool = False) -> dict:
     """Run the ladder for every candidate (and the proposers' rounds); returns the results dict (the
     research_report stage's config, a proposer's stdin). point_rows(candidate, sweep) -> point rows
-    (pipeline.sweep.point_row dicts): pipeline.candidates.point_rows unless given (tests)."""
+    (pipeline.sweep.point_row dicts): pipeline.candidates.point_rows unless given (tests).
+    only_cached: raise NotCached instead of building a point (the CLI answers a cached rerun so)."""
     from artifacts import open_store
     from pipeline.candidates import Candidate, parse_candidate
 
@@ -333,7 +342,7 @@ def research(r: Research, *, store: str, eval_bundle: str | None = None, data_so
     for rnd in range(r.rounds + 1):
         if not cands:
             break
-        _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bundle, data_source)
+        _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bundle, data_source, only_cached)
         if res["stopped"] or not r.propose or rnd == r.rounds:
             break
         try:
@@ -364,7 +373,8 @@ def _entry(res, c, rnd):
     return e
 
 
-def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bundle, data_source) -> None:
+def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bundle, data_source,
+            only_cached) -> None:
     entries = {c.name: _entry(res, c, rnd) for c in cands}
     alive = list(cands)
     for i, depth in enumerate(r.depths):
@@ -385,6 +395,8 @@ def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bu
             for c in alive:
                 entries[c.name]["reason"] = why
             return
+        if only_cached and not all(p["cached"] for pts in est.values() for p in pts):
+            raise NotCached(f"rung d{depth} has points to build")
         log(f"research {r.name}: round {rnd} rung d{depth}: {', '.join(c.name for c in arms)} "
             f"(~{need:.3g} device-hours to build)")
         rung = {"round": rnd, "depth": depth, "candidates": [c.name for c in alive], "estimate_hours": need,
@@ -426,7 +438,7 @@ def _run(r, run, c, depth, estimates, rung, res) -> list[dict]:
             measured = row["wall_time_s"] / 3600
         hours = measured if measured is not None else est.get("hours", 0.0)
         row = {**row, "candidate": c.name, "rung": depth, "round": rung["round"], "cached": est.get("cached"),
-               "hours": hours, "command": reproduce(r, res["specs"].get(c.name, ""), depth, row.get("seed"))}
+               "hours": hours, "command": reproduce(r, res["specs"].get(c.name, ""), depth)}
         if not est.get("cached"):
             rung["spent_hours"] += hours
             res["spent_hours"] += hours
@@ -464,14 +476,13 @@ def format_plan(p: dict) -> str:
         for c in p["candidates"]:
             pts = rung["points"][c.name]
             cached = [x["cached"] for x in pts]
-            says = ("?" if None in cached else f"{sum(cached)}/{len(cached)}")
+            says = f"{sum(cached)}/{len(cached)}"
             hours = sum(x["hours"] for x in pts if not x["cached"])
             lines.append(f"d{rung['depth']:<5}{c.name[:23]:<24}{', '.join(x['point'] for x in pts)[:33]:<34}"
                          f"{says:<10}{hours:>10.4f}  {pts[0]['basis']}")
         lines.append(f"{'':<6}{'rung total (if every candidate gets here)':<68}{rung['hours']:>10.4f}")
     budget = "" if r.budget is None else f" of a {r.budget:g} device-hour budget"
-    lines += ["", f"at most {p['hours']:.4f} device-hours to build{budget}; '?' = a code candidate, its "
-                  "fingerprints are known once its checkout runs (counted as not cached)"]
+    lines += ["", f"at most {p['hours']:.4f} device-hours to build{budget} (cached points cost nothing)"]
     if r.budget is not None and p["rungs"] and p["rungs"][0]["hours"] > r.budget:
         lines.append(f"refused as it stands: the first rung alone needs {p['rungs'][0]['hours']:.4f}")
     if r.propose:

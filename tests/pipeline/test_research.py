@@ -213,7 +213,7 @@ def test_report_stage_writes_verdicts_plots_and_is_a_pure_function_of_the_points
     assert {p.name for p in out.iterdir()} >= {"report.md", "results.json", "points.csv", "delta.png", "promotion.png"}
     assert "| good | base.matrix_lr=0.11 | 0 | d1, d2, d3 | **holds at every depth tried**" in md
     assert "**fails at d1**" in md and "**not significant at d2**" in md and "## Promotion tree" in md
-    assert "`nanorun research --preset tiny --depths 3 --seeds 1 --candidate good=base.matrix_lr=" in md
+    assert "`nanorun research --preset tiny --depths 3 --seeds 1 2 3 --candidate good=base.matrix_lr=" in md
     assert m.metrics["verdicts"]["bad"] == "fails at d1"
     # the same points again (a cached rerun spends nothing) give the same report artifact
     again = go(tmp_path, candidates=(cand("good", "good"), cand("bad", "bad"), cand("shallow", "shallow")))
