@@ -5,12 +5,16 @@
     nanorun sweep --preset scaling-laws [--flops 1e18 2e18] [--plan]       # runs/scaling_laws.sh, 8 GPUs
     nanorun sweep --preset miniseries --ratios 8 12                        # runs/miniseries.sh, x2 ratios
     nanorun compare --preset tiny --depths 1 2 --seeds 1 2 3 --b base.matrix_lr=0.4
-    nanorun compare --csv A/results.csv --csv B/results.csv                # two sweeps' tables (e.g. two commits)
+    nanorun compare --preset tiny --depths 1 2 --seeds 1 2 3 --a baseline --b backout=git:my-branch
+    nanorun compare --preset tiny --depths 1 2 --seeds 1 2 3 --b lr=base.matrix_lr=0.4,base.embedding_lr=2
+    nanorun compare --csv A/results.csv --csv B/results.csv                # two sweeps' tables
 
-A comparison is a sweep with two arms: A = the recipe (+ --a overrides), B = the recipe + --b
-overrides, over the preset's grid x seeds. To compare two code commits, run the same sweep from a
-worktree of each commit into a store of its own (same code_version -> same fingerprints, so one
-store would serve A's models to B), then `nanorun compare --csv` their results.csv files.
+A comparison is a sweep with two arms over the preset's grid x seeds: A = the recipe (+ --a), B =
+the recipe + --b. Each arm is a candidate (pipeline/candidates.py: baseline, NAME=STEP.FIELD=VALUE,...,
+NAME=git:REF, NAME=patch:FILE) and/or STEP.FIELD=VALUE overrides layered on it. Two config arms run
+as one sweep through the Prefect flow; an arm with code (git:, patch:) runs its points from a
+checkout of that code into the same store (docs/research.md#candidates), in this process without
+Prefect, and the sweep_report stage compares the two.
 """
 from __future__ import annotations
 
@@ -40,8 +44,10 @@ def add_grid_arguments(p, compare: bool = False) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STEP.FIELD=VALUE",
                    help="override a recipe step's field for every point, e.g. base.eval_tokens=4096")
     if compare:
-        p.add_argument("--a", dest="a", action="append", default=[], metavar="STEP.FIELD=VALUE", help="arm A's changes")
-        p.add_argument("--b", dest="b", action="append", default=[], metavar="STEP.FIELD=VALUE", help="arm B's changes")
+        for arm in "ab":
+            p.add_argument(f"--{arm}", dest=arm, action="append", default=[], metavar="CANDIDATE|STEP.FIELD=VALUE",
+                           help=f"arm {arm.upper()}: baseline, NAME=STEP.FIELD=VALUE[,...], NAME=git:REF or "
+                                "NAME=patch:FILE, and/or STEP.FIELD=VALUE overrides (repeatable)")
         p.add_argument("--csv", action="append", default=[], metavar="FILE",
                        help="compare two sweeps' results.csv instead of running anything (give it twice: A then B)")
     p.add_argument("--no-core", action="store_true", help="skip the CORE evaluation of each point")
@@ -70,14 +76,23 @@ def build_sweep(args, compare: bool = False):
                    core=False if args.no_core else None, max_parallel=args.max_parallel,
                    seeds=tuple(args.seeds) if args.seeds else None)
     if compare:
-        changes["arms"] = {"A": _parse_sets(args.a), "B": _parse_sets(args.b)}
+        a, b = arms(args)
+        if not (a.code or b.code):  # both in this process: one sweep with two arms
+            changes["arms"] = {"A": a.overrides, "B": b.overrides}
         changes["seeds"] = changes["seeds"] or (1, 2, 3)
         changes["name"] = args.name or f"{args.preset}-compare"
         if len(changes["seeds"]) < 2:
             raise ConfigError("compare: give at least 2 seeds per arm (--seeds 1 2 3): the test needs their spread")
-        if not args.a and not args.b:
+        if a == b and not a.code:
             raise ConfigError("compare: A and B are the same recipe; give B's changes, e.g. --b base.matrix_lr=0.03")
     return preset(args.preset, **changes)
+
+
+def arms(args):
+    """compare's (A, B) candidates from --a / --b."""
+    from pipeline.candidates import arm_candidate
+
+    return arm_candidate("A", args.a), arm_candidate("B", args.b)
 
 
 def _core_without_bundle(args, sw, steps) -> str | None:
@@ -174,7 +189,43 @@ class Compare:
     def run(args) -> int:
         if args.csv:
             return compare_csv(args.csv)
-        return run_sweep(args, build_sweep(args, compare=True))
+        sw = build_sweep(args, compare=True)
+        a, b = arms(args)
+        return compare_code(args, sw, a, b) if a.code or b.code else run_sweep(args, sw)
+
+
+def compare_code(args, sw, a, b) -> int:
+    """compare with a code candidate in an arm: each arm's points from its own checkout, then the report."""
+    from artifacts import open_store
+    from artifacts.manifest import ArtifactRef
+    from pipeline import candidates
+    from pipeline.execute import PlanRow, format_plan
+
+    from pipeline.sweep import sweep_steps
+
+    kwargs = dict(eval_bundle=args.eval_bundle, data_source=args.data_source, nproc=args.nproc)
+    missing = _core_without_bundle(args, sw, sweep_steps(sw, **kwargs))
+    kwargs["store"] = args.store
+    if missing and not args.plan:
+        from stages.base import ConfigError
+
+        raise ConfigError(f"compare: {missing}; nothing was trained")
+    if args.plan:
+        for arm, c in (("A", a), ("B", b)):
+            rows = candidates.plan_rows(c, sw, **kwargs)
+            print(f"arm {arm} = {c.name}: {c.describe()}")
+            print(format_plan([PlanRow(r["step"], r["stage"], ArtifactRef.parse(r["ref"]), r["status"]) for r in rows]))
+        print(f"then: sweep_report {sw.name} (B vs A) in {open_store(args.store).url}")
+        return 0
+    result = candidates.compare(a, b, sw, **kwargs)
+    print("\n".join(line for line in result["markdown"].splitlines() if not line.startswith("![")).rstrip())
+    print(f"\nreport {result['report']}: {result['path']}")
+    if result["failed"]:
+        print(f"nanorun compare: {len(result['failed'])} point(s) failed "
+              f"({'; '.join(f'{k}: {v}' for k, v in result['failed'].items())[:400]}); run the same command again "
+              "to retry only them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def compare_csv(paths: list[str]) -> int:

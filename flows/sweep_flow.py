@@ -23,7 +23,7 @@ from artifacts import open_store
 from artifacts.redact import unseal
 from pipeline import settings
 from flows.speedrun import log_outcome, prefect_step, publish_markdown
-from pipeline.sweep import Sweep, point_row, report_config, sweep_steps
+from pipeline.sweep import Sweep, report_config, sweep_rows, sweep_steps
 from flows.tasks import run_stage
 from pipeline.execute import format_outcomes, walk
 
@@ -50,14 +50,7 @@ def sweep(spec: dict, store: str | None = None, eval_bundle: str | None = None, 
     outcomes = walk(plan.steps, prefect_step(st.url, []), max_parallel=sw.max_parallel,
                     on_outcome=lambda o: log_outcome(logger, o), store=st)
     logger.info("%s %s:\n%s", sw.kind, sw.name, format_outcomes(outcomes))
-    rows, errors = [], {}
-    for p in plan.points:
-        pre, core = outcomes[p.pretrain], outcomes.get(p.core)
-        if pre.manifest is None:
-            errors[p.key] = pre.detail or pre.status
-        elif core is not None and core.status == "failed":  # "not run": no bundle, CORE is optional
-            errors[p.key] = f"CORE failed: {core.detail}"
-        rows.append(point_row(p, pre.manifest, core.manifest if core else None, errors.get(p.key)))
+    rows, errors = sweep_rows(plan, outcomes)
     report = run_stage.with_options(task_run_name=f"{sw.kind} report")("sweep_report", report_config(sw, rows), {},
                                                                        st.url)
     ref = st.resolve(report)

@@ -270,6 +270,20 @@ def point_row(point: Point, pretrain=None, core=None, error: str | None = None) 
     return {**row, **extra, "cell": point_key("", point.values, None)}
 
 
+def sweep_rows(plan: SweepPlan, outcomes: dict) -> tuple[list[dict], dict[str, str]]:
+    """One row per point from the walked steps' outcomes (pipeline.execute.walk), and {point: error}
+    of the failed ones. A core_eval step "not run" for want of a bundle is no error: CORE is optional."""
+    rows, errors = [], {}
+    for p in plan.points:
+        pre, core = outcomes[p.pretrain], outcomes.get(p.core)
+        if pre.manifest is None:
+            errors[p.key] = pre.detail or pre.status
+        elif core is not None and core.status == "failed":
+            errors[p.key] = f"CORE failed: {core.detail}"
+        rows.append(point_row(p, pre.manifest, core.manifest if core else None, errors.get(p.key)))
+    return rows, errors
+
+
 def describe_overrides(layer: dict) -> str:
     """{step: {field: value}} as the command line writes it: "base.matrix_lr=0.02, sft.seed=1"."""
     return ", ".join(f"{step}.{k}={v}" for step, fields in layer.items() for k, v in fields.items()) or "no overrides"
