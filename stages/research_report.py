@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from stagekit.reporting import figure, g, pm, save_figure, write_csv
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
-from stages.sweep_report import _figure, _g, _pm, _save, write_csv
 
 NAME = "research_report"
 code_version = "1"
@@ -36,6 +36,8 @@ DECISIONS = {"better": ("tab:green", "better: promoted"), "held back": ("tab:oli
 KEPT = ("research", "candidates", "rungs", "rows", "total_hours", "stopped", "errors")
 RUNG_KEYS = ("round", "depth", "candidates", "results")
 ROW_DROP = ("cached",)
+COLUMNS = ("candidate", "round", "rung", "point", "seed", "val_bpb", "core", "status", "hours", "pretrain", "core_eval",
+           "command")
 
 
 def report_config(results: dict) -> dict:
@@ -106,8 +108,8 @@ def markdown(name: str, res: dict, images: list[str]) -> str:
             j = rung["results"][cand]
             for metric, t in j.get("tests", {}).items():
                 lines.append(f"| {rung['round']} | d{rung['depth']} | {cand} | {metric} | {t['n_a']} / {t['n_b']} | "
-                             f"{_pm(t['mean_a'], t['sd_a'])} | {_pm(t['mean_b'], t['sd_b'])} | {t['diff']:+.4f} | "
-                             f"{_interval(t)} | {_g(t['p_better'], '.3g')} | {_g(j['p_better_holm'], '.3g')} | "
+                             f"{pm(t['mean_a'], t['sd_a'])} | {pm(t['mean_b'], t['sd_b'])} | {t['diff']:+.4f} | "
+                             f"{_interval(t)} | {g(t['p_better'], '.3g')} | {g(j['p_better_holm'], '.3g')} | "
                              f"{j['decision']} |")
             if not j.get("tests"):
                 lines.append(f"| {rung['round']} | d{rung['depth']} | {cand} | – | – | – | – | – | – | – | – | "
@@ -121,7 +123,7 @@ def markdown(name: str, res: dict, images: list[str]) -> str:
               "## Points", "", "| candidate | point | val bpb | CORE | status | artifact | reproduce |",
               "|---|---|---:|---:|---|---|---|"]
     for x in res["rows"]:
-        lines.append(f"| {x['candidate']} | {x['point']} | {_g(x.get('val_bpb'), '.4f')} | {_g(x.get('core'), '.4f')} | "
+        lines.append(f"| {x['candidate']} | {x['point']} | {g(x.get('val_bpb'), '.4f')} | {g(x.get('core'), '.4f')} | "
                      f"{x.get('status')} | {x.get('pretrain') or '–'} | `{x['command']}` |")
     lines += ["", *[f"![{Path(i).stem}]({i})" for i in images]]
     return "\n".join(lines) + "\n"
@@ -139,7 +141,7 @@ def plot_delta(out: Path, res: dict) -> str | None:
     if not metrics:
         return None
     names = _candidates_in_order(res)
-    fig, axes = _figure(len(metrics))
+    fig, axes = figure(len(metrics))
     for ax, metric in zip(axes, metrics):
         for k, name in enumerate(names):
             pts = [(rung["depth"], rung["results"][name]["tests"][metric]) for rung in res["rungs"]
@@ -157,7 +159,7 @@ def plot_delta(out: Path, res: dict) -> str | None:
         better = "lower is better" if metric == "val_bpb" else "higher is better"
         ax.set(xlabel="depth (rung)", ylabel=f"Δ {metric} vs baseline",
                title=f"{metric}: candidate − baseline, {1 - 2 * res['research']['alpha']:.0%} CI ({better})")
-    _save(fig, out, "delta.png", [])
+    save_figure(fig, out, "delta.png", [])
     return "delta.png"
 
 
@@ -167,7 +169,7 @@ def plot_promotion(out: Path, res: dict) -> str | None:
     names = _candidates_in_order(res)
     if not res["rungs"] or not names:
         return None
-    fig, (ax,) = _figure(1, 7)
+    fig, (ax,) = figure(1, 7)
     y = {name: i for i, name in enumerate(reversed(names))}
     seen = set()
     for name in names:
@@ -181,14 +183,14 @@ def plot_promotion(out: Path, res: dict) -> str | None:
     ax.set_xticks(depths, [f"d{d}" for d in depths])
     ax.set_yticks(list(y.values()), list(y))
     ax.set(xlabel="rung", title="promotion tree: the decision at each rung reached", ylim=(-0.7, len(names) - 0.3))
-    _save(fig, out, "promotion.png", [])
+    save_figure(fig, out, "promotion.png", [])
     return "promotion.png"
 
 
 def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     out, res = Path(out), cfg.results
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    write_csv(out / "points.csv", res["rows"])
+    write_csv(out / "points.csv", res["rows"], COLUMNS)
     images = [i for i in (plot_delta(out, res), plot_promotion(out, res)) if i]
     (out / "report.md").write_text(markdown(cfg.name, res, images))
     verdicts = {c["name"]: c["verdict"] for c in res["candidates"]}

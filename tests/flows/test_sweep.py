@@ -195,11 +195,12 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
 
 def test_compare_two_sweeps_results_csv(tmp_path, capsys):
     """Two commits: each worktree runs the same sweep into its own store; compare their tables."""
-    from stages.sweep_report import write_csv
+    from stagekit.reporting import write_csv
+    from stages.sweep_report import BASE_COLUMNS
 
     rows = _rows("compare")
     for arm in "AB":
-        write_csv(tmp_path / f"{arm}.csv", [{**r, "arm": ""} for r in rows if r["arm"] == arm])
+        write_csv(tmp_path / f"{arm}.csv", [{**r, "arm": ""} for r in rows if r["arm"] == arm], BASE_COLUMNS)
     assert cli.main(["compare", "--csv", str(tmp_path / "A.csv"), "--csv", str(tmp_path / "B.csv")]) == 0
     out = capsys.readouterr().out
     assert "- d1: val_bpb: no detectable difference" in out and "- d2: val_bpb: B better than A" in out
