@@ -188,7 +188,8 @@ def reproduce(r: Research, spec: str, depth: int) -> str:
                    for k, v in kv.items())
     metrics = "" if r.metrics == ("val_bpb",) else " --metrics " + " ".join(r.metrics)
     cand = f" --candidate {shlex.quote(spec)}" if spec else ""
-    return f"nanorun research --preset {r.recipe} --depths {depth} --seeds {' '.join(map(str, r.seeds))}{sets}{metrics}{cand}"
+    seeds = " ".join(map(str, r.seeds))
+    return f"nanorun research --preset {r.recipe} --depths {depth} --seeds {seeds}{sets}{metrics}{cand}"
 
 
 class CostModel:
@@ -244,7 +245,8 @@ def point_estimates(r: Research, c, depth: int, store, cost: CostModel, *, eval_
     for p in sp.points:
         hours, flops, basis = cost.point(steps[p.pretrain].cfg, vocab)
         cached = all(status.get(n) == "cached" for n in (p.pretrain, p.core) if n)
-        out.append({"point": p.key, "seed": p.seed, "hours": hours, "flops": flops, "basis": basis, "cached": cached})
+        out.append({"point": p.key, "seed": p.seed, "hours": hours, "flops": flops, "basis": basis, "cached": cached,
+                    "devices": steps[p.pretrain].cfg.world_size})
     return out
 
 
@@ -334,11 +336,13 @@ def research(r: Research, *, store: str, eval_bundle: str | None = None, data_so
     run = point_rows or _default_runner(st.url, eval_bundle, data_source)
     cost = CostModel(st)
     baseline = Candidate(name="baseline", kind="baseline", overrides={}, source="")
-    res = {"research": r.to_dict(), "candidates": [], "rungs": [], "rows": [], "spent_hours": 0.0,
+    changes = describe_overrides(r.overrides) if r.overrides else ""
+    res = {"research": {**r.to_dict(), "changes": changes}, "candidates": [], "rungs": [], "rows": [], "spent_hours": 0.0,
            "total_hours": 0.0, "stopped": None, "errors": [], "specs": {"baseline": ""}}
     base_rows: dict[int, list[dict]] = {}
     seen = res["specs"]
-    cands = _parse_all([*r.candidates, *search_candidates(r)], seen, parse_candidate)  # a bad --candidate is refused before anything runs
+    # every given candidate is parsed (a bad one refused) before anything runs
+    cands = _parse_all([*r.candidates, *search_candidates(r)], seen, parse_candidate)
     for rnd in range(r.rounds + 1):
         if not cands:
             break
@@ -433,10 +437,8 @@ def _run(r, run, c, depth, estimates, rung, res) -> list[dict]:
     out = []
     for row in rows:
         est = by_seed.get(row.get("seed"), {})
-        measured = row.get("device_hours")
-        if measured is None and row.get("wall_time_s") is not None:
-            measured = row["wall_time_s"] / 3600
-        hours = measured if measured is not None else est.get("hours", 0.0)
+        wall = row.get("wall_time_s")
+        hours = wall * est.get("devices", 1) / 3600 if wall is not None else est.get("hours", 0.0)
         row = {**row, "candidate": c.name, "rung": depth, "round": rung["round"], "cached": est.get("cached"),
                "hours": hours, "command": reproduce(r, res["specs"].get(c.name, ""), depth)}
         if not est.get("cached"):

@@ -84,7 +84,7 @@ def markdown(name: str, res: dict, images: list[str]) -> str:
     pct = f"{1 - 2 * r['alpha']:.0%}"
     budget = "none" if r.get("budget") is None else f"{r['budget']:g} device-hours"
     lines = [f"# Research {name}", "",
-             f"Recipe **{r['recipe']}**{' + ' + ', '.join(f'{s}.{k}={v}' for s, kv in r['overrides'].items() for k, v in kv.items()) if r['overrides'] else ''}; "
+             f"Recipe **{r['recipe']}**{' + ' + r['changes'] if r.get('changes') else ''}; "
              f"rungs {' → '.join(f'd{d}' for d in r['depths'])}, seeds {', '.join(map(str, r['seeds']))}; "
              f"metrics {', '.join(r['metrics'])}; one-sided Welch vs the baseline, Holm-corrected across each rung's "
              f"candidates, alpha {r['alpha']}; keep {r['keep'] or 'every significant candidate'}; budget {budget}. "
