@@ -3,7 +3,6 @@ flow, a rerun with one more seed that trains only the new points, and a fully ca
 from the store without Prefect."""
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -33,18 +32,9 @@ def test_cli_plan_lists_points_and_cost(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_research_on_cpu_then_one_more_seed_then_cached(tmp_path, monkeypatch, capsys):
+def test_research_on_cpu_then_one_more_seed_then_cached(tmp_path, monkeypatch, capsys, pretrain_launches):
     store = str(tmp_path / "store")
-    launched = []
-    real_popen = subprocess.Popen
-
-    def spy(*a, **kw):
-        cmd = kw.get("args", a[0] if a else None)
-        if isinstance(cmd, (list, tuple)) and "core.train.pretrain" in cmd:
-            launched.append(cmd)
-        return real_popen(*a, **kw)
-
-    monkeypatch.setattr(subprocess, "Popen", spy)
+    launched = pretrain_launches
     monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")
     # 8 steps: seconds a point; embedding_lr 10x lower than tiny's 3.0 trains visibly worse
     argv = ["--store", store, "research", "--depths", "1", "2", "--set", "base.num_iterations=8",
@@ -70,3 +60,19 @@ def test_research_on_cpu_then_one_more_seed_then_cached(tmp_path, monkeypatch, c
     cached = capsys.readouterr()
     assert len(launched) == n and "points and the report are committed and verified" in cached.err
     assert cached.out.split("\nreport ")[0] == out.split("\nreport ")[0] and took < 10, took
+
+
+def test_the_research_deployment_has_typed_described_parameters():
+    from pathlib import Path
+
+    import yaml
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.research_flow import research
+
+    deployments = yaml.safe_load((Path(__file__).parents[2] / "prefect.yaml").read_text())["deployments"]
+    assert next(d for d in deployments if d["name"] == "research")["entrypoint"] == "flows/research_flow.py:research"
+    props = parameter_schema(research.fn).model_dump()["properties"]
+    untyped = [k for k, v in props.items() if "type" not in v and "anyOf" not in v]
+    undescribed = [k for k, v in props.items() if not v.get("description")]
+    assert not untyped and not undescribed and props["candidates"]["type"] == "array", (untyped, undescribed)
