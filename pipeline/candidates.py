@@ -184,6 +184,10 @@ def checkout(c: Candidate, *, repo: Path | str | None = None) -> Path:
     else:
         sha = _commit(repo, "HEAD", c)
         patch_sha = hashlib.sha256(Path(c.source).read_bytes()).hexdigest()
+        edited = _git(repo, "status", "--porcelain", "--untracked-files=no", check=False).stdout.split()
+        if edited:  # the baseline runs the working tree: HEAD + patch is not the baseline + patch
+            print(f"note: candidate {c.name}: the patch applies to HEAD {sha[:12]}, without the uncommitted edits "
+                  f"of {repo} that the baseline runs with; commit them to compare like with like", file=sys.stderr)
         name = f"patch-{sha[:12]}-{patch_sha[:12]}"
     root = checkouts_dir()
     path, marker = root / name, root / f"{name}.complete"
@@ -220,12 +224,13 @@ def candidate_sweep(c: Candidate, sw: Sweep) -> Sweep:
     return dataclasses.replace(sw, overrides=merge(sw.overrides, c.overrides))
 
 
-def _store_url(store: str | None) -> str:
-    """An absolute store location (the subprocess works in another directory)."""
+def _open_store(store: str | None):
+    """The store as the CLI resolves it (a flag, else $NANORUN_STORE or nanorun.toml, else the local
+    root); its url is absolute, as the subprocess, working in another directory, needs it."""
     from artifacts import open_store
     from pipeline import settings
 
-    return open_store(settings.value("store", store), index=False).url
+    return open_store(settings.value("store", store))
 
 
 def _absolute(value: str | None) -> str | None:
@@ -246,31 +251,25 @@ def _execute_step(store):
     return run_step
 
 
-def _log_outcome(o) -> None:
-    print(f"  {o.step}: {o.status}{f' ({o.detail[:160]})' if o.detail else ''}", file=sys.stderr, flush=True)
-
-
 def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, data_source: str | None = None,
                nproc: int | None = None, run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with this process's code: the rows, failed points included.
     run_step: how each step runs (pipeline.execute.RunStep; a Prefect flow passes its task)."""
-    from artifacts import open_store
     from pipeline.execute import walk
 
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
-    st = open_store(store)
-    outcomes = walk(plan.steps, run_step or _execute_step(st), max_parallel=sw.max_parallel,
-                    on_outcome=_log_outcome, store=st)
+    st = _open_store(store)
+    outcomes = walk(plan.steps, run_step or _execute_step(st), max_parallel=sw.max_parallel, store=st)
     return sweep_rows(plan, outcomes)[0]
 
 
 def local_plan(sw: Sweep, *, store: str | None, eval_bundle: str | None = None,
                data_source: str | None = None, nproc: int | None = None) -> list[dict]:
     """What running sw's points here would do: {step, stage, ref, status} per step, nothing run."""
-    from artifacts import open_store
     from pipeline.execute import plan
 
-    rows = plan(sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc).steps, open_store(store))
+    steps = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc).steps
+    rows = plan(steps, _open_store(store))
     return [{"step": r.step, "stage": r.stage, "ref": str(r.ref), "status": r.status} for r in rows]
 
 
@@ -280,7 +279,8 @@ def point_rows(c: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str |
     """Run (or find cached) sw's points with c's code and overrides: pipeline.sweep.point_row dicts,
     one per point; a failed point is a row with its error and does not stop the others. A code
     candidate whose process fails as a whole (its code does not import, say) gives every point that
-    error. run_step applies to the points run in this process (baseline, config)."""
+    error. run_step: how the points run in this process (baseline, config) run each step (default:
+    pipeline.execute.execute; a Prefect flow passes flows.speedrun.prefect_step to make them tasks)."""
     csw, kw = candidate_sweep(c, sw), dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     if not c.code:
         return local_rows(csw, run_step=run_step, **kw)
@@ -307,7 +307,6 @@ def compare(a: Candidate, b: Candidate, sw: Sweep, *, store: str | None, eval_bu
     """Arm A = a's points, arm B = b's, over sw's grid and seeds, and the sweep_report stage's
     comparison of them (stages/sweep_report.py does the statistics): {"report": ref, "path": its
     local dir, "markdown", "failed": {point: error}}. A failed point is left out of the statistics."""
-    from artifacts import open_store
     from pipeline.execute import execute, load_stage
 
     kw = dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc, repo=repo)
@@ -316,7 +315,7 @@ def compare(a: Candidate, b: Candidate, sw: Sweep, *, store: str | None, eval_bu
         rows += [{**r, "arm": arm, "point": f"{arm}-{r['point']}"} for r in point_rows(c, sw, run_step=run_step, **kw)]
         where = f" (checkout {checkout(c, repo=repo).name})" if c.code else ""
         arms.append((arm, f"{c.name}: {c.describe()}{where}"))
-    st = open_store(_store_url(store))
+    st = _open_store(store)
     mod = load_stage("sweep_report")
     m = execute(mod, mod.Config.from_dict({"name": sw.name, "kind": "compare", "rows": rows, "arms": arms}), {}, st)
     path = st.materialize(m.ref)
@@ -348,7 +347,7 @@ def in_checkout(c: Candidate, action: str, sw: Sweep, *, store: str | None, eval
     if not (path / "pipeline" / "candidates.py").is_file():
         raise ConfigError(f"candidate {c.name}: {c.kind}:{c.source} predates code candidates (no "
                           "pipeline/candidates.py in it); base it on a newer commit")
-    store = _store_url(store)
+    store = _open_store(store).url
     request = {"action": action, "sweep": sw.to_dict(), "store": store,
                "eval_bundle": _absolute(eval_bundle), "data_source": _absolute(data_source), "nproc": nproc}
     env = checkout_env(path)
@@ -400,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m pipeline.candidates REQUEST.json ANSWER.json", file=sys.stderr)
         return 2
+    import logging
+
+    # what `nanorun` prints of a stage run (cli/main.py): the caller passes it through
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("nanorun").setLevel(logging.INFO)
     try:
         answer = _answer(json.loads(Path(args[0]).read_text()))
     except ConfigError as e:

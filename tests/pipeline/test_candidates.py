@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.candidates import (Candidate, arm_candidate, checkout, checkout_env, checkouts_dir, in_checkout,
-                                 parse_candidate, plan_rows)
+from pipeline.candidates import (Candidate, CandidateFailed, arm_candidate, candidate_sweep, checkout, checkout_env,
+                                 checkouts_dir, in_checkout, parse_candidate, plan_rows, point_rows)
 from pipeline.sweep import preset
 from stages.base import ConfigError
 
@@ -43,7 +43,8 @@ def repo(tmp_path_factory) -> Path:
     """A git repository whose main commit holds exactly this working tree's files (uncommitted edits
     included, so its code is the code this test process runs), with branches:
     gpt-code: core/gpt.py gains a function nothing calls (a code change that changes no number);
-    gpt-doc: core/gpt.py's module docstring changes (prose: not part of any code identity)."""
+    gpt-doc: core/gpt.py's module docstring changes (prose: not part of any code identity);
+    broken: core/gpt.py does not parse."""
     repo = tmp_path_factory.mktemp("candidate-repo")
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"], check=True,
                            capture_output=True, text=True).stdout.split("\0")
@@ -56,6 +57,7 @@ def repo(tmp_path_factory) -> Path:
     _git(repo, "commit", "-q", "-m", "this working tree")
     _branch(repo, "gpt-code", "core/gpt.py", lambda t: t + "\n\ndef _unused_by_anything():\n    return 0\n")
     _branch(repo, "gpt-doc", "core/gpt.py", lambda t: t.replace('"""', '"""Candidate prose. ', 1))
+    _branch(repo, "broken", "core/gpt.py", lambda t: t + "\ndef (:\n")
     return repo
 
 
@@ -177,6 +179,19 @@ def test_the_subprocess_imports_the_checkout_not_the_installed_tree(repo, nanoru
     assert len(out) == 3 and all(Path(f).is_relative_to(path) for f in out), out
 
 
+def test_a_candidate_whose_code_fails_fails_alone(repo, nanorun_home, tmp_path):
+    """Code that does not even parse: its process fails as a whole, and each of its points is a failed
+    row saying why, so a search records the candidate as failed and goes on with the others."""
+    sw = preset("tiny", grid={"depth": (1,), "target_flops": (2.5e9,)}, seeds=(1, 2), core=False)
+    broken = parse_candidate("broken=git:broken")
+    rows = point_rows(broken, sw, store=str(tmp_path / "store"), repo=repo)
+    assert [(r["point"], r["val_bpb"]) for r in rows] == [("d1-F2.5e09-s1", None), ("d1-F2.5e09-s2", None)]
+    assert all(r["status"].startswith("failed: candidate broken (git:broken) failed: ") for r in rows)
+    assert all("SyntaxError" in r["status"] for r in rows), rows[0]["status"]
+    with pytest.raises(CandidateFailed, match="SyntaxError"):
+        plan_rows(broken, sw, store=str(tmp_path / "store"), repo=repo)
+
+
 # ---- nanorun compare ------------------------------------------------------------------------------------
 def test_compare_arms_take_candidates_and_overrides():
     assert arm_candidate("A", []) == Candidate("baseline", "baseline")
@@ -197,6 +212,8 @@ def test_compare_arms_take_candidates_and_overrides():
     assert sweep("--a", "wd=base.weight_decay=0.1", "--b", "lr=base.matrix_lr=0.4").arms == {
         "A": {"base": {"weight_decay": 0.1}}, "B": {"base": {"matrix_lr": 0.4}}}
     assert sweep("--b", "x=git:main").arms == {}
+    with pytest.raises(ConfigError, match="candidate x: sweep tiny-compare has arms"):  # a candidate is one arm
+        candidate_sweep(parse_candidate("x=git:main"), sweep("--b", "base.matrix_lr=0.4"))
 
 
 def test_compare_refuses_bad_candidates_in_one_line(capsys):
@@ -220,6 +237,10 @@ def test_compare_two_commits_in_one_command(repo, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(repo), "NANORUN_HOME": str(tmp_path / "home"), "NANORUN_PROGRESS_BAR": "0"}
     cmd = [sys.executable, "-m", "cli.main", "--store", str(store), "compare", "--preset", "tiny", "--depths", "1",
            "--flops", "2.5e9", "--seeds", "1", "2", "--no-core", "--a", "baseline", "--b", "doc=git:gpt-doc"]
+    plan = subprocess.run([*cmd, "--plan"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "arm A = baseline: the recipe unchanged" in plan.stdout and "arm B = doc: git:gpt-doc" in plan.stdout
+    assert plan.stdout.count("4 steps: 0 cached, 4 to run") == 2 and not (store / "pretrain").exists()
     first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
