@@ -371,8 +371,8 @@ def _parse_all(specs, seen: dict, parse) -> list:
 
 
 def _entry(res, c, rnd):
-    e = {"name": c.name, "kind": c.kind, "spec": res["specs"][c.name], "changes": describe_overrides(c.overrides)
-         if c.overrides else c.kind, "round": rnd, "depths": [], "verdict": "not run", "reason": ""}
+    e = {"name": c.name, "kind": c.kind, "spec": res["specs"][c.name], "changes": c.describe(), "round": rnd,
+         "depths": [], "verdict": "not run", "reason": ""}
     res["candidates"].append(e)
     return e
 
