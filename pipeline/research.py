@@ -385,8 +385,21 @@ def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bu
         if not alive:
             return
         arms = ([] if depth in base_rows else [baseline]) + alive
-        est = {c.name: point_estimates(r, c, depth, st, cost, eval_bundle=eval_bundle, data_source=data_source)
-               for c in arms}
+        est, refused = {}, {}
+        for c in arms:
+            try:
+                est[c.name] = point_estimates(r, c, depth, st, cost, eval_bundle=eval_bundle, data_source=data_source)
+            except ConfigError as e:  # its config or its checkout cannot be made at this depth
+                if c is baseline or not res["rungs"]:
+                    raise  # before anything ran: the command is refused, one line
+                refused[c.name] = str(e)
+        for name, why in refused.items():  # stops only this candidate's line
+            entries[name].update(verdict=f"fails at d{depth}", reason=f"its points cannot be planned: {why}")
+            entries[name]["depths"].append(depth)
+            log(f"  {name}: failed ({why})")
+        alive = [c for c in alive if c.name not in refused]
+        if not alive:
+            return
         need = sum(p["hours"] for pts in est.values() for p in pts if not p["cached"])
         if r.budget is not None and res["spent_hours"] + need > r.budget:
             left = r.budget - res["spent_hours"]

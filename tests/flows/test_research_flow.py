@@ -12,6 +12,7 @@ import cli.main as cli
 
 @pytest.mark.parametrize("argv, says", [
     (["--candidate", "nope"], "candidate 'nope': expected"),
+    (["--candidate", "odd=base.warmdown_ratio=5"], "warmdown_ratio and final_lr_frac must be in [0, 1]"),
     (["--seeds", "1"], "at least 2 distinct integer seeds"),
     (["--candidate", "a=base.matrix_lr=0.1", "--budget", "0.00001"], "budget: rung d1 needs"),
     (["--metrics", "core", "--candidate", "a=base.matrix_lr=0.1", "--plan"], "needs the CORE bundle"),

@@ -175,6 +175,16 @@ def test_a_proposer_command_reads_the_results_and_adds_rounds(tmp_path):
     assert not res["errors"]
 
 
+def test_a_proposed_candidate_that_cannot_be_planned_fails_alone(tmp_path):
+    script = tmp_path / "proposer.py"
+    script.write_text('import json\nprint(json.dumps({"candidate": "odd=base.warmdown_ratio=5"}))\n'
+                      'print(json.dumps({"candidate": "again=base.matrix_lr=0.11"}))\n')
+    res = go(tmp_path, depths=(1,), candidates=(cand("good", "good"),), propose=f"{sys.executable} {script}", rounds=1)
+    assert verdicts(res) == {"good": "holds at every depth tried", "odd": "fails at d1",
+                             "again": "holds at every depth tried"}
+    assert "warmdown_ratio" in next(c["reason"] for c in res["candidates"] if c["name"] == "odd")
+
+
 def test_a_broken_proposer_is_one_line_and_the_results_stay(tmp_path):
     with pytest.raises(ConfigError, match=r'each line must be \{"candidate": "NAME=FORM"\}'):
         propose(f"{sys.executable} -c \"print('hello')\"", {})
