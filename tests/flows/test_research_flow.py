@@ -34,8 +34,12 @@ def test_cli_plan_lists_points_and_cost(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_research_on_cpu_then_one_more_seed_then_cached(tmp_path, monkeypatch, capsys, pretrain_launches):
+    import prefect.artifacts
+
     store = str(tmp_path / "store")
     launched = pretrain_launches
+    published = []
+    monkeypatch.setattr(prefect.artifacts, "create_markdown_artifact", lambda **kw: published.append(kw))
     monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")
     # 8 steps: seconds a point; embedding_lr 10x lower than tiny's 3.0 trains visibly worse
     argv = ["--store", store, "research", "--depths", "1", "2", "--set", "base.num_iterations=8",
@@ -45,6 +49,8 @@ def test_research_on_cpu_then_one_more_seed_then_cached(tmp_path, monkeypatch, c
     assert first in (4, 8)  # the baseline and `low` at d1 (and at d2 if `low` was promoted)
     out = capsys.readouterr().out
     assert "# Research research" in out and "| low | base.embedding_lr=0.3 | 0 |" in out
+    # in the Prefect UI as the other reports: the plots embedded
+    assert published[-1]["key"] == "research-research" and "![delta](data:image/png;base64," in published[-1]["markdown"]
 
     assert cli.main([*argv, "--seeds", "1", "2", "3"]) == 0
     assert len(launched) - first in (2, 4, 6, 8)  # seed 3 at d1 (and what a new promotion adds)
