@@ -115,6 +115,9 @@ class Research:
             raise ConfigError(f"{where}: samples and rounds are integers >= 0")
         if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
             raise ConfigError(f"{where}: max_parallel must be an integer >= 1")
+        if not self.candidates and not self.search and not self.propose:
+            raise ConfigError(f"{where}: nothing to try: give --candidate NAME=FORM (repeatable), --search "
+                              "STEP.FIELD=V1,V2 or --propose CMD")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Research":
@@ -181,13 +184,12 @@ def rung_sweep(r: Research, c, depth: int) -> Sweep:
 
 
 def reproduce(r: Research, spec: str, depth: int) -> str:
-    """The command that builds (or finds cached) candidate `spec`'s points at one rung ("" = the
-    baseline's), with the baseline's beside them: a point with its rung's other seeds, as the test
-    needs them."""
+    """The command that builds (or finds cached) candidate `spec`'s points at one rung with the
+    baseline's beside them: a point with its rung's other seeds, as the test needs them."""
     sets = "".join(f" --set {shlex.quote(f'{s}.{k}={json.dumps(v)}')}" for s, kv in r.overrides.items()
                    for k, v in kv.items())
     metrics = "" if r.metrics == ("val_bpb",) else " --metrics " + " ".join(r.metrics)
-    cand = f" --candidate {shlex.quote(spec)}" if spec else ""
+    cand = f" --candidate {shlex.quote(spec)}"
     seeds = " ".join(map(str, r.seeds))
     return f"nanorun research --preset {r.recipe} --depths {depth} --seeds {seeds}{sets}{metrics}{cand}"
 
@@ -347,17 +349,21 @@ def research(r: Research, *, store: str, eval_bundle: str | None = None, data_so
     seen = res["specs"]
     # every given candidate is parsed (a bad one refused) before anything runs
     cands = _parse_all([*r.candidates, *search_candidates(r)], seen, parse_candidate)
-    for rnd in range(r.rounds + 1):
-        if not cands:
-            break
+    rnd, asked = 0, 0
+    while True:
+        if not cands:  # the proposer's turn: the first round too when nothing else was given
+            if not r.propose or asked == r.rounds or res["stopped"]:
+                break
+            asked += 1
+            try:
+                cands = _parse_all(propose(r.propose, res), seen, parse_candidate)
+            except ConfigError as e:
+                res["errors"].append(str(e))
+                break
+            if not cands:
+                break
         _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bundle, data_source, only_cached)
-        if res["stopped"] or not r.propose or rnd == r.rounds:
-            break
-        try:
-            cands = _parse_all(propose(r.propose, res), seen, parse_candidate)
-        except ConfigError as e:
-            res["errors"].append(str(e))
-            break
+        rnd, cands = rnd + 1, []
     return res
 
 
@@ -423,8 +429,9 @@ def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bu
         rung = {"round": rnd, "depth": depth, "candidates": [c.name for c in alive], "estimate_hours": need,
                 "spent_hours": 0.0, "results": {}}
         if depth not in base_rows:
-            base_rows[depth] = _run(r, run, baseline, depth, est["baseline"], rung, res)
-        rows = {c.name: _run(r, run, c, depth, est[c.name], rung, res) for c in alive}
+            # the baseline alone is no research: its points are reproduced beside the first candidate's
+            base_rows[depth] = _run(r, run, baseline, depth, est["baseline"], rung, res, alive[0].name)
+        rows = {c.name: _run(r, run, c, depth, est[c.name], rung, res, c.name) for c in alive}
         rung["results"] = judge(r, base_rows[depth], rows)
         res["rungs"].append(rung)
         promoted = []
@@ -446,9 +453,10 @@ def _ladder(r, rnd, cands, baseline, base_rows, run, st, cost, res, log, eval_bu
         alive = promoted
 
 
-def _run(r, run, c, depth, estimates, rung, res) -> list[dict]:
-    """c's rows at this rung, each with its candidate, rung, cost and reproducing command; adds the
-    measured device-hours of the points that were not cached to what this run spent."""
+def _run(r, run, c, depth, estimates, rung, res, beside: str) -> list[dict]:
+    """c's rows at this rung, each with its candidate, rung, cost and reproducing command (that of
+    candidate `beside`); adds the measured device-hours of the points that were not cached to what
+    this run spent."""
     rows = run(c, rung_sweep(r, c, depth))
     by_seed = {p["seed"]: p for p in estimates}
     out = []
@@ -457,7 +465,7 @@ def _run(r, run, c, depth, estimates, rung, res) -> list[dict]:
         wall = row.get("wall_time_s")
         hours = wall * est.get("devices", 1) / 3600 if wall is not None else est.get("hours", 0.0)
         row = {**row, "candidate": c.name, "rung": depth, "round": rung["round"], "cached": est.get("cached"),
-               "hours": hours, "command": reproduce(r, res["specs"].get(c.name, ""), depth)}
+               "hours": hours, "command": reproduce(r, res["specs"][beside], depth)}
         if not est.get("cached"):
             rung["spent_hours"] += hours
             res["spent_hours"] += hours

@@ -185,6 +185,15 @@ def test_a_proposed_candidate_that_cannot_be_planned_fails_alone(tmp_path):
     assert "warmdown_ratio" in next(c["reason"] for c in res["candidates"] if c["name"] == "odd")
 
 
+def test_a_proposer_alone_proposes_the_first_round(tmp_path):
+    script = tmp_path / "proposer.py"
+    script.write_text(PROPOSER)
+    res = go(tmp_path, depths=(1,), propose=f"{sys.executable} {script}", rounds=1)
+    assert [(c["name"], c["round"]) for c in res["candidates"]] == [("again", 0)]
+    baseline_row = next(x for x in res["rows"] if x["candidate"] == "baseline")
+    assert baseline_row["command"].endswith("--candidate again=base.matrix_lr=0.11")
+
+
 def test_a_broken_proposer_is_one_line_and_the_results_stay(tmp_path):
     with pytest.raises(ConfigError, match=r'each line must be \{"candidate": "NAME=FORM"\}'):
         propose(f"{sys.executable} -c \"print('hello')\"", {})
@@ -196,10 +205,10 @@ def test_a_broken_proposer_is_one_line_and_the_results_stay(tmp_path):
     (dict(depths=(2, 1)), "smallest first"), (dict(seeds=(1,)), "at least 2 distinct"),
     (dict(metrics=("loss",)), "val_bpb and/or core"), (dict(alpha=0.5), "alpha=0.5"),
     (dict(budget=0), "budget=0"), (dict(search={"matrix_lr": (1,)}), "STEP.FIELD=V1,V2"),
-    (dict(recipe="nope"), "unknown recipe")])
+    (dict(recipe="nope"), "unknown recipe"), (dict(candidates=()), "nothing to try")])
 def test_bad_research_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
-        Research(**kw)
+        Research(**{"candidates": ("a=base.matrix_lr=0.1",), **kw})
 
 
 def test_a_candidate_named_twice_is_refused_before_anything_runs(tmp_path):
