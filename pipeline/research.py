@@ -119,13 +119,6 @@ class Research:
             raise ConfigError(f"{where}: nothing to try: give --candidate NAME=FORM (repeatable), --search "
                               "STEP.FIELD=V1,V2 or --propose CMD")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Research":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"research: unknown key(s) {unknown}; keys: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**d)
-
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), **{k: list(getattr(self, k)) for k in ("depths", "seeds", "candidates",
                                                                                      "metrics")},
