@@ -59,6 +59,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench-infer", "cli.bench_commands:BenchInfer", "inference benchmark of a model: TTFT, TPOT, tok/s, MFU/MBU"),
     ("sweep", "cli.sweep_commands:Sweep", "a grid of pretrain runs (depth x FLOPs or ratio x seeds), fits and plots"),
     ("compare", "cli.sweep_commands:Compare", "A/B of two recipes across depths and seeds: differences, CIs, verdicts"),
+    ("research", "cli.research_commands:Research", "candidates promoted from small to larger depths only while "
+                                                   "they beat the baseline"),
     ("import", "cli.nanochat_commands:Import", "import a nanochat checkpoint and tokenizer as artifacts"),
     ("export", "cli.nanochat_commands:Export", "write a trained model in another project's layout (nanochat)"),
     ("config", "cli.info_commands:Config", "the project's settings (store, eval bundle, chat data) and their sources"),

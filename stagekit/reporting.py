@@ -1,7 +1,8 @@
 """The run report's content, shared by the report stage (report.md, the leaderboard row) and the
 export stage (the model card): a summary of a run from its stages' manifests, and its Markdown; the
 RL curves (the rl stage's rl_curve.png, the report's rl.png).
-Not a stage: stages import it instead of each other.
+Also the tables and figures the sweep and research reports share (write_csv, g, pm, figure,
+save_figure). Not a stage: stages import it instead of each other.
 
     from stagekit.reporting import summarize, render_markdown
     summary = summarize({"base": m_pretrain, "base_eval": m_core, ...}, preset="cpu-demo")
@@ -9,6 +10,7 @@ Not a stage: stages import it instead of each other.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -220,3 +222,42 @@ def plot_rl_curves(path: Path, reward_curve: list, passk_curve: list, title: str
     fig.tight_layout()
     fig.savefig(path)
     return True
+
+
+# ---- tables and figures of the sweep and research reports ---------------------------------------------
+def write_csv(path: Path, rows, columns) -> None:
+    """rows as CSV: `columns` first, then every other key in alphabetical order; None as empty."""
+    extra = sorted({k for r in rows for k in r} - set(columns))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*columns, *extra], extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
+def g(v, fmt=".4g") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def pm(mean, sd, fmt=".4f") -> str:
+    return "–" if mean is None else format(mean, fmt) + (f" ± {sd:{fmt}}" if sd is not None else "")
+
+
+def figure(ncols: int, width: float = 6.0):
+    """A figure of `ncols` panels in a row, drawn without a display (Agg), and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def save_figure(fig, out: Path, name: str, written: list[str]) -> None:
+    """Grid, legends where there are labels, tight layout; saved as out/name and appended to `written`."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / name)
+    written.append(name)

@@ -2,6 +2,7 @@
 
     from stagekit.stats import welch, verdict, power_law_fit, isoflop_optimum, regression_check
     r = welch(bpb_a, bpb_b)                   # B - A: diff, CI, p-value over seeds (Welch's t-test)
+    one_sided_p(r, lower_is_better=True)      # P(B is not better) under "no difference"; holm([...]) adjusts
     stouffer([r_d1, r_d2, r_d3])              # B - A over depths: Stouffer's Z of the per-depth tests
     verdict(r, lower_is_better=True)          # "better" | "worse" | "no detectable difference"
     fit = power_law_fit(flops, n_opt)         # N_opt = k * C^a: a, its standard error and CI
@@ -107,6 +108,34 @@ def verdict(r: "Welch | Pooled", *, lower_is_better: bool, alpha: float | None =
         return "no detectable difference"
     improved = r.diff < 0 if lower_is_better else r.diff > 0
     return "better" if improved else "worse"
+
+
+def one_sided_p(r: Welch, *, lower_is_better: bool) -> float:
+    """One-sided p that B is better than A (B - A below 0 when lower is better, above when higher),
+    from the Welch t of welch(a, b): P(T <= t) or P(T >= t). When neither arm has any spread the
+    difference is exact: 0 if it points the better way, else 1. An arm with a single value: 1 (no
+    evidence)."""
+    if r.t is None:
+        if r.p is None:
+            return 1.0
+        better = r.diff < 0 if lower_is_better else r.diff > 0
+        return 0.0 if better else 1.0
+    t = _scipy_stats().t
+    return float(t.cdf(r.t, r.df) if lower_is_better else t.sf(r.t, r.df))
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the given order: sorted ascending, the i-th
+    smallest (from 0) becomes max over j <= i of min(1, (m - j) p_(j)). Rejecting where the adjusted p
+    is below alpha controls the family-wise error rate at alpha under any dependence. scipy has no
+    Holm (its false_discovery_control is Benjamini-Hochberg / -Yekutieli, a weaker guarantee)."""
+    p = [float(x) for x in pvalues]
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out
 
 
 @dataclass(frozen=True)

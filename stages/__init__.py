@@ -16,6 +16,7 @@ STAGE_MODULES = {
     "export": "stages.export",
     "report": "stages.report",
     "sweep_report": "stages.sweep_report",
+    "research_report": "stages.research_report",
 }
 
 

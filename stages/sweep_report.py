@@ -20,13 +20,17 @@ The rows are in the run index too (the artifact's identity), one per point (`Run
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from stagekit.reporting import figure as _figure
+from stagekit.reporting import g as _g
+from stagekit.reporting import pm as _pm
+from stagekit.reporting import save_figure as _save
+from stagekit.reporting import write_csv
 from stagekit.stats import isoflop_optimum, mean_spread, pareto_frontier, power_law_fit, stouffer, verdict, welch
 from stages.base import ConfigError, Input, StageConfig, identity, stage_logger
 
@@ -165,22 +169,6 @@ def analyze_compare(rows, confidence: float, overrides: dict[str, str] | None = 
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-def write_csv(path: Path, rows) -> None:
-    extra = sorted({k for r in rows for k in r} - set(BASE_COLUMNS))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*BASE_COLUMNS, *extra], extrasaction="ignore")
-        w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-
-
-def _g(v, fmt=".4g") -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def _pm(mean, sd, fmt=".4f") -> str:
-    return "–" if mean is None else format(mean, fmt) + (f" ± {sd:{fmt}}" if sd is not None else "")
-
-
 def _fit_line(label: str, fit: dict) -> str:
     lo, hi = fit["slope_ci95"]
     return f"- {label}: exponent {fit['slope']:.3f} ± {fit['slope_se']:.2g} (SE; 95% CI [{lo:.3f}, {hi:.3f}], n={fit['n']})"
@@ -274,31 +262,12 @@ def compare_markdown(name: str, rows, a: dict, image: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(ncols: int, width: float = 6.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
 def _per_depth(ax, cs: list[dict], metric: str) -> None:
     """One line per depth across FLOPs, error bars = sd over seeds."""
     for depth in sorted({c["depth"] for c in cs}):
         pts = sorted((c for c in cs if c["depth"] == depth), key=lambda c: c["flops"])
         ax.errorbar([c["flops"] for c in pts], [c[metric] for c in pts], yerr=[c[f"{metric}_sd"] or 0 for c in pts],
                     fmt="o-", capsize=3, label=f"d{depth}")
-
-
-def _save(fig, out: Path, name: str, written: list[str]) -> None:
-    for ax in fig.axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / name)
-    written.append(name)
 
 
 def plot_sweep(out: Path, a: dict) -> list[str]:
@@ -367,7 +336,7 @@ def run(cfg: Config, inputs: dict[str, Input], out: Path) -> dict:
     out = Path(out)
     arms = dict(cfg.arms)
     rows = [{**r, "arm_overrides": arms.get(r.get("arm"), "")} if arms else r for r in cfg.rows]
-    write_csv(out / "results.csv", rows)
+    write_csv(out / "results.csv", rows, BASE_COLUMNS)
     failed = [r["point"] for r in rows if r.get("status") != "ok"]
     if cfg.kind == "sweep":
         a = analyze_sweep(rows)

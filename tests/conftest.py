@@ -105,6 +105,23 @@ def nanorun_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture
+def pretrain_launches(monkeypatch) -> list:
+    """The command lines of every pretraining process this test starts (subprocess.Popen watched)."""
+    import subprocess
+
+    launched, real_popen = [], subprocess.Popen
+
+    def spy(*a, **kw):
+        cmd = kw.get("args", a[0] if a else None)
+        if isinstance(cmd, (list, tuple)) and "core.train.pretrain" in cmd:
+            launched.append(cmd)
+        return real_popen(*a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    return launched
+
+
 CHROMIUM = "/usr/bin/chromium"
 # without the background-networking flags Chromium keeps dialling Google (docs/versions.md#browser-tests)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",

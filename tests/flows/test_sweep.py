@@ -5,7 +5,6 @@ depth trains only its own points."""
 from __future__ import annotations
 
 import csv
-import subprocess
 import time
 
 import pytest
@@ -131,21 +130,12 @@ def test_report_stage_writes_table_fits_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
+def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys, pretrain_launches):
     """`nanorun sweep` on a CPU through the Prefect flow: d4 cannot train at this budget (0 steps) and
     fails alone; the next run adds d3 and trains only it; the one after is fully cached. Then
     `nanorun compare` reuses the sweep's d1 model as arm A's first seed and prints its verdicts."""
     store = str(tmp_path / "store")
-    launched = []
-    real_popen = subprocess.Popen
-
-    def spy(*a, **kw):
-        cmd = kw.get("args", a[0] if a else None)
-        if isinstance(cmd, (list, tuple)) and "core.train.pretrain" in cmd:
-            launched.append(cmd)
-        return real_popen(*a, **kw)
-
-    monkeypatch.setattr(subprocess, "Popen", spy)
+    launched = pretrain_launches
     monkeypatch.setenv("NANORUN_PROGRESS_BAR", "0")
     common = ["--store", store]
     grid = ["--preset", "tiny", "--flops", "2.5e9", "--eval-bundle", str(shared_data / "eval_bundle")]
@@ -195,11 +185,12 @@ def test_sweep_and_compare_on_cpu(tmp_path, shared_data, monkeypatch, capsys):
 
 def test_compare_two_sweeps_results_csv(tmp_path, capsys):
     """Two commits: each worktree runs the same sweep into its own store; compare their tables."""
-    from stages.sweep_report import write_csv
+    from stagekit.reporting import write_csv
+    from stages.sweep_report import BASE_COLUMNS
 
     rows = _rows("compare")
     for arm in "AB":
-        write_csv(tmp_path / f"{arm}.csv", [{**r, "arm": ""} for r in rows if r["arm"] == arm])
+        write_csv(tmp_path / f"{arm}.csv", [{**r, "arm": ""} for r in rows if r["arm"] == arm], BASE_COLUMNS)
     assert cli.main(["compare", "--csv", str(tmp_path / "A.csv"), "--csv", str(tmp_path / "B.csv")]) == 0
     out = capsys.readouterr().out
     assert "- d1: val_bpb: no detectable difference" in out and "- d2: val_bpb: B better than A" in out
