@@ -17,11 +17,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from artifacts import open_store
-from artifacts.redact import unseal
+from artifacts.redact import seal, unseal
 from flows.speedrun import prefect_step, publish_markdown
 from flows.tasks import run_stage
 from pipeline import settings
 from pipeline.research import Research
+from pipeline.recipes import stage_plan
 from pipeline.research import research as run_research
 
 
@@ -77,7 +78,7 @@ def _prefect_points(store_url: str, eval_bundle, data_source):
 
     def rows(c, sw):
         return point_rows(c, sw, store=store_url, eval_bundle=eval_bundle, data_source=data_source,
-                          run_step=prefect_step(store_url, []))
+                          run_step=lambda store, plan: prefect_step(plan, store_url, []))
     return rows
 
 
@@ -86,8 +87,8 @@ def finish(res: dict, st, logger) -> dict:
     from stages.research_report import report_config
 
     name = res["research"]["name"]
-    ref = st.resolve(run_stage.with_options(task_run_name="research report")("research_report",
-                                                                             report_config(res), {}, st.url))
+    (step,) = stage_plan("research_report", report_config(res), None, {}).steps
+    ref = st.resolve(run_stage.with_options(task_run_name="research report")(seal(step.to_dict()), {}, st.url))
     path = st.materialize(ref)
     markdown = (path / "report.md").read_text()
     publish_markdown(markdown, path, key=f"research-{name}", description=str(ref))

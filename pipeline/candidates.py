@@ -255,8 +255,8 @@ def _execute_step(store, plan):
 def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, data_source: str | None = None,
                nproc: int | None = None, run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with this process's code: the rows, failed points included.
-    run_step: how each step of the compiled plan runs (a function of the plan: pipeline.plan.RunStep
-    factory; a Prefect flow passes one making each step its task)."""
+    run_step: (store, compiled plan) -> the walker's run_step (pipeline.plan.RunStep); default: each
+    step through execute_step() without Prefect; a flow passes one making each step its task."""
     from pipeline.plan import compile_plan, walk
 
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
@@ -282,8 +282,8 @@ def point_rows(c: Candidate, sw: Sweep, *, store: str | None, eval_bundle: str |
     """Run (or find cached) sw's points with c's code and overrides: pipeline.sweep.point_row dicts,
     one per point; a failed point is a row with its error and does not stop the others. A code
     candidate whose process fails as a whole (its code does not import, say) gives every point that
-    error. run_step: how the points run in this process (baseline, config) run each step (default:
-    pipeline.execute.execute; a Prefect flow passes flows.speedrun.prefect_step to make them tasks)."""
+    error. run_step: how the points of baseline and config candidates run in this process (see
+    local_rows; a Prefect flow passes one returning flows.speedrun.prefect_step, to make them tasks)."""
     csw, kw = candidate_sweep(c, sw), dict(store=store, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     if not c.code:
         return local_rows(csw, run_step=run_step, **kw)

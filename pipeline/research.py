@@ -228,7 +228,7 @@ def point_estimates(r: Research, c, depth: int, store, cost: CostModel, *, eval_
     is cached comes from its fingerprints under its own code (pipeline.candidates.plan_rows: a code
     candidate's are computed in its checkout); its FLOPs from the recipe, which code does not change."""
     from pipeline.candidates import plan_rows
-    from pipeline.execute import plan
+    from pipeline.plan import plan_rows as step_rows
     from pipeline.sweep import sweep_steps
 
     sw = rung_sweep(r, c, depth)
@@ -238,7 +238,7 @@ def point_estimates(r: Research, c, depth: int, store, cost: CostModel, *, eval_
         status = {row["step"]: row["status"] for row in plan_rows(c, sw, store=store.url, eval_bundle=eval_bundle,
                                                                    data_source=data_source)}
     else:  # this checkout's code: the steps just made are the ones point_rows runs
-        status = {row.step: row.status for row in plan(sp.steps, store)}
+        status = {row.step: row.status for row in step_rows(sp.steps, store)}
     vocab = steps["tokenizer"].cfg.vocab_size
     out = []
     for p in sp.points:
