@@ -8,7 +8,7 @@ A stage's artifact depends on the stage module and on every project module that 
 what it imports, transitively (lazy imports inside functions included), and the modules it starts
 in other processes (a trainer launched as `python -m core.train.pretrain` is named by a string
 constant equal to that module's dotted name, passed to a call: such arguments count as imports too;
-a registry of names that nothing calls with, like stages/__init__.py's, does not). Package
+a registry of names that nothing calls with, like stages/registry.py's, does not). Package
 `__init__` files on the way are part of it, because importing a module runs them.
 
 One package is left out by rule: `artifacts` (the store: where and how bytes are kept, verified and

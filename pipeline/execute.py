@@ -9,7 +9,7 @@ is a committed manifest whose files match it (size and sha256); anything else is
 is the same on every attempt, so a stage that failed half-way resumes from what it left there.
 execute_step() is the one place a stage Config is rebuilt from a plan's data; the plan itself
 (Steps compiled once, the dry-run table, the walker) is pipeline/plan.py. `stage` is a registered
-stage name (stages.STAGE_MODULES); nothing else is imported.
+stage name (stages.registry.STAGE_MODULES); nothing else is imported.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from artifacts.manifest import ArtifactRef, CorruptManifestError, Manifest, fing
 from artifacts.provenance import collect as collect_provenance
 from artifacts.staging import checkpoint_staging
 from artifacts.source_pins import SourcePins
-from stages import STAGE_MODULES, get_stage
+from stages.registry import STAGE_MODULES, get_stage
 from stages.base import ConfigError, Input, StageConfig, optional_inputs, mirror_checkpoints_to, pin_sources_to
 
 log = logging.getLogger("nanorun.execute")
@@ -42,14 +42,14 @@ class PlanError(StoreError):
 
 
 def load_stage(stage: str | ModuleType) -> ModuleType:
-    """A stage module from a module object or a registered name (stages/__init__.py STAGE_MODULES)."""
+    """A stage module from a module object or a registered name (stages/registry.py STAGE_MODULES)."""
     if isinstance(stage, ModuleType):
         mod = stage
     elif isinstance(stage, str) and stage in STAGE_MODULES:
         mod = get_stage(stage)
     else:  # never import a module a plan file or a flow parameter names: importing runs its code
         raise PlanError(f"unknown stage {stage!r}; known stages: {', '.join(STAGE_MODULES)} "
-                        "(a stage is importable by name only once registered in stages.STAGE_MODULES)")
+                        "(a stage is importable by name only once registered in stages.registry.STAGE_MODULES)")
     missing = [a for a in ("NAME", "code_version", "INPUTS", "Config", "run") if not hasattr(mod, a)]
     if missing:
         raise PlanError(f"{mod.__name__} is not a stage module: it lacks {', '.join(missing)} (see stages/base.py)")

@@ -1,6 +1,6 @@
 """What the two trainer stages (pretrain, sft) share: launching core.train.* under torchrun with live
 progress and an attempts ledger, sealing the finished work dir as an artifact, and reading its
-metrics back. Not a stage itself (stages/__init__.py lists those).
+metrics back. Not a stage itself (stages/registry.py lists those).
 
 Work dir of a trainer stage (= the artifact once sealed):
     run.json        the trainer's config         metrics.jsonl  the trainer's rows (start/train/val/done)

@@ -1,29 +1,4 @@
-"""Pipeline stages: one module per stage (see stages/base.py for the contract)."""
-from __future__ import annotations
-
-import importlib
-
-# stage name -> module; imported lazily so `nanorun ls` does not pay for torch.
-STAGE_MODULES = {
-    "data_shards": "stages.data_shards",
-    "tokenizer": "stages.tokenizer",
-    "eval_bundle": "stages.eval_bundle",
-    "pretrain": "stages.pretrain",
-    "core_eval": "stages.core_eval",
-    "sft": "stages.sft",
-    "rl": "stages.rl",
-    "chat_eval": "stages.chat_eval",
-    "export": "stages.export",
-    "report": "stages.report",
-    "sweep_report": "stages.sweep_report",
-    "research_report": "stages.research_report",
-}
-
-
-def get_stage(name: str):
-    """The stage module called `name`, or a ValueError listing the known ones."""
-    try:
-        modname = STAGE_MODULES[name]
-    except KeyError:
-        raise ValueError(f"unknown stage {name!r}; known stages: {', '.join(STAGE_MODULES)}") from None
-    return importlib.import_module(modname)
+"""Pipeline stages: one module per stage, their contract (stages/base.py) and the registry of their
+names (stages/registry.py). Empty on purpose: a package's __init__ is part of the code identity of
+every stage under it (artifacts/code.py), so registering a new stage must not live here.
+"""

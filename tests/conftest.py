@@ -199,7 +199,7 @@ def pytest_sessionfinish(session, exitstatus):
 def toy_stages(monkeypatch):
     """Register the toy stages (tests/artifacts/toy_*.py) under their names for one test: a plan file
     or a flow parameter names only registered stages."""
-    from stages import STAGE_MODULES
+    from stages.registry import STAGE_MODULES
 
     for name, module in {"toy": "tests.artifacts.toy_stage", "toy_sum": "tests.artifacts.toy_consumer"}.items():
         monkeypatch.setitem(STAGE_MODULES, name, module)

@@ -13,7 +13,7 @@ import pytest
 from artifacts.code import closure, code_identity
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "stages", "artifacts", "flows")
+PACKAGES = ("core", "stagekit", "stages", "pipeline", "artifacts", "flows", "cli")
 
 
 @pytest.fixture()
@@ -109,3 +109,14 @@ def test_the_store_package_is_not_part_of_any_artifact(tree):
     with open(tree / "artifacts" / "store.py", "a") as f:
         f.write("\nEXTRA = 1\n")
     assert code_identity("stages.pretrain", tree).digest == before.digest
+
+
+def test_registering_a_stage_leaves_every_other_artifact_as_it_was(tree):
+    """The registry of stage names is not in any stage's closure (stages/__init__.py is, being the
+    package's init, and is empty on purpose): adding a stage rebuilds nothing else."""
+    before = {s: code_identity(f"stages.{s}", tree).digest for s in ("tokenizer", "pretrain", "report")}
+    assert all("stages.registry" not in code_identity(f"stages.{s}", tree).modules for s in before)
+    assert "stagekit.training" in code_identity("stages.pretrain", tree).modules  # the kit a stage uses counts
+    _edit(tree / "stages" / "registry.py", '    "sweep_report": "stages.sweep_report",',
+          '    "sweep_report": "stages.sweep_report",\n    "new_stage": "stages.new_stage",')
+    assert {s: code_identity(f"stages.{s}", tree).digest for s in before} == before

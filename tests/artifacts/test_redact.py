@@ -69,7 +69,7 @@ def test_no_credentials_in_prefect_flow_parameters(tmp_path, nanorun_home, monke
     from prefect.client.orchestration import get_client
 
     from cli.main import main
-    from stages import STAGE_MODULES
+    from stages.registry import STAGE_MODULES
 
     monkeypatch.setitem(STAGE_MODULES, "toy_fetch", "tests.artifacts.toy_fetch")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

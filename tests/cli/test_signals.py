@@ -15,7 +15,7 @@ from tests.conftest import REPO
 from tests.flows.prefect_server import prefect_env
 
 # `nanorun` with the test stage registered (a subprocess cannot be monkeypatched)
-NANORUN = ("import sys, stages; stages.STAGE_MODULES['sleepy'] = 'tests.flows.sleepy_stage'; "
+NANORUN = ("import sys, stages.registry; stages.registry.STAGE_MODULES['sleepy'] = 'tests.flows.sleepy_stage'; "
            "from cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO, free_port
 from tests.flows.prefect_server import prefect_env
 
-NANORUN = ("import sys, stages; stages.STAGE_MODULES['sleepy'] = 'tests.flows.sleepy_stage'; "
+NANORUN = ("import sys, stages.registry; stages.registry.STAGE_MODULES['sleepy'] = 'tests.flows.sleepy_stage'; "
            "from cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
