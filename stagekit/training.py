@@ -38,8 +38,11 @@ def stage_fields(trainer_config: type, name: str) -> type:
 
 def trainer_values(cfg, trainer_config: type, stage: str, **paths) -> dict:
     """The trainer's config (run.json) from a stage Config and the input paths, validated by the
-    trainer's own rules; a bad value is a ConfigError naming the stage field."""
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(trainer_config) if f.name not in paths}
+    trainer's own rules; a bad value is a ConfigError naming the stage field. Without paths (a stage
+    Config checking itself, before any input exists) the paths stay unset: the trainer's command
+    line requires them, its config's rules do not look at them."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(trainer_config)
+              if f.name not in paths and f.metadata.get("kind") != "input"}
     values.update(paths)
     try:
         trainer_config(**values)

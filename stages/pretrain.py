@@ -63,7 +63,7 @@ class Config(LaunchConfig, stage_fields(PretrainConfig, "Pretrain")):
         self.check_launch(NAME)
         if self.gpu_hour_price < 0:
             raise ConfigError("pretrain.gpu_hour_price must be >= 0")
-        self.trainer_config(data_dir="-", tok_dir="-", out="-", tokenizer_fingerprint="", eval_bundle_dir=None)
+        trainer_values(self, PretrainConfig, NAME)  # the trainer's own rules, once (core/train/config.py)
         if self.total_batch_size > 0:
             self.grad_accum_steps(self.total_batch_size)
 

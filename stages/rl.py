@@ -67,7 +67,7 @@ class Config(SourcedConfig, LaunchConfig, stage_fields(RLConfig, "RL")):
         if self.examples_per_step % self.world_size:
             raise ConfigError(f"rl.examples_per_step={self.examples_per_step} is not a multiple of the "
                               f"{self.world_size} process(es); change examples_per_step or nproc")
-        self.trainer_config(base_checkpoint="-", tokenizer_dir="-", train_file="-", test_file="-", out="-")
+        trainer_values(self, RLConfig, NAME)  # the trainer's own rules (core/train/config.py)
 
     def source_specs(self) -> list[dict]:
         return [{"task": "gsm8k", "source": self.train_source, "sha256": self.train_sha256},

@@ -77,7 +77,7 @@ class Config(SourcedConfig, LaunchConfig, stage_fields(SFTConfig, "SFT")):
             raise ConfigError("sft: nnodes > 1 is not supported yet (SFT runs on one node; use nproc)")
         if not isinstance(self.fetch_retries, int) or self.fetch_retries < 1:
             raise ConfigError(f"sft.fetch_retries={self.fetch_retries!r}: expected an integer >= 1")
-        self.trainer_config(base_checkpoint="-", tokenizer_dir="-", mixture="-", out="-", tokenizer_fingerprint="")
+        trainer_values(self, SFTConfig, NAME)  # the trainer's own rules (core/train/config.py)
         if self.total_batch_size > 0 and self.max_seq_len > 0 and self.device_batch_size > 0:
             per_step = self.device_batch_size * self.max_seq_len * self.nproc
             if self.total_batch_size % per_step:
