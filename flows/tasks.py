@@ -25,6 +25,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
+# tqdm (the terminal bar) is imported with this module, on one thread: imported on first use, by
+# tasks starting at once or a stage reporting from several download threads, one of them saw the
+# module half-initialised ("partially initialized module 'tqdm'") and failed its step
+from tqdm import tqdm
 
 from artifacts import open_store
 from artifacts.errors import StoreUnreachableError
@@ -196,14 +200,9 @@ class _TerminalBar:
     """stages.base.progress() -> a tqdm bar on stderr (the CLI's view of a long stage)."""
 
     def __init__(self, name: str):
-        # imported here, on the task's thread: a stage reporting from several download threads at
-        # once made concurrent first imports of tqdm, and one saw the module half-initialised
-        from tqdm import tqdm
-
-        self.name, self.bar, self.tqdm = name, None, tqdm
+        self.name, self.bar = name, None
 
     def __call__(self, step: int, total: int, info: dict) -> None:
-        tqdm = self.tqdm
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.name, unit="step", dynamic_ncols=True, leave=True)
         self.bar.total = total
