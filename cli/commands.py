@@ -317,7 +317,7 @@ class Stage:
         from artifacts import open_store
         from pipeline.execute import load_stage
         from pipeline.plan import Step, compile_plan
-        from pipeline.recipes import parse_set
+        from pipeline.recipes import parse_set, stage_config
         from stages.base import ConfigError
 
         fields = parse_set([f"x.{s}" for s in args.sets]).get("x", {})
@@ -328,7 +328,7 @@ class Stage:
             mod, cfg, refs = _recipe_step(args, fields, store)
         else:
             mod = load_stage(args.name)
-            cfg = mod.Config.from_preset(args.preset, **fields) if args.preset else mod.Config.from_dict(fields).resolve()
+            cfg = stage_config(mod, fields, args.preset)
             refs = {}
         for item in args.inputs:
             name, eq, ref = item.partition("=")

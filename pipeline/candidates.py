@@ -240,29 +240,17 @@ def _absolute(value: str | None) -> str | None:
     return value
 
 
-def _execute_step(store, plan):
-    """A pipeline.plan.walk runner without Prefect: each step a cache hit or a build."""
-    from pipeline.execute import execute_step
-
-    def run_step(step, inputs):
-        seen = []
-        m = execute_step(step, inputs, store, as_planned=inputs == plan.input_refs(step),
-                         on_event=lambda kind, info: seen.append(kind))
-        return m, "cached" in seen
-    return run_step
-
-
 def local_rows(sw: Sweep, *, store: str | None, eval_bundle: str | None = None, data_source: str | None = None,
                nproc: int | None = None, run_step=None) -> list[dict]:
     """Run (or find cached) sw's points with this process's code: the rows, failed points included.
     run_step: (store, compiled plan) -> the walker's run_step (pipeline.plan.RunStep); default: each
     step through execute_step() without Prefect; a flow passes one making each step its task."""
-    from pipeline.plan import compile_plan, walk
+    from pipeline.plan import compile_plan, local_step, walk
 
     plan = sweep_steps(sw, eval_bundle=eval_bundle, data_source=data_source, nproc=nproc)
     st = _open_store(store)
     compiled = compile_plan(plan.steps)
-    outcomes = walk(compiled, (run_step or _execute_step)(st, compiled), max_parallel=sw.max_parallel, store=st)
+    outcomes = walk(compiled, (run_step or local_step)(st, compiled), max_parallel=sw.max_parallel, store=st)
     return sweep_rows(plan.points, outcomes)[0]
 
 

@@ -327,16 +327,9 @@ def format_outcomes(outcomes: dict[str, Outcome]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(plan: Plan | list[Step], store, *, force: tuple[str, ...] | list[str] = (),
-                 on_event: EventFn | None = None, max_parallel: int | None = 1) -> dict[str, Manifest]:
-    """Execute the steps without Prefect (each a cache hit or a build), one at a time by default;
-    returns {step: Manifest} of the steps that produced one. force names steps to rebuild. Raises
-    PipelineFailed, after everything that could run has run, if a step failed."""
-    plan = as_plan(plan)
-    unknown = set(force) - set(plan.names)
-    if unknown:
-        raise PlanError(f"force names unknown step(s) {sorted(unknown)}")
-
+def local_step(store, plan: Plan, force: tuple[str, ...] | list[str] = (),
+               on_event: EventFn | None = None) -> RunStep:
+    """walk()'s run_step without Prefect: each step through execute_step(), a cache hit or a build."""
     def run_step(step: PlanStep, inputs: dict[str, ArtifactRef]) -> tuple[Manifest, bool]:
         kinds: list[str] = []
 
@@ -347,8 +340,21 @@ def run_pipeline(plan: Plan | list[Step], store, *, force: tuple[str, ...] | lis
         m = execute_step(step, inputs, store, as_planned=inputs == plan.input_refs(step),
                          force=step.name in force, on_event=seen)
         return m, "cached" in kinds
+    return run_step
 
-    outcomes = check_outcomes(walk(plan, run_step, max_parallel=max_parallel, store=store))
+
+def run_pipeline(plan: Plan | list[Step], store, *, force: tuple[str, ...] | list[str] = (),
+                 on_event: EventFn | None = None, max_parallel: int | None = 1) -> dict[str, Manifest]:
+    """Execute the steps without Prefect (each a cache hit or a build), one at a time by default;
+    returns {step: Manifest} of the steps that produced one. force names steps to rebuild. Raises
+    PipelineFailed, after everything that could run has run, if a step failed."""
+    plan = as_plan(plan)
+    unknown = set(force) - set(plan.names)
+    if unknown:
+        raise PlanError(f"force names unknown step(s) {sorted(unknown)}")
+
+    outcomes = check_outcomes(walk(plan, local_step(store, plan, force, on_event), max_parallel=max_parallel,
+                                   store=store))
     return {name: o.manifest for name, o in outcomes.items() if o.manifest is not None}
 
 

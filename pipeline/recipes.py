@@ -186,13 +186,16 @@ def speedrun_plan(preset: str = "cpu-demo", overrides: dict[str, dict] | None = 
     return compile_plan(steps, {"preset": preset, "overrides": overrides or {}, **given})
 
 
+def stage_config(mod, fields: dict, preset: str | None):
+    """A stage's Config from its own preset plus fields (or the fields alone), validated and resolved."""
+    return mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
+
+
 def stage_plan(stage: str, fields: dict | None, preset: str | None, inputs: dict[str, ArtifactRef]) -> Plan:
     """One stage with explicit inputs (`nanorun stage`), as a one-step plan: its config from the
     stage's own preset plus fields (or the fields alone), validated and resolved here, once."""
-    mod = load_stage(stage)
-    fields = dict(fields or {})
-    cfg = mod.Config.from_preset(preset, **fields) if preset else mod.Config.from_dict(fields).resolve()
-    return compile_plan([Step(mod.NAME, mod.NAME, cfg, dict(inputs))],
+    mod, fields = load_stage(stage), dict(fields or {})
+    return compile_plan([Step(mod.NAME, mod.NAME, stage_config(mod, fields, preset), dict(inputs))],
                         {"stage": mod.NAME, **({"preset": preset} if preset else {}), "fields": fields})
 
 
